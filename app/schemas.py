@@ -1,0 +1,277 @@
+"""The public contract: the job spec and what the API returns.
+
+Pure pydantic, imported by both the API (no torch) and the worker. Every field is documented
+and validated here, so a bad spec is refused with a message naming the field before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """``"2:4"`` → ``(2, 4)``; ``"unstructured"`` → ``None``."""
+    m = _NM.match(pattern)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelSpec(_Strict):
+    id: str = Field(
+        description="A Hugging Face hub id, a local Hugging Face model directory, or a local .gguf file.",
+        min_length=1,
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    dtype: Dtype = Field(
+        "auto",
+        description="Compute dtype. 'auto' keeps the checkpoint's dtype (float32 for GGUF, which is dequantized).",
+    )
+    gguf_file: str | None = Field(
+        None, description="File name of the .gguf inside the directory or repo given as id, if not given in id."
+    )
+    dense: str | None = Field(
+        None,
+        description="The dense (unpruned) reference, in the same forms as id. Needed to restore a model "
+        "given already pruned (pruning.method 'none'); ignored otherwise.",
+    )
+
+
+class PruningSpec(_Strict):
+    method: Literal["wanda", "sparsegpt", "magnitude", "none"] = Field(
+        "wanda", description="Pruning method; 'none' means the given model is already pruned."
+    )
+    sparsity: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="Fraction of weights set to zero (unstructured). For N:M it must be 1 - N/M or omitted.",
+    )
+    pattern: str = Field(
+        "unstructured",
+        description="'unstructured', or 'N:M' (at most N non-zeros in every M consecutive input weights).",
+    )
+    calibration_samples: int = Field(128, ge=1, le=100_000, description="Calibration sequences (Wanda, SparseGPT).")
+    seq_len: int = Field(512, ge=8, le=32_768, description="Tokens per calibration sequence.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        v = v.strip().lower()
+        if v == "unstructured":
+            return v
+        nm = parse_nm(v)
+        if nm is None:
+            raise ValueError("must be 'unstructured' or 'N:M' such as '2:4'")
+        n, m = nm
+        if not 0 < n < m:
+            raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        return v
+
+    @model_validator(mode="after")
+    def _sparsity_matches_pattern(self) -> PruningSpec:
+        nm = parse_nm(self.pattern)
+        if nm is not None:
+            implied = 1.0 - nm[0] / nm[1]
+            if "sparsity" in self.model_fields_set and abs(self.sparsity - implied) > 1e-9:
+                raise ValueError(
+                    f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means {implied:g}); "
+                    "omit sparsity for N:M patterns"
+                )
+            self.sparsity = implied
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_nm(self.pattern)
+
+
+class RestorationSpec(_Strict):
+    method: Literal["restorelcc", "bias", "lora", "dora", "none"] = Field(
+        "restorelcc", description="How to restore: RestoreLCC, a per-head bias, LoRA, DoRA, or nothing."
+    )
+    heads: float = Field(
+        0.2,
+        gt=0,
+        description="Heads to compensate: a fraction of all heads (0 < x < 1) or a count (a whole number ≥ 1).",
+    )
+    head_selection: Literal["probe", "random", "all"] = Field(
+        "probe", description="How heads are chosen: contrastive probing, at random (seeded), or all heads."
+    )
+    probe_samples: int = Field(256, ge=4, le=100_000, description="Instruction samples used for probing.")
+    components: int = Field(
+        10, ge=1, le=4096, description="Top-K lost directions in the summary component c used when probing."
+    )
+    train_samples: int = Field(2000, ge=1, le=10_000_000, description="Instruction samples used for training.")
+    epochs: int = Field(1, ge=1, le=1000, description="Training epochs (ignored when max_steps is set).")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; overrides epochs when set."
+    )
+    lr: float = Field(1e-2, gt=0, lt=10, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step (before accumulation).")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps per optimizer step.")
+    max_seq_len: int = Field(256, ge=8, le=32_768, description="Longest training sequence in tokens.")
+    lora_r: int = Field(8, ge=1, le=4096, description="LoRA/DoRA rank.")
+    lora_alpha: float = Field(16, gt=0, description="LoRA/DoRA alpha.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LoRA/DoRA target module names."
+    )
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError("a head count must be a whole number; use 0 < x < 1 for a fraction")
+        return v
+
+
+class DataSpec(_Strict):
+    train: str | None = Field(
+        None, description="Instruction JSONL ({prompt, response}) for probing and training."
+    )
+    calibration: str | None = Field(
+        None,
+        description="JSONL used for pruning calibration ({text} or {prompt, response}); defaults to data.train.",
+    )
+
+
+class EvaluationSpec(_Strict):
+    perplexity: list[str] = Field(default_factory=list, description="Plain-text JSONL files ({text}).")
+    response_perplexity: list[str] = Field(
+        default_factory=list, description="Instruction JSONL files ({prompt, response}); prompt tokens masked."
+    )
+    tasks: list[str] = Field(
+        default_factory=list, description="Multiple-choice JSONL files ({context, choices, label})."
+    )
+    limit: int | None = Field(500, ge=1, description="Rows per set: a fixed prefix. null for all rows.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Sequences per evaluation forward pass.")
+    max_seq_len: int = Field(512, ge=8, le=32_768, description="Longest evaluated sequence in tokens.")
+    dense: bool = Field(True, description="Also evaluate the dense (unpruned) model for comparison.")
+
+
+class OutputSpec(_Strict):
+    format: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="'merged': a plain Hugging Face model with the restoration folded in. "
+        "'adapter': also keep the unmerged adapter (LoRA/DoRA).",
+    )
+    dtype: Dtype = Field("auto", description="dtype of the exported weights; 'auto' keeps the compute dtype.")
+
+
+class JobSpec(_Strict):
+    """One restoration job. The same JSON drives `restorelcc run` and `POST /v1/jobs`."""
+
+    model: ModelSpec
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    restoration: RestorationSpec = Field(default_factory=RestorationSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for sampling, probing and training.")
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> JobSpec:
+        if self.restoration.method != "none" and not self.data.train:
+            raise ValueError("data.train is required unless restoration.method is 'none'")
+        if self.restoration.method in ("restorelcc",) and self.pruning.method == "none" and not self.model.dense:
+            raise ValueError(
+                "model.dense is required to restore an already-pruned model (pruning.method 'none') with RestoreLCC"
+            )
+        if self.pruning.method in ("wanda", "sparsegpt") and not (self.data.calibration or self.data.train):
+            raise ValueError(f"pruning.method '{self.pruning.method}' needs data.calibration or data.train")
+        return self
+
+    def data_paths(self) -> dict[str, str]:
+        """Every local data path in the spec, keyed by its field name (for path-root checks)."""
+        out: dict[str, str] = {}
+        if self.data.train:
+            out["data.train"] = self.data.train
+        if self.data.calibration:
+            out["data.calibration"] = self.data.calibration
+        for key in ("perplexity", "response_perplexity", "tasks"):
+            for i, p in enumerate(getattr(self.evaluation, key)):
+                out[f"evaluation.{key}.{i}"] = p
+        return out
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelling = "cancelling"
+    cancelled = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class Stage(StrEnum):
+    loading = "loading"
+    pruning = "pruning"
+    probing = "probing"
+    extracting = "extracting"
+    training = "training"
+    merging = "merging"
+    evaluating = "evaluating"
+    exporting = "exporting"
+
+
+STAGE_ORDER: tuple[Stage, ...] = tuple(Stage)
+
+
+class Progress(BaseModel):
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    message: str = ""
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    status: JobStatus
+    stage: Stage | None = None
+    progress: Progress = Field(default_factory=Progress)
+    spec: dict[str, Any]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    error: JobError | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class JobList(BaseModel):
+    items: list[JobPublic]
+    next_cursor: str | None = None
+
+
+class EventPublic(BaseModel):
+    seq: int
+    kind: str
+    stage: Stage | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+    created_at: datetime
+
+
+class ArtifactPublic(BaseModel):
+    name: str
+    size: int
+    sha256: str
