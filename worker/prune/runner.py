@@ -1,0 +1,86 @@
+"""Prune every Linear inside the decoder layers (embeddings and lm_head untouched), layer by layer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from app.schemas import PruningSpec
+from worker.errors import Cancelled
+from worker.model.arch import DecoderAdapter, check_nm_fits
+from worker.model.calibration import build_calibration_batches, calibrate_layerwise, inference_state
+from worker.model.data import Batch
+from worker.prune.registry import get_method
+
+__all__ = ["build_calibration_batches", "prune_model"]
+
+Progress = Callable[[float, str], None]
+
+
+def prune_model(
+    model: nn.Module,
+    adapter: DecoderAdapter,
+    spec: PruningSpec,
+    calibration: Sequence[Batch] | None,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Prune ``model`` in place as ``spec`` says; returns a summary (method, pattern, target, seconds...).
+
+    ``should_stop()`` is polled before each layer; when it returns True, :class:`Cancelled` is raised
+    (layers already pruned stay pruned).
+    """
+    t0 = time.monotonic()
+    nm = spec.nm
+    summary: dict[str, Any] = {
+        "method": spec.method,
+        "pattern": spec.pattern,
+        "sparsity": spec.sparsity,
+        "layers": len(adapter.layers),
+        "modules": 0,
+    }
+    if spec.method == "none":
+        summary["seconds"] = 0.0
+        return summary
+    method = get_method(spec.method)
+    if nm is not None:
+        check_nm_fits(adapter.info, nm[1])
+    n_layers = len(adapter.layers)
+    pruned: list[str] = []
+
+    def before_layer(index: int) -> None:
+        if should_stop is not None and should_stop():
+            raise Cancelled(f"pruning cancelled before layer {index}")
+
+    def on_layer(index: int, stats: dict[str, Any]) -> None:
+        for name, lin in adapter.prunable_linears(index).items():
+            method.apply(lin, stats.get(name), spec.sparsity, nm)
+            pruned.append(name)
+        if progress is not None:
+            progress((index + 1) / n_layers, f"{method.name}: pruned layer {index + 1}/{n_layers}")
+
+    if method.needs_calibration:
+        if not calibration:
+            raise ValueError(f"pruning method '{method.name}' needs calibration batches")
+        new_stats = method.new_stats
+        assert new_stats is not None
+        tokens = calibrate_layerwise(
+            model, adapter, calibration, lambda _i, _n, lin: new_stats(lin), on_layer, before_layer
+        )
+        summary["calibration"] = {
+            "batches": len(calibration),
+            "sequences": sum(int(b.input_ids.shape[0]) for b in calibration),
+            "tokens": tokens,
+        }
+    else:
+        with inference_state(model):
+            for index in range(n_layers):
+                before_layer(index)
+                on_layer(index, {})
+    summary["modules"] = len(pruned)
+    summary["guarantee"] = method.guarantee
+    summary["seconds"] = round(time.monotonic() - t0, 3)
+    return summary
