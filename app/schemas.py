@@ -157,6 +157,9 @@ class EvaluationSpec(_Strict):
         default_factory=list, description="Multiple-choice JSONL files ({context, choices, label})."
     )
     limit: int | None = Field(500, ge=1, description="Rows per set: a fixed prefix. null for all rows.")
+    limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, description="Per-set row limits keyed by file stem (e.g. 'boolq'), overriding limit."
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per evaluation forward pass.")
     max_seq_len: int = Field(512, ge=8, le=32_768, description="Longest evaluated sequence in tokens.")
     dense: bool = Field(True, description="Also evaluate the dense (unpruned) model for comparison.")

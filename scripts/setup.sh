@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv and installs torch (CPU build) first, then restorelcc with its development extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -d .venv ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+python -m pip install --quiet "torch==${TORCH_VERSION:-2.13.0}"
+python -m pip install --quiet -e ".[dev]"
+echo "restorelcc installed in .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,0 +1,182 @@
+"""`restorelcc run` end to end on tiny models, and its early, clear failures on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny import choice_rows, instruction_rows, save_tiny, text_rows, write_jsonl
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True, text=True, timeout=timeout, env=ENV, cwd=Path(__file__).parents[2],
+    )
+    return proc, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "train.jsonl", instruction_rows(48))
+    write_jsonl(d / "valid.jsonl", instruction_rows(60)[48:])
+    write_jsonl(d / "text.jsonl", text_rows(12))
+    write_jsonl(d / "boolq.jsonl", choice_rows(10))
+    return d
+
+
+def make_spec(model: str, data: Path, **overrides) -> dict:
+    spec = {
+        "model": {"id": model},
+        "pruning": {"method": "wanda", "sparsity": 0.5, "calibration_samples": 8, "seq_len": 32},
+        "restoration": {"method": "none"},
+        "data": {"train": str(data / "train.jsonl")},
+        "evaluation": {
+            "perplexity": [str(data / "text.jsonl")],
+            "response_perplexity": [str(data / "valid.jsonl")],
+            "tasks": [str(data / "boolq.jsonl")],
+            "limit": 8,
+            "max_seq_len": 64,
+        },
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition("__")
+        if name:
+            spec[section][name] = value
+        else:
+            spec[section] = value
+    return spec
+
+
+def test_run_prunes_evaluates_and_exports(tmp_path, data_dir):
+    model_dir = save_tiny("gqa", tmp_path / "model")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(make_spec(str(model_dir), data_dir)))
+    proc, _ = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["spec"]["pruning"]["method"] == "wanda"
+    for stage in ("loading", "pruning", "evaluating", "exporting"):
+        assert report["stages"][stage]["seconds"] >= 0
+        assert report["stages"][stage]["peak_rss_mb"] > 0
+    assert abs(report["sparsity"]["overall"] - 0.5) < 1e-3
+    for model_name in ("dense", "pruned"):
+        m = report["metrics"][model_name]
+        assert m["text"]["ppl"] > 1
+        assert m["valid"]["response_ppl"] > 1
+        assert 0 <= m["boolq"]["acc"] <= 1
+    assert report["metrics"]["pruned"]["text"]["ppl"] != report["metrics"]["dense"]["text"]["ppl"]
+
+    # The exported model loads with plain transformers and is exactly as sparse as reported.
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    for name, fraction in report["sparsity"]["modules"].items():
+        weight = reloaded.get_submodule(name).weight
+        assert abs((weight == 0).float().mean().item() - fraction) < 1e-9
+
+
+BAD_CASES = {
+    "sparsity_out_of_range": ({"pruning__sparsity": 1.5}, "pruning.sparsity"),
+    "pattern_n_not_below_m": ({"pruning__pattern": "5:4"}, "pruning.pattern"),
+    "unknown_field": ({"pruning__colour": "blue"}, "pruning.colour"),
+    "nm_not_dividing_width": ({"pruning__pattern": "2:3"}, "does not divide"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_spec_fails_fast_and_clearly(tmp_path, data_dir, case):
+    overrides, needle = BAD_CASES[case]
+    model_dir = save_tiny("llama", tmp_path / "model")
+    spec = make_spec(str(model_dir), data_dir, **overrides)
+    if case == "nm_not_dividing_width":
+        spec["pruning"].pop("sparsity")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr
+    assert seconds < 15
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_unsupported_architecture_fails_before_loading(tmp_path, data_dir):
+    model_dir = save_tiny("gpt2", tmp_path / "gpt2")
+    # Weights that cannot load prove the check ran on the config alone.
+    for f in model_dir.glob("*.safetensors"):
+        f.write_bytes(b"not weights")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(make_spec(str(model_dir), data_dir)))
+    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert "unsupported architecture" in proc.stderr and "GPT2" in proc.stderr, proc.stderr
+    assert seconds < 15
+
+
+def test_missing_model_path_fails_clearly(tmp_path, data_dir):
+    missing = tmp_path / "no" / "such" / "model"
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(make_spec(str(missing), data_dir)))
+    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert str(missing) in proc.stderr, proc.stderr
+    assert seconds < 15
+
+
+def test_missing_data_file_fails_clearly(tmp_path, data_dir):
+    model_dir = save_tiny("llama", tmp_path / "model")
+    spec = make_spec(str(model_dir), data_dir)
+    spec["evaluation"]["tasks"] = [str(tmp_path / "absent.jsonl")]
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert "evaluation.tasks.0" in proc.stderr and "absent.jsonl" in proc.stderr, proc.stderr
+    assert seconds < 15
+
+
+def test_spec_with_unknown_field_is_rejected_without_torch(tmp_path):
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps({"model": {"id": "x"}, "restoration": {"method": "none"}, "extra": 1}))
+    code = (
+        "import sys; from worker.cli import main\n"
+        "try:\n    main(['run', sys.argv[1], '--out', sys.argv[2]])\n"
+        "except SystemExit as e:\n    print(e)\n"
+        "print('torch' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(spec_path), str(tmp_path / "o")],
+                          capture_output=True, text=True, env=ENV, timeout=60)
+    assert "extra" in proc.stdout
+    assert proc.stdout.strip().endswith("False")
+
+
+def test_exported_logits_match_in_memory(tmp_path, data_dir):
+    """The model directory is exactly the model the report's metrics were computed with."""
+    model_dir = save_tiny("qwen2", tmp_path / "model")
+    spec = make_spec(str(model_dir), data_dir, pruning={"method": "magnitude", "pattern": "2:4"})
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc, _ = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    from worker.evaluate import perplexity
+    from worker.model.data import read_texts
+    from worker.model.load import load_model, resolve_source
+
+    _, tok = load_model(resolve_source(str(tmp_path / "out" / "model")), "float32")
+    texts = read_texts(data_dir / "text.jsonl", limit=8)
+    with torch.no_grad():
+        ppl = perplexity(reloaded, tok, texts, batch_size=8, max_len=64)["ppl"]
+    assert abs(ppl - report["metrics"]["pruned"]["text"]["ppl"]) < 1e-4 * ppl

@@ -1,0 +1,75 @@
+"""Writing results: the Hugging Face model directory and the pictures in the report folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto") -> Path:
+    """Save ``model`` (safetensors) and ``tokenizer`` so plain ``from_pretrained(directory)`` loads them.
+
+    Casting for export happens on a copy of the parameters' storage only when a dtype is requested, and the
+    in-memory model is put back as it was.
+    """
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    original = next(model.parameters()).dtype
+    target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else original
+    try:
+        if target != original:
+            model.to(target)
+            model.config.dtype = target
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        if target != original:
+            model.to(original)
+            model.config.dtype = original
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """A loss curve and a head-score heat map when the report has them; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    restoration = report.get("restoration") or {}
+    curve = restoration.get("loss_curve")
+    if curve:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot(range(1, len(curve) + 1), curve, lw=1.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("response loss")
+        ax.set_title(f"training loss ({restoration.get('method', '')})")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out_dir / "loss_curve.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    scores = restoration.get("head_scores")
+    if scores:
+        fig, ax = plt.subplots(figsize=(6, max(2.5, 0.14 * len(scores))))
+        im = ax.imshow(scores, aspect="auto", cmap="viridis")
+        chosen = restoration.get("chosen_heads") or []
+        if chosen:
+            ax.scatter([h for _, h in chosen], [lyr for lyr, _ in chosen], marker="s", s=12,
+                       facecolors="none", edgecolors="red", linewidths=0.8, label="chosen")
+            ax.legend(loc="upper right", fontsize=7)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title("probe accuracy per head")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        path = out_dir / "head_scores.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
