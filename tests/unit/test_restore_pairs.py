@@ -1,0 +1,45 @@
+"""Contrastive negatives: the most similar other response."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from worker.restore.pairs import choose_negatives, minilm_available, most_similar_other
+
+RESPONSES = [
+    "The cat sat on the warm mat by the door.",
+    "Stock markets fell sharply after the bank report.",
+    "A cat was sitting on the mat near the door.",
+    "Bake the bread for forty minutes at high heat.",
+    "Markets dropped sharply once the bank report came out.",
+    "Bake the loaf of bread forty minutes in a hot oven.",
+]
+EXPECTED = [2, 4, 0, 5, 1, 3]
+
+
+def test_tfidf_picks_the_obviously_similar_other_response():
+    neg, backend = choose_negatives(RESPONSES, backend="tfidf")
+    assert backend == "tfidf"
+    assert neg == EXPECTED
+    assert all(n != i for i, n in enumerate(neg))
+
+
+def test_never_the_sample_itself_even_for_duplicates():
+    neg, _ = choose_negatives(["same text", "same text", "other words here"], backend="tfidf")
+    assert neg[0] == 1 and neg[1] == 0 and neg[2] != 2
+    assert most_similar_other(np.ones((4, 3))) == [1, 0, 0, 0]
+
+
+def test_needs_two_samples():
+    with pytest.raises(ValueError):
+        choose_negatives(["alone"], backend="tfidf")
+
+
+def test_minilm_backend():
+    assert minilm_available()
+    neg, backend = choose_negatives(RESPONSES, backend="minilm")
+    assert backend == "minilm"
+    assert neg == EXPECTED
+    _, auto = choose_negatives(RESPONSES[:2], backend="auto")
+    assert auto == "minilm"

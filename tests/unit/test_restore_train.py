@@ -1,0 +1,160 @@
+"""Learning the offsets: the response loss falls, only β and b move, the model is left as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.tiny import instruction_rows, make_model, make_tokenizer
+from worker.errors import Cancelled
+from worker.model.arch import DecoderAdapter
+from worker.model.data import encode_pair, ensure_pad_token, pad_batch
+from worker.restore.capture import build_probe_inputs
+from worker.restore.heads import inject
+from worker.restore.merge import merge_into_o_proj
+from worker.restore.pairs import choose_negatives
+from worker.restore.restorelcc import (
+    capture_dense,
+    capture_pruned,
+    choose_heads,
+    extract_components,
+    make_offsets,
+    score_heads,
+)
+from worker.restore.train import response_loss_sum, train_offsets
+
+
+def _prune(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    pruned = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, lin in DecoderAdapter(pruned).named_prunable_linears():
+            lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) >= 0.5).float())
+    return pruned
+
+
+def _batches(n: int = 8, size: int = 4):
+    tok = make_tokenizer()
+    pad = ensure_pad_token(tok)
+    enc = [encode_pair(tok, r["prompt"], r["response"], 64) for r in instruction_rows(n)]
+    return [
+        pad_batch([e[0] for e in enc[i : i + size]], pad, [e[1] for e in enc[i : i + size]])
+        for i in range(0, n, size)
+    ]
+
+
+def _mean_loss(model, adapter, offsets, batches) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad(), inject(adapter, offsets):
+        for b in batches:
+            s, n = response_loss_sum(model, b)
+            total, count = total + float(s), count + n
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def setup():
+    dense = make_model("gqa")
+    pruned = _prune(dense)
+    tok = make_tokenizer()
+    pairs = [(r["prompt"], r["response"]) for r in instruction_rows(20)]
+    probe = build_probe_inputs(tok, pairs, max_len=64, batch_size=8)
+    dense_caps = capture_dense(dense, DecoderAdapter(dense), probe)
+    adapter = DecoderAdapter(pruned)
+    comps = extract_components(dense_caps, capture_pruned(pruned, adapter, probe))
+    return pruned, adapter, comps
+
+
+def test_training_lowers_loss_and_touches_only_offsets(setup):
+    pruned, adapter, comps = setup
+    info = adapter.info
+    heads = [(0, 1), (1, 0), (1, 4), (2, 2), (2, 5)]
+    offsets = make_offsets(heads, info, comps, seed=0)
+    assert offsets.num_trainable() == 2 * len(heads) * info.head_dim
+    pruned.model.embed_tokens.weight.requires_grad_(False)  # a mixed pattern that must come back
+    flags = {n: p.requires_grad for n, p in pruned.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in pruned.state_dict().items()}
+    beta0, b0, dirs0 = offsets.beta.detach().clone(), offsets.b.detach().clone(), offsets.directions.clone()
+    batches = _batches()
+    before = _mean_loss(pruned, adapter, offsets, batches)
+    pruned.train()
+    seen = []
+    stats = train_offsets(pruned, adapter, offsets, batches, lr=5e-2, max_steps=12, seed=0,
+                          progress=lambda s, t, loss: seen.append((s, t)))
+    assert pruned.training
+    pruned.eval()
+    after = _mean_loss(pruned, adapter, offsets, batches)
+    assert after < before - 0.05
+    assert stats["steps"] == 12 and len(stats["loss_curve"]) == 12
+    assert stats["trainable_params"] == offsets.num_trainable()
+    assert seen[-1] == (12, 12)
+    assert not torch.equal(offsets.beta, beta0) and not torch.equal(offsets.b, b0)
+    assert torch.equal(offsets.directions, dirs0)
+    for n, t in pruned.state_dict().items():
+        assert torch.equal(t, weights[n]), n
+    assert {n: p.requires_grad for n, p in pruned.named_parameters()} == flags
+    assert all(p.grad is None for p in pruned.parameters())
+    assert not any(adapter.o_proj(i)._forward_pre_hooks for i in range(info.num_layers))
+
+
+def test_bias_only_training_and_epochs(setup):
+    pruned, adapter, _ = setup
+    offsets = make_offsets([(0, 0), (2, 3)], adapter.info, None, seed=1)
+    assert offsets.mode == "bias" and offsets.num_trainable() == 2 * adapter.info.head_dim
+    stats = train_offsets(pruned, adapter, offsets, _batches(8, 2), lr=1e-2, epochs=2, grad_accum=2)
+    assert stats["steps"] == 4 and stats["epochs"] == 2
+
+
+def test_seeded_training_is_reproducible(setup):
+    pruned, adapter, comps = setup
+    runs = []
+    for _ in range(2):
+        offsets = make_offsets([(1, 2)], adapter.info, comps, seed=4)
+        train_offsets(pruned, adapter, offsets, _batches(8, 2), lr=1e-2, max_steps=3, seed=9)
+        runs.append(offsets.constants().detach())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_should_stop_cancels_and_restores_state(setup):
+    pruned, adapter, comps = setup
+    offsets = make_offsets([(1, 2)], adapter.info, comps)
+    with pytest.raises(Cancelled):
+        train_offsets(pruned, adapter, offsets, _batches(8, 2), max_steps=50, should_stop=lambda: True,
+                      checkpoint_every=2)
+    assert all(p.requires_grad for n, p in pruned.named_parameters() if "embed_tokens" not in n)
+    assert not any(adapter.o_proj(i)._forward_pre_hooks for i in range(adapter.info.num_layers))
+
+
+def test_steps_in_pipeline_order():
+    """The documented call order: negatives, probe inputs, captures, SVD, probes, heads, train, merge."""
+    tok = make_tokenizer()
+    pairs = [(r["prompt"], r["response"]) for r in instruction_rows(16)]
+    negatives, backend = choose_negatives([r for _, r in pairs], backend="tfidf")
+    probe = build_probe_inputs(tok, pairs, max_len=64, batch_size=8, negatives=negatives)
+    model = make_model("llama")
+    adapter = DecoderAdapter(model)
+    dense = capture_dense(model, adapter, probe)
+    assert dense.positive.shape == dense.negative.shape == dense.prompt.shape == (16, 2, 4, 16)
+    pruned = _prune(model)
+    del model
+    adapter = DecoderAdapter(pruned)
+    zp = capture_pruned(pruned, adapter, probe)
+    comps = extract_components(dense, zp)
+    result = score_heads(dense, zp, comps, k=4, seed=0)
+    assert result.accuracy.shape == (2, 4) and ((result.accuracy >= 0) & (result.accuracy <= 1)).all()
+    heads = choose_heads(result, adapter.info, 0.25, "probe", seed=0)
+    assert len(heads) == 2
+    rand = choose_heads(None, adapter.info, 3, "random", seed=0)
+    assert len(rand) == 3 and rand == choose_heads(None, adapter.info, 3, "random", seed=0)
+    offsets = make_offsets(heads, adapter.info, comps)
+    train_offsets(pruned, adapter, offsets, _batches(8, 4), lr=1e-2, max_steps=2)
+    batch = _batches(4, 4)[0]
+    with torch.no_grad(), inject(adapter, offsets):
+        hooked = pruned(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    merged = merge_into_o_proj(pruned, adapter, offsets)
+    with torch.no_grad():
+        out = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert (out - hooked).abs().max() <= 1e-5
+    assert backend == "tfidf"
