@@ -1,0 +1,150 @@
+"""Service settings, read from the environment (prefix ``RESTORELCC_``; plus plain ``DATABASE_URL``/``REDIS_URL``).
+
+With none of ``REDIS_URL``, ``DATABASE_URL`` or S3 settings the service is *embedded*: SQLite under the data
+directory, artifacts in a local directory, jobs run by a local worker. Setting them switches to the
+distributed setup with no code change. Unsafe combinations (open auth outside dev, open auth on a public
+interface) are refused by :meth:`Settings.check_safe`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class UnsafeSettingsError(ValueError):
+    """The configuration would run the service in an unsafe way."""
+
+
+def _split_paths(v: object) -> object:
+    if isinstance(v, str):
+        return [Path(p.strip()).expanduser() for p in v.replace(";", ",").split(",") if p.strip()]
+    return v
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RESTORELCC_", extra="ignore", populate_by_name=True)
+
+    # Where the embedded setup keeps its database, artifacts, work directories and local key.
+    data_dir: Path = Field(Path(".restorelcc"), description="Data directory of the embedded setup.")
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL", "RESTORELCC_DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL of the job store; default: SQLite file under data_dir.",
+    )
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "RESTORELCC_REDIS_URL", "redis_url"),
+        description="Celery broker; unset = embedded local worker.",
+    )
+    queue: str = Field("restorelcc", description="Celery queue the jobs are sent to.")
+
+    # Authentication.
+    api_keys: str | None = Field(None, description="'tenant:key,...' (a key may be given as 'sha256:<hex>').")
+    api_keys_file: Path | None = Field(None, description="File with one 'tenant:key' per line.")
+    dev_open: bool = Field(False, description="No authentication (tenant 'dev'); only on 127.0.0.1.")
+    host: str = Field("127.0.0.1", description="Interface `restorelcc serve` binds.")
+    port: int = Field(8000, ge=1, le=65535)
+
+    # What a spec may point at.
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    data_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    allow_hub_models: bool = Field(False, description="Accept Hugging Face hub ids as model.id.")
+
+    # Artifact store.
+    artifacts_dir: Path | None = Field(None, description="LocalStore directory; default data_dir/artifacts.")
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_prefix: str = ""
+
+    # Worker.
+    work_dir: Path | None = Field(None, description="Scratch space for running jobs; default data_dir/work.")
+    soft_time_limit_s: int = Field(6 * 3600, ge=1)
+    hard_time_limit_s: int = Field(6 * 3600 + 600, ge=1)
+    visibility_timeout_s: int | None = Field(None, ge=1, description="Default: hard limit + 1 h.")
+    heartbeat_s: float = Field(10.0, gt=0)
+    stale_after_s: float = Field(120.0, gt=0, description="A running job silent this long has lost its worker.")
+    sweep_interval_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(2, ge=1, description="Runs of one job (redeliveries after a worker crash).")
+    transient_retries: int = Field(3, ge=0)
+    retry_backoff_s: float = Field(30.0, ge=0)
+    progress_interval_s: float = Field(0.5, ge=0, description="Least time between two progress writes.")
+    cancel_poll_s: float = Field(1.0, ge=0, description="Least time between two cancellation checks.")
+    poll_interval_s: float = Field(1.0, gt=0, description="Embedded worker: queue polling interval.")
+    keep_work_dirs: bool = False
+
+    @field_validator("model_roots", "data_roots", mode="before")
+    @classmethod
+    def _paths(cls, v: object) -> object:
+        return _split_paths(v)
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.hard_time_limit_s <= self.soft_time_limit_s:
+            raise ValueError("hard_time_limit_s must exceed soft_time_limit_s")
+        if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.hard_time_limit_s:
+            raise ValueError("visibility_timeout_s must exceed hard_time_limit_s")
+        return self
+
+    # Derived values -------------------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        """True when no broker is configured: jobs run on this machine."""
+        return not self.redis_url
+
+    @property
+    def s3_enabled(self) -> bool:
+        return bool(self.s3_bucket)
+
+    @property
+    def db_url(self) -> str:
+        if self.database_url:
+            url = self.database_url
+            if url.startswith("postgres://"):
+                url = "postgresql://" + url[len("postgres://"):]
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url[len("postgresql://"):]
+            return url
+        return f"sqlite:///{(self.data_dir / 'jobs.db').resolve()}"
+
+    @property
+    def artifacts_path(self) -> Path:
+        return (self.artifacts_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def work_path(self) -> Path:
+        return (self.work_dir or self.data_dir / "work").resolve()
+
+    @property
+    def local_key_file(self) -> Path:
+        return self.data_dir / "local.key"
+
+    @property
+    def visibility_timeout(self) -> int:
+        return self.visibility_timeout_s or self.hard_time_limit_s + 3600
+
+    def check_safe(self) -> None:
+        """Refuse configurations that would expose the service unsafely."""
+        if self.dev_open:
+            if self.host not in ("127.0.0.1", "localhost", "::1"):
+                raise UnsafeSettingsError("dev_open (no authentication) is only allowed bound to 127.0.0.1")
+            if not self.embedded or self.database_url or self.s3_enabled:
+                raise UnsafeSettingsError("dev_open is only allowed in the embedded setup")
+            return
+        if not (self.api_keys or self.api_keys_file):
+            raise UnsafeSettingsError(
+                "no API keys configured: set RESTORELCC_API_KEYS or RESTORELCC_API_KEYS_FILE "
+                "(or run `restorelcc serve --dev-open` on 127.0.0.1 for development)"
+            )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,99 @@
+"""Domain errors and the handlers that turn every failure into ``{"error": {"code", "message", "field"}}``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("restorelcc.api")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status, a stable code, a message and (when it is about input) a field."""
+
+    def __init__(
+        self, status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+def not_found(what: str = "job") -> ApiError:
+    return ApiError(404, f"{what}_not_found", f"{what} not found")
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "field": field}}
+
+
+_DOTTED = re.compile(r"\b(?:model|pruning|restoration|data|evaluation|output)\.[a-z_]+\b")
+
+
+def _loc_to_field(loc: tuple | list, strip_body: bool = True) -> str | None:
+    parts = [str(p) for p in loc]
+    if strip_body and parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list[dict[str, Any]], strip_body: bool = True) -> ApiError:
+    """The first pydantic error as a 422 naming its field as a dotted path (``pruning.sparsity``)."""
+    if not errors:
+        return ApiError(422, "invalid_request", "invalid request")
+    first = errors[0]
+    etype = first.get("type", "")
+    loc = list(first.get("loc", ()))
+    if etype == "json_invalid":
+        return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+    field = _loc_to_field(loc, strip_body)
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if field is None and etype == "value_error":
+        # A whole-spec rule ("data.train is required unless ..."): name the field the message names.
+        m = _DOTTED.search(msg)
+        field = m.group(0) if m else None
+    if etype == "extra_forbidden":
+        msg = "unknown field"
+    if etype == "missing" and field is None:
+        return ApiError(422, "invalid_request", "request body is required")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ApiError(422, "invalid_spec" if etype != "missing" or field else "invalid_request",
+                    f"{field + ': ' if field else ''}{msg}{more}", field)
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = validation_error(list(exc.errors()))
+        return JSONResponse(error_body(err.code, err.message, err.field), status_code=err.status)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(_: Request, exc: ValidationError) -> JSONResponse:
+        err = validation_error(list(exc.errors()), strip_body=False)
+        return JSONResponse(error_body(err.code, err.message, err.field), status_code=err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error", exc_info=exc)
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)

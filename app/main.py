@@ -1,0 +1,72 @@
+"""The FastAPI application: ``create_app(settings)`` wires stores, auth, routes, errors and metrics.
+
+Never imports torch, transformers or anything under ``worker/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.auth import KeyRing
+from app.config import Settings, get_settings
+from app.deps import Services
+from app.errors import install_handlers
+from app.metrics import Metrics, MetricsMiddleware
+from app.routes import artifacts, health, jobs
+from app.service import make_enqueuer
+from app.store.artifacts import make_store
+from app.store.db import make_engine, upgrade
+from app.store.jobs import JobStore
+
+log = logging.getLogger("restorelcc.api")
+
+API_VERSION = "1"
+
+
+def build_services(settings: Settings) -> Services:
+    store = JobStore(make_engine(settings.db_url))
+    return Services(
+        settings=settings,
+        jobs=store,
+        artifacts=make_store(settings),
+        enqueuer=make_enqueuer(settings),
+        keys=KeyRing.from_settings(settings),
+        metrics=Metrics(store.counts_by_status),
+    )
+
+
+def create_app(settings: Settings | None = None, *, migrate: bool = True) -> FastAPI:
+    """The API. Refuses unsafe settings; runs the schema migrations at startup when ``migrate``."""
+    settings = settings or get_settings()
+    settings.check_safe()
+    services = build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            upgrade(services.jobs.engine)
+        yield
+        services.jobs.engine.dispose()
+
+    app = FastAPI(
+        title="restorelcc",
+        version=API_VERSION,
+        summary="Restore the quality of pruned LLMs with RestoreLCC, as a service.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    install_handlers(app)
+    app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    app.include_router(health.router)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For ``uvicorn --factory app.main:app_factory``: settings from the environment."""
+    return create_app()

@@ -1,0 +1,75 @@
+"""Prometheus metrics: HTTP request counts and latency, jobs created, jobs by status (read from the store)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.schemas import JobStatus
+
+
+class JobStatusCollector(Collector):
+    """``restorelcc_jobs{status}``: how many jobs the store holds in each status, at scrape time."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]):
+        self._counts = counts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        g = GaugeMetricFamily("restorelcc_jobs", "Jobs in the job store by status", labels=["status"])
+        try:
+            counts = self._counts()
+        except Exception:
+            counts = {}
+        for status in JobStatus:
+            g.add_metric([status.value], counts.get(status.value, 0))
+        yield g
+
+
+class Metrics:
+    def __init__(self, counts: Callable[[], dict[str, int]]):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "restorelcc_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "restorelcc_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
+            registry=self.registry,
+        )
+        self.jobs_created = Counter(
+            "restorelcc_jobs_created", "Jobs created through the API", ["tenant"], registry=self.registry
+        )
+        self.registry.register(JobStatusCollector(counts))
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (streaming-safe): counts requests and observes latency per route template."""
+
+    def __init__(self, app: Any, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def _send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, path, str(status["code"])).inc()
+            self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)

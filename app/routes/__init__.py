@@ -1,0 +1,1 @@
+"""HTTP routes (thin: parse, authorise, call the service, shape the response)."""

@@ -1,0 +1,105 @@
+"""/v1/jobs/{id}/artifacts: list the result files; download one (streamed, Range, ETag)."""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+from pathlib import PurePosixPath
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import StreamingResponse
+
+from app.deps import JobServiceDep, PrincipalDep, ServicesDep
+from app.errors import ApiError, not_found
+from app.schemas import ArtifactPublic
+
+router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
+
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """One ``bytes=a-b`` / ``a-`` / ``-n`` range → inclusive (start, end); None = serve the whole file
+    (no header, several ranges, or a malformed one, as RFC 9110 allows). Unsatisfiable → 416."""
+    if not header:
+        return None
+    m = _RANGE.match(header.strip().replace(" ", ""))
+    if not m or (not m.group(1) and not m.group(2)):
+        return None
+    a, b = m.group(1), m.group(2)
+    if not a:  # suffix: the last n bytes
+        n = int(b)
+        if n == 0 or size == 0:
+            raise _unsatisfiable(size)
+        return max(0, size - n), size - 1
+    start = int(a)
+    end = int(b) if b else size - 1
+    if b and end < start:
+        return None
+    if start >= size:
+        raise _unsatisfiable(size)
+    return start, min(end, size - 1)
+
+
+def _unsatisfiable(size: int) -> ApiError:
+    return ApiError(416, "range_not_satisfiable", "requested range not satisfiable", "Range",
+                    headers={"Content-Range": f"bytes */{size}"})
+
+
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    tags = [t.strip() for t in header.split(",")]
+    return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
+
+
+@router.get("", response_model=list[ArtifactPublic], responses={401: {}, 404: {}})
+def list_artifacts(job_id: str, principal: PrincipalDep, service: JobServiceDep,
+                   services: ServicesDep) -> list[ArtifactPublic]:
+    service.get(principal.tenant, job_id)
+    return [ArtifactPublic(name=a.name, size=a.size, sha256=a.sha256) for a in services.jobs.artifacts(job_id)]
+
+
+@router.get(
+    "/{name:path}",
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "Partial content (Range)"},
+        304: {"description": "Not modified (If-None-Match)"},
+        401: {}, 404: {}, 416: {},
+    },
+)
+def download_artifact(
+    job_id: str,
+    name: str,
+    principal: PrincipalDep,
+    service: JobServiceDep,
+    services: ServicesDep,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range")] = None,
+) -> Response:
+    """Stream one artifact. `ETag` is its quoted sha256; `Range` gives 206; `If-None-Match` gives 304."""
+    service.get(principal.tenant, job_id)
+    art = services.jobs.artifact(job_id, name)
+    if art is None:
+        raise not_found("artifact")
+    etag = f'"{art.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "Cache-Control": "private, max-age=0"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    rng = parse_range(range_, art.size)
+    if rng is not None and if_range is not None and if_range.strip() != etag:
+        rng = None
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers["Content-Disposition"] = f'attachment; filename="{PurePosixPath(name).name}"'
+    if rng is None:
+        body = services.artifacts.open_range(art.key)
+        headers["Content-Length"] = str(art.size)
+        return StreamingResponse(body, status_code=200, media_type=media, headers=headers)
+    start, end = rng
+    body = services.artifacts.open_range(art.key, start, end)
+    headers["Content-Range"] = f"bytes {start}-{end}/{art.size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(body, status_code=206, media_type=media, headers=headers)

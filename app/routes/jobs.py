@@ -1,0 +1,174 @@
+"""/v1/jobs: create, list, get, cancel, delete, events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import JobServiceDep, PrincipalDep, ServicesDep
+from app.errors import ApiError, error_body
+from app.schemas import EventPublic, JobError, JobList, JobPublic, JobSpec, JobStatus, Progress
+from app.store.models import Event, Job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+ERRORS = {
+    401: {"description": "Missing or invalid API key"},
+    404: {"description": "No such job (or not yours)"},
+}
+
+
+def to_public(job: Job) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        status=JobStatus(job.status),
+        stage=job.stage,
+        progress=Progress(fraction=min(1.0, max(0.0, job.progress or 0.0)), message=job.progress_message or ""),
+        spec=job.spec,
+        metrics=job.metrics or {},
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+    )
+
+
+def event_public(e: Event) -> EventPublic:
+    return EventPublic(seq=e.seq, kind=e.kind, stage=e.stage, data=e.data or {}, created_at=e.created_at)
+
+
+@router.post("", status_code=202, response_model=JobPublic, responses={**ERRORS, 409: {}, 422: {}, 503: {}})
+def create_job(
+    spec: JobSpec,
+    principal: PrincipalDep,
+    service: JobServiceDep,
+    services: ServicesDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                           description="Repeat a request safely: one job per key and tenant.")
+    ] = None,
+) -> JobPublic:
+    """Validate a job spec, record it and enqueue it. Returns 202 with the job and its `Location`."""
+    res = service.create(principal.tenant, spec, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{res.job.id}"
+    if res.created:
+        services.metrics.jobs_created.labels(principal.tenant).inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return to_public(res.job)
+
+
+@router.get("", response_model=JobList, responses=ERRORS)
+def list_jobs(
+    principal: PrincipalDep,
+    services: ServicesDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    after: Annotated[str | None, Query(max_length=64, description="next_cursor of the previous page")] = None,
+    status: JobStatus | None = None,
+) -> JobList:
+    """The caller's jobs, newest first."""
+    try:
+        rows, cursor = services.jobs.list(principal.tenant, limit, after, status.value if status else None)
+    except KeyError as e:
+        raise ApiError(422, "invalid_cursor", "after: unknown cursor", "after") from e
+    return JobList(items=[to_public(j) for j in rows], next_cursor=cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
+def get_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> JobPublic:
+    return to_public(service.get(principal.tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses={**ERRORS, 409: {}})
+def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, response: Response) -> JobPublic:
+    """queued → cancelled at once; running → cancelling, then cancelled at the next checkpoint.
+    Cancelling a cancelled job again is a no-op (200); a succeeded or failed job gives 409."""
+    res = service.cancel(principal.tenant, job_id)
+    if not res.changed:
+        if res.status in (JobStatus.succeeded, JobStatus.failed):
+            raise ApiError(409, "job_finished", f"job already {res.status.value}")
+        response.status_code = 200
+    return to_public(service.get(principal.tenant, job_id))
+
+
+@router.delete("/{job_id}", status_code=204, responses={**ERRORS, 409: {}})
+def delete_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> Response:
+    """Delete a finished job, its events and its artifacts (409 while it is queued or running)."""
+    service.delete(principal.tenant, job_id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=list[EventPublic],
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+def job_events(
+    job_id: str,
+    request: Request,
+    principal: PrincipalDep,
+    service: JobServiceDep,
+    services: ServicesDep,
+    after: Annotated[int | None, Query(ge=0, description="Only events with seq > after")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    """The ordered event log. With `Accept: text/event-stream`, a live stream that ends when the job ends."""
+    service.get(principal.tenant, job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = after
+        if last_event_id and last_event_id.isdigit():
+            start = int(last_event_id)
+        return StreamingResponse(
+            _stream(request, services, job_id, start),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    events = services.jobs.events(job_id, after, limit)
+    return JSONResponse([event_public(e).model_dump(mode="json") for e in events])
+
+
+def _sse(event: str, data: object, seq: int | None = None) -> str:
+    head = f"id: {seq}\n" if seq is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def _stream(request: Request, services: ServicesDep, job_id: str, after: int | None,
+                  poll_s: float = 0.5, keepalive_s: float = 15.0) -> AsyncIterator[str]:
+    last = after
+    idle = 0.0
+    while True:
+        events = await run_in_threadpool(services.jobs.events, job_id, last, 500)
+        for e in events:
+            last = e.seq
+            yield _sse(e.kind, event_public(e).model_dump(mode="json"), e.seq)
+        if events:
+            idle = 0.0
+            continue
+        job = await run_in_threadpool(services.jobs.get, job_id)
+        if job is None:
+            yield _sse("error", error_body("job_not_found", "job was deleted"))
+            return
+        if JobStatus(job.status).finished:
+            # Events written just before the final status are already drained above; one more read
+            # catches any that raced with the status read.
+            for e in await run_in_threadpool(services.jobs.events, job_id, last, 500):
+                last = e.seq
+                yield _sse(e.kind, event_public(e).model_dump(mode="json"), e.seq)
+            yield _sse("end", {"status": job.status})
+            return
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(poll_s)
+        idle += poll_s
+        if idle >= keepalive_s:
+            idle = 0.0
+            yield ": keep-alive\n\n"

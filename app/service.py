@@ -1,0 +1,135 @@
+"""Use cases behind the routes: create (validate paths, record, enqueue), cancel, delete.
+
+Jobs are enqueued by task *name* (``restorelcc.run_job``), so the API never imports the worker code.
+In the embedded setup there is no broker: the local worker polls the job store for queued jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.config import Settings
+from app.errors import ApiError, not_found
+from app.paths import PathRefused, check_spec_paths
+from app.schemas import JobSpec, JobStatus
+from app.store.artifacts import ArtifactStore, job_prefix
+from app.store.jobs import CancelResult, IdempotencyConflict, JobNotFinished, JobStore
+from app.store.models import Job
+
+log = logging.getLogger("restorelcc.api")
+
+TASK_NAME = "restorelcc.run_job"
+
+
+class Enqueuer(Protocol):
+    def enqueue(self, job_id: str) -> None: ...
+
+    def check(self) -> None:
+        """Raise when the broker is unreachable (readiness)."""
+
+
+class LocalEnqueuer:
+    """Embedded setup: nothing to send; the local worker polls the job store."""
+
+    def __init__(self) -> None:
+        self.wakeup = threading.Event()
+
+    def enqueue(self, job_id: str) -> None:
+        self.wakeup.set()
+
+    def check(self) -> None:
+        return None
+
+
+class CeleryEnqueuer:
+    """Sends ``restorelcc.run_job(job_id)`` to the configured queue."""
+
+    def __init__(self, redis_url: str, queue: str):
+        from celery import Celery
+
+        self.redis_url = redis_url
+        self.queue = queue
+        self.celery = Celery("restorelcc-api", broker=redis_url)
+        self.celery.conf.update(
+            broker_connection_timeout=5,
+            broker_connection_retry_on_startup=True,
+            task_ignore_result=True,
+            broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 5},
+        )
+
+    def enqueue(self, job_id: str) -> None:
+        self.celery.send_task(
+            TASK_NAME, args=[job_id], queue=self.queue, retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
+        )
+
+    def check(self) -> None:
+        import redis
+
+        redis.Redis.from_url(self.redis_url, socket_connect_timeout=2, socket_timeout=2).ping()
+
+
+def make_enqueuer(settings: Settings) -> Enqueuer:
+    return LocalEnqueuer() if settings.embedded else CeleryEnqueuer(settings.redis_url or "", settings.queue)
+
+
+@dataclass
+class Created:
+    job: Job
+    created: bool
+
+
+class JobService:
+    def __init__(self, settings: Settings, jobs: JobStore, artifacts: ArtifactStore, enqueuer: Enqueuer):
+        self.settings = settings
+        self.jobs = jobs
+        self.artifacts = artifacts
+        self.enqueuer = enqueuer
+
+    def create(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None) -> Created:
+        try:
+            check_spec_paths(spec, self.settings)
+        except PathRefused as e:
+            raise ApiError(422, "path_not_allowed", e.message, e.field) from e
+        body: dict[str, Any] = spec.model_dump(mode="json")
+        try:
+            job, created = self.jobs.create(tenant, body, idempotency_key)
+        except IdempotencyConflict as e:
+            raise ApiError(
+                409, "idempotency_conflict",
+                f"Idempotency-Key was already used for job {e.job_id} with a different body", "Idempotency-Key",
+            ) from e
+        if created:
+            try:
+                self.enqueuer.enqueue(job.id)
+            except Exception as e:  # broker down: the job cannot run; say so instead of leaving it queued
+                log.exception("enqueue failed for %s", job.id)
+                self.jobs.finish(job.id, JobStatus.failed, ("enqueue_failed", f"could not enqueue the job: {e}"),
+                                 allowed=(JobStatus.queued.value,))
+                raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again later") from e
+        return Created(job, created)
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        job = self.jobs.get(job_id, tenant)
+        if job is None:
+            raise not_found()
+        return job
+
+    def cancel(self, tenant: str, job_id: str) -> CancelResult:
+        res = self.jobs.request_cancel(job_id, tenant)
+        if res is None:
+            raise not_found()
+        return res
+
+    def delete(self, tenant: str, job_id: str) -> None:
+        self.get(tenant, job_id)
+        try:
+            deleted = self.jobs.delete(job_id, tenant)
+        except JobNotFinished as e:
+            raise ApiError(409, "job_not_finished", f"job is {e}; cancel it and wait until it has finished") from e
+        if not deleted:
+            raise not_found()
+        self.artifacts.delete_prefix(job_prefix(job_id))

@@ -1,0 +1,352 @@
+"""The job store repository: the single source of truth for job state.
+
+Every state change is one conditional UPDATE (``... WHERE status IN (...)``), so transitions are atomic
+across processes: queued→running only if still queued; cancel turns queued into cancelled and running into
+cancelling; a finished job never changes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.schemas import JobStatus
+from app.store.db import session_factory
+from app.store.models import Artifact, Event, IdempotencyKey, Job, utcnow
+
+ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
+FINISHED = tuple(s.value for s in JobStatus if s.finished)
+
+
+class IdempotencyConflict(Exception):
+    """The idempotency key was already used with a different request body."""
+
+    def __init__(self, job_id: str):
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class JobNotFinished(Exception):
+    """Only a finished job can be deleted."""
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    status: JobStatus
+    changed: bool
+
+
+def request_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobStore:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = session_factory(engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    # Creation and reading -----------------------------------------------------------------------------
+    def create(
+        self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None
+    ) -> tuple[Job, bool]:
+        """Record a queued job. With an idempotency key, the first request wins and later ones get its job
+        (``created`` False); a different body under the same key raises :class:`IdempotencyConflict`."""
+        digest = request_hash(spec)
+        if idempotency_key is not None:
+            existing = self._by_idempotency(tenant, idempotency_key, digest)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        job = Job(
+            id=new_job_id(), tenant=tenant, status=JobStatus.queued.value, progress=0.0, progress_message="queued",
+            spec=spec, metrics={}, attempts=0, retries=0, created_at=now, updated_at=now,
+        )
+        try:
+            with self.session() as s:
+                s.add(job)
+                s.flush()
+                if idempotency_key is not None:
+                    s.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest, job_id=job.id))
+                s.add(Event(job_id=job.id, kind="status", data={"status": "queued"}, created_at=now))
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            existing = self._by_idempotency(tenant, idempotency_key, digest)
+            if existing is None:
+                raise
+            return existing, False
+        return job, True
+
+    def _by_idempotency(self, tenant: str, key: str, digest: str) -> Job | None:
+        with self.session() as s:
+            row = s.execute(
+                select(IdempotencyKey, Job)
+                .join(Job, Job.id == IdempotencyKey.job_id)
+                .where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
+            ).first()
+            if row is None:
+                return None
+            idem, job = row
+            if idem.request_hash != digest:
+                raise IdempotencyConflict(job.id)
+            return job
+
+    def get(self, job_id: str, tenant: str | None = None) -> Job | None:
+        with self.session() as s:
+            q = select(Job).where(Job.id == job_id)
+            if tenant is not None:
+                q = q.where(Job.tenant == tenant)
+            return s.scalars(q).first()
+
+    def list(
+        self, tenant: str, limit: int = 50, after: str | None = None, status: str | None = None
+    ) -> tuple[list[Job], str | None]:
+        """The tenant's jobs, newest first; ``after`` is the id of the last job of the previous page."""
+        with self.session() as s:
+            q = select(Job).where(Job.tenant == tenant)
+            if after is not None:
+                cursor_seq = s.scalar(select(Job.seq).where(Job.id == after, Job.tenant == tenant))
+                if cursor_seq is None:
+                    raise KeyError(after)
+                q = q.where(Job.seq < cursor_seq)
+            if status is not None:
+                q = q.where(Job.status == status)
+            rows = list(s.scalars(q.order_by(Job.seq.desc()).limit(limit + 1)))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].id if more and rows else None)
+
+    def counts_by_status(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+    # Transitions ------------------------------------------------------------------------------------
+    def _update(self, s: Session, job_id: str, allowed: tuple[str, ...], **values: Any) -> bool:
+        values.setdefault("updated_at", utcnow())
+        res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values))
+        return res.rowcount == 1
+
+    def claim(self, job_id: str, worker: str) -> bool:
+        """queued → running (only if still queued and due)."""
+        now = utcnow()
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.queued.value)
+                .where((Job.run_after.is_(None)) | (Job.run_after <= now))
+                .values(
+                    status=JobStatus.running.value, attempts=Job.attempts + 1, worker=worker, started_at=now,
+                    heartbeat_at=now, updated_at=now, run_after=None, progress_message="started",
+                )
+            )
+            ok = res.rowcount == 1
+            if ok:
+                s.add(Event(job_id=job_id, kind="status", data={"status": "running", "worker": worker}))
+            return ok
+
+    def take_over(self, job_id: str, worker: str, stale_before: datetime) -> bool:
+        """running (worker lost: heartbeat older than ``stale_before``) → running again, from the start."""
+        now = utcnow()
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.running.value)
+                .where((Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < stale_before))
+                .values(
+                    attempts=Job.attempts + 1, worker=worker, started_at=now, heartbeat_at=now, updated_at=now,
+                    stage=None, progress=0.0, progress_message="restarted after a lost worker", metrics={},
+                )
+            )
+            ok = res.rowcount == 1
+            if ok:
+                s.add(Event(job_id=job_id, kind="status", data={"status": "running", "worker": worker,
+                                                                 "restarted": True}))
+            return ok
+
+    def request_cancel(self, job_id: str, tenant: str | None = None) -> CancelResult | None:
+        """queued → cancelled at once; running → cancelling; anything else unchanged. None if no such job."""
+        now = utcnow()
+        with self.session() as s:
+            q = select(Job.status).where(Job.id == job_id)
+            if tenant is not None:
+                q = q.where(Job.tenant == tenant)
+            if s.scalar(q) is None:
+                return None
+            if self._update(s, job_id, (JobStatus.queued.value,), status=JobStatus.cancelled.value,
+                            finished_at=now, progress_message="cancelled"):
+                s.add(Event(job_id=job_id, kind="status", data={"status": "cancelled"}))
+                return CancelResult(JobStatus.cancelled, True)
+            if self._update(s, job_id, (JobStatus.running.value,), status=JobStatus.cancelling.value,
+                            progress_message="cancelling"):
+                s.add(Event(job_id=job_id, kind="status", data={"status": "cancelling"}))
+                return CancelResult(JobStatus.cancelling, True)
+            return CancelResult(JobStatus(s.scalar(select(Job.status).where(Job.id == job_id))), False)
+
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        error: tuple[str, str] | None = None,
+        metrics: dict[str, Any] | None = None,
+        allowed: tuple[str, ...] = ACTIVE,
+    ) -> bool:
+        """An active job ends ``status`` (succeeded / failed / cancelled); a finished one stays as it is."""
+        now = utcnow()
+        values: dict[str, Any] = {"status": status.value, "finished_at": now, "heartbeat_at": now}
+        if error is not None:
+            values["error_code"], values["error_message"] = error
+        if metrics is not None:
+            values["metrics"] = metrics
+        if status is JobStatus.succeeded:
+            values["progress"] = 1.0
+        values["progress_message"] = status.value
+        with self.session() as s:
+            ok = self._update(s, job_id, allowed, **values)
+            if ok:
+                data: dict[str, Any] = {"status": status.value}
+                if error is not None:
+                    data["error"] = {"code": error[0], "message": error[1]}
+                s.add(Event(job_id=job_id, kind="status", data=data))
+            return ok
+
+    def requeue(self, job_id: str, run_after: datetime, reason: str) -> bool:
+        """running → queued (a transient failure; retried after ``run_after``)."""
+        with self.session() as s:
+            ok = self._update(
+                s, job_id, (JobStatus.running.value,), status=JobStatus.queued.value, run_after=run_after,
+                retries=Job.retries + 1, stage=None, progress=0.0, progress_message=f"retrying: {reason}",
+            )
+            if ok:
+                s.add(Event(job_id=job_id, kind="retry", data={"reason": reason, "run_after": run_after.isoformat()}))
+            return ok
+
+    def sweep_lost(self, stale_before: datetime, reason: str = "worker lost") -> list[str]:
+        """Jobs active with a heartbeat older than ``stale_before``: running → failed (``worker_lost``),
+        cancelling → cancelled. Returns the ids changed."""
+        changed: list[str] = []
+        with self.session() as s:
+            ids = list(s.scalars(
+                select(Job.id).where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
+            ))
+        for job_id in ids:
+            if self.finish(job_id, JobStatus.failed, ("worker_lost", f"{reason}: no heartbeat since "
+                                                                     f"{stale_before.isoformat()}"),
+                           allowed=(JobStatus.running.value,)) or \
+                    self.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
+                changed.append(job_id)
+        return changed
+
+    def next_queued(self) -> str | None:
+        """The oldest queued job that is due (embedded worker)."""
+        now = utcnow()
+        with self.session() as s:
+            return s.scalar(
+                select(Job.id)
+                .where(Job.status == JobStatus.queued.value)
+                .where((Job.run_after.is_(None)) | (Job.run_after <= now))
+                .order_by(Job.seq)
+                .limit(1)
+            )
+
+    # Worker updates (only while active) -------------------------------------------------------------
+    def heartbeat(self, job_id: str) -> bool:
+        with self.session() as s:
+            return self._update(s, job_id, ACTIVE, heartbeat_at=utcnow())
+
+    def set_stage(self, job_id: str, stage: str) -> bool:
+        with self.session() as s:
+            ok = self._update(s, job_id, ACTIVE, stage=stage, heartbeat_at=utcnow())
+            if ok:
+                s.add(Event(job_id=job_id, kind="stage", stage=stage, data={"stage": stage}))
+            return ok
+
+    def set_progress(self, job_id: str, fraction: float, message: str, event: bool = False,
+                     stage: str | None = None) -> bool:
+        with self.session() as s:
+            ok = self._update(s, job_id, ACTIVE, progress=fraction, progress_message=message[:1000],
+                              heartbeat_at=utcnow())
+            if ok and event:
+                s.add(Event(job_id=job_id, kind="progress", stage=stage,
+                            data={"fraction": fraction, "message": message[:1000]}))
+            return ok
+
+    def merge_metrics(self, job_id: str, metrics: dict[str, Any], stage: str | None = None) -> bool:
+        with self.session() as s:
+            current = s.scalar(select(Job.metrics).where(Job.id == job_id, Job.status.in_(ACTIVE)))
+            if current is None:
+                return False
+            merged = {**current, **metrics}
+            ok = self._update(s, job_id, ACTIVE, metrics=merged, heartbeat_at=utcnow())
+            if ok:
+                s.add(Event(job_id=job_id, kind="metrics", stage=stage, data=metrics))
+            return ok
+
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any], stage: str | None = None) -> None:
+        with self.session() as s:
+            s.add(Event(job_id=job_id, kind=kind[:32], stage=stage, data=data))
+
+    def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> list[Event]:
+        with self.session() as s:
+            q = select(Event).where(Event.job_id == job_id)
+            if after is not None:
+                q = q.where(Event.seq > after)
+            return list(s.scalars(q.order_by(Event.seq).limit(limit)))
+
+    # Artifacts ---------------------------------------------------------------------------------------
+    def add_artifact(self, job_id: str, name: str, size: int, sha256: str, key: str) -> None:
+        with self.session() as s:
+            s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
+            s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha256, key=key))
+
+    def clear_artifacts(self, job_id: str) -> None:
+        with self.session() as s:
+            s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+
+    def artifacts(self, job_id: str) -> list[Artifact]:
+        with self.session() as s:
+            return list(s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+
+    def artifact(self, job_id: str, name: str) -> Artifact | None:
+        with self.session() as s:
+            return s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.name == name)).first()
+
+    # Deletion ----------------------------------------------------------------------------------------
+    def delete(self, job_id: str, tenant: str | None = None) -> bool:
+        """Delete a finished job with its events, artifacts and idempotency keys. False if no such job;
+        :class:`JobNotFinished` if it is still queued or active."""
+        with self.session() as s:
+            q = select(Job).where(Job.id == job_id)
+            if tenant is not None:
+                q = q.where(Job.tenant == tenant)
+            job = s.scalars(q.with_for_update()).first()
+            if job is None:
+                return False
+            if job.status not in FINISHED:
+                raise JobNotFinished(job.status)
+            for model in (Event, Artifact, IdempotencyKey):
+                s.execute(delete(model).where(model.job_id == job_id))
+            s.execute(delete(Job).where(Job.id == job_id))
+            return True
+
+
+def stale_cutoff(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)

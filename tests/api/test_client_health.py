@@ -1,0 +1,69 @@
+"""The typed client over the API, readiness, metrics."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.client import ApiClientError, Client
+from app.main import create_app
+from app.schemas import JobStatus
+from tests.conftest import api_settings, free_port
+
+
+def test_client_round_trip(api):
+    c = Client(api_key="key-alice-123", http=api.client)
+    job = c.create(api.spec(), idempotency_key="abc")
+    assert c.create(api.spec(), idempotency_key="abc").id == job.id
+    assert c.get(job.id).status is JobStatus.queued
+    assert [j.id for j in c.list().items] == [job.id]
+    assert c.cancel(job.id).status is JobStatus.cancelled
+    assert c.wait(job.id, poll_s=0.01).status is JobStatus.cancelled
+    kinds = [e.kind for e in c.events(job.id)]
+    assert kinds == ["status", "status"]
+    assert [name for name, _ in c.stream_events(job.id)] == ["status", "status", "end"]
+    assert c.artifacts(job.id) == []
+    c.delete(job.id)
+    with pytest.raises(ApiClientError) as e:
+        c.get(job.id)
+    assert e.value.status == 404 and e.value.code == "job_not_found"
+    with pytest.raises(ApiClientError) as e:
+        c.create({"model": {"id": "/x"}, "pruning": {"sparsity": 3}})
+    assert e.value.status == 422 and e.value.field == "pruning.sparsity"
+
+
+def test_health_ready_and_metrics(api):
+    assert api.client.get("/healthz").json() == {"status": "ok"}
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "artifacts": "ok"}
+    api.create()
+    job = api.create()["id"]
+    api.client.post(f"/v1/jobs/{job}/cancel", headers=api.h())
+    api.client.get("/v1/jobs/nope", headers=api.h())
+    text = api.client.get("/metrics").text
+    assert 'restorelcc_jobs_created_total{tenant="alice"} 2.0' in text
+    assert 'restorelcc_jobs{status="queued"} 1.0' in text and 'restorelcc_jobs{status="cancelled"} 1.0' in text
+    assert 'restorelcc_http_requests_total{method="POST",route="/v1/jobs",status="202"} 2.0' in text
+    assert 'restorelcc_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 1.0' in text
+    assert "restorelcc_http_request_duration_seconds_bucket" in text
+
+
+def test_readyz_reports_an_unreachable_broker(tmp_path):
+    port = free_port()  # nothing listens there
+    s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", redis_url=f"redis://127.0.0.1:{port}/0")
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"]["broker"].startswith("error")
+        r = c.post("/v1/jobs", json={"model": {"id": str(tmp_path / "models" / "m")},
+                                     "restoration": {"method": "none"}, "pruning": {"method": "magnitude"}},
+                   headers={"Authorization": "Bearer key-alice-123"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
+        job = c.get("/v1/jobs", headers={"Authorization": "Bearer key-alice-123"}).json()["items"][0]
+        assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
+
+
+def test_readyz_with_a_live_broker(tmp_path):
+    s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", redis_url="redis://127.0.0.1:6379/0")
+    with TestClient(create_app(s)) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 200 and r.json()["checks"]["broker"] == "ok"

@@ -1,0 +1,196 @@
+"""The jobs endpoints against the real job store (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from app.schemas import JobStatus
+
+
+def test_create_returns_202_location_and_queued_job(api):
+    r = api.client.post("/v1/jobs", json=api.spec(), headers=api.h())
+    assert r.status_code == 202
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["stage"] is None
+    assert job["progress"] == {"fraction": 0.0, "message": "queued"}
+    assert job["spec"]["pruning"]["sparsity"] == 0.5 and job["spec"]["seed"] == 42  # normalised, defaults filled
+    got = api.client.get(r.headers["location"], headers=api.h()).json()
+    assert got["id"] == job["id"] and got["created_at"] and got["error"] is None and got["metrics"] == {}
+
+
+def test_list_newest_first_with_cursor_and_status_filter(api):
+    ids = [api.create()["id"] for _ in range(5)]
+    api.create("bob")
+    page1 = api.client.get("/v1/jobs?limit=2", headers=api.h()).json()
+    assert [j["id"] for j in page1["items"]] == ids[::-1][:2]
+    page2 = api.client.get(f"/v1/jobs?limit=2&after={page1['next_cursor']}", headers=api.h()).json()
+    page3 = api.client.get(f"/v1/jobs?limit=2&after={page2['next_cursor']}", headers=api.h()).json()
+    assert [j["id"] for j in page2["items"] + page3["items"]] == ids[::-1][2:]
+    assert page3["next_cursor"] is None
+    api.client.post(f"/v1/jobs/{ids[1]}/cancel", headers=api.h())
+    cancelled = api.client.get("/v1/jobs?status=cancelled", headers=api.h()).json()["items"]
+    assert [j["id"] for j in cancelled] == [ids[1]]
+    assert len(api.client.get("/v1/jobs?status=queued", headers=api.h()).json()["items"]) == 4
+    bad = api.client.get("/v1/jobs?status=nope", headers=api.h())
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "status"
+    bad = api.client.get("/v1/jobs?after=unknown", headers=api.h())
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "after"
+
+
+def test_cancel_queued_is_immediate_and_finished_jobs_are_immutable(api):
+    job = api.create()
+    r = api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=api.h())
+    assert r.status_code == 202 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
+    again = api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=api.h())
+    assert again.status_code == 200 and again.json()["status"] == "cancelled"
+    jobs = api.services.jobs
+    assert not jobs.claim(job["id"], "w")  # a cancelled job never runs
+    assert not jobs.finish(job["id"], JobStatus.succeeded)
+    assert jobs.get(job["id"]).status == "cancelled"
+
+
+def test_cancel_running_goes_through_cancelling_and_succeeded_gives_409(api):
+    jobs = api.services.jobs
+    a, b = api.create()["id"], api.create()["id"]
+    assert jobs.claim(a, "w") and jobs.claim(b, "w")
+    r = api.client.post(f"/v1/jobs/{a}/cancel", headers=api.h())
+    assert r.status_code == 202 and r.json()["status"] == "cancelling"
+    assert jobs.finish(b, JobStatus.succeeded)
+    r = api.client.post(f"/v1/jobs/{b}/cancel", headers=api.h())
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+
+
+def test_delete_only_finished_jobs(api):
+    jobs = api.services.jobs
+    job = api.create()["id"]
+    r = api.client.delete(f"/v1/jobs/{job}", headers=api.h())
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_finished"
+    jobs.claim(job, "w")
+    assert api.client.delete(f"/v1/jobs/{job}", headers=api.h()).status_code == 409
+    jobs.finish(job, JobStatus.failed, ("x", "boom"))
+    assert api.client.delete(f"/v1/jobs/{job}", headers=api.h()).status_code == 204
+    assert api.client.get(f"/v1/jobs/{job}", headers=api.h()).status_code == 404
+    assert api.client.delete(f"/v1/jobs/{job}", headers=api.h()).status_code == 404
+
+
+def test_idempotency_key_replays_and_conflicts(api):
+    h = {**api.h(), "Idempotency-Key": "k1"}
+    first = api.client.post("/v1/jobs", json=api.spec(), headers=h)
+    second = api.client.post("/v1/jobs", json=api.spec(), headers=h)
+    assert first.status_code == second.status_code == 202
+    assert first.json()["id"] == second.json()["id"]
+    assert second.headers["idempotent-replayed"] == "true"
+    other = api.client.post("/v1/jobs", json=api.spec(seed=7), headers=h)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_conflict"
+    # Keys are per tenant.
+    bob = api.client.post("/v1/jobs", json=api.spec(), headers={**api.h("bob"), "Idempotency-Key": "k1"})
+    assert bob.status_code == 202 and bob.json()["id"] != first.json()["id"]
+    assert len(api.client.get("/v1/jobs", headers=api.h()).json()["items"]) == 1
+
+
+def test_events_json_list_in_order(api):
+    jobs = api.services.jobs
+    job = api.create()["id"]
+    jobs.claim(job, "w")
+    jobs.set_stage(job, "loading")
+    jobs.set_progress(job, 0.3, "half", event=True, stage="loading")
+    jobs.merge_metrics(job, {"sparsity": 0.5})
+    jobs.finish(job, JobStatus.succeeded, metrics={"sparsity": 0.5})
+    events = api.client.get(f"/v1/jobs/{job}/events", headers=api.h()).json()
+    assert [e["kind"] for e in events] == ["status", "status", "stage", "progress", "metrics", "status"]
+    assert [e["data"].get("status") for e in events if e["kind"] == "status"] == ["queued", "running", "succeeded"]
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs)
+    tail = api.client.get(f"/v1/jobs/{job}/events?after={seqs[2]}", headers=api.h()).json()
+    assert [e["seq"] for e in tail] == seqs[3:]
+    got = api.client.get(f"/v1/jobs/{job}", headers=api.h()).json()
+    assert got["status"] == "succeeded" and got["progress"]["fraction"] == 1.0 and got["metrics"] == {"sparsity": 0.5}
+
+
+def _sse(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if "event" in lines:
+            out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_event_stream_is_live_and_ends_when_the_job_finishes(api):
+    jobs = api.services.jobs
+    job = api.create()["id"]
+
+    def work() -> None:
+        time.sleep(0.3)
+        jobs.claim(job, "w")
+        for stage in ("loading", "pruning"):
+            jobs.set_stage(job, stage)
+            time.sleep(0.2)
+        jobs.finish(job, JobStatus.succeeded)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t0 = time.monotonic()
+    r = api.client.get(f"/v1/jobs/{job}/events", headers={**api.h(), "Accept": "text/event-stream"})
+    t.join()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    assert [name for name, _ in events] == ["status", "status", "stage", "stage", "status", "end"]
+    assert events[-1][1] == {"status": "succeeded"}
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"model": {"id": "/x"}, "pruning": {"sparsity": 1.5}, "restoration": {"method": "none"}},
+         "pruning.sparsity"),
+        ({"model": {"id": "/x"}, "pruning": {"pattern": "3:2"}, "restoration": {"method": "none"}},
+         "pruning.pattern"),
+        ({"model": {}, "restoration": {"method": "none"}}, "model.id"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "magic"}}, "restoration.method"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "none"}, "colour": "red"}, "colour"),
+        ({"model": {"id": "/x"}, "pruning": {"method": "magnitude"}}, "data.train"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "none"}, "evaluation": {"tasks": "x"}},
+         "evaluation.tasks"),
+    ],
+)
+def test_validation_errors_name_the_field(api, body, field):
+    r = api.client.post("/v1/jobs", json=body, headers=api.h())
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == field and err["code"] == "invalid_spec" and err["message"]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"", b"null", b"[]", b"42", b'"spec"', b'{"model": null}', b"\xff\xfe", b'{"model": {"id": 1}}',
+     b'{"seed": 1e999, "model": {"id": "/x"}}', b'{"model": {"id": "' + b"a" * 100_000 + b'"}}'],
+)
+def test_malformed_bodies_are_4xx_never_500(api, content):
+    r = api.client.post("/v1/jobs", content=content, headers={**api.h(), "Content-Type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert set(r.json()["error"]) == {"code", "message", "field"}
+
+
+def test_unknown_job_and_route_use_the_error_shape(api):
+    r = api.client.get("/v1/jobs/nope", headers=api.h())
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    r = api.client.get("/v2/whatever", headers=api.h())
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_openapi_and_docs_are_served(api):
+    spec = api.client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for p in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events",
+              "/v1/jobs/{job_id}/artifacts", "/v1/jobs/{job_id}/artifacts/{name}", "/healthz", "/readyz",
+              "/metrics"):
+        assert p in paths, p
+    assert "JobSpec" in spec["components"]["schemas"]
+    assert api.client.get("/docs").status_code == 200

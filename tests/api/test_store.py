@@ -1,0 +1,133 @@
+"""The job store: atomic transitions, the lost-worker sweep, migrations; the store-backed reporter."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from app.schemas import JobStatus, Stage
+from app.store.db import current_revision, head_revision, make_engine, upgrade
+from app.store.jobs import JobNotFinished, JobStore, stale_cutoff
+from app.store.models import utcnow
+from worker.store_reporter import StoreReporter, jsonable
+
+
+@pytest.fixture
+def store(db_url) -> JobStore:
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield JobStore(engine)
+    engine.dispose()
+
+
+def test_upgrade_head_is_idempotent(db_url):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    upgrade(engine)
+    assert current_revision(engine) == head_revision() == "0001"
+    engine.dispose()
+
+
+def test_claim_is_atomic_across_threads(store):
+    job, _ = store.create("t", {"x": 1})
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        if store.claim(job.id, f"w{i}"):
+            wins.append(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    row = store.get(job.id)
+    assert row.status == "running" and row.attempts == 1 and row.worker == f"w{wins[0]}"
+
+
+def test_finished_jobs_are_immutable(store):
+    job, _ = store.create("t", {})
+    store.claim(job.id, "w")
+    assert store.finish(job.id, JobStatus.failed, ("boom", "it broke"))
+    assert not store.finish(job.id, JobStatus.succeeded)
+    assert not store.set_stage(job.id, "loading")
+    assert not store.set_progress(job.id, 0.5, "x")
+    assert not store.merge_metrics(job.id, {"a": 1})
+    assert not store.claim(job.id, "w")
+    assert not store.requeue(job.id, utcnow(), "x")
+    assert store.request_cancel(job.id).changed is False
+    row = store.get(job.id)
+    assert (row.status, row.error_code, row.error_message) == ("failed", "boom", "it broke")
+
+
+def test_sweep_fails_running_jobs_with_a_stale_heartbeat(store):
+    fresh, _ = store.create("t", {})
+    stale, _ = store.create("t", {})
+    cancelling, _ = store.create("t", {})
+    queued, _ = store.create("t", {})
+    for j in (fresh, stale, cancelling):
+        store.claim(j.id, "w")
+    store.request_cancel(cancelling.id)
+    time.sleep(0.05)
+    store.heartbeat(fresh.id)
+    cutoff = utcnow() - timedelta(milliseconds=20)
+    assert sorted(store.sweep_lost(cutoff)) == sorted([stale.id, cancelling.id])
+    assert store.get(stale.id).status == "failed" and store.get(stale.id).error_code == "worker_lost"
+    assert store.get(cancelling.id).status == "cancelled"
+    assert store.get(fresh.id).status == "running" and store.get(queued.id).status == "queued"
+
+
+def test_take_over_only_when_stale_and_requeue_respects_run_after(store):
+    job, _ = store.create("t", {})
+    store.claim(job.id, "w1")
+    assert not store.take_over(job.id, "w2", stale_cutoff(60))
+    time.sleep(0.02)
+    assert store.take_over(job.id, "w2", utcnow())
+    row = store.get(job.id)
+    assert row.worker == "w2" and row.attempts == 2
+    assert store.requeue(job.id, utcnow() + timedelta(seconds=60), "network")
+    assert store.next_queued() is None and not store.claim(job.id, "w3")
+    assert store.requeue(job.id, utcnow(), "again") is False  # only running jobs are requeued
+
+
+def test_delete_refuses_active_jobs(store):
+    job, _ = store.create("t", {}, "idem")
+    with pytest.raises(JobNotFinished):
+        store.delete(job.id)
+    store.request_cancel(job.id)
+    assert store.delete(job.id)
+    again, created = store.create("t", {}, "idem")  # the key went with the job
+    assert created and again.id != job.id
+
+
+def test_store_reporter_throttles_and_reads_cancellation(store):
+    job, _ = store.create("t", {})
+    store.claim(job.id, "w")
+    rep = StoreReporter(store, job.id, progress_interval_s=60, cancel_poll_s=0)
+    rep.stage(Stage.loading)
+    rep.progress(0.1, "a")  # first write goes through
+    for i in range(50):
+        rep.progress(0.1 + i / 100, f"step {i}")  # throttled
+    assert store.get(job.id).progress == pytest.approx(0.1)
+    rep.progress(0.3, "backwards")  # never decreases
+    rep.flush()
+    row = store.get(job.id)
+    assert row.progress == pytest.approx(0.59) and row.progress_message == "backwards"
+    rep.metrics({"ppl": float("nan"), "acc": 0.5})
+    rep.event("info", {"message": "hello", "t": (1, 2)})
+    assert store.get(job.id).metrics == {"ppl": None, "acc": 0.5}
+    assert not rep.cancel_requested()
+    store.request_cancel(job.id)
+    assert rep.cancel_requested()
+    kinds = [e.kind for e in store.events(job.id)]
+    assert kinds == ["status", "status", "stage", "progress", "progress", "metrics", "info", "status"]
+
+
+def test_jsonable():
+    assert jsonable({"a": float("inf"), 1: (1, 2.5), "b": {3}}) == {"a": None, "1": [1, 2.5], "b": [3]}

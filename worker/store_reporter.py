@@ -1,0 +1,119 @@
+"""The service's :class:`~worker.reporting.Reporter`: writes stage, progress, metrics and events to the job
+store (progress writes throttled) and answers ``cancel_requested`` from the job's status."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+from app.schemas import JobStatus, Stage
+from app.store.jobs import JobStore
+
+
+def jsonable(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf → None, tuples → lists, unknown objects → str (PostgreSQL's json rejects NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, bool | int | str) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return jsonable(obj.item())
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+class StoreReporter:
+    """Progress is written at most every ``progress_interval_s`` (the last value is kept and flushed);
+    a ``progress`` event is logged each time progress advances by ``event_step``. ``cancel_requested``
+    reads the status at most every ``cancel_poll_s`` and is also true past ``deadline`` (a soft time limit
+    checked at every checkpoint)."""
+
+    def __init__(
+        self,
+        jobs: JobStore,
+        job_id: str,
+        progress_interval_s: float = 0.5,
+        cancel_poll_s: float = 1.0,
+        event_step: float = 0.05,
+        deadline: float | None = None,
+    ):
+        self.jobs = jobs
+        self.job_id = job_id
+        self.progress_interval_s = progress_interval_s
+        self.cancel_poll_s = cancel_poll_s
+        self.event_step = event_step
+        self.deadline = deadline
+        self.current_stage: Stage | None = None
+        self.metrics_seen: dict[str, Any] = {}
+        self.timed_out = False
+        self._fraction = 0.0
+        self._message = ""
+        self._written_at = 0.0
+        self._pending = False
+        self._event_fraction = -1.0
+        self._cancel_checked_at = 0.0
+        self._cancel = False
+        self._lock = threading.Lock()
+
+    def stage(self, stage: Stage) -> None:
+        self.current_stage = Stage(stage)
+        self.flush()
+        self.jobs.set_stage(self.job_id, self.current_stage.value)
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        with self._lock:
+            self._fraction = max(self._fraction, min(1.0, max(0.0, float(fraction))))
+            self._message = message
+            now = time.monotonic()
+            due = now - self._written_at >= self.progress_interval_s or self._fraction >= 1.0
+            if not due:
+                self._pending = True
+                return
+            self._write(now)
+
+    def _write(self, now: float) -> None:
+        event = self._fraction - self._event_fraction >= self.event_step
+        if event:
+            self._event_fraction = self._fraction
+        stage = self.current_stage.value if self.current_stage else None
+        self.jobs.set_progress(self.job_id, self._fraction, self._message, event=event, stage=stage)
+        self._written_at = now
+        self._pending = False
+
+    def flush(self) -> None:
+        """Write the last throttled progress value, if any."""
+        with self._lock:
+            if self._pending:
+                self._write(time.monotonic())
+
+    def metrics(self, metrics: dict[str, Any]) -> None:
+        clean = jsonable(metrics)
+        self.metrics_seen.update(clean)
+        self.jobs.merge_metrics(self.job_id, clean, self.current_stage.value if self.current_stage else None)
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        self.jobs.add_event(self.job_id, kind, jsonable(data), self.current_stage.value if self.current_stage else None)
+
+    def cancel_requested(self, force: bool = False) -> bool:
+        if self._cancel:
+            return True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.timed_out = True
+            self._cancel = True
+            return True
+        now = time.monotonic()
+        if not force and now - self._cancel_checked_at < self.cancel_poll_s:
+            return False
+        self._cancel_checked_at = now
+        job = self.jobs.get(self.job_id)
+        # Cancelling, or no longer ours at all (deleted, or ended by the lost-worker sweep): stop.
+        self._cancel = job is None or job.status != JobStatus.running.value
+        return self._cancel

@@ -1,0 +1,315 @@
+"""``run_job(job_id)``: the one task, shared by the Celery worker and the embedded local worker.
+
+Thin and idempotent: it reloads the job record and decides from its status.
+- finished (or deleted) → nothing to do;
+- queued → claimed atomically (queued→running), then run;
+- running on arrival (a redelivery after a worker crash) → taken over and re-run from the start once its
+  heartbeat is stale; while another live worker keeps the heartbeat fresh, nothing is done; after
+  ``max_attempts`` runs the job is failed with ``worker_lost``.
+Deterministic failures (JobFailure, out of memory) end the job ``failed`` and are never retried; a
+TransientError puts it back to ``queued`` with a back-off, at most ``transient_retries`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.config import Settings, get_settings
+from app.paths import PathRefused, check_spec_paths
+from app.schemas import JobSpec, JobStatus
+from app.store.artifacts import ArtifactStore, job_key, job_prefix, make_store
+from app.store.db import make_engine
+from app.store.jobs import JobStore, stale_cutoff
+from app.store.models import Job, utcnow
+from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError
+from worker.store_reporter import StoreReporter, jsonable
+
+log = logging.getLogger("restorelcc.worker")
+
+
+class Outcome(StrEnum):
+    noop = "noop"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    retry = "retry"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    retry_in: float | None = None
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    jobs: JobStore
+    artifacts: ArtifactStore
+    name: str
+    pid: int
+
+
+_ctx: WorkerContext | None = None
+_ctx_lock = threading.Lock()
+
+
+def make_context(settings: Settings | None = None) -> WorkerContext:
+    settings = settings or get_settings()
+    return WorkerContext(
+        settings=settings,
+        jobs=JobStore(make_engine(settings.db_url)),
+        artifacts=make_store(settings),
+        name=f"{socket.gethostname()}:{os.getpid()}",
+        pid=os.getpid(),
+    )
+
+
+def get_context() -> WorkerContext:
+    """This process's context (rebuilt after a fork: connections are never shared between processes)."""
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None or _ctx.pid != os.getpid():
+            if _ctx is not None:
+                _ctx.jobs.engine.dispose(close=False)  # the parent's connections: leave them to the parent
+            _ctx = make_context()
+        return _ctx
+
+
+def set_context(ctx: WorkerContext | None) -> None:
+    global _ctx
+    with _ctx_lock:
+        _ctx = ctx
+
+
+# The task ------------------------------------------------------------------------------------------------
+def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
+    ctx = ctx or get_context()
+    job = ctx.jobs.get(job_id)
+    if job is None or JobStatus(job.status).finished:
+        return Result(Outcome.noop)
+    status = JobStatus(job.status)
+    if status is JobStatus.queued:
+        if not ctx.jobs.claim(job_id, ctx.name):
+            again = ctx.jobs.get(job_id)
+            if again is not None and again.status == JobStatus.queued.value and again.run_after is not None:
+                return Result(Outcome.retry, max(0.0, (again.run_after - utcnow()).total_seconds()))
+            return Result(Outcome.noop)
+    elif status is JobStatus.cancelling:
+        # Its worker was asked to stop; if that worker is gone, finish the cancellation here.
+        stale = _heartbeat_stale(job, ctx.settings)
+        if stale and ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
+            return Result(Outcome.cancelled)
+        return Result(Outcome.noop)
+    elif not _take_over(ctx, job):
+        return Result(Outcome.noop)
+
+    job = ctx.jobs.get(job_id)
+    if job is None:
+        return Result(Outcome.noop)
+    if job.attempts > ctx.settings.max_attempts:
+        ctx.jobs.finish(job_id, JobStatus.failed, (
+            "worker_lost", f"worker lost {job.attempts - 1} times while running this job; giving up"))
+        return Result(Outcome.failed)
+    return _execute(ctx, job)
+
+
+def _heartbeat_stale(job: Job, settings: Settings) -> bool:
+    return job.heartbeat_at is None or job.heartbeat_at < stale_cutoff(settings.stale_after_s)
+
+
+def _take_over(ctx: WorkerContext, job: Job) -> bool:
+    """A redelivered job found ``running``: wait for its heartbeat to go stale (its worker is gone) and take
+    it over; give up at once if the heartbeat moves (a live worker has it)."""
+    s = ctx.settings
+    first_beat = job.heartbeat_at
+    deadline = time.monotonic() + s.stale_after_s + 2 * s.heartbeat_s
+    while True:
+        if ctx.jobs.take_over(job.id, ctx.name, stale_cutoff(s.stale_after_s)):
+            log.warning("job %s: worker lost; re-running from the start", job.id)
+            return True
+        now = ctx.jobs.get(job.id)
+        if now is None or now.status != JobStatus.running.value or now.heartbeat_at != first_beat:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(min(s.heartbeat_s, 1.0))
+
+
+class _Heartbeat:
+    """Keeps ``heartbeat_at`` fresh while the pipeline runs, even through long silent steps."""
+
+    def __init__(self, jobs: JobStore, job_id: str, interval: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(jobs, job_id, interval), daemon=True,
+                                        name=f"heartbeat-{job_id[:8]}")
+
+    def _run(self, jobs: JobStore, job_id: str, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                jobs.heartbeat(job_id)
+            except Exception:  # a database hiccup must not kill the job; the next beat may succeed
+                log.warning("heartbeat failed for %s", job_id, exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _execute(ctx: WorkerContext, job: Job) -> Result:
+    s = ctx.settings
+    jobs = ctx.jobs
+    job_id = job.id
+    try:
+        spec = JobSpec.model_validate(job.spec)
+        check_spec_paths(spec, s)  # again here: the filesystem may have changed since the job was accepted
+    except ValidationError as e:
+        jobs.finish(job_id, JobStatus.failed, ("invalid_spec", str(e)[:2000]))
+        return Result(Outcome.failed)
+    except PathRefused as e:
+        jobs.finish(job_id, JobStatus.failed, ("path_not_allowed", e.message))
+        return Result(Outcome.failed)
+
+    out_dir = s.work_path / job_id
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reporter = StoreReporter(
+        jobs, job_id, progress_interval_s=s.progress_interval_s, cancel_poll_s=s.cancel_poll_s,
+        deadline=time.monotonic() + s.soft_time_limit_s,
+    )
+    try:
+        with _Heartbeat(jobs, job_id, s.heartbeat_s):
+            try:
+                if reporter.cancel_requested(force=True):
+                    raise Cancelled("cancelled before start")
+                from worker.pipeline import run_pipeline  # torch is imported here, never earlier
+
+                report = run_pipeline(spec, out_dir, reporter)
+                reporter.flush()
+                if reporter.cancel_requested(force=True):
+                    raise Cancelled("cancelled after the last stage")
+                _upload(ctx, job_id, out_dir)
+                metrics = report.get("metrics") if isinstance(report, dict) else None
+                metrics = jsonable(metrics if isinstance(metrics, dict) else reporter.metrics_seen)
+                if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,)):
+                    return Result(Outcome.succeeded)
+                raise Cancelled("cancelled while uploading")
+            except Cancelled:
+                reporter.flush()
+                if reporter.timed_out:
+                    jobs.finish(job_id, JobStatus.failed, (
+                        "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"))
+                    return Result(Outcome.failed)
+                _discard_artifacts(ctx, job_id)
+                if jobs.finish(job_id, JobStatus.cancelled):
+                    return Result(Outcome.cancelled)
+                return Result(Outcome.noop)
+            except JobFailure as e:
+                return _fail(ctx, job_id, e.code, e.message, e.field)
+            except TransientError as e:
+                return _transient(ctx, job, e)
+            except Exception as e:
+                if type(e).__name__ == "SoftTimeLimitExceeded":
+                    return _fail(ctx, job_id, "time_limit", f"the job ran past its time limit of "
+                                                            f"{s.soft_time_limit_s} s")
+                if is_out_of_memory(e):
+                    oom = OutOfMemoryFailure(f"out of memory: {e}"[:2000])
+                    return _fail(ctx, job_id, oom.code, oom.message)
+                log.exception("job %s failed unexpectedly", job_id)
+                jobs.add_event(job_id, "traceback", {"traceback": traceback.format_exc()[-8000:]})
+                return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000])
+    finally:
+        if not s.keep_work_dirs:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str | None = None) -> Result:
+    if field:
+        ctx.jobs.add_event(job_id, "error", {"code": code, "message": message, "field": field})
+    if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,)):
+        return Result(Outcome.failed)
+    # Asked to cancel meanwhile: honour that rather than report the failure.
+    ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,))
+    return Result(Outcome.cancelled)
+
+
+def _transient(ctx: WorkerContext, job: Job, e: Exception) -> Result:
+    s = ctx.settings
+    if job.retries >= s.transient_retries:
+        return _fail(ctx, job.id, "transient_error", f"gave up after {job.retries} retries: {e}"[:2000])
+    delay = s.retry_backoff_s * (2 ** job.retries)
+    from datetime import timedelta
+
+    if ctx.jobs.requeue(job.id, utcnow() + timedelta(seconds=delay), str(e)[:500]):
+        return Result(Outcome.retry, delay)
+    return _fail(ctx, job.id, "transient_error", str(e)[:2000])
+
+
+def _discard_artifacts(ctx: WorkerContext, job_id: str) -> None:
+    ctx.jobs.clear_artifacts(job_id)
+    ctx.artifacts.delete_prefix(job_prefix(job_id))
+
+
+def result_files(out_dir: Path) -> list[tuple[str, Path]]:
+    """(artifact name, file) for every regular file under ``out_dir``; names are POSIX paths relative to it."""
+    files = []
+    for p in sorted(out_dir.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            files.append((p.relative_to(out_dir).as_posix(), p))
+    return files
+
+
+def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempts: int = 3) -> None:
+    """Upload every result file and record it (name, size, sha256 computed while uploading)."""
+    _discard_artifacts(ctx, job_id)  # leftovers of an earlier attempt
+    files = result_files(out_dir)
+    done = 0
+    for name, path in files:
+        for attempt in range(attempts):
+            try:
+                stored = ctx.artifacts.put_file(job_key(job_id, name), path)
+                break
+            except Exception as e:
+                if attempt == attempts - 1:
+                    raise TransientError(f"artifact upload failed for {name}: {e}") from e
+                time.sleep(2 ** attempt)
+        ctx.jobs.add_artifact(job_id, name, stored.size, stored.sha256, stored.key)
+        done += stored.size
+    ctx.jobs.add_event(job_id, "artifacts", {"count": len(files), "bytes": done})
+
+
+def sweep(ctx: WorkerContext | None = None) -> list[str]:
+    """Recovery: jobs active with a stale heartbeat lost their worker → failed ``worker_lost``
+    (cancelling ones → cancelled)."""
+    ctx = ctx or get_context()
+    lost = ctx.jobs.sweep_lost(stale_cutoff(ctx.settings.stale_after_s))
+    for job_id in lost:
+        log.warning("job %s: worker lost (stale heartbeat); marked failed", job_id)
+    return lost
+
+
+def describe(result: Result) -> dict[str, Any]:
+    return {"outcome": result.outcome.value, "retry_in": result.retry_in}
