@@ -101,7 +101,9 @@ class RunState:
 def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, Any]:
     """Run one job; write ``out_dir/{model/, report.json, ...}``; return the report."""
     import torch
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # the reporter shows progress
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = planned_stages(spec)

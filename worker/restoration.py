@@ -1,38 +1,271 @@
 """Glue between the runner and the restoration methods (worker/restore/): one function per stage.
 
-The runner calls ``begin`` while the dense model is in memory (the loading stage), then ``probe``,
-``extract``, ``train`` and ``merge`` in their stages, and ``export`` when writing results.
+The runner calls ``begin`` while the dense model is in memory (loading stage), then ``probe`` (pruned
+activations), ``extract`` (lost directions, head scores and choice), ``train`` and ``merge`` in their
+stages, and ``export`` when writing results. Per-run state lives in :class:`RestoreState`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 
-def begin(spec, model, tokenizer, adapter, progress) -> Any:
+from app.schemas import JobSpec
+from worker.errors import JobFailure, SpecError
+from worker.reporting import checkpoint
+
+# Tolerance of the merged-vs-hooked logits check, by compute dtype.
+MERGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
+
+@dataclass
+class RestoreState:
+    method: str
+    probe_inputs: Any = None
+    dense: Any = None  # DenseCaptures
+    negatives_backend: str | None = None
+    pruned: torch.Tensor | None = None
+    components: Any = None  # LostComponents
+    probe_result: Any = None  # ProbeResult
+    heads: list[tuple[int, int]] = field(default_factory=list)
+    offsets: Any = None  # HeadOffsets
+    baseline: Any = None  # LoRA/DoRA state (worker.restore.baselines)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _uses_offsets(spec: JobSpec) -> bool:
+    return spec.restoration.method in ("restorelcc", "bias")
+
+
+def _needs_activations(spec: JobSpec) -> bool:
+    r = spec.restoration
+    return r.method == "restorelcc" or (r.method == "bias" and r.head_selection == "probe")
+
+
+def begin(spec: JobSpec, model, tokenizer, adapter, progress) -> RestoreState | None:
     """Capture what the method needs from the dense model; returns the method's state."""
-    if spec.restoration.method == "none":
+    method = spec.restoration.method
+    if method == "none":
         return None
-    raise NotImplementedError(f"restoration.method {spec.restoration.method!r}")
+    from worker.restore.merge import check_mergeable
+
+    if _uses_offsets(spec):
+        try:
+            check_mergeable(model.config)
+        except ValueError as exc:
+            raise SpecError(str(exc), field="restoration.method") from exc
+    state = RestoreState(method=method)
+    if not _needs_activations(spec):
+        return state
+
+    from worker.model.data import read_instructions
+    from worker.restore.pairs import choose_negatives
+    from worker.restore.restorelcc import build_probe_inputs, capture_dense
+
+    r = spec.restoration
+    assert spec.data.train is not None
+    pairs = read_instructions(spec.data.train, limit=r.probe_samples)
+    negatives = None
+    if r.head_selection == "probe":
+        progress(0.0, f"choosing contrastive negatives for {len(pairs)} probe pairs")
+        negatives, state.negatives_backend = choose_negatives([resp for _, resp in pairs])
+    state.probe_inputs = build_probe_inputs(tokenizer, pairs, r.max_seq_len, r.batch_size, negatives)
+    state.dense = capture_dense(model, adapter, state.probe_inputs, _batch_progress(progress, 0.1, 1.0, "dense"))
+    state.report.update(probe_samples=len(pairs), negatives_backend=state.negatives_backend)
+    return state
+
+
+def _batch_progress(progress, start: float, end: float, label: str):
+    def report(done: int, total: int) -> None:
+        frac = done / total if total else 0.0
+        progress(start + (end - start) * frac, f"{label} activations: batch {done}/{total}")
+
+    return report
 
 
 def probe(state, progress, reporter) -> None:
-    raise NotImplementedError
+    """Pruned-model activations at the probe prompts' last tokens."""
+    from worker.restore.restorelcc import capture_pruned
+
+    rs: RestoreState = state.restoration
+    rs.pruned = capture_pruned(
+        state.model, state.adapter, rs.probe_inputs, _batch_progress(progress, 0.0, 1.0, "pruned")
+    )
 
 
 def extract(state, progress, reporter) -> None:
-    raise NotImplementedError
+    """Lost directions (one batched SVD), contrastive head scores and the chosen heads."""
+    from worker.restore.restorelcc import choose_heads, extract_components, score_heads
+
+    spec, rs = state.spec, state.restoration
+    r = spec.restoration
+    progress(0.0, "extracting lost directions")
+    rs.components = extract_components(rs.dense, rs.pruned)
+    checkpoint(reporter)
+    if r.head_selection == "probe":
+        progress(0.3, "probing heads")
+        rs.probe_result = score_heads(rs.dense, rs.pruned, rs.components, k=r.components, seed=spec.seed)
+    rs.heads = choose_heads(rs.probe_result, state.adapter.info, r.heads, r.head_selection, spec.seed)
+    _record_heads(state)
+    rs.dense = rs.pruned = rs.probe_inputs = None  # no longer needed
+
+
+def _record_heads(state) -> None:
+    rs: RestoreState = state.restoration
+    rep = rs.report
+    rep["head_selection"] = state.spec.restoration.head_selection
+    rep["chosen_heads"] = [list(h) for h in rs.heads]
+    if rs.probe_result is not None:
+        acc = rs.probe_result.accuracy
+        rep["head_scores"] = [[round(float(x), 4) for x in row] for row in acc]
+        rep["chosen_scores"] = [round(float(acc[lyr, h]), 4) for lyr, h in rs.heads]
 
 
 def train(state, progress, reporter) -> None:
-    raise NotImplementedError
+    spec, rs = state.spec, state.restoration
+    r = spec.restoration
+    batches = _train_batches(state)
+    if rs.method in ("lora", "dora"):
+        from worker.restore.baselines import train_adapter
+
+        rs.baseline, stats = train_adapter(
+            state.model, batches, r, seed=spec.seed,
+            progress=_step_progress(progress), should_stop=reporter.cancel_requested,
+        )
+    else:
+        from worker.restore.restorelcc import choose_heads, make_offsets
+        from worker.restore.train import train_offsets
+
+        if not rs.heads:  # bias on random or all heads: no probing stage ran
+            rs.heads = choose_heads(None, state.adapter.info, r.heads, r.head_selection, spec.seed)
+            _record_heads(state)
+        components = rs.components if rs.method == "restorelcc" else None
+        rs.offsets = make_offsets(rs.heads, state.adapter.info, components, seed=spec.seed)
+        rs.components = None
+        stats = train_offsets(
+            state.model, state.adapter, rs.offsets, batches,
+            lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps,
+            grad_accum=r.grad_accum, seed=spec.seed,
+            progress=_step_progress(progress), should_stop=reporter.cancel_requested,
+        )
+    rs.report.update(
+        method=rs.method,
+        trainable_params=stats["trainable_params"],
+        loss_curve=[round(float(x), 5) for x in stats["loss_curve"]],
+        steps=stats["steps"],
+        train_tokens=stats["tokens"],
+        train_seconds=round(stats["seconds"], 3),
+    )
+    reporter.metrics({"trainable_params": stats["trainable_params"], "train_steps": stats["steps"]})
+
+
+def _step_progress(progress):
+    def report(step: int, total: int, loss: float) -> None:
+        frac = step / total if total else 0.0
+        progress(frac, f"step {step}/{total or '?'} · loss {loss:.4f}")
+
+    return report
+
+
+def _train_batches(state):
+    """Epoch → shuffled, right-padded batches of (prompt, response) with the prompt masked."""
+    from worker.model.data import encode_pair, ensure_pad_token, pad_batch, read_instructions
+
+    spec = state.spec
+    r = spec.restoration
+    pairs = read_instructions(spec.data.train, limit=r.train_samples)
+    pad = ensure_pad_token(state.tokenizer)
+    encoded = [encode_pair(state.tokenizer, p, resp, r.max_seq_len) for p, resp in pairs]
+    encoded = [e for e in encoded if any(x != -100 for x in e[1][1:])]
+    if not encoded:
+        raise JobFailure(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}")
+
+    def epoch_batches(epoch: int):
+        gen = torch.Generator().manual_seed(spec.seed * 1000 + epoch)
+        order = torch.randperm(len(encoded), generator=gen).tolist()
+        for i in range(0, len(order), r.batch_size):
+            chunk = [encoded[j] for j in order[i : i + r.batch_size]]
+            yield pad_batch([c[0] for c in chunk], pad, labels=[c[1] for c in chunk])
+
+    return _EpochSource(epoch_batches, len(encoded), r.batch_size)
+
+
+class _EpochSource:
+    """Callable epoch → batches, that also knows how many batches an epoch has."""
+
+    def __init__(self, fn, n: int, batch_size: int):
+        self.fn, self.n, self.batch_size = fn, n, batch_size
+
+    def __call__(self, epoch: int):
+        return self.fn(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
 
 
 def merge(state, progress, reporter) -> None:
-    raise NotImplementedError
+    """Fold the restoration into the weights; check merged logits against the unmerged model's."""
+    rs: RestoreState = state.restoration
+    check = _check_batch(state)
+    if rs.method in ("lora", "dora"):
+        from worker.restore.baselines import merge_adapter
+
+        before = _logits(state.model, check)
+        state.model, info = merge_adapter(state.model, rs.baseline, state.zero_masks)
+        rs.report.update(info)
+        after = _logits(state.model, check)
+        rs.report["merge_remask_max_abs_logit_change"] = float((before - after).abs().max())
+    else:
+        from worker.model.arch import DecoderAdapter
+        from worker.restore.heads import inject
+        from worker.restore.merge import merge_into_o_proj
+
+        with inject(state.adapter, rs.offsets):
+            hooked = _logits(state.model, check)
+        state.model = merge_into_o_proj(state.model, state.adapter, rs.offsets)
+        state.adapter = DecoderAdapter(state.model)
+        merged = _logits(state.model, check)
+        diff = float((hooked - merged).abs().max())
+        state.report.setdefault("checks", {})["merged_vs_hooked_max_abs_diff"] = diff
+        tol = MERGE_TOLERANCE.get(next(state.model.parameters()).dtype, 1e-2)
+        if not diff <= tol:
+            raise JobFailure(f"internal check failed: merged logits differ from hooked ones by {diff:.3g}")
+    progress(1.0, "merged")
+
+
+def _check_batch(state):
+    from worker.model.data import encode_text, ensure_pad_token, pad_batch, read_instructions
+
+    pairs = read_instructions(state.spec.data.train, limit=2)
+    pad = ensure_pad_token(state.tokenizer)
+    return pad_batch([encode_text(state.tokenizer, p + r, 64) for p, r in pairs], pad)
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    device = next(model.parameters()).device
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+    return out.logits.float().cpu()
 
 
 def export(state, out_dir: Path) -> None:
-    """Write the method's own artifacts (``restoration.safetensors``)."""
-    return None
+    """Write the method's own artifacts and its part of the report."""
+    rs: RestoreState | None = state.restoration
+    if rs is None:
+        return
+    if rs.offsets is not None:
+        from worker.restore.merge import save_restoration
+
+        scores = rs.probe_result.accuracy if rs.probe_result is not None else None
+        save_restoration(
+            out_dir / "restoration.safetensors", rs.offsets, scores,
+            {"model_type": state.adapter.info.model_type, "method": rs.method, "seed": state.spec.seed},
+        )
+    if rs.baseline is not None:
+        from worker.restore.baselines import save_adapter
+
+        save_adapter(rs.baseline, out_dir / "adapter")
+    state.report["restoration"] = rs.report

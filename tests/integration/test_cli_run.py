@@ -180,3 +180,53 @@ def test_exported_logits_match_in_memory(tmp_path, data_dir):
     with torch.no_grad():
         ppl = perplexity(reloaded, tok, texts, batch_size=8, max_len=64)["ppl"]
     assert abs(ppl - report["metrics"]["pruned"]["text"]["ppl"]) < 1e-4 * ppl
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen2"])
+def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind):
+    """The whole pipeline: the exported model equals pruned + restoration file, keeps every zero, loads plainly."""
+    from app.schemas import JobSpec
+    from worker.model.arch import DecoderAdapter
+    from worker.pipeline import run_pipeline
+    from worker.reporting import NullReporter
+    from worker.restore.heads import inject
+    from worker.restore.merge import load_restoration
+
+    model_dir = save_tiny(kind, tmp_path / "model")
+    spec = make_spec(str(model_dir), data_dir, restoration={
+        "method": "restorelcc", "heads": 0.25, "probe_samples": 24, "max_steps": 6, "batch_size": 4,
+        "max_seq_len": 64,
+    })
+    spec["pruning"] = {"method": "magnitude", "sparsity": 0.5}
+    report = run_pipeline(JobSpec.model_validate(spec), tmp_path / "out", NullReporter())
+
+    info = DecoderAdapter(AutoModelForCausalLM.from_pretrained(model_dir)).info
+    rest = report["restoration"]
+    n_heads = max(1, round(0.25 * info.total_heads))
+    assert len(rest["chosen_heads"]) == n_heads == len(rest["chosen_scores"])
+    assert rest["trainable_params"] == 2 * n_heads * info.head_dim
+    assert len(rest["loss_curve"]) == 6 and rest["negatives_backend"] in ("minilm", "tfidf")
+    assert report["checks"]["zeros_identical"] is True
+    assert report["checks"]["merged_vs_hooked_max_abs_diff"] <= 1e-5
+    assert set(report["metrics"]) == {"dense", "pruned", "restored"}
+    assert list(report["stages"]) == ["loading", "pruning", "probing", "extracting", "training", "merging",
+                                      "evaluating", "exporting"]
+
+    # Re-apply restoration.safetensors to the pruned model (zeros of the exported one, biases dropped).
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
+    pruned = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        for name, module in pruned.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                w = exported.get_submodule(name).weight
+                module.weight.copy_(w)
+                assert torch.equal(w == 0, module.weight == 0)
+    ids = torch.randint(0, 300, (2, 12))
+    offsets = load_restoration(tmp_path / "out" / "restoration.safetensors")
+    with torch.no_grad(), inject(DecoderAdapter(pruned), offsets):
+        hooked = pruned(ids).logits
+    with torch.no_grad():
+        merged = exported(ids).logits
+        plain = pruned(ids).logits
+    assert (hooked - merged).abs().max() <= 1e-5
+    assert (plain - merged).abs().max() > 1e-4
