@@ -1,0 +1,173 @@
+"""Evaluation: batched + padded equals one-by-one, acc_norm by brute force, limits, response masking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from app.schemas import EvaluationSpec
+from tests.tiny import choice_rows, instruction_rows, make_model, make_tokenizer, text_rows, write_jsonl
+from worker.errors import DataError
+from worker.evaluate import (
+    choice_logliks,
+    evaluate_spec,
+    multiple_choice,
+    perplexity,
+    response_perplexity,
+)
+from worker.model.data import ChoiceItem
+
+TEXTS = [r["text"] for r in text_rows(7)] + ["Short.", "A somewhat longer sentence about pruning and heads."]
+
+
+@pytest.fixture(scope="module")
+def mt():
+    return make_model("gqa"), make_tokenizer()
+
+
+def _nll_one(model, ids: list[int], scored_from: int) -> tuple[float, int]:
+    """Unpadded reference: summed NLL of ids[scored_from:] given everything before."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+    total = -sum(logp[t - 1, ids[t]].item() for t in range(max(scored_from, 1), len(ids)))
+    return total, len(ids) - max(scored_from, 1)
+
+
+def test_perplexity_batched_equals_one_by_one(mt):
+    model, tok = mt
+    got = perplexity(model, tok, TEXTS, batch_size=4, max_len=24)
+    nll = n = 0
+    for t in TEXTS:
+        a, b = _nll_one(model, tok(t)["input_ids"][:24], 0)
+        nll, n = nll + a, n + b
+    assert got["tokens"] == n
+    assert got["nll"] == pytest.approx(nll / n, rel=1e-4)
+    assert got["ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    # batch size does not change the result
+    assert perplexity(model, tok, TEXTS, batch_size=1, max_len=24)["ppl"] == pytest.approx(got["ppl"], rel=1e-5)
+
+
+def test_response_perplexity_masks_prompt(mt):
+    model, tok = mt
+    pairs = [(r["prompt"], r["response"]) for r in instruction_rows(6)]
+    got = response_perplexity(model, tok, pairs, batch_size=3, max_len=64)
+    nll = n = 0
+    for p, r in pairs:
+        pid = tok(p)["input_ids"]
+        rid = tok(r, add_special_tokens=False)["input_ids"]
+        a, b = _nll_one(model, (pid + rid)[:64], len(pid))
+        nll, n = nll + a, n + b
+    assert got["tokens"] == n
+    assert got["nll"] == pytest.approx(nll / n, rel=1e-4)
+    full = perplexity(model, tok, [p + r for p, r in pairs], batch_size=3, max_len=64)
+    assert full["tokens"] > got["tokens"] and abs(full["ppl"] - got["ppl"]) > 1e-3
+
+
+def test_choice_logliks_batched_equal_unpadded(mt):
+    model, tok = mt
+    items = [ChoiceItem(r["context"], r["choices"], r["label"]) for r in choice_rows(5)]
+    items.append(ChoiceItem("Question: which is a colour?\nAnswer:", [" blue", " the river flows", " 7"], 0))
+    got = choice_logliks(model, tok, items, batch_size=4, max_len=64)
+    for item, lls in zip(items, got, strict=True):
+        ctx = tok(item.context)["input_ids"]
+        for choice, ll in zip(item.choices, lls, strict=True):
+            cont = tok(choice, add_special_tokens=False)["input_ids"]
+            ref, n = _nll_one(model, ctx + cont, len(ctx))
+            assert n == len(cont)
+            assert ll == pytest.approx(-ref, rel=1e-4)
+
+
+class _FixedModel(torch.nn.Module):
+    """Log-probs chosen by hand: token t always has log-probability LOGP[t], whatever came before."""
+
+    def __init__(self, logp: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(logp.clone())
+
+    def forward(self, input_ids, attention_mask=None):
+        class Out:
+            pass
+
+        o = Out()
+        o.logits = self.w.expand(*input_ids.shape, -1)
+        return o
+
+
+class _CharTok:
+    """One token per character (ord), no special tokens."""
+
+    pad_token_id = 0
+    eos_token = None
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_acc_norm_brute_force():
+    # 'a' is likely, 'b' much less: a long choice of a's beats a short b on acc_norm but not on acc.
+    logp = torch.full((128,), -20.0)
+    logp[ord("a")], logp[ord("b")], logp[ord("?")] = -1.0, -2.5, -0.1
+    logp = torch.log_softmax(logp, -1)
+    model, tok = _FixedModel(logp), _CharTok()
+    items = [
+        ChoiceItem("?", ["aaa", "b"], 0),  # sum: -3 vs -2.5 → acc picks 1; per char: -1 vs -2.5 → norm picks 0
+        ChoiceItem("?", ["b", "aaaa"], 0),  # acc: 0 (-2.5 > -4); norm: 1 (-1 > -2.5)
+        ChoiceItem("?", ["a", "a"], 1),  # tie → first → both wrong
+    ]
+    lls = choice_logliks(model, tok, items, batch_size=2, max_len=16)
+    for item, ll in zip(items, lls, strict=True):
+        want = [sum(logp[ord(c)].item() for c in ch) for ch in item.choices]
+        assert ll == pytest.approx(want, rel=1e-5)
+    def first_max(v: list[float]) -> int:
+        return next(i for i, x in enumerate(v) if x == max(v))
+
+    brute_acc = brute_norm = 0
+    for it, ll in zip(items, lls, strict=True):
+        brute_acc += first_max(ll) == it.label
+        brute_norm += first_max([v / len(c) for v, c in zip(ll, it.choices, strict=True)]) == it.label
+    got = multiple_choice(model, tok, items, batch_size=2, max_len=16)
+    assert got == {"acc": brute_acc / 3, "acc_norm": brute_norm / 3, "n": 3}
+    assert got["acc"] == pytest.approx(1 / 3) and got["acc_norm"] == pytest.approx(1 / 3)
+    # item 0 is right on norm only, item 1 on acc only
+    assert multiple_choice(model, tok, items[:1], 1, 16) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert multiple_choice(model, tok, items[1:2], 1, 16) == {"acc": 1.0, "acc_norm": 0.0, "n": 1}
+
+
+def test_long_context_is_cut_from_the_left(mt):
+    model, tok = mt
+    item = ChoiceItem("word " * 200 + "Answer:", [" yes", " no"], 0)
+    lls = choice_logliks(model, tok, [item], batch_size=2, max_len=32)
+    assert all(math.isfinite(v) and v < 0 for v in lls[0])
+
+
+def test_evaluate_spec_names_limit_and_mean(mt, tmp_path):
+    model, tok = mt
+    texts = write_jsonl(tmp_path / "wiki.jsonl", text_rows(10))
+    valid = write_jsonl(tmp_path / "valid.jsonl", instruction_rows(10))
+    boolq = write_jsonl(tmp_path / "boolq.jsonl", choice_rows(10))
+    piqa = write_jsonl(tmp_path / "piqa.jsonl", list(reversed(choice_rows(9))))
+    spec = EvaluationSpec(perplexity=[str(texts)], response_perplexity=[str(valid)],
+                          tasks=[str(boolq), str(piqa)], limit=4, batch_size=3, max_seq_len=64)
+    seen = []
+    model.train()
+    res = evaluate_spec(model, tok, spec, progress=lambda f, m: seen.append((f, m)))
+    assert model.training  # state restored
+    model.eval()
+    assert set(res) == {"wiki", "valid", "boolq", "piqa", "mean_acc"}
+    assert res["wiki"] == perplexity(model, tok, [r["text"] for r in text_rows(4)], 3, 64)
+    assert set(res["valid"]) == {"response_ppl", "nll", "tokens"}
+    assert res["boolq"]["n"] == 4 and res["piqa"]["n"] == 4
+    items = [ChoiceItem(r["context"], r["choices"], r["label"]) for r in choice_rows(4)]
+    assert res["boolq"] == multiple_choice(model, tok, items, 3, 64)
+    assert res["mean_acc"] == pytest.approx((res["boolq"]["acc"] + res["piqa"]["acc"]) / 2)
+    assert seen[-1][0] == 1.0 and [f for f, _ in seen] == sorted(f for f, _ in seen)
+
+
+def test_evaluate_spec_bad_file_names_field(mt, tmp_path):
+    model, tok = mt
+    spec = EvaluationSpec(tasks=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(DataError) as err:
+        evaluate_spec(model, tok, spec)
+    assert err.value.field == "evaluation.tasks" and "missing.jsonl" in err.value.message

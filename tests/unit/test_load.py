@@ -1,0 +1,248 @@
+"""Model resolution, preflight and loading: HF directories, GGUF files (written here), hub ids offline."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from app.schemas import JobSpec
+from tests.tiny import make_model, make_tokenizer, save_tiny
+from worker.errors import ModelNotFoundError, SpecError, UnsupportedModelError
+from worker.model.arch import arch_info
+from worker.model.load import (
+    _plain_model,
+    gguf_config,
+    load_model,
+    preflight,
+    read_gguf_header,
+    resolve_source,
+)
+
+IDS = torch.tensor([[0, 5, 9, 200, 31, 77, 150, 3]])
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order (rotary halves interleaved per head); transformers undoes it on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, quant: gguf.GGMLQuantizationType | None = None, seed: int = 0):
+    """A llama-architecture GGUF of tests.tiny's "gqa" model with its BPE tokenizer; returns the source model."""
+    model, tok = make_model("gqa", seed), make_tokenizer()
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-gqa")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(0)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    tokens = [""] * len(spec["model"]["vocab"])
+    for t, i in spec["model"]["vocab"].items():
+        tokens[i] = t
+    special = {a["content"] for a in spec["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_add_bos_token(False)
+
+    def add(name: str, t: torch.Tensor | np.ndarray) -> None:
+        a = t.detach().float().numpy() if isinstance(t, torch.Tensor) else t
+        if quant is not None and a.ndim == 2 and a.shape[1] % 32 == 0:
+            w.add_tensor(name, gguf.quants.quantize(a, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(name, a)
+
+    sd = model.state_dict()
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", _permute(sd[p + "self_attn.q_proj.weight"].numpy(), nh))
+        add(f"blk.{i}.attn_k.weight", _permute(sd[p + "self_attn.k_proj.weight"].numpy(), nkv))
+        add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
+    add("output.weight", sd["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    d = tmp_path_factory.mktemp("gguf")
+    model = write_tiny_gguf(d / "tiny.gguf")
+    (d / "q8").mkdir()
+    write_tiny_gguf(d / "q8" / "tiny-q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+    return d, model
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def _spec(model_id: str, pattern: str = "unstructured") -> JobSpec:
+    return JobSpec.model_validate(
+        {"model": {"id": model_id}, "pruning": {"method": "magnitude", "pattern": pattern},
+         "restoration": {"method": "none"}}
+    )
+
+
+def test_hf_dir_resolves_and_loads(tmp_path):
+    d = save_tiny("llama", tmp_path / "m")
+    src = resolve_source(str(d))
+    assert src.kind == "hf_dir" and src.path == d and src.repo_id is None
+    model, tok = load_model(src)
+    assert not model.training and model.config.use_cache is False
+    assert tok.pad_token_id is not None
+    torch.testing.assert_close(_logits(model), _logits(make_model("llama")))
+    m16, _ = load_model(src, dtype="bfloat16")
+    assert m16.dtype == torch.bfloat16
+
+
+def test_gguf_header_is_fast_and_matches_transformers(gguf_dir):
+    d, model = gguf_dir
+    t = time.perf_counter()
+    meta, tensors = read_gguf_header(d / "tiny.gguf")
+    cfg = gguf_config(d / "tiny.gguf")
+    assert time.perf_counter() - t < 0.5
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.tokens"] == 320
+    assert "output.weight" in tensors and cfg.tie_word_embeddings is False
+    full = AutoConfig.from_pretrained(d, gguf_file="tiny.gguf")
+    assert arch_info(cfg) == arch_info(full) == arch_info(model.config)
+
+
+@pytest.mark.parametrize("how", ["file", "dir", "dir+name"])
+def test_gguf_resolves(gguf_dir, how):
+    d, _ = gguf_dir
+    src = {
+        "file": lambda: resolve_source(str(d / "tiny.gguf")),
+        "dir": lambda: resolve_source(str(d / "q8")),
+        "dir+name": lambda: resolve_source(str(d), gguf_file="tiny.gguf"),
+    }[how]()
+    assert src.kind == "gguf" and src.path.is_file() and src.path.suffix == ".gguf"
+
+
+def test_gguf_loads_saves_and_reloads_identically(gguf_dir, tmp_path):
+    d, source_model = gguf_dir
+    model, tok = load_model(resolve_source(str(d / "tiny.gguf")))
+    assert model.dtype == torch.float32 and not model.training and model.config.use_cache is False
+    assert tok.pad_token_id is not None and tok("hello world")["input_ids"]
+    # F32 GGUF: the q/k permutation round-trips exactly, so the logits are the source model's.
+    torch.testing.assert_close(_logits(model), _logits(source_model), rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path / "out")
+    tok.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in saved
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert torch.equal(_logits(again), _logits(model))
+
+
+def test_quantized_gguf_state_is_cleared_for_saving(gguf_dir, tmp_path):
+    d, source_model = gguf_dir
+    q8 = d / "q8"
+    # transformers' default GGUF load keeps its quantizer, and then refuses to save.
+    raw = AutoModelForCausalLM.from_pretrained(q8, gguf_file="tiny-q8.gguf").eval()
+    assert raw.hf_quantizer is not None
+    with pytest.raises(ValueError, match="not serializable"):
+        raw.save_pretrained(tmp_path / "refused")
+    plain = _plain_model(raw).eval()
+    assert getattr(plain, "hf_quantizer", None) is None
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert torch.equal(_logits(plain), _logits(raw))
+    plain.save_pretrained(tmp_path / "ok")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ok").eval()
+    assert torch.equal(_logits(again), _logits(plain))
+    # Q8_0 is close to, not equal to, the float weights.
+    diff = (_logits(plain) - _logits(source_model)).abs().max().item()
+    assert 0 < diff < 0.1
+
+    model, _ = load_model(resolve_source(str(q8)), dtype="bfloat16")
+    assert model.dtype == torch.bfloat16 and getattr(model, "hf_quantizer", None) is None
+    model.save_pretrained(tmp_path / "bf16")
+
+
+@pytest.mark.parametrize("bad", ["./no/such/model", "/no/such/dir", "missing.gguf", "~/no-such-model-dir"])
+def test_missing_path_is_named(bad):
+    with pytest.raises(ModelNotFoundError, match="does not exist") as err:
+        resolve_source(bad)
+    assert bad in err.value.message and err.value.field == "model.id"
+
+
+def test_dir_without_model(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="neither config.json nor a .gguf"):
+        resolve_source(str(tmp_path))
+
+
+def test_offline_unknown_hub_id(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as err:
+        resolve_source("nobody-here/no-such-model-xyz", cache_dir=tmp_path)
+    msg = err.value.message
+    assert "nobody-here/no-such-model-xyz" in msg and "HF_HUB_OFFLINE" in msg and "cache" in msg
+
+
+def test_offline_cached_hub_id_loads(monkeypatch, tmp_path):
+    """A model in the Hugging Face cache layout resolves and loads with HF_HUB_OFFLINE set."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "models--tiny-org--tiny-llama"
+    save_tiny("llama", repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    src = resolve_source("tiny-org/tiny-llama", cache_dir=tmp_path)
+    assert src.kind == "hf_dir" and src.repo_id == "tiny-org/tiny-llama"
+    assert preflight(src, _spec("tiny-org/tiny-llama")).num_heads == 4
+    model, _ = load_model(src)
+    torch.testing.assert_close(_logits(model), _logits(make_model("llama")))
+
+
+def test_unsupported_architecture_fails_fast(tmp_path):
+    d = save_tiny("gpt2", tmp_path / "gpt2")
+    t = time.perf_counter()
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel") as err:
+        preflight(resolve_source(str(d)), _spec(str(d)))
+    assert time.perf_counter() - t < 2.0
+    assert "supported" in err.value.message
+
+
+def test_preflight_geometry_and_nm(tmp_path, gguf_dir):
+    d = save_tiny("gqa", tmp_path / "gqa")
+    info = preflight(resolve_source(str(d)), _spec(str(d), "2:4"))
+    assert (info.num_heads, info.num_kv_heads, info.head_dim, info.num_layers) == (6, 2, 16, 3)
+    with pytest.raises(SpecError) as err:
+        preflight(resolve_source(str(d)), _spec(str(d), "1:5"))
+    assert err.value.field == "pruning.pattern" and "M=5" in err.value.message
+    g, _ = gguf_dir
+    t = time.perf_counter()
+    assert preflight(resolve_source(str(g / "tiny.gguf")), _spec("x", "2:4")) == info
+    assert time.perf_counter() - t < 1.0

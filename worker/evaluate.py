@@ -1,0 +1,197 @@
+"""Perplexity, response perplexity and zero-shot multiple-choice accuracy.
+
+Pure functions over a model and a tokenizer: no gradients, batches right-padded and sorted by length
+(results come back in the input order). Multiple choice follows lm-evaluation-harness: each choice is
+scored by the summed log-likelihood of its tokens after the context; ``acc_norm`` divides that by the
+choice's length in characters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from app.schemas import EvaluationSpec
+from worker.errors import DataError
+from worker.model.data import (
+    ChoiceItem,
+    DataFormatError,
+    chunks,
+    encode_pair,
+    encode_text,
+    ensure_pad_token,
+    length_sorted,
+    pad_batch,
+    read_choices,
+    read_instructions,
+    read_texts,
+)
+
+Progress = Callable[[float, str], None]
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
+               ) -> torch.Tensor:
+    """Summed next-token NLL and scored-token count of one padded batch: a (2,) float64 tensor."""
+    batch = pad_batch(seqs, pad_id, labels).to(_device(model))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    target = batch.labels[:, 1:]
+    nll = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return torch.stack([nll.double(), (target != -100).sum().double()]).cpu()
+
+
+def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[list[int]], batch_size: int,
+                what: str) -> dict[str, float]:
+    pad_id = ensure_pad_token(tokenizer)
+    order = length_sorted(len(seqs), [len(s) for s in seqs])
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for idx in chunks(order, batch_size):
+            total += _token_nll(model, [seqs[i] for i in idx], [labels[i] for i in idx], pad_id)
+    nll, tokens = total.tolist()
+    if tokens == 0:
+        raise DataError(f"{what}: no tokens to score (every sequence is a single token or fully masked)")
+    mean = nll / tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens)}
+
+
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_len: int = 512
+               ) -> dict[str, float]:
+    """Token-weighted perplexity over all texts, each scored on its own (BOS, if added, is context only)."""
+    seqs = [encode_text(tokenizer, t, max_len) for t in texts]
+    seqs = [s for s in seqs if s]
+    return _scored_nll(model, tokenizer, seqs, seqs, batch_size, "perplexity")
+
+
+def response_perplexity(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
+                        max_len: int = 512) -> dict[str, float]:
+    """Perplexity of the responses given their prompts (prompt tokens are context, not scored)."""
+    encoded = [encode_pair(tokenizer, p, r, max_len) for p, r in pairs]
+    return _scored_nll(
+        model, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded], batch_size, "response perplexity"
+    )
+
+
+def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int) -> list[tuple[list[int], int]]:
+    """(context + choice token ids, number of choice tokens) per (item, choice), items in order."""
+    rows = []
+    for item in items:
+        ctx = list(tokenizer(item.context, add_special_tokens=True)["input_ids"])
+        for choice in item.choices:
+            cont = list(tokenizer(choice, add_special_tokens=False)["input_ids"])
+            if not cont:
+                raise DataError(f"choice {choice!r} encodes to no tokens")
+            ids = (ctx + cont)[-max_len:]  # keep the choice, cut the context's start if too long
+            n = min(len(cont), len(ids) - 1)
+            if n < 1:
+                raise DataError(f"max_len {max_len} leaves no context before choice {choice!r}")
+            rows.append((ids, n))
+    return rows
+
+
+def choice_logliks(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batch_size: int = 8,
+                   max_len: int = 512) -> list[list[float]]:
+    """Summed log-likelihood of every choice's tokens given its item's context."""
+    rows = _choice_rows(tokenizer, items, max_len)
+    pad_id = ensure_pad_token(tokenizer)
+    scores = [0.0] * len(rows)
+    order = length_sorted(len(rows), [len(r[0]) for r in rows])
+    device = _device(model)
+    with torch.no_grad():
+        for idx in chunks(order, batch_size):
+            batch = pad_batch([rows[i][0] for i in idx], pad_id).to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            for b, i in enumerate(idx):
+                ids, n = rows[i]
+                end = len(ids)
+                logp = torch.log_softmax(logits[b, end - n - 1 : end - 1].float(), dim=-1)
+                target = batch.input_ids[b, end - n : end]
+                scores[i] = logp.gather(1, target[:, None]).sum().item()
+    out, k = [], 0
+    for item in items:
+        out.append(scores[k : k + len(item.choices)])
+        k += len(item.choices)
+    return out
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def multiple_choice(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batch_size: int = 8,
+                    max_len: int = 512) -> dict[str, float]:
+    """``acc`` (argmax summed log-likelihood) and ``acc_norm`` (per character of the choice); ties → first."""
+    if not items:
+        raise DataError("multiple choice: no items")
+    lls = choice_logliks(model, tokenizer, items, batch_size, max_len)
+    acc = norm = 0
+    for item, ll in zip(items, lls, strict=True):
+        acc += _argmax(ll) == item.label
+        norm += _argmax([v / max(len(c), 1) for v, c in zip(ll, item.choices, strict=True)]) == item.label
+    n = len(items)
+    return {"acc": acc / n, "acc_norm": norm / n, "n": n}
+
+
+def _set_name(path: str, taken: dict[str, Any]) -> str:
+    stem = Path(path).stem
+    name, k = stem, 2
+    while name in taken:
+        name, k = f"{stem}_{k}", k + 1
+    return name
+
+
+def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progress: Progress | None = None
+                  ) -> dict[str, Any]:
+    """Every set in ``evaluation``, keyed by file stem; ``mean_acc`` over the multiple-choice tasks.
+
+    ``{"wikitext_sentences": {"ppl", "nll", "tokens"}, "valid": {"response_ppl", "nll", "tokens"},
+    "boolq": {"acc", "acc_norm", "n"}, "mean_acc": ...}``. ``limit`` takes a fixed prefix of each set.
+    """
+    jobs: list[tuple[str, str]] = (
+        [("ppl", p) for p in evaluation.perplexity]
+        + [("response", p) for p in evaluation.response_perplexity]
+        + [("choice", p) for p in evaluation.tasks]
+    )
+    bs, max_len, limit = evaluation.batch_size, evaluation.max_seq_len, evaluation.limit
+    was_training = model.training
+    model.eval()
+    results: dict[str, Any] = {}
+    accs = []
+    try:
+        for k, (kind, path) in enumerate(jobs):
+            name = _set_name(path, results)
+            if progress:
+                progress(k / len(jobs), f"evaluating {name}")
+            try:
+                if kind == "ppl":
+                    results[name] = perplexity(model, tokenizer, read_texts(path, limit), bs, max_len)
+                elif kind == "response":
+                    r = response_perplexity(model, tokenizer, read_instructions(path, limit), bs, max_len)
+                    results[name] = {"response_ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"]}
+                else:
+                    results[name] = multiple_choice(model, tokenizer, read_choices(path, limit), bs, max_len)
+                    accs.append(results[name]["acc"])
+            except DataFormatError as exc:
+                raise DataError(str(exc), field=f"evaluation.{_field(kind)}") from exc
+    finally:
+        model.train(was_training)
+    if accs:
+        results["mean_acc"] = sum(accs) / len(accs)
+    if progress:
+        progress(1.0, "evaluation done")
+    return results
+
+
+def _field(kind: str) -> str:
+    return {"ppl": "perplexity", "response": "response_perplexity", "choice": "tasks"}[kind]

@@ -1,0 +1,405 @@
+"""Find, check and load a model: a local Hugging Face directory, a local ``.gguf`` file, or a hub id.
+
+``resolve_source`` and ``preflight`` never read weights (a GGUF's geometry comes from its header,
+parsed directly), so a missing or unsupported model fails in well under a second. ``load_model``
+returns a plain transformers model: a GGUF is dequantized into ordinary Linear layers, so the
+result saves with ``save_pretrained`` and reloads with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from app.schemas import JobSpec
+from worker.errors import ModelNotFoundError, SpecError, TransientError, UnsupportedModelError
+from worker.model.arch import ArchInfo, UnsupportedArchitectureError, arch_info, check_nm_fits
+from worker.model.data import ensure_pad_token
+
+SourceKind = Literal["hf_dir", "gguf"]
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+# Files fetched from the hub for a Hugging Face model (weights in safetensors; .bin only as a fallback).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives. ``path`` is a directory (``hf_dir``) or the ``.gguf`` file itself (``gguf``).
+
+    For a hub id, ``path`` is the snapshot directory in the local Hugging Face cache (weights may
+    still be missing there until ``load_model`` fetches them) and ``repo_id`` is set.
+    """
+
+    model_id: str
+    kind: SourceKind
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.model_id
+
+
+# ---------------------------------------------------------------------------------------------
+# resolution
+
+
+def _looks_like_path(model_id: str) -> bool:
+    if model_id.startswith(("/", ".", "~")) or model_id.lower().endswith(".gguf"):
+        return True
+    parts = Path(model_id).parts
+    return Path(model_id).exists() or (len(parts) > 1 and Path(parts[0]).is_dir())
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    return flag in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
+
+
+def _local_source(model_id: str, path: Path, gguf_file: str | None, repo_id: str | None = None,
+                  revision: str | None = None) -> ModelSource:
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"model file {model_id} is not a .gguf file", field="model.id")
+        return ModelSource(model_id, "gguf", path, repo_id, revision)
+    if gguf_file:
+        f = path / gguf_file
+        if not f.is_file():
+            raise ModelNotFoundError(f"GGUF file {gguf_file} not found in {model_id}", field="model.gguf_file")
+        return ModelSource(model_id, "gguf", f, repo_id, revision)
+    if (path / "config.json").is_file():
+        return ModelSource(model_id, "hf_dir", path, repo_id, revision)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource(model_id, "gguf", ggufs[0], repo_id, revision)
+    if ggufs:
+        names = ", ".join(g.name for g in ggufs[:5])
+        raise ModelNotFoundError(
+            f"{model_id} holds several .gguf files ({names}); name one with model.gguf_file", field="model.gguf_file"
+        )
+    raise ModelNotFoundError(
+        f"{model_id} is a directory with neither config.json nor a .gguf file", field="model.id"
+    )
+
+
+def _hub_source(repo_id: str, revision: str | None, gguf_file: str | None,
+                cache_dir: str | Path | None) -> ModelSource:
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    filename = gguf_file or "config.json"
+    try:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    except HFValidationError as exc:
+        raise ModelNotFoundError(
+            f"model {repo_id} is neither an existing local path nor a valid hub id ({exc})", field="model.id"
+        ) from exc
+    if isinstance(cached, str):
+        return _hub_file_source(repo_id, Path(cached), gguf_file, revision)
+    if _offline():
+        what = f"{repo_id} ({gguf_file})" if gguf_file else repo_id
+        raise ModelNotFoundError(
+            f"model {what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set", field="model.id"
+        )
+    try:
+        got = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
+    except GatedRepoError as exc:
+        raise ModelNotFoundError(f"model {repo_id} is gated: log in and accept its licence", "model.id") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelNotFoundError(f"model {repo_id} not found on the Hugging Face Hub", "model.id") from exc
+    except RevisionNotFoundError as exc:
+        raise ModelNotFoundError(f"revision {revision} of {repo_id} not found", "model.revision") from exc
+    except EntryNotFoundError as exc:
+        field = "model.gguf_file" if gguf_file else "model.id"
+        raise ModelNotFoundError(f"{repo_id} has no {filename}", field) from exc
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise TransientError(f"could not reach the Hugging Face Hub for {repo_id}: {exc}") from exc
+    return _hub_file_source(repo_id, Path(got), gguf_file, revision)
+
+
+def _hub_file_source(repo_id: str, file: Path, gguf_file: str | None, revision: str | None) -> ModelSource:
+    if gguf_file:
+        return ModelSource(repo_id, "gguf", file, repo_id, revision)
+    return ModelSource(repo_id, "hf_dir", file.parent, repo_id, revision)
+
+
+def resolve_source(model_id: str, revision: str | None = None, gguf_file: str | None = None,
+                   cache_dir: str | Path | None = None) -> ModelSource:
+    """Where ``model_id`` lives, without loading weights. Raises ModelNotFoundError naming the id or path.
+
+    A hub id is looked up in the local Hugging Face cache first; only ``config.json`` (or the named
+    GGUF file) is fetched here, the weights are fetched by ``load_model``.
+    """
+    model_id = model_id.strip()
+    if _looks_like_path(model_id):
+        path = Path(model_id).expanduser()
+        if not path.exists():
+            raise ModelNotFoundError(f"model path {model_id} does not exist", field="model.id")
+        return _local_source(model_id, path, gguf_file)
+    return _hub_source(model_id, revision, gguf_file, cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF header (metadata only)
+
+_GGUF_FIXED = {0: "<B", 1: "<b", 7: "<?", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_SMALL_ARRAY = 256  # longer arrays (vocabularies, merges) are returned as their length only
+
+
+def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """(metadata, tensor names) of a GGUF file, reading only its header.
+
+    Long arrays such as the vocabulary are skipped and reported as their length, which keeps this
+    around ten milliseconds even for a 50k-token vocabulary.
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ModelNotFoundError(f"{path} is not a GGUF file (bad magic bytes)", field="model.id")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        pos = 24
+
+        def string(pos: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8
+            return buf[pos : pos + n].decode("utf-8", "replace"), pos + n
+
+        def value(kind: int, pos: int) -> tuple[Any, int]:
+            if kind in _GGUF_FIXED:
+                fmt = _GGUF_FIXED[kind]
+                return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+            if kind == _GGUF_STRING:
+                return string(pos)
+            if kind == _GGUF_ARRAY:
+                item, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if n > _SMALL_ARRAY:
+                    if item in _GGUF_FIXED:
+                        return n, pos + n * struct.calcsize(_GGUF_FIXED[item])
+                    for _ in range(n):
+                        _, pos = value(item, pos)
+                    return n, pos
+                out = []
+                for _ in range(n):
+                    v, pos = value(item, pos)
+                    out.append(v)
+                return out, pos
+            raise UnsupportedModelError(f"{path}: unknown GGUF value type {kind}")
+
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, pos = string(pos)
+            (kind,) = struct.unpack_from("<I", buf, pos)
+            meta[key], pos = value(kind, pos + 4)
+        names = []
+        for _ in range(n_tensors):
+            name, pos = string(pos)
+            (dims,) = struct.unpack_from("<I", buf, pos)
+            pos += 4 + 8 * dims + 12
+            names.append(name)
+    return meta, names
+
+
+# GGUF architecture → transformers model_type, for the families the service supports.
+_GGUF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+
+
+def gguf_config(path: str | Path) -> Any:
+    """A transformers config with the model's geometry, from the GGUF header alone.
+
+    Enough for the architecture and N:M checks; ``load_model`` returns the complete config that
+    transformers builds from the file (which parses the whole vocabulary and takes seconds).
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    meta, tensors = read_gguf_header(path)
+    arch = str(meta.get("general.architecture", "unknown"))
+    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
+    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+        model_type = "mistral"  # llama.cpp files Mistral under the llama architecture
+
+    def key(name: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{name}", default)
+
+    fields: dict[str, Any] = {
+        "num_hidden_layers": key("block_count"),
+        "hidden_size": key("embedding_length"),
+        "intermediate_size": key("feed_forward_length"),
+        "num_attention_heads": key("attention.head_count"),
+        "num_key_value_heads": key("attention.head_count_kv"),
+        "max_position_embeddings": key("context_length"),
+        "tie_word_embeddings": "output.weight" not in tensors,
+    }
+    head_dim = key("attention.key_length") or (key("rope.dimension_count") if arch == "llama" else None)
+    if head_dim:
+        fields["head_dim"] = head_dim
+    vocab = key("vocab_size") or meta.get("tokenizer.ggml.tokens")
+    if isinstance(vocab, list):
+        vocab = len(vocab)
+    if vocab:
+        fields["vocab_size"] = vocab
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if isinstance(fields.get("num_key_value_heads"), list):  # per-layer counts in some files
+        fields["num_key_value_heads"] = max(fields["num_key_value_heads"])
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except ValueError:  # a model_type transformers does not know: still report it by name
+        config = PretrainedConfig(**fields)
+        config.model_type = model_type
+    if model_type not in _GGUF_MODEL_TYPES.values():
+        config.architectures = [f"{arch} (GGUF)"]
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# config and preflight
+
+
+def load_config(source: ModelSource) -> Any:
+    """The model's transformers config, without weights (for GGUF: the geometry from the header)."""
+    if source.kind == "gguf":
+        return gguf_config(source.path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except ValueError as exc:  # e.g. an unknown model_type
+        raise UnsupportedModelError(f"cannot read the config of {source.model_id}: {exc}") from exc
+
+
+def preflight(source: ModelSource, spec: JobSpec) -> ArchInfo:
+    """Check the architecture and the pruning pattern against the config only (no weights)."""
+    config = load_config(source)
+    try:
+        info = arch_info(config)
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedModelError(f"{source.model_id}: {exc}", field="model.id") from exc
+    nm = spec.pruning.nm
+    if nm is not None and spec.pruning.method != "none":
+        try:
+            check_nm_fits(info, nm[1])
+        except ValueError as exc:
+            raise SpecError(str(exc), field="pruning.pattern") from exc
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, _DTYPES[name])
+
+
+def _ensure_hub_weights(source: ModelSource) -> Path:
+    """Fetch a hub model's weights into the cache (or find them there when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = _offline()
+    cache_dir = source.path.parent.parent.parent  # <cache>/models--org--name/snapshots/<sha>
+    try:
+        got = Path(snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache_dir,
+                                     allow_patterns=_HUB_PATTERNS, local_files_only=offline))
+        if not any(got.glob("*.safetensors")):
+            got = Path(snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache_dir,
+                                         allow_patterns=[*_HUB_PATTERNS, "*.bin"], local_files_only=offline))
+    except LocalEntryNotFoundError as exc:
+        if offline:
+            raise ModelNotFoundError(
+                f"the weights of {source.repo_id} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                field="model.id",
+            ) from exc
+        raise TransientError(f"could not fetch {source.repo_id} from the Hugging Face Hub: {exc}") from exc
+    return got
+
+
+def _plain_model(model: Any) -> Any:
+    """A model that ``save_pretrained`` accepts and ``from_pretrained`` reloads with no GGUF file.
+
+    transformers refuses to save a model that still carries its GGUF quantizer ("The model is
+    quantized with gguf and is not serializable") and would write ``quantization_config`` into
+    config.json. When any of that state is present, rebuild a fresh model of the same class from a
+    clean config and move the (already dequantized) tensors into it without copying.
+    """
+    import torch
+
+    config = model.config
+    if getattr(model, "hf_quantizer", None) is None and getattr(config, "quantization_config", None) is None:
+        return model
+    packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
+    if packed:
+        raise UnsupportedModelError(f"GGUF weights were left packed ({packed[0]}, ...); cannot dequantize")
+    clean = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    state = model.state_dict()
+    with torch.device("meta"):
+        fresh = type(model)(clean)
+    fresh.load_state_dict(state, assign=True, strict=True)
+    old_buffers = dict(model.named_buffers())
+    for name, _ in list(fresh.named_buffers()):
+        owner_name, _, attr = name.rpartition(".")
+        owner = fresh.get_submodule(owner_name) if owner_name else fresh
+        src = old_buffers[name]
+        persistent = attr not in getattr(owner, "_non_persistent_buffers_set", set())
+        owner.register_buffer(attr, src, persistent=persistent)
+    fresh.tie_weights()
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = model.generation_config
+    return fresh
+
+
+def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer): model in eval mode with ``use_cache`` off; tokenizer with a pad token.
+
+    ``dtype='auto'`` keeps a checkpoint's own dtype; a GGUF is dequantized to float32 for 'auto'.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if source.kind == "gguf":
+        kwargs: dict[str, Any] = {"gguf_file": source.path.name}
+        try:
+            from transformers import GgufConfig
+
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantize
+            pass
+        torch_dtype = _torch_dtype("float32" if dtype == "auto" else dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path.parent, dtype=torch_dtype, **kwargs)
+        model = _plain_model(model)
+        tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+    else:
+        path = _ensure_hub_weights(source) if source.repo_id else source.path
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    model.config.use_cache = False
+    model.to(device).eval()
+    ensure_pad_token(tokenizer)
+    return model, tokenizer
