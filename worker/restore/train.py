@@ -1,8 +1,10 @@
-"""Learn the head offsets: completion-only next-token loss, AdamW on the offsets alone.
+"""Learn restoration parameters: completion-only next-token loss, AdamW on those parameters alone.
 
-Every model weight is frozen (``requires_grad`` False, restored afterwards) and the model runs in eval
-mode (no dropout); only β and b receive gradients. Token losses of the micro-batches of one optimizer
-step are summed and divided by the step's response-token count, so gradient accumulation is exact.
+:func:`train_parameters` is the loop shared by the head offsets (:func:`train_offsets`) and the LoRA/DoRA
+baselines (worker.restore.baselines). Every model weight is frozen (``requires_grad`` False, restored
+afterwards) and the model runs in eval mode (no dropout); only the trained parameters receive gradients.
+Token losses of the micro-batches of one optimizer step are summed and divided by the step's
+response-token count, so gradient accumulation is exact.
 """
 
 from __future__ import annotations
@@ -73,6 +75,96 @@ def _steps(source: BatchSource, epoch: int, gen: torch.Generator, grad_accum: in
         yield group
 
 
+def _total_steps(source: BatchSource, epochs: int, grad_accum: int, max_steps: int | None) -> int:
+    """Optimizer steps the run will take, or 0 when unknown (a callable source without a length)."""
+    if max_steps is not None:
+        return max_steps
+    if hasattr(source, "__len__"):
+        return epochs * math.ceil(len(source) / grad_accum)  # type: ignore[arg-type]
+    return 0
+
+
+def train_parameters(
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: BatchSource,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    grad_accum: int = 1,
+    seed: int = 0,
+    progress: TrainProgress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    checkpoint_every: int = 5,
+) -> dict[str, Any]:
+    """The shared loop: AdamW on ``params`` against the completion-only loss of ``model``.
+
+    The caller freezes everything else and installs whatever makes ``params`` part of the forward pass
+    (hooks, adapter layers). ``batches``: a list of Batch (reshuffled each epoch, seeded) or a function
+    epoch → iterable of Batch (its ``len``, when it has one, sizes the progress total). With
+    ``max_steps`` epochs repeat until that many optimizer steps.
+
+    Returns ``{"loss_curve", "steps", "epochs", "seconds", "tokens", "trainable_params"}``; the loss curve
+    holds the mean response-token loss of every optimizer step. Raises Cancelled when ``should_stop()``.
+    """
+    if grad_accum < 1 or epochs < 1:
+        raise ValueError("epochs and grad_accum must be at least 1")
+    params = list(params)
+    if not params:
+        raise ValueError("nothing to train")
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    total = _total_steps(batches, epochs, grad_accum, max_steps)
+    curve: list[float] = []
+    tokens = 0
+    epoch = 0
+    t0 = time.monotonic()
+    try:
+        with torch.enable_grad():
+            done = False
+            while not done:
+                before = len(curve)
+                for group in _steps(batches, epoch, gen, grad_accum):
+                    group = [b.to(device) for b in group]
+                    n_tok = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in group)
+                    if n_tok == 0:
+                        continue
+                    opt.zero_grad(set_to_none=True)
+                    step_loss = 0.0
+                    for b in group:
+                        loss_sum, _ = response_loss_sum(model, b)
+                        (loss_sum / n_tok).backward()
+                        step_loss += float(loss_sum.detach()) / n_tok
+                    opt.step()
+                    tokens += n_tok
+                    curve.append(step_loss)
+                    if progress is not None:
+                        progress(len(curve), total, step_loss)
+                    if should_stop is not None and len(curve) % max(1, checkpoint_every) == 0 and should_stop():
+                        raise Cancelled("cancelled during training")
+                    if max_steps is not None and len(curve) >= max_steps:
+                        done = True
+                        break
+                epoch += 1
+                if len(curve) == before and not done:
+                    raise ValueError("no training batches with response tokens")
+                if max_steps is None and epoch >= epochs:
+                    done = True
+    finally:
+        opt.zero_grad(set_to_none=True)
+    return {
+        "loss_curve": curve,
+        "steps": len(curve),
+        "epochs": epoch,
+        "seconds": time.monotonic() - t0,
+        "tokens": tokens,
+        "trainable_params": sum(p.numel() for p in params),
+    }
+
+
 def train_offsets(
     model: nn.Module,
     adapter: DecoderAdapter,
@@ -89,67 +181,22 @@ def train_offsets(
     should_stop: Callable[[], bool] | None = None,
     checkpoint_every: int = 5,
 ) -> dict[str, Any]:
-    """Train ``offsets`` in place. ``batches``: a list of Batch (reshuffled each epoch, seeded) or a
-    function epoch → iterable of Batch. With ``max_steps`` epochs repeat until that many optimizer steps.
+    """Train ``offsets`` in place (see :func:`train_parameters` for ``batches`` and the result).
 
-    Returns ``{"loss_curve", "steps", "epochs", "seconds", "tokens", "trainable_params"}``; the loss curve
-    holds the mean response-token loss of every optimizer step. Raises Cancelled when ``should_stop()``.
+    Every model weight stays frozen; the offsets act through hooks on ``o_proj``, removed afterwards.
+    Raises Cancelled when ``should_stop()``.
     """
-    if grad_accum < 1 or epochs < 1:
-        raise ValueError("epochs and grad_accum must be at least 1")
-    device = next(model.parameters()).device
-    offsets.to(device)
+    offsets.to(next(model.parameters()).device)
     params = [p for p in offsets.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed)
-    if max_steps is not None:
-        total = max_steps
-    elif not callable(batches):
-        total = epochs * math.ceil(len(batches) / grad_accum)
-    else:
-        total = 0
-    curve: list[float] = []
-    tokens = 0
-    epoch = 0
-    t0 = time.monotonic()
-    with frozen(model), inject(adapter, offsets), torch.enable_grad():
+    with frozen(model), inject(adapter, offsets):
         offsets.train()
-        done = False
-        while not done:
-            before = len(curve)
-            for group in _steps(batches, epoch, gen, grad_accum):
-                group = [b.to(device) for b in group]
-                n_tok = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in group)
-                if n_tok == 0:
-                    continue
-                opt.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for b in group:
-                    loss_sum, _ = response_loss_sum(model, b)
-                    (loss_sum / n_tok).backward()
-                    step_loss += float(loss_sum.detach()) / n_tok
-                opt.step()
-                tokens += n_tok
-                curve.append(step_loss)
-                if progress is not None:
-                    progress(len(curve), total, step_loss)
-                if should_stop is not None and len(curve) % max(1, checkpoint_every) == 0 and should_stop():
-                    raise Cancelled("cancelled during training")
-                if max_steps is not None and len(curve) >= max_steps:
-                    done = True
-                    break
-            epoch += 1
-            if len(curve) == before and not done:
-                raise ValueError("no training batches with response tokens")
-            if max_steps is None and epoch >= epochs:
-                done = True
-    opt.zero_grad(set_to_none=True)
-    offsets.eval()
-    return {
-        "loss_curve": curve,
-        "steps": len(curve),
-        "epochs": epoch,
-        "seconds": time.monotonic() - t0,
-        "tokens": tokens,
-        "trainable_params": offsets.num_trainable(),
-    }
+        try:
+            stats = train_parameters(
+                model, params, batches, lr=lr, weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
+                grad_accum=grad_accum, seed=seed, progress=progress, should_stop=should_stop,
+                checkpoint_every=checkpoint_every,
+            )
+        finally:
+            offsets.eval()
+    stats["trainable_params"] = offsets.num_trainable()
+    return stats

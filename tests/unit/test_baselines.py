@@ -1,0 +1,212 @@
+"""LoRA/DoRA baselines: training lowers the loss, merging keeps the pruned zeros exactly, the saved adapter loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from app.schemas import RestorationSpec
+from tests.tiny import instruction_rows, make_model, make_tokenizer
+from worker.errors import Cancelled, SpecError
+from worker.model.arch import DecoderAdapter
+from worker.model.data import encode_pair, ensure_pad_token, pad_batch
+from worker.prune.measure import zero_masks
+from worker.restore.baselines import detach_adapter, merge_adapter, save_adapter, train_adapter
+from worker.restore.train import response_loss_sum
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _pruned(kind: str) -> torch.nn.Module:
+    model = make_model(kind)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, lin in DecoderAdapter(model).named_prunable_linears():
+            lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) >= 0.5).float())
+    return model
+
+
+def _batches(n: int = 8, size: int = 4):
+    tok = make_tokenizer()
+    pad = ensure_pad_token(tok)
+    enc = [encode_pair(tok, r["prompt"], r["response"], 64) for r in instruction_rows(n)]
+    return [
+        pad_batch([e[0] for e in enc[i : i + size]], pad, [e[1] for e in enc[i : i + size]])
+        for i in range(0, n, size)
+    ]
+
+
+class _Source:
+    """Epoch → batches with a length, as the runner passes them."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __call__(self, epoch: int):
+        return list(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _spec(method: str, **kw) -> RestorationSpec:
+    base = dict(method=method, lora_r=4, lora_alpha=8, lora_targets=TARGETS, lr=1e-2, max_steps=8)
+    return RestorationSpec(**{**base, **kw})
+
+
+@torch.no_grad()
+def _loss(model, batches) -> float:
+    total, count = 0.0, 0
+    for b in batches:
+        s, n = response_loss_sum(model, b)
+        total, count = total + float(s), count + n
+    return total / count
+
+
+@torch.no_grad()
+def _logits(model, batch) -> torch.Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def _expected_weights(model, baseline, masks) -> dict[str, torch.Tensor]:
+    """Merged weights computed by hand from the adapter's factors (LoRA: W + s·B·A; DoRA: rescaled rows)."""
+    out = {}
+    for name in baseline.targets:
+        layer = model.get_submodule(name)
+        w = layer.get_base_layer().weight.detach()
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        new = w + layer.scaling["default"] * (b @ a)
+        if baseline.method == "dora":
+            mag = layer.lora_magnitude_vector["default"].weight
+            new = (mag / new.norm(dim=1))[:, None] * new
+        out[name] = new.masked_fill(masks[name], 0.0)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gqa", "qwen2"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_train_merge_keeps_zeros(kind, method):
+    model = _pruned(kind)
+    masks = zero_masks(DecoderAdapter(model))
+    pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = _batches()
+    before = _loss(model, batches)
+    seen = []
+    baseline, stats = train_adapter(model, _Source(batches), _spec(method), seed=0,
+                                    progress=lambda s, t, loss: seen.append((s, t)))
+    after = _loss(model, batches)
+    assert after < before - 0.05, (before, after)
+    assert stats["steps"] == 8 and len(stats["loss_curve"]) == 8 and seen[-1] == (8, 8)
+
+    # trainable parameters: r·(in+out) per target (+ out for DoRA), as peft counts them
+    r = 4
+    expect = sum(r * (i + o) + (o if method == "dora" else 0) for i, o in baseline.targets.values())
+    info = DecoderAdapter(make_model(kind)).info
+    assert len(baseline.targets) == len(TARGETS) * info.num_layers
+    assert stats["trainable_params"] == expect == baseline.num_trainable()
+    assert baseline.peft_trainable_params == expect
+
+    # base weights untouched and unfrozen again; only the adapter trained
+    for name in baseline.targets:
+        assert torch.equal(model.get_submodule(name).get_base_layer().weight, pruned_state[name + ".weight"])
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    batch = batches[0]
+    unmerged = _logits(model, batch)
+    expected = _expected_weights(model, baseline, masks)
+    merged, report = merge_adapter(model, baseline, masks)
+
+    assert merged is model and not hasattr(merged, "peft_config")
+    assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
+    assert set(merged.state_dict()) == set(pruned_state)
+    assert zero_masks(DecoderAdapter(merged)).keys() == masks.keys()
+    for name, mask in zero_masks(DecoderAdapter(merged)).items():
+        assert torch.equal(mask, masks[name]), name
+    for name, w in expected.items():
+        torch.testing.assert_close(merged.get_submodule(name).weight, w, atol=1e-6, rtol=1e-5)
+    untouched = [k for k in pruned_state if not any(k.startswith(t + ".") for t in baseline.targets)]
+    assert all(torch.equal(merged.state_dict()[k], pruned_state[k]) for k in untouched)
+
+    assert report["remasked_weights"] > 0 and report["merge_zero_collisions"] == 0
+    assert 0 < report["remask_weight_change_rel"] < 1 and 0 < report["remask_update_lost_rel"] < 1
+    over = report["unmerged_inference_overhead"]
+    assert over["extra_params"] == expect and over["extra_matmuls_per_token"] == 2 * len(baseline.targets)
+    flops = sum(2 * r * (i + o) for i, o in baseline.targets.values())
+    assert over["extra_flops_per_token"] == flops + (2 * sum(o for _, o in baseline.targets.values())
+                                                     if method == "dora" else 0)
+    # re-masking changed the function: the merged logits move away from the unmerged ones
+    assert (_logits(merged, batch) - unmerged).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merge_without_masking_equals_unmerged(method):
+    model = _pruned("gqa")
+    none = {name: torch.zeros_like(m) for name, m in zero_masks(DecoderAdapter(model)).items()}
+    baseline, _ = train_adapter(model, _batches(), _spec(method, max_steps=4), seed=0)
+    assert set(baseline.targets) <= set(none)
+    batch = _batches(4, 4)[0]
+    unmerged = _logits(model, batch)
+    merged, report = merge_adapter(model, baseline, none)
+    assert (_logits(merged, batch) - unmerged).abs().max() <= 1e-5
+    assert report["remasked_weights"] == 0 and report["remask_weight_change_rel"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_saved_adapter_reloads_after_merge(method, tmp_path):
+    model = _pruned("qwen2")
+    fresh = copy.deepcopy(model)
+    masks = zero_masks(DecoderAdapter(model))
+    baseline, _ = train_adapter(model, _batches(), _spec(method, max_steps=4), seed=0)
+    batch = _batches(4, 4)[0]
+    unmerged = _logits(model, batch)
+    merge_adapter(model, baseline, masks)  # the runner saves after merging
+    out = save_adapter(baseline, tmp_path / "adapter")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["use_dora"] == (method == "dora") and cfg["lora_dropout"] == 0.0
+    assert (out / "adapter_model.safetensors").is_file()
+    loaded = PeftModel.from_pretrained(fresh, str(out))
+    assert (_logits(loaded, batch) - unmerged).abs().max() <= 1e-5
+
+
+def test_seeded_and_cancel_restores_model():
+    runs = []
+    for _ in range(2):
+        model = _pruned("llama")
+        baseline, _ = train_adapter(model, _batches(), _spec("lora", max_steps=3), seed=5)
+        runs.append(baseline.adapter_state_dict())
+    assert runs[0].keys() == runs[1].keys()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+    model = _pruned("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    with pytest.raises(Cancelled):
+        train_adapter(model, _batches(), _spec("dora", max_steps=50), should_stop=lambda: True,
+                      checkpoint_every=2)
+    assert model.training and not hasattr(model, "peft_config")
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bad_targets_and_detach():
+    model = _pruned("llama")
+    with pytest.raises(SpecError) as err:
+        train_adapter(model, _batches(), _spec("lora", lora_targets=["no_such_proj"]))
+    assert err.value.field == "restoration.lora_targets"
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    with pytest.raises(SpecError):
+        train_adapter(model, _batches(), _spec("lora", lora_targets=["embed_tokens"]))
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    batch = _batches(4, 4)[0]
+    ref = _logits(model, batch)
+    baseline, _ = train_adapter(model, _batches(), _spec("lora", max_steps=2))
+    assert (_logits(model, batch) - ref).abs().max() > 0
+    assert detach_adapter(baseline) is model
+    assert torch.equal(_logits(model, batch), ref)
