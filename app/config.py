@@ -66,8 +66,8 @@ class Settings(BaseSettings):
 
     # Worker.
     work_dir: Path | None = Field(None, description="Scratch space for running jobs; default data_dir/work.")
-    soft_time_limit_s: int = Field(6 * 3600, ge=1)
-    hard_time_limit_s: int = Field(6 * 3600 + 600, ge=1)
+    soft_time_limit_s: float = Field(6 * 3600, gt=0)
+    hard_time_limit_s: float = Field(6 * 3600 + 600, gt=0)
     visibility_timeout_s: int | None = Field(None, ge=1, description="Default: hard limit + 1 h.")
     heartbeat_s: float = Field(10.0, gt=0)
     stale_after_s: float = Field(120.0, gt=0, description="A running job silent this long has lost its worker.")
@@ -128,7 +128,7 @@ class Settings(BaseSettings):
 
     @property
     def visibility_timeout(self) -> int:
-        return self.visibility_timeout_s or self.hard_time_limit_s + 3600
+        return self.visibility_timeout_s or int(self.hard_time_limit_s) + 3600
 
     def check_safe(self) -> None:
         """Refuse configurations that would expose the service unsafely."""

@@ -123,3 +123,51 @@ def serve_in_thread(app: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@dataclass
+class TinyAssets:
+    root: Path  # models/ and data/ below it: the allowed roots
+    model: Path
+    text: Path
+    train: Path
+    long_text: Path  # enough rows that evaluating it takes seconds (for cancellation tests)
+
+    def spec(self, model: str | None = None, slow: bool = False) -> dict[str, Any]:
+        """Magnitude pruning to 50 %, no restoration, a small perplexity evaluation."""
+        return {
+            "model": {"id": model or str(self.model)},
+            "pruning": {"method": "magnitude", "sparsity": 0.5},
+            "restoration": {"method": "none"},
+            "data": {"train": str(self.train)},
+            "evaluation": {"perplexity": [str(self.long_text if slow else self.text)],
+                           "limit": None if slow else 4, "max_seq_len": 64, "batch_size": 4},
+        }
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> TinyAssets:
+    from tests.tiny import instruction_rows, save_tiny, text_rows, write_jsonl
+
+    root = tmp_path_factory.mktemp("assets")
+    (root / "data").mkdir()
+    model = save_tiny("llama", root / "models" / "tiny")
+    return TinyAssets(
+        root=root, model=model,
+        text=write_jsonl(root / "data" / "text.jsonl", text_rows(8)),
+        train=write_jsonl(root / "data" / "train.jsonl", instruction_rows(16)),
+        long_text=write_jsonl(root / "data" / "long.jsonl", text_rows(200)),
+    )
+
+
+def check_downloaded_model(model_dir: Path, report: dict[str, Any]) -> None:
+    """The model loads with plain transformers and every pruned weight has the sparsity the report gives."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    modules = report["sparsity"]["modules"]
+    assert modules, "report lists no pruned modules"
+    for name, fraction in modules.items():
+        w = model.get_submodule(name).weight
+        assert abs(float((w == 0).float().mean()) - fraction) < 1e-9, name
+    assert abs(report["sparsity"]["overall"] - 0.5) < 0.01

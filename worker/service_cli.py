@@ -154,6 +154,8 @@ def _settings_from_args(args: argparse.Namespace):
             overrides[name] = v
     if getattr(args, "dev_open", False):
         overrides["dev_open"] = True
+    if getattr(args, "embedded", False):
+        overrides["redis_url"] = None  # run jobs here even if a broker is configured
     return Settings(**overrides)
 
 

@@ -212,8 +212,10 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled after the last stage")
                 _upload(ctx, job_id, out_dir)
-                metrics = report.get("metrics") if isinstance(report, dict) else None
-                metrics = jsonable(metrics if isinstance(metrics, dict) else reporter.metrics_seen)
+                metrics = dict(reporter.metrics_seen)
+                if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
+                    metrics.update(report["metrics"])
+                metrics = jsonable(metrics)
                 if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,)):
                     return Result(Outcome.succeeded)
                 raise Cancelled("cancelled while uploading")
@@ -223,7 +225,10 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                     jobs.finish(job_id, JobStatus.failed, (
                         "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"))
                     return Result(Outcome.failed)
-                _discard_artifacts(ctx, job_id)
+                try:
+                    _discard_artifacts(ctx, job_id)
+                except Exception:
+                    log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
                 if jobs.finish(job_id, JobStatus.cancelled):
                     return Result(Outcome.cancelled)
                 return Result(Outcome.noop)
@@ -284,7 +289,10 @@ def result_files(out_dir: Path) -> list[tuple[str, Path]]:
 
 def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempts: int = 3) -> None:
     """Upload every result file and record it (name, size, sha256 computed while uploading)."""
-    _discard_artifacts(ctx, job_id)  # leftovers of an earlier attempt
+    try:
+        _discard_artifacts(ctx, job_id)  # leftovers of an earlier attempt
+    except Exception as e:
+        raise TransientError(f"artifact store unavailable for upload: {e}") from e
     files = result_files(out_dir)
     done = 0
     for name, path in files:
@@ -302,10 +310,11 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempts: int = 3) -
 
 
 def sweep(ctx: WorkerContext | None = None) -> list[str]:
-    """Recovery: jobs active with a stale heartbeat lost their worker → failed ``worker_lost``
-    (cancelling ones → cancelled)."""
+    """Recovery: jobs active with no heartbeat for twice ``stale_after_s`` lost their worker → failed
+    ``worker_lost`` (cancelling ones → cancelled). Twice, so that a redelivered task (which takes a job
+    over once it is ``stale_after_s`` stale) gets the first chance to re-run it."""
     ctx = ctx or get_context()
-    lost = ctx.jobs.sweep_lost(stale_cutoff(ctx.settings.stale_after_s))
+    lost = ctx.jobs.sweep_lost(stale_cutoff(2 * ctx.settings.stale_after_s))
     for job_id in lost:
         log.warning("job %s: worker lost (stale heartbeat); marked failed", job_id)
     return lost

@@ -1,0 +1,164 @@
+"""The distributed setup end to end: real Redis, a real `restorelcc worker` (Celery) subprocess on a unique
+queue, PostgreSQL, and the API on a real uvicorn server; jobs on a tiny random model submitted over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from app.client import Client
+from app.main import create_app
+from tests.conftest import KEYS, api_settings, check_downloaded_model, pg_schema, serve_in_thread
+
+pytestmark = pytest.mark.postgres
+ROOT = Path(__file__).parents[2]
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+class Service:
+    def __init__(self, client: Client, log: Path, worker: subprocess.Popen, jobs):
+        self.client = client
+        self.jobs = jobs  # the job store, read directly where the API does not show a detail
+        self.log = log
+        self.worker = worker
+
+    def wait_status(self, job_id: str, statuses: set[str], timeout: float = 120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.client.get(job_id)
+            if job.status.value in statuses:
+                return job
+            assert self.worker.poll() is None, f"worker exited:\n{self.log.read_text()[-4000:]}"
+            time.sleep(0.2)
+        raise AssertionError(f"job {job_id} not {statuses} in {timeout}s: {job.status}\n"
+                             f"{self.log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_assets):
+    import redis
+
+    tmp = tmp_path_factory.mktemp("celery")
+    queue = f"restorelcc-test-{uuid.uuid4().hex[:10]}"
+    with pg_schema() as db_url:
+        settings = api_settings(tmp, db_url, redis_url=REDIS, queue=queue,
+                                model_roots=[tiny_assets.root / "models"], data_roots=[tiny_assets.root / "data"])
+        app = create_app(settings)
+        env = {
+            **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "REDIS_URL": REDIS, "DATABASE_URL": db_url, "RESTORELCC_QUEUE": queue,
+            "RESTORELCC_DATA_DIR": str(settings.data_dir),
+            "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
+            "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data"),
+            "RESTORELCC_HEARTBEAT_S": "0.5", "RESTORELCC_STALE_AFTER_S": "3", "RESTORELCC_PROGRESS_INTERVAL_S": "0",
+            "RESTORELCC_CANCEL_POLL_S": "0.2",
+        }
+        log = tmp / "worker.log"
+        with serve_in_thread(app) as url, open(log, "w") as log_f:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "worker.service_cli", "worker", "--queue", queue, "--concurrency", "1"],
+                env=env, cwd=ROOT, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            try:
+                with Client(url, api_key=KEYS["alice"], timeout=60) as client:
+                    yield Service(client, log, worker, app.state.services.jobs)
+            finally:
+                os.killpg(worker.pid, signal.SIGTERM)
+                try:
+                    worker.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(worker.pid, signal.SIGKILL)
+                    worker.wait()
+                r = redis.Redis.from_url(REDIS)
+                r.delete(queue, *r.keys(f"_kombu.binding.{queue}*"))
+        app.state.services.jobs.engine.dispose()
+
+
+def test_job_runs_queued_to_succeeded_with_artifacts(service, tiny_assets, tmp_path):
+    import json
+
+    c = service.client
+    job = c.create(tiny_assets.spec())
+    assert job.status.value == "queued"
+    done = service.wait_status(job.id, {"succeeded", "failed", "cancelled"})
+    assert done.status.value == "succeeded", done.error
+    assert done.progress.fraction == 1.0 and done.started_at and done.finished_at
+    assert done.metrics["sparsity"] == pytest.approx(0.5, abs=0.01) and "pruned" in done.metrics
+
+    events = c.events(job.id)
+    statuses = [e.data["status"] for e in events if e.kind == "status"]
+    assert statuses == ["queued", "running", "succeeded"]
+    stages = [e.data["stage"] for e in events if e.kind == "stage"]
+    assert stages == ["loading", "pruning", "evaluating", "exporting"]
+    fractions = [e.data["fraction"] for e in events if e.kind == "progress"]
+    assert len(fractions) >= 4 and fractions == sorted(fractions) and fractions[-1] > 0.9
+
+    arts = {a.name: a for a in c.artifacts(job.id)}
+    assert {"report.json", "model/config.json", "model/model.safetensors"} <= set(arts)
+    assert all(len(a.sha256) == 64 and a.size > 0 for a in arts.values())
+    c.download_all(job.id, tmp_path / "dl")
+    report = json.loads((tmp_path / "dl" / "report.json").read_text())
+    check_downloaded_model(tmp_path / "dl" / "model", report)
+    assert done.metrics["sparsity"] == report["sparsity"]["overall"]
+
+
+def test_cancel_queued_and_running_jobs(service, tiny_assets):
+    c = service.client
+    slow = c.create(tiny_assets.spec(slow=True))
+    queued = c.create(tiny_assets.spec())
+    service.wait_status(slow.id, {"running"})
+    assert c.cancel(queued.id).status.value == "cancelled"  # at once, never runs
+
+    # Cancel the running job while it evaluates the dense model (a long step between checkpoints).
+    deadline = time.monotonic() + 60
+    while c.get(slow.id).stage is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert c.cancel(slow.id).status.value in ("cancelling", "cancelled")
+    t0 = time.monotonic()
+    final = service.wait_status(slow.id, {"cancelled", "succeeded", "failed"}, timeout=60)
+    assert final.status.value == "cancelled", final.error
+    events = c.events(slow.id)
+    cancel_seq = next(e.seq for e in events if e.kind == "status" and e.data["status"] == "cancelling")
+    later_stages = [e.data["stage"] for e in events if e.kind == "stage" and e.seq > cancel_seq]
+    assert len(later_stages) <= 1, later_stages  # stopped at the next checkpoint
+    assert c.artifacts(slow.id) == []
+    assert time.monotonic() - t0 < 30
+
+    time.sleep(1)  # the worker has moved past the cancelled job's message by now
+    q_events = c.events(queued.id)
+    assert [e.data["status"] for e in q_events if e.kind == "status"] == ["queued", "cancelled"]
+    assert c.get(queued.id).started_at is None
+
+
+def test_missing_model_fails_fast_and_the_worker_goes_on(service, tiny_assets):
+    c = service.client
+    bad = c.create(tiny_assets.spec(model=str(tiny_assets.root / "models" / "does-not-exist")))
+    good = c.create(tiny_assets.spec())
+    failed = service.wait_status(bad.id, {"succeeded", "failed", "cancelled"}, timeout=60)
+    assert failed.status.value == "failed"
+    assert failed.error.code == "model_not_found" and "does-not-exist" in failed.error.message
+    assert (failed.finished_at - failed.started_at).total_seconds() < 10
+    assert service.wait_status(good.id, {"succeeded", "failed"}).status.value == "succeeded"
+
+
+def test_a_job_whose_worker_process_dies_is_rerun(service, tiny_assets):
+    """The pool process running a job is killed: the message goes back to the queue (late ack, rejected on
+    worker loss); the redelivered task takes the job over once its heartbeat is stale and runs it again."""
+    c = service.client
+    job = c.create(tiny_assets.spec(slow=True))
+    service.wait_status(job.id, {"running"})
+    child_pid = int(service.jobs.get(job.id).worker.rsplit(":", 1)[1])
+    assert child_pid != service.worker.pid
+    os.kill(child_pid, signal.SIGKILL)
+    final = service.wait_status(job.id, {"succeeded", "failed", "cancelled"}, timeout=180)
+    assert final.status.value == "succeeded", final.error
+    events = c.events(job.id)
+    running = [e.data for e in events if e.kind == "status" and e.data["status"] == "running"]
+    assert len(running) == 2 and running[1].get("restarted") is True

@@ -1,0 +1,135 @@
+"""The embedded default end to end: `restorelcc serve` with no Redis, no DATABASE_URL and no S3 runs the API
+and a local worker (SQLite + local artifacts); `restorelcc submit --wait --download` drives it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.client import Client
+from tests.conftest import check_downloaded_model, free_port
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, tiny_assets):
+    data_dir = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
+    env.update({
+        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+        "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "1",
+        "RESTORELCC_SWEEP_INTERVAL_S": "0.5", "RESTORELCC_POLL_INTERVAL_S": "0.2",
+    })
+    log = data_dir / "serve.log"
+    with open(log, "w") as log_f:
+        # Run from the assets directory: the embedded default accepts paths under the current directory.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.service_cli", "serve", "--port", str(port)],
+            env=env, cwd=tiny_assets.root, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield {"url": url, "env": env, "data_dir": data_dir, "log": log}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_first_start_creates_a_local_key_and_requires_it(embedded):
+    key_file = embedded["data_dir"] / "local.key"
+    key = key_file.read_text().strip()
+    assert key in embedded["log"].read_text()  # printed once, on first start
+    assert httpx.get(f"{embedded['url']}/v1/jobs").status_code == 401
+    r = httpx.get(f"{embedded['url']}/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200
+
+
+def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets, tmp_path):
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(tiny_assets.spec()))
+    out = tmp_path / "result"
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.service_cli", "submit", str(spec_file), "--wait", "--download", str(out),
+         "--url", embedded["url"], "--poll", "0.3", "--progress"],
+        env=embedded["env"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr + embedded["log"].read_text()[-3000:]
+    job_id = proc.stdout.splitlines()[0].strip()
+    final = json.loads(proc.stdout.split("\n", 1)[1])
+    assert final["status"] == "succeeded" and final["id"] == job_id
+    assert "exporting" in proc.stderr or "succeeded" in proc.stderr  # the progress line was shown
+    report = json.loads((out / "report.json").read_text())
+    check_downloaded_model(out / "model", report)
+
+    key = (embedded["data_dir"] / "local.key").read_text().strip()
+    with Client(embedded["url"], api_key=key) as c:
+        stages = [e.data["stage"] for e in c.events(job_id) if e.kind == "stage"]
+        assert stages == ["loading", "pruning", "evaluating", "exporting"]
+        assert {a.name for a in c.artifacts(job_id)} >= {"report.json", "model/model.safetensors"}
+    status = subprocess.run(
+        [sys.executable, "-m", "worker.service_cli", "status", job_id, "--url", embedded["url"]],
+        env=embedded["env"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
+    assert (embedded["data_dir"] / "artifacts" / "jobs" / job_id / "report.json").is_file()
+    assert (embedded["data_dir"] / "jobs.db").is_file()
+
+
+def test_a_job_left_running_by_a_dead_worker_is_failed_worker_lost(embedded):
+    """Recovery policy: a running job whose heartbeat is older than twice stale_after_s is failed with
+    code worker_lost by the worker's periodic sweep."""
+    from app.store.db import make_engine
+    from app.store.jobs import JobStore
+    from app.store.models import Job, utcnow
+
+    engine = make_engine(f"sqlite:///{embedded['data_dir'] / 'jobs.db'}")
+    store = JobStore(engine)
+    old = utcnow() - timedelta(minutes=5)
+    with store.session() as s:
+        s.add(Job(id="ghost0000000000000000000000000001", tenant="local", status="running", stage="training",
+                  progress=0.4, progress_message="", spec={}, metrics={}, attempts=1, retries=0,
+                  worker="gone:1", heartbeat_at=old, created_at=old, started_at=old, updated_at=old))
+    try:
+        deadline = time.monotonic() + 30
+        while store.get("ghost0000000000000000000000000001").status == "running":
+            assert time.monotonic() < deadline, "the sweep did not fail the lost job"
+            time.sleep(0.2)
+        job = store.get("ghost0000000000000000000000000001")
+        assert job.status == "failed" and job.error_code == "worker_lost"
+    finally:
+        engine.dispose()
+
+
+def test_serve_refuses_open_auth_on_a_public_interface(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker.service_cli", "serve", "--dev-open", "--host", "0.0.0.0",
+         "--data-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")},
+    )
+    assert proc.returncode != 0 and "127.0.0.1" in proc.stderr

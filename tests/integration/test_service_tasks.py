@@ -1,0 +1,133 @@
+"""`run_job` in-process with the real pipeline on a tiny model: S3 upload, transient retry, time limit,
+idempotent no-ops, error mapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings
+from app.schemas import JobSpec, JobStatus
+from app.store.artifacts import S3Store, verify
+from app.store.db import make_engine, upgrade
+from app.store.jobs import JobStore
+from app.store.models import utcnow
+from tests.conftest import free_port
+from worker.tasks import Outcome, WorkerContext, is_out_of_memory, make_context, run_job
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+def _ctx(tmp_path: Path, assets, **overrides) -> WorkerContext:
+    s = Settings(data_dir=tmp_path / "state", model_roots=[assets.root / "models"],
+                 data_roots=[assets.root / "data"], progress_interval_s=0, **overrides)
+    ctx = make_context(s)
+    upgrade(ctx.jobs.engine)
+    return ctx
+
+
+def _submit(ctx: WorkerContext, spec: dict) -> str:
+    job, _ = ctx.jobs.create("t", JobSpec.model_validate(spec).model_dump(mode="json"))
+    return job.id
+
+
+def _s3(endpoint: str, bucket: str, create: bool = True) -> S3Store:
+    store = S3Store(bucket, endpoint_url=endpoint, access_key_id="testing", secret_access_key="testing")
+    if create:
+        store.ensure_bucket()
+    return store
+
+
+def test_results_upload_to_s3_with_sha256(tmp_path, tiny_assets, s3_endpoint):
+    ctx = _ctx(tmp_path, tiny_assets)
+    ctx.artifacts = _s3(s3_endpoint, "results")
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert run_job(job_id, ctx).outcome is Outcome.succeeded
+    arts = ctx.jobs.artifacts(job_id)
+    assert {"report.json", "model/config.json", "model/model.safetensors"} <= {a.name for a in arts}
+    for a in arts:
+        assert a.key == f"jobs/{job_id}/{a.name}" and verify(ctx.artifacts, a.key, a.sha256)
+    assert not (ctx.settings.work_path / job_id).exists()  # scratch space cleaned
+    # Idempotent: a redelivered message for a finished job does nothing.
+    assert run_job(job_id, ctx).outcome is Outcome.noop
+    assert run_job("no-such-job", ctx).outcome is Outcome.noop
+
+
+def test_failed_upload_is_transient_and_requeued_with_backoff(tmp_path, tiny_assets, s3_endpoint):
+    ctx = _ctx(tmp_path, tiny_assets, retry_backoff_s=120, transient_retries=1)
+    ctx.artifacts = _s3(s3_endpoint, "no-such-bucket", create=False)
+    job_id = _submit(ctx, tiny_assets.spec())
+    res = run_job(job_id, ctx)
+    assert res.outcome is Outcome.retry and res.retry_in == 120
+    job = ctx.jobs.get(job_id)
+    assert job.status == "queued" and job.retries == 1 and job.run_after > utcnow()
+    assert [e.kind for e in ctx.jobs.events(job_id)][-1] == "retry"
+    # Not due yet: a redelivery just reports how long to wait.
+    again = run_job(job_id, ctx)
+    assert again.outcome is Outcome.retry and 100 < again.retry_in <= 120
+    # Due, and still failing: out of retries → failed, not retried again.
+    with ctx.jobs.session() as s:
+        from sqlalchemy import update
+
+        from app.store.models import Job
+        s.execute(update(Job).where(Job.id == job_id).values(run_after=utcnow()))
+    assert run_job(job_id, ctx).outcome is Outcome.failed
+    job = ctx.jobs.get(job_id)
+    assert job.status == "failed" and job.error_code == "transient_error" and "upload" in job.error_message
+
+
+def test_soft_time_limit_fails_the_job_at_a_checkpoint(tmp_path, tiny_assets):
+    ctx = _ctx(tmp_path, tiny_assets, soft_time_limit_s=0.001, hard_time_limit_s=600)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert run_job(job_id, ctx).outcome is Outcome.failed
+    job = ctx.jobs.get(job_id)
+    assert job.error_code == "time_limit" and ctx.jobs.artifacts(job_id) == []
+
+
+def test_invalid_stored_spec_and_refused_paths_fail_without_running(tmp_path, tiny_assets):
+    ctx = _ctx(tmp_path, tiny_assets)
+    job, _ = ctx.jobs.create("t", {"model": {"id": "/x"}, "pruning": {"sparsity": 7}})
+    assert run_job(job.id, ctx).outcome is Outcome.failed
+    assert ctx.jobs.get(job.id).error_code == "invalid_spec"
+    spec = tiny_assets.spec()
+    spec["data"]["train"] = "/etc/passwd"  # roots changed since acceptance, or a crafted record
+    job, _ = ctx.jobs.create("t", JobSpec.model_validate(spec).model_dump(mode="json"))
+    assert run_job(job.id, ctx).outcome is Outcome.failed
+    failed = ctx.jobs.get(job.id)
+    assert failed.error_code == "path_not_allowed" and "data.train" in failed.error_message
+
+
+def test_cancelled_queued_job_never_runs(tmp_path, tiny_assets):
+    ctx = _ctx(tmp_path, tiny_assets)
+    job_id = _submit(ctx, tiny_assets.spec())
+    ctx.jobs.request_cancel(job_id)
+    assert run_job(job_id, ctx).outcome is Outcome.noop
+    job = ctx.jobs.get(job_id)
+    assert job.status == JobStatus.cancelled.value and job.started_at is None
+
+
+def test_out_of_memory_is_recognised():
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_job_store_url_from_settings(tmp_path):
+    s = Settings(data_dir=tmp_path, database_url="postgres://u@h/db")
+    assert s.db_url == "postgresql+psycopg://u@h/db"
+    assert Settings(data_dir=tmp_path).db_url == f"sqlite:///{(tmp_path / 'jobs.db').resolve()}"
+    assert JobStore(make_engine(Settings(data_dir=tmp_path).db_url)).engine.dialect.name == "sqlite"
