@@ -133,12 +133,16 @@ class TinyAssets:
     train: Path
     long_text: Path  # enough rows that evaluating it takes seconds (for cancellation tests)
 
-    def spec(self, model: str | None = None, slow: bool = False) -> dict[str, Any]:
-        """Magnitude pruning to 50 %, no restoration, a small perplexity evaluation."""
+    def spec(self, model: str | None = None, slow: bool = False, restore: bool = False) -> dict[str, Any]:
+        """Magnitude pruning to 50 %, no restoration (or a few RestoreLCC steps), a small evaluation."""
+        restoration = {"method": "none"}
+        if restore:
+            restoration = {"method": "restorelcc", "heads": 0.5, "probe_samples": 16, "train_samples": 16,
+                           "max_steps": 4, "batch_size": 4, "max_seq_len": 64}
         return {
             "model": {"id": model or str(self.model)},
             "pruning": {"method": "magnitude", "sparsity": 0.5},
-            "restoration": {"method": "none"},
+            "restoration": restoration,
             "data": {"train": str(self.train)},
             "evaluation": {"perplexity": [str(self.long_text if slow else self.text)],
                            "limit": None if slow else 4, "max_seq_len": 64, "batch_size": 4},

@@ -211,23 +211,57 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except UnsafeSettingsError as e:
         return _fail(str(e))
     upgrade(make_engine(settings.db_url))
-    worker: subprocess.Popen | None = None
+    supervisor = None
     if settings.embedded and not args.no_worker:
-        worker = subprocess.Popen([sys.executable, "-m", "worker.embedded", "--no-migrate"],
-                                  env=_worker_env(settings))
-        print(f"Embedded worker started (pid {worker.pid})", file=sys.stderr)
+        supervisor = _WorkerSupervisor([sys.executable, "-m", "worker.embedded", "--no-migrate"],
+                                       _worker_env(settings))
+        supervisor.start()
     try:
         uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
                     log_level=args.log_level)
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+        if supervisor is not None:
+            supervisor.stop()
     return 0
+
+
+class _WorkerSupervisor:
+    """Keeps the embedded worker subprocess alive (restarts it if it dies) and stops it on shutdown.
+    A job it was running when it died is failed ``worker_lost`` by the next sweep."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        import threading
+
+        self.argv, self.env = argv, env
+        self.proc: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="embedded-worker-supervisor")
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env)
+        print(f"Embedded worker started (pid {self.proc.pid})", file=sys.stderr)
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(2.0):
+            if self.proc is not None and self.proc.poll() is not None and not self._stop.is_set():
+                print(f"Embedded worker exited ({self.proc.returncode}); restarting", file=sys.stderr)
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

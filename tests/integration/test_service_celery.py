@@ -109,6 +109,23 @@ def test_job_runs_queued_to_succeeded_with_artifacts(service, tiny_assets, tmp_p
     assert done.metrics["sparsity"] == report["sparsity"]["overall"]
 
 
+def test_restorelcc_job_over_http(service, tiny_assets, tmp_path):
+    import json
+
+    c = service.client
+    job = c.create(tiny_assets.spec(restore=True))
+    done = service.wait_status(job.id, {"succeeded", "failed", "cancelled"}, timeout=180)
+    assert done.status.value == "succeeded", done.error
+    stages = [e.data["stage"] for e in c.events(job.id) if e.kind == "stage"]
+    assert stages == ["loading", "pruning", "probing", "extracting", "training", "merging", "evaluating",
+                      "exporting"]
+    assert {"dense", "pruned", "restored"} <= set(done.metrics)
+    names = {a.name for a in c.artifacts(job.id)}
+    assert {"restoration.safetensors", "report.json", "model/model.safetensors"} <= names
+    c.download_all(job.id, tmp_path / "dl")
+    check_downloaded_model(tmp_path / "dl" / "model", json.loads((tmp_path / "dl" / "report.json").read_text()))
+
+
 def test_cancel_queued_and_running_jobs(service, tiny_assets):
     c = service.client
     slow = c.create(tiny_assets.spec(slow=True))

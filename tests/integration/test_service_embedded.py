@@ -102,8 +102,13 @@ def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets
 
 def test_a_job_left_running_by_a_dead_worker_is_failed_worker_lost(embedded):
     """Recovery policy: a running job whose heartbeat is older than twice stale_after_s is failed with
-    code worker_lost by the worker's periodic sweep."""
+    code worker_lost by the worker's sweep. The local worker is killed first: `serve` restarts it."""
+    import re
+
     from app.store.db import make_engine
+
+    pids = [int(p) for p in re.findall(r"Embedded worker started \(pid (\d+)\)", embedded["log"].read_text())]
+    os.kill(pids[-1], signal.SIGKILL)
     from app.store.jobs import JobStore
     from app.store.models import Job, utcnow
 
@@ -121,6 +126,8 @@ def test_a_job_left_running_by_a_dead_worker_is_failed_worker_lost(embedded):
             time.sleep(0.2)
         job = store.get("ghost0000000000000000000000000001")
         assert job.status == "failed" and job.error_code == "worker_lost"
+        restarted = re.findall(r"Embedded worker started \(pid (\d+)\)", embedded["log"].read_text())
+        assert len(restarted) == len(pids) + 1
     finally:
         engine.dispose()
 
