@@ -278,6 +278,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.embedded or settings.embedded:
         from worker.embedded import main as embedded_main
 
+        # Same default as `serve`: the current directory is the root when none is configured.
+        os.environ.setdefault("RESTORELCC_MODEL_ROOTS", str(Path.cwd()))
+        os.environ.setdefault("RESTORELCC_DATA_ROOTS", str(Path.cwd()))
+
         return embedded_main(["--no-migrate"])
     # The module's app reads its settings (queue, limits) from the environment set above.
     from worker.celery_app import app as celery
