@@ -163,7 +163,7 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
         + [("response", p) for p in evaluation.response_perplexity]
         + [("choice", p) for p in evaluation.tasks]
     )
-    bs, max_len, limit = evaluation.batch_size, evaluation.max_seq_len, evaluation.limit
+    bs, max_len = evaluation.batch_size, evaluation.max_seq_len
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
@@ -171,6 +171,7 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
     try:
         for k, (kind, path) in enumerate(jobs):
             name = _set_name(path, results)
+            limit = evaluation.limits.get(Path(path).stem, evaluation.limit)
             if progress:
                 progress(k / len(jobs), f"evaluating {name}")
             try:

@@ -171,3 +171,13 @@ def test_evaluate_spec_bad_file_names_field(mt, tmp_path):
     with pytest.raises(DataError) as err:
         evaluate_spec(model, tok, spec)
     assert err.value.field == "evaluation.tasks" and "missing.jsonl" in err.value.message
+
+
+def test_evaluate_spec_per_set_limits_override(mt, tmp_path):
+    model, tok = mt
+    write_jsonl(tmp_path / "boolq.jsonl", choice_rows(9))
+    write_jsonl(tmp_path / "piqa.jsonl", choice_rows(9))
+    ev = EvaluationSpec(tasks=[str(tmp_path / "boolq.jsonl"), str(tmp_path / "piqa.jsonl")], limit=6,
+                        limits={"piqa": 3})
+    out = evaluate_spec(model, tok, ev)
+    assert out["boolq"]["n"] == 6 and out["piqa"]["n"] == 3
