@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--local", action="store_true", help="run the job in-process instead of through the service")
+    p.add_argument("--out", default="restorelcc-demo", help="where the result goes (default ./restorelcc-demo)")
     p.set_defaults(func=cmd_demo)
 
     try:

@@ -158,3 +158,24 @@ def test_steps_in_pipeline_order():
         out = merged(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     assert (out - hooked).abs().max() <= 1e-5
     assert backend == "tfidf"
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_response_loss_uses_only_response_positions_exactly(kind):
+    """Logits computed only where a response token is predicted give the full-logit loss exactly."""
+    import torch.nn.functional as F
+
+    from worker.model.data import IGNORE
+    from worker.restore.train import response_loss_sum
+
+    model, tok = make_model(kind), make_tokenizer()
+    enc = [encode_pair(tok, r["prompt"], r["response"], 64) for r in instruction_rows(5)]
+    batch = pad_batch([e[0] for e in enc], 1, labels=[e[1] for e in enc])
+    with torch.no_grad():
+        loss, n = response_loss_sum(model, batch)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    target = batch.labels[:, 1:]
+    keep = target != IGNORE
+    ref = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+    assert n == int(keep.sum()) > 0
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-5)

@@ -45,15 +45,22 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 
 def response_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over response tokens, number of those tokens)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    """(sum of next-token cross-entropy over response tokens, number of those tokens).
+
+    Logits are computed only at positions that predict a response token of some row (``logits_to_keep``),
+    which spares the vocabulary projection, and its backward, on prompts and padding.
+    """
     target = batch.labels[:, 1:]
     keep = target != IGNORE
     n = int(keep.sum())
     if n == 0:
-        return logits.new_zeros((), dtype=torch.float32), 0
-    picked = logits[:, :-1][keep].float()
-    return F.cross_entropy(picked, target[keep], reduction="sum"), n
+        return torch.zeros((), dtype=torch.float32, device=batch.input_ids.device), 0
+    positions = keep.any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=positions
+    ).logits
+    picked = logits[keep[:, positions]].float()
+    return F.cross_entropy(picked, target[:, positions][keep[:, positions]], reduction="sum"), n
 
 
 def _epoch_batches(source: BatchSource, epoch: int, gen: torch.Generator) -> Iterator[Batch]:
