@@ -23,7 +23,8 @@ def _minilm_embeddings(texts: Sequence[str], device: str | None, batch_size: int
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(get_model_path()), device=device or "cpu", local_files_only=True)
-    emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True)
+    emb = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                       show_progress_bar=False)
     return np.asarray(emb, dtype=np.float32)
 
 
