@@ -83,20 +83,30 @@ def response_perplexity(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, s
     )
 
 
-def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int) -> list[tuple[list[int], int]]:
-    """(context + choice token ids, number of choice tokens) per (item, choice), items in order."""
+def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int
+                 ) -> list[tuple[list[int], list[int], bool]]:
+    """Rows to run, as (token ids, scored choice token ids, shared), items in order.
+
+    An item whose choices are all one token (BoolQ's " no"/" yes") becomes one row: its context, scored
+    for every choice at the last position. Other items get a row per choice (context + choice tokens).
+    """
     rows = []
     for item in items:
         ctx = list(tokenizer(item.context, add_special_tokens=True)["input_ids"])
-        for choice in item.choices:
-            cont = list(tokenizer(choice, add_special_tokens=False)["input_ids"])
+        conts = [list(tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in item.choices]
+        for choice, cont in zip(item.choices, conts, strict=True):
             if not cont:
                 raise DataError(f"choice {choice!r} encodes to no tokens")
+        if all(len(c) == 1 for c in conts):
+            ids = ctx[-(max_len - 1):] if max_len > 1 else ctx[-1:]
+            rows.append((ids, [c[0] for c in conts], True))
+            continue
+        for choice, cont in zip(item.choices, conts, strict=True):
             ids = (ctx + cont)[-max_len:]  # keep the choice, cut the context's start if too long
             n = min(len(cont), len(ids) - 1)
             if n < 1:
                 raise DataError(f"max_len {max_len} leaves no context before choice {choice!r}")
-            rows.append((ids, n))
+            rows.append((ids, ids[len(ids) - n:], False))
     return rows
 
 
@@ -105,7 +115,7 @@ def choice_logliks(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batc
     """Summed log-likelihood of every choice's tokens given its item's context."""
     rows = _choice_rows(tokenizer, items, max_len)
     pad_id = ensure_pad_token(tokenizer)
-    scores = [0.0] * len(rows)
+    scores: list[list[float]] = [[] for _ in rows]
     order = length_sorted(len(rows), [len(r[0]) for r in rows])
     device = _device(model)
     with torch.no_grad():
@@ -113,15 +123,25 @@ def choice_logliks(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batc
             batch = pad_batch([rows[i][0] for i in idx], pad_id).to(device)
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             for b, i in enumerate(idx):
-                ids, n = rows[i]
+                ids, scored, shared = rows[i]
                 end = len(ids)
-                logp = torch.log_softmax(logits[b, end - n - 1 : end - 1].float(), dim=-1)
-                target = batch.input_ids[b, end - n : end]
-                scores[i] = logp.gather(1, target[:, None]).sum().item()
+                if not shared:
+                    # context + choice: the choice's tokens, each predicted from the position before it
+                    n = len(scored)
+                    logp = torch.log_softmax(logits[b, end - n - 1 : end - 1].float(), dim=-1)
+                    target = torch.tensor(scored, device=logp.device)[:, None]
+                    scores[i] = [logp.gather(1, target).sum().item()]
+                else:
+                    # context only: every one-token choice predicted from the last position
+                    logp = torch.log_softmax(logits[b, end - 1].float(), dim=-1)
+                    scores[i] = logp[torch.tensor(scored, device=logp.device)].tolist()
     out, k = [], 0
     for item in items:
-        out.append(scores[k : k + len(item.choices)])
-        k += len(item.choices)
+        got: list[float] = []
+        while len(got) < len(item.choices):
+            got += scores[k]
+            k += 1
+        out.append(got)
     return out
 
 

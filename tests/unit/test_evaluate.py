@@ -181,3 +181,21 @@ def test_evaluate_spec_per_set_limits_override(mt, tmp_path):
                         limits={"piqa": 3})
     out = evaluate_spec(model, tok, ev)
     assert out["boolq"]["n"] == 6 and out["piqa"]["n"] == 3
+
+
+def test_one_token_choices_share_one_context_row(mt):
+    """Items whose choices are one token each (BoolQ's " no"/" yes") run once per item,
+    and score exactly as one row per choice would."""
+    from worker.evaluate import _choice_rows
+
+    model, tok = mt
+    items = [ChoiceItem(f"Passage {i} about water.\nQuestion: is it wet?\nAnswer:", ["A", "B"], 1)
+             for i in range(4)]
+    assert all(len(tok(c, add_special_tokens=False)["input_ids"]) == 1 for c in ("A", "B"))
+    assert len(_choice_rows(tok, items, 64)) == len(items)
+    got = choice_logliks(model, tok, items, batch_size=3, max_len=64)
+    for item, lls in zip(items, got, strict=True):
+        ctx = tok(item.context)["input_ids"]
+        for choice, ll in zip(item.choices, lls, strict=True):
+            ref, _ = _nll_one(model, ctx + tok(choice, add_special_tokens=False)["input_ids"], len(ctx))
+            assert ll == pytest.approx(-ref, rel=1e-4)
