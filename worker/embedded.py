@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 import time
@@ -59,10 +60,26 @@ class LocalWorker:
                 self.stop.wait(self.settings.poll_interval_s)
 
 
+def watch_parent(parent: int, stop: threading.Event, interval_s: float = 1.0) -> threading.Thread:
+    """Set ``stop`` once ``parent`` is no longer our parent (it died, even by SIGKILL): no orphan workers."""
+
+    def watch() -> None:
+        while not stop.wait(interval_s):
+            if os.getppid() != parent:
+                log.warning("parent process %s is gone; stopping after the current job", parent)
+                stop.set()
+
+    thread = threading.Thread(target=watch, daemon=True, name="parent-watch")
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.embedded", description=__doc__)
     parser.add_argument("--once", action="store_true", help="run at most one queued job, then exit")
     parser.add_argument("--no-migrate", action="store_true")
+    parser.add_argument("--parent", type=int, default=None,
+                        help="stop (after the current job) when this process, the one that started us, is gone")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
@@ -78,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    if args.parent is not None:
+        watch_parent(args.parent, worker.stop)
     worker.run_forever()
     return 0
 

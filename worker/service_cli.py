@@ -213,9 +213,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     upgrade(make_engine(settings.db_url))
     supervisor = None
     if settings.embedded and not args.no_worker:
-        supervisor = _WorkerSupervisor([sys.executable, "-m", "worker.embedded", "--no-migrate"],
-                                       _worker_env(settings))
+        supervisor = _WorkerSupervisor(
+            [sys.executable, "-m", "worker.embedded", "--no-migrate", "--parent", str(os.getpid())],
+            _worker_env(settings),
+        )
         supervisor.start()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so `finally` stops the worker.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
                     log_level=args.log_level)

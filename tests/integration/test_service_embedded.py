@@ -3,6 +3,7 @@ and a local worker (SQLite + local artifacts); `restorelcc submit --wait --downl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -140,3 +141,49 @@ def test_serve_refuses_open_auth_on_a_public_interface(tmp_path):
         env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")},
     )
     assert proc.returncode != 0 and "127.0.0.1" in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """The process has exited (a zombie waiting to be reaped counts as exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if state in "ZX":
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_serve_leaves_no_orphan_worker(tmp_path, tiny_assets, sig):
+    """The local worker goes away with `serve`, whether it is stopped politely or killed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
+    env.update({"PYTHONPATH": str(ROOT), "RESTORELCC_DATA_DIR": str(tmp_path / "d")})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.service_cli", "serve", "--port", str(free_port())],
+        env=env, cwd=tiny_assets.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while not workers:
+            assert proc.poll() is None and time.monotonic() < deadline
+            workers = _children(proc.pid)
+            time.sleep(0.2)
+        time.sleep(2)  # let the worker start its loop
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=30)
+        assert all(_gone(w, 20) for w in workers), f"worker(s) {workers} outlived serve ({sig.name})"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
