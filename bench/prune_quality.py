@@ -23,8 +23,8 @@ SETTINGS = [
     ("magnitude-50%", {"method": "magnitude", "sparsity": 0.5}),
     ("wanda-50%", {"method": "wanda", "sparsity": 0.5}),
     ("sparsegpt-50%", {"method": "sparsegpt", "sparsity": 0.5}),
-    ("wanda-2:4", {"method": "wanda", "pattern": "2:4"}),
     ("sparsegpt-2:4", {"method": "sparsegpt", "pattern": "2:4"}),
+    ("wanda-2:4", {"method": "wanda", "pattern": "2:4"}),
 ]
 
 
@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=500, help="rows of BoolQ / PIQA / OpenBookQA")
     ap.add_argument("--alpaca-limit", type=int, default=300, help="rows of Alpaca valid")
     ap.add_argument("--out", default=str(RESULTS / "prune"))
+    ap.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
     args = ap.parse_args()
 
     from app.schemas import JobSpec
@@ -44,7 +45,10 @@ def main() -> int:
     model = demo_model()
     out_root = Path(args.out)
     reports: dict[str, dict] = {}
+    wanted = set(args.only.split(",")) if args.only else None
     for i, (name, pruning) in enumerate(SETTINGS):
+        if wanted is not None and name not in wanted:
+            continue
         out = out_root / name
         if (out / "report.json").is_file():
             reports[name] = json.loads((out / "report.json").read_text())
@@ -104,7 +108,7 @@ def write_markdown(reports: dict[str, dict], args: argparse.Namespace) -> None:
     for name, r in reports.items():
         if "2:4" in name:
             nm_lines.append(f"- {name}: every pruned Linear has the exact 2:4 pattern: "
-                            f"**{r['sparsity'].get('nm_exact')}**")
+                            f"**{r['sparsity'].get('nm_ok')}**")
     env = next(iter(reports.values()))["environment"] if reports else {}
     text = f"""# Pruning quality: SmolLM2-135M-Instruct
 

@@ -282,7 +282,7 @@ def _after_pruned(state: RunState, progress: StageProgress, reporter: Reporter) 
     """Sparsity and metrics of the pruned model (given already pruned, or just pruned)."""
     from worker.prune.measure import measure_sparsity, zero_masks
 
-    state.report["sparsity"] = measure_sparsity(state.adapter)
+    state.report["sparsity"] = measure_sparsity(state.adapter, nm=state.spec.pruning.nm)
     state.zero_masks = zero_masks(state.adapter)
     reporter.metrics({"sparsity": state.report["sparsity"]["overall"]})
     checkpoint(reporter)

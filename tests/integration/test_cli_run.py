@@ -170,6 +170,7 @@ def test_exported_logits_match_in_memory(tmp_path, data_dir):
     proc, _ = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["sparsity"]["nm_ok"] is True and abs(report["sparsity"]["overall"] - 0.5) < 1e-9
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
     from worker.evaluate import perplexity
     from worker.model.data import read_texts
