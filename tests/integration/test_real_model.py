@@ -1,0 +1,77 @@
+"""The real demo model (SmolLM2-135M-Instruct) through the pipeline: slow tier (`scripts/test.sh -m slow`).
+
+The exported directory must reload with plain transformers and give exactly the numbers the report holds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny import instruction_rows, text_rows, write_jsonl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SHARED = Path(os.environ.get("RESTORELCC_SHARED_DATA", Path(__file__).parents[3] / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """Real Alpaca/WikiText rows when ../shared/data is here, else small generated sets."""
+    d = tmp_path_factory.mktemp("data")
+    if (SHARED / "alpaca" / "train.jsonl").is_file():
+        return {"train": str(SHARED / "alpaca" / "train.jsonl"),
+                "text": str(SHARED / "eval" / "wikitext_sentences.jsonl")}
+    return {"train": str(write_jsonl(d / "train.jsonl", instruction_rows(64))),
+            "text": str(write_jsonl(d / "text.jsonl", text_rows(40)))}
+
+
+def _run(tmp_path: Path, data: dict[str, str], restoration: dict) -> tuple[dict, Path]:
+    from app.schemas import JobSpec
+    from worker.assets import demo_model_dir
+    from worker.pipeline import run_pipeline
+    from worker.reporting import NullReporter
+
+    spec = JobSpec.model_validate({
+        "model": {"id": str(demo_model_dir()), "dtype": "float32"},
+        "pruning": {"method": "wanda", "sparsity": 0.5, "calibration_samples": 8, "seq_len": 128},
+        "restoration": restoration,
+        "data": {"train": data["train"]},
+        "evaluation": {"perplexity": [data["text"]], "limit": 24, "max_seq_len": 128, "dense": False},
+    })
+    out = tmp_path / "out"
+    return run_pipeline(spec, out, NullReporter()), out
+
+
+def _ppl_of_export(out: Path, text_path: str) -> float:
+    from worker.evaluate import perplexity
+    from worker.model.data import read_texts
+    from worker.model.load import load_model, resolve_source
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()  # plain transformers
+    _, tok = load_model(resolve_source(str(out / "model")), "float32")
+    with torch.no_grad():
+        return perplexity(model, tok, read_texts(text_path, limit=24), batch_size=8, max_len=128)["ppl"]
+
+
+def test_pruned_smollm2_reloads_with_the_reported_numbers(tmp_path, data):
+    report, out = _run(tmp_path, data, {"method": "none"})
+    assert abs(report["sparsity"]["overall"] - 0.5) < 1e-3
+    name = Path(data["text"]).stem
+    assert _ppl_of_export(out, data["text"]) == pytest.approx(report["metrics"]["pruned"][name]["ppl"], rel=1e-6)
+
+
+def test_restored_smollm2_reloads_merged_and_exact(tmp_path, data):
+    report, out = _run(tmp_path, data, {
+        "method": "restorelcc", "heads": 0.1, "probe_samples": 32, "max_steps": 3, "batch_size": 4,
+        "max_seq_len": 128,
+    })
+    assert report["checks"]["zeros_identical"] is True
+    assert report["checks"]["merged_vs_hooked_max_abs_diff"] <= 1e-4
+    assert report["restoration"]["trainable_params"] == 2 * 27 * 64
+    name = Path(data["text"]).stem
+    assert _ppl_of_export(out, data["text"]) == pytest.approx(report["metrics"]["restored"][name]["ppl"], rel=1e-6)
