@@ -175,3 +175,15 @@ def check_downloaded_model(model_dir: Path, report: dict[str, Any]) -> None:
         w = model.get_submodule(name).weight
         assert abs(float((w == 0).float().mean()) - fraction) < 1e-9, name
     assert abs(report["sparsity"]["overall"] - 0.5) < 0.01
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3-compatible server (moto's server mode) on 127.0.0.1 for the module's tests."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

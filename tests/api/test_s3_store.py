@@ -12,18 +12,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.schemas import JobStatus
 from app.store.artifacts import ArtifactNotFound, S3Store, job_key, job_prefix, verify
-from tests.conftest import KEYS, api_settings, free_port
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+from tests.conftest import KEYS, api_settings
 
 
 def _store(endpoint: str, bucket: str) -> S3Store:

@@ -5,27 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from app.config import Settings
 from app.schemas import JobSpec, JobStatus
 from app.store.artifacts import S3Store, verify
 from app.store.db import make_engine, upgrade
 from app.store.jobs import JobStore
 from app.store.models import utcnow
-from tests.conftest import free_port
 from worker.tasks import Outcome, WorkerContext, is_out_of_memory, make_context, run_job
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 def _ctx(tmp_path: Path, assets, **overrides) -> WorkerContext:
