@@ -1,0 +1,237 @@
+"""What the quality benchmark runs: pruning settings, restoration methods, the shared budget, job specs.
+
+Pure: no torch, no file I/O beyond path arithmetic. Every run is one (setting, method, seed); the pruned
+model of a setting is made once (pruning seed 0) and every method restores that same model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str  # folder and --only name
+    label: str
+    pruning: dict[str, Any]
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("wanda-50", "Wanda 50% unstructured", {"method": "wanda", "sparsity": 0.5}),
+    Setting("sparsegpt-2-4", "SparseGPT 2:4", {"method": "sparsegpt", "pattern": "2:4"}),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    restoration: dict[str, Any]
+    lr: str  # which learning-rate flag: "offsets" (RestoreLCC and bias) or "adapter" (LoRA and DoRA)
+    main: bool  # repeated over every seed
+    forms: tuple[str, ...] = ("",)  # rows one run produces: "" (the restored model) or "unmerged"/"merged"
+
+
+METHODS: tuple[Method, ...] = (
+    Method("restorelcc", "RestoreLCC (probed heads)", {"method": "restorelcc", "head_selection": "probe"},
+           "offsets", True),
+    Method("restorelcc-random", "RestoreLCC (random heads)", {"method": "restorelcc", "head_selection": "random"},
+           "offsets", False),
+    Method("bias-probe", "bias only (RestoreLCC's heads)", {"method": "bias", "head_selection": "probe"},
+           "offsets", False),
+    Method("bias-all", "bias only (all heads)", {"method": "bias", "head_selection": "all"}, "offsets", True),
+    Method("lora", "LoRA r=8 q,v", {"method": "lora"}, "adapter", True, ("unmerged", "merged")),
+    Method("dora", "DoRA r=8 q,v", {"method": "dora"}, "adapter", False, ("unmerged", "merged")),
+)
+
+FORM_LABELS = {"": "", "unmerged": "unmerged adapter", "merged": "merged, mask re-applied"}
+
+
+def row_key(method: str, form: str) -> str:
+    return f"{method}/{form}" if form else method
+
+
+def row_label(method: Method, form: str) -> str:
+    return f"{method.label}, {FORM_LABELS[form]}" if form else method.label
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything shared by all runs: the training budget, the data and the evaluation limits."""
+
+    steps: int = 50
+    batch_size: int = 8
+    lr_offsets: float = 1e-2
+    lr_adapter: float = 1e-3
+    heads: float = 0.1
+    probe_samples: int = 256
+    train_samples: int = 2000
+    max_seq_len: int = 256
+    calibration_samples: int = 128
+    calibration_seq_len: int = 256
+    task_limit: int = 500
+    alpaca_limit: int = 300
+    wikitext_limit: int | None = None  # all 1,000 sentences
+    eval_batch_size: int = 8
+    eval_max_seq_len: int = 512
+    seeds: tuple[int, ...] = (0, 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seeds"] = list(self.seeds)
+        return d
+
+
+QUICK = {
+    "steps": 3, "batch_size": 2, "task_limit": 4, "alpaca_limit": 4, "wikitext_limit": 8, "probe_samples": 8,
+    "train_samples": 32, "calibration_samples": 2, "calibration_seq_len": 32, "max_seq_len": 64,
+    "eval_max_seq_len": 128,
+}
+
+
+@dataclass(frozen=True)
+class Data:
+    train: str
+    wikitext: str
+    alpaca_valid: str
+    tasks: tuple[str, ...]  # boolq, piqa, openbookqa
+
+
+def evaluation(data: Data, b: Budget, alpaca: str | None = None, alpaca_limit: int | None = None,
+               tasks: bool = True, wikitext: bool = True) -> dict[str, Any]:
+    """The evaluation section (EvaluationSpec fields); ``alpaca`` swaps in another response set (search)."""
+    alpaca = alpaca or data.alpaca_valid
+    limits = {Path(alpaca).stem: alpaca_limit or b.alpaca_limit}
+    if tasks:
+        limits.update({Path(t).stem: b.task_limit for t in data.tasks})
+    if b.wikitext_limit is not None and wikitext:
+        limits[Path(data.wikitext).stem] = b.wikitext_limit
+    return {
+        "perplexity": [data.wikitext] if wikitext else [],
+        "response_perplexity": [alpaca],
+        "tasks": list(data.tasks) if tasks else [],
+        "limit": None,
+        "limits": limits,
+        "batch_size": b.eval_batch_size,
+        "max_seq_len": b.eval_max_seq_len,
+        "dense": False,
+    }
+
+
+def pruning_spec(setting: Setting, b: Budget) -> dict[str, Any]:
+    return {**setting.pruning, "calibration_samples": b.calibration_samples, "seq_len": b.calibration_seq_len}
+
+
+def prune_job(setting: Setting, b: Budget, data: Data, dense_dir: str, ev: dict[str, Any] | None) -> dict[str, Any]:
+    """Prune the dense model (restoration none); ``ev`` None evaluates nothing. Pruning seed is always 0."""
+    return {
+        "model": {"id": dense_dir, "dtype": "float32"},
+        "pruning": pruning_spec(setting, b),
+        "restoration": {"method": "none"},
+        "data": {"calibration": data.train},
+        "evaluation": ev or {"dense": False},
+        "seed": 0,
+    }
+
+
+def restoration_spec(method: Method, b: Budget, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    r = {
+        **method.restoration,
+        "heads": b.heads,
+        "probe_samples": b.probe_samples,
+        "train_samples": b.train_samples,
+        "max_steps": b.steps,
+        "batch_size": b.batch_size,
+        "lr": b.lr_offsets if method.lr == "offsets" else b.lr_adapter,
+        "max_seq_len": b.max_seq_len,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_targets": ["q_proj", "v_proj"],
+    }
+    r.update(overrides or {})
+    return r
+
+
+def restore_job(method: Method, b: Budget, data: Data, pruned_dir: str, dense_dir: str, seed: int,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore the cached pruned model (pruning 'none'); evaluation is done outside the pipeline.
+
+    ``model.dense`` is given to every method, not only those that need dense activations: the pipeline
+    starts a restoration's state while the dense model is loaded, so without it a LoRA, DoRA or bias
+    (random/all heads) run on an already-pruned model finds no state. Nothing dense is evaluated."""
+    return {
+        "model": {"id": pruned_dir, "dtype": "float32", "dense": dense_dir},
+        "pruning": {"method": "none"},
+        "restoration": restoration_spec(method, b, overrides),
+        "data": {"train": data.train},
+        "evaluation": {"dense": False},
+        "output": {"format": "adapter" if method.forms != ("",) else "merged"},
+        "seed": seed,
+    }
+
+
+def fingerprint(job: dict[str, Any], ev: dict[str, Any] | None, pruned_by: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+    """What a stored result must match to be reused: the job without model paths, the evaluation, and how
+    the restored model was pruned (for jobs that start from the cached pruned model)."""
+    job = {k: v for k, v in job.items() if k != "model"}
+    return {"job": job, "evaluation": ev, "pruned_by": pruned_by}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """``--only`` patterns: SETTING, SETTING/METHOD, with shell wildcards (``*/lora``, ``wanda-50/bias-*``)."""
+
+    patterns: tuple[str, ...] = field(default_factory=tuple)
+
+    def wants(self, setting: str, method: str | None = None) -> bool:
+        if not self.patterns:
+            return True
+        for p in self.patterns:
+            s, _, m = p.partition("/")
+            if not fnmatch.fnmatchcase(setting, s):
+                continue
+            if method is None or not m or fnmatch.fnmatchcase(method, m):
+                return True
+        return False
+
+
+def parse_only(values: list[str] | None) -> Selection:
+    out: list[str] = []
+    for v in values or []:
+        out += [p.strip() for p in v.split(",") if p.strip()]
+    known_s = {s.key for s in SETTINGS}
+    known_m = {m.key for m in METHODS} | {"pruned"}
+    for p in out:
+        s, _, m = p.partition("/")
+        if not any(fnmatch.fnmatchcase(k, s) for k in known_s):
+            raise ValueError(f"--only {p}: no setting matches {s!r} (settings: {', '.join(sorted(known_s))})")
+        if m and not any(fnmatch.fnmatchcase(k, m) for k in known_m):
+            raise ValueError(f"--only {p}: no method matches {m!r} (methods: {', '.join(sorted(known_m))})")
+    return Selection(tuple(out))
+
+
+def seeds_for(method: Method, b: Budget) -> tuple[int, ...]:
+    """Main rows run every seed; the others the first seed only."""
+    return b.seeds if method.main else b.seeds[:1]
+
+
+def plan(b: Budget, only: Selection) -> list[tuple[Setting, Method, int]]:
+    return [
+        (s, m, seed)
+        for s in SETTINGS
+        for m in METHODS
+        for seed in seeds_for(m, b)
+        if only.wants(s.key, m.key)
+    ]
+
+
+def method_by_key(key: str) -> Method:
+    return next(m for m in METHODS if m.key == key)
+
+
+def setting_by_key(key: str) -> Setting:
+    return next(s for s in SETTINGS if s.key == key)

@@ -1,0 +1,288 @@
+"""Turning stored results into the table (markdown, the paper's layout) and the chart. Pure except the PNG."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.quality import plan
+
+ALPACA = "valid"  # set name of alpaca/valid.jsonl in the metrics
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    path: tuple[str, ...]  # into a row: ("metrics", set, key) or a top-level key
+    kind: str  # "ppl", "acc", "int", "sec"
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("WikiText ppl", ("metrics", "wikitext_sentences", "ppl"), "ppl"),
+    Column("Alpaca resp. ppl", ("metrics", ALPACA, "response_ppl"), "ppl"),
+    Column("BoolQ acc", ("metrics", "boolq", "acc"), "acc"),
+    Column("BoolQ norm", ("metrics", "boolq", "acc_norm"), "acc"),
+    Column("PIQA acc", ("metrics", "piqa", "acc"), "acc"),
+    Column("PIQA norm", ("metrics", "piqa", "acc_norm"), "acc"),
+    Column("OBQA acc", ("metrics", "openbookqa", "acc"), "acc"),
+    Column("OBQA norm", ("metrics", "openbookqa", "acc_norm"), "acc"),
+    Column("mean acc", ("metrics", "mean_acc"), "acc"),
+    Column("trainable params", ("trainable_params",), "int"),
+    Column("train s", ("train_seconds",), "sec"),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+
+
+def row_order() -> list[Row]:
+    rows = [Row("dense", "dense"), Row("pruned", "pruned")]
+    for m in plan.METHODS:
+        rows += [Row(plan.row_key(m.key, f), plan.row_label(m, f)) for f in m.forms]
+    return rows
+
+
+def _get(row: dict[str, Any], path: Sequence[str]) -> float | None:
+    cur: Any = row
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return float(cur) if isinstance(cur, int | float) else None
+
+
+def collect(results: list[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{setting: {row key: [row dict per seed, in seed order]}}."""
+    out: dict[str, dict[str, list[tuple[int, dict[str, Any]]]]] = {}
+    for r in results:
+        if r.get("setting") is None:
+            continue
+        for key, row in r["rows"].items():
+            out.setdefault(r["setting"], {}).setdefault(key, []).append((int(r["seed"]), row))
+    return {s: {k: [row for _, row in sorted(v, key=lambda t: t[0])] for k, v in rows.items()}
+            for s, rows in out.items()}
+
+
+def spread(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: Sequence[float], kind: str) -> str:
+    if not values:
+        return "—"
+    mean, sd = spread(values)
+    if kind == "int":
+        return f"{mean:,.0f}"
+    scale, digits = (100.0, 1) if kind == "acc" else (1.0, 2 if kind == "ppl" else 0)
+    text = f"{scale * mean:.{digits}f}"
+    if sd is not None:
+        text += f" ± {scale * sd:.{digits}f}"
+    return text
+
+
+def table(rows_by_key: dict[str, list[dict[str, Any]]], dense: dict[str, Any] | None) -> str:
+    """One setting's markdown table: dense, pruned, then every method row present (others shown as not run)."""
+    header = ["method", "seeds", *(c.header for c in COLUMNS), "resp. ppl vs pruned"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    pruned = rows_by_key.get("pruned") or []
+    pruned_ppl = _get(pruned[0], COLUMNS[1].path) if pruned else None
+    for row in row_order():
+        runs = [dense] if row.key == "dense" and dense else rows_by_key.get(row.key, [])
+        if not runs:
+            lines.append(f"| {row.label} | 0 |" + " — |" * (len(COLUMNS) + 1))
+            continue
+        cells = [row.label, str(len(runs))]
+        for c in COLUMNS:
+            vals = [v for v in (_get(r, c.path) for r in runs) if v is not None]
+            cells.append("—" if row.key == "dense" and c.kind in ("int", "sec") else fmt(vals, c.kind))
+        ppl = [v for v in (_get(r, COLUMNS[1].path) for r in runs) if v is not None]
+        if pruned_ppl and ppl and row.key not in ("dense", "pruned"):
+            cells.append(f"{100 * (statistics.fmean(ppl) / pruned_ppl - 1):+.1f}%")
+        else:
+            cells.append("—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def head_overlap(results: list[dict[str, Any]], setting: str) -> list[tuple[int, int, int]]:
+    """(seed, shared heads, heads) between RestoreLCC (probed) and bias-probe runs of the same seed."""
+    heads: dict[tuple[str, int], set[tuple[int, int]]] = {}
+    for r in results:
+        if r.get("setting") == setting and r["method"] in ("restorelcc", "bias-probe"):
+            heads[(r["method"], int(r["seed"]))] = {tuple(h) for h in r["info"].get("chosen_heads", [])}
+    out = []
+    for (m, seed), a in sorted(heads.items()):
+        if m == "restorelcc" and ("bias-probe", seed) in heads:
+            out.append((seed, len(a & heads[("bias-probe", seed)]), len(a)))
+    return out
+
+
+def notes(results: list[dict[str, Any]], setting: str) -> list[str]:
+    """Per-setting facts worth a line: head overlap, adapter overheads, what re-masking discarded."""
+    lines = []
+    for seed, shared, n in head_overlap(results, setting):
+        lines.append(f"Heads of bias-only (RestoreLCC's heads) vs RestoreLCC, seed {seed}: {shared} of {n} shared.")
+    seen = set()
+    for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
+        if r.get("setting") != setting or r["method"] not in ("lora", "dora") or r["method"] in seen:
+            continue
+        seen.add(r["method"])
+        info = r["info"]
+        o = info.get("unmerged_inference_overhead") or {}
+        name = "LoRA" if r["method"] == "lora" else "DoRA"
+        if o:
+            rel = o.get("extra_flops_per_token_rel")
+            text = (f"{name} unmerged: {o['extra_params']:,} extra parameters, {o['extra_matmuls_per_token']} extra "
+                    f"matmuls and {o['extra_flops_per_token']:,} extra FLOPs per token"
+                    + (f" (+{100 * rel:.2f}% of the model's linear-layer FLOPs)" if rel is not None else ""))
+            if "extra_flops_per_forward" in o:
+                text += f", plus {o['extra_flops_per_forward']:,} FLOPs per forward pass for the weight norm"
+            lines.append(text + ".")
+        if "remask_update_lost_rel" in info:
+            lines.append(f"{name} merged: re-applying the mask discarded {100 * info['remask_update_lost_rel']:.1f}% "
+                         f"of the update's norm ({info.get('remasked_weights', 0):,} weights), seed {r['seed']}.")
+    return lines
+
+
+def timings(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in sorted(results, key=lambda r: (r.get("setting") or "", r["method"], r["seed"])):
+        s = r.get("seconds") or {}
+        if "total" not in s:
+            continue
+        st = s.get("stages", {})
+        rows.append([r.get("setting"), r["method"], r["seed"], s.get("total"), s.get("train"),
+                     st["probing"] + st.get("extracting", 0) if "probing" in st else None,
+                     s.get("eval_merged"), s.get("eval_unmerged")])
+    header = ["setting", "method", "seed", "total s", "train s", "probe+extract s", "eval s", "eval unmerged s"]
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "—"
+        return f"{v:.0f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget: dict[str, Any],
+             command: str, env: dict[str, Any] | None, chart: str | None = "results.png",
+             results_dir: str = "bench/results/quality") -> str:
+    """The whole results page."""
+    by_setting = collect(results)
+    dense_row = (dense or {}).get("rows", {}).get("dense")
+    b = budget
+    wl = "all 1,000" if b.get("wikitext_limit") is None else f"the first {b['wikitext_limit']}"
+    parts = [
+        "# Restoration quality on SmolLM2-135M-Instruct: RestoreLCC vs LoRA, DoRA and bias baselines",
+        "",
+        f"Produced by `{command}` (results, one JSON per setting, method and seed: `{results_dir}/`; "
+        "the command resumes from them).",
+        "",
+        "**Settings.** One pruned model per setting (calibration "
+        f"{b['calibration_samples']} × {b['calibration_seq_len']} tokens of `alpaca/train.jsonl`, pruning seed 0), "
+        "restored by every method from the same saved copy. Every method gets the same budget: "
+        f"{b['steps']} AdamW steps × batch {b['batch_size']} of `alpaca/train.jsonl` pairs (first "
+        f"{b['train_samples']} rows, loss on response tokens, max {b['max_seq_len']} tokens), the seed's "
+        f"shuffle. RestoreLCC and the bias rows: lr {b['lr_offsets']:g}, heads {b['heads']:g} of all (probing on "
+        f"{b['probe_samples']} pairs). LoRA/DoRA: r 8, alpha 16, q_proj and v_proj, lr {b['lr_adapter']:g}. "
+        "'merged, mask re-applied' is the model the pipeline exports (the same sparsity as the pruned model); "
+        "'unmerged adapter' is the pruned model with the adapter on top (peft), which costs extra inference "
+        "(below). Rows marked with more than one seed show mean ± sample standard deviation over restoration "
+        "seeds (the pruned model is the same).",
+        "",
+        f"**Evaluation.** WikiText-103 sentences ({wl}, token perplexity); Alpaca-valid response perplexity "
+        f"(rows 0..{b['alpaca_limit'] - 1}, prompt tokens not scored); BoolQ, PIQA and OpenBookQA (first "
+        f"{b['task_limit']} rows each, zero-shot, lm-evaluation-harness scoring: acc, and acc_norm per "
+        "character), accuracies in %; mean acc = mean of the three acc. "
+        "'resp. ppl vs pruned' = change of the Alpaca response perplexity relative to the pruned model.",
+    ]
+    if env:
+        parts += ["", f"**Machine.** {env.get('device')} ({env.get('cpu')}, {env.get('cpus')} CPUs, "
+                      f"{env.get('threads')} torch threads), Python {env.get('python')}, torch {env.get('torch')}."]
+    for setting in plan.SETTINGS:
+        rows = by_setting.get(setting.key, {})
+        parts += ["", f"## {setting.label}", ""]
+        if not rows:
+            parts.append("Not run yet.")
+            continue
+        pruned = [r for r in results if r.get("setting") == setting.key and r["method"] == "pruned"]
+        if pruned and pruned[0].get("info", {}).get("sparsity") is not None:
+            parts += [f"Measured sparsity of the prunable weights: {100 * pruned[0]['info']['sparsity']:.2f}%.", ""]
+        parts.append(table(rows, dense_row))
+        extra = notes(results, setting.key)
+        if extra:
+            parts += [""] + [f"- {t}" for t in extra]
+    if chart:
+        parts += ["", f"![Response perplexity, WikiText perplexity and mean accuracy per method]({chart})"]
+    parts += ["", "## Time per run", "", "Seconds on the machine above (the pruning run includes the dense and "
+              "pruned evaluations).", "", timings(results), ""]
+    return "\n".join(parts)
+
+
+CHART_METRICS = ((COLUMNS[1], "Alpaca response ppl ↓"), (COLUMNS[0], "WikiText ppl ↓"), (COLUMNS[8], "mean acc % ↑"))
+
+
+def chart(results: list[dict[str, Any]], dense: dict[str, Any] | None, path: Path) -> Path | None:
+    """Horizontal bars per method (error bars: sd over seeds), one row of panels per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_setting = collect(results)
+    settings = [s for s in plan.SETTINGS if s.key in by_setting]
+    if not settings:
+        return None
+    dense_row = (dense or {}).get("rows", {}).get("dense")
+    order = row_order()
+    fig, axes = plt.subplots(len(settings), len(CHART_METRICS), figsize=(15, 0.45 * len(order) * len(settings) + 1.5),
+                             squeeze=False)
+    for i, s in enumerate(settings):
+        rows = by_setting[s.key]
+        for j, (col, title) in enumerate(CHART_METRICS):
+            ax = axes[i][j]
+            labels, means, errs, colors = [], [], [], []
+            for row in order:
+                runs = [dense_row] if row.key == "dense" and dense_row else rows.get(row.key, [])
+                vals = [v for v in (_get(r, col.path) for r in runs) if v is not None]
+                labels.append(row.label)
+                if not vals:
+                    means.append(math.nan)
+                    errs.append(0.0)
+                else:
+                    scale = 100.0 if col.kind == "acc" else 1.0
+                    mean, sd = spread(vals)
+                    means.append(scale * mean)
+                    errs.append(scale * (sd or 0.0))
+                colors.append({"dense": "0.35", "pruned": "0.65"}.get(row.key, f"C{order.index(row) % 10}"))
+            y = list(range(len(labels)))
+            ax.barh(y, [0 if math.isnan(m) else m for m in means], xerr=errs, color=colors, capsize=3)
+            for yy, m in zip(y, means, strict=True):
+                if math.isnan(m):
+                    ax.text(0, yy, " not run", va="center", fontsize=7, color="0.5")
+                else:
+                    ax.text(m, yy, f" {m:.1f}" if col.kind == "acc" else f" {m:.2f}", va="center", fontsize=7)
+            ax.set_yticks(y)
+            ax.set_yticklabels(labels if j == 0 else [], fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{s.label}: {title}", fontsize=9)
+            finite = [m for m in means if not math.isnan(m)]
+            if finite:
+                ax.set_xlim(0, 1.18 * max(finite))
+            ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

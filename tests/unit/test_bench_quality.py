@@ -1,0 +1,171 @@
+"""The quality benchmark's pure parts: the plan, --only, resume fingerprints, the table and the chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.schemas import JobSpec
+from bench.quality import plan, render
+from bench.quality.runner import Store
+from bench.quality.search import grid, write_selection
+
+DATA = plan.Data(train="/d/train.jsonl", wikitext="/d/wikitext_sentences.jsonl", alpaca_valid="/d/valid.jsonl",
+                 tasks=("/d/boolq.jsonl", "/d/piqa.jsonl", "/d/openbookqa.jsonl"))
+
+
+def _metrics(ppl: float, acc: float) -> dict:
+    return {
+        "wikitext_sentences": {"ppl": ppl * 2, "nll": 1.0, "tokens": 10},
+        "valid": {"response_ppl": ppl, "nll": 1.0, "tokens": 10},
+        "boolq": {"acc": acc, "acc_norm": acc, "n": 4},
+        "piqa": {"acc": acc, "acc_norm": acc, "n": 4},
+        "openbookqa": {"acc": acc, "acc_norm": acc, "n": 4},
+        "mean_acc": acc,
+    }
+
+
+def _result(setting: str, method: str, seed: int, rows: dict, info: dict | None = None) -> dict:
+    return {"setting": setting, "method": method, "seed": seed, "rows": rows, "info": info or {},
+            "seconds": {"total": 12.0, "train": 3.0, "eval_merged": 5.0, "stages": {"probing": 1.0}}}
+
+
+def _fake_results() -> tuple[list[dict], dict]:
+    dense = {"rows": {"dense": {"metrics": _metrics(10.0, 0.6)}}}
+    res = [
+        _result("wanda-50", "pruned", 0, {"pruned": {"metrics": _metrics(20.0, 0.5), "trainable_params": 0}},
+                {"sparsity": 0.5}),
+        _result("wanda-50", "restorelcc", 0, {"restorelcc": {"metrics": _metrics(15.0, 0.52),
+                                                             "trainable_params": 100, "train_seconds": 3.0}},
+                {"chosen_heads": [[0, 1], [2, 3], [4, 5]]}),
+        _result("wanda-50", "restorelcc", 1, {"restorelcc": {"metrics": _metrics(17.0, 0.54),
+                                                             "trainable_params": 100, "train_seconds": 5.0}},
+                {"chosen_heads": [[0, 1]]}),
+        _result("wanda-50", "bias-probe", 0, {"bias-probe": {"metrics": _metrics(16.0, 0.5),
+                                                             "trainable_params": 10, "train_seconds": 1.0}},
+                {"chosen_heads": [[0, 1], [2, 3], [9, 9]]}),
+        _result("wanda-50", "lora", 0, {
+            "lora/unmerged": {"metrics": _metrics(14.0, 0.55), "trainable_params": 999, "train_seconds": 4.0},
+            "lora/merged": {"metrics": _metrics(18.0, 0.51), "trainable_params": 999, "train_seconds": 4.0},
+        }, {"unmerged_inference_overhead": {"extra_params": 999, "extra_matmuls_per_token": 4,
+                                            "extra_flops_per_token": 3996, "extra_flops_per_token_rel": 0.01},
+            "remask_update_lost_rel": 0.5, "remasked_weights": 7}),
+    ]
+    return res, dense
+
+
+def test_plan_main_rows_run_every_seed_others_first_seed_only() -> None:
+    b = plan.Budget(seeds=(0, 1))
+    runs = plan.plan(b, plan.Selection())
+    count = {(s.key, m.key): 0 for s, m, _ in runs}
+    for s, m, _ in runs:
+        count[(s.key, m.key)] += 1
+    assert count[("wanda-50", "restorelcc")] == 2 and count[("wanda-50", "lora")] == 2
+    assert count[("sparsegpt-2-4", "bias-all")] == 2
+    assert count[("wanda-50", "dora")] == 1 and count[("wanda-50", "restorelcc-random")] == 1
+    assert len(runs) == 2 * (3 * 2 + 3)
+
+
+def test_only_selects_and_rejects_unknown_names() -> None:
+    sel = plan.parse_only(["wanda-50/restorelcc,wanda-50/bias-*", "*/lora"])
+    runs = {(s.key, m.key) for s, m, _ in plan.plan(plan.Budget(), sel)}
+    assert runs == {("wanda-50", "restorelcc"), ("wanda-50", "bias-probe"), ("wanda-50", "bias-all"),
+                    ("wanda-50", "lora"), ("sparsegpt-2-4", "lora")}
+    assert plan.parse_only(["sparsegpt-2-4"]).wants("sparsegpt-2-4", "dora")
+    assert not plan.parse_only(["sparsegpt-2-4"]).wants("wanda-50", "dora")
+    with pytest.raises(ValueError, match="no setting"):
+        plan.parse_only(["wanda-60/lora"])
+    with pytest.raises(ValueError, match="no method"):
+        plan.parse_only(["wanda-50/lorax"])
+
+
+def test_jobs_are_valid_specs_with_equal_budgets() -> None:
+    b = plan.Budget(steps=7, lr_offsets=0.02, lr_adapter=3e-4)
+    ev = plan.evaluation(DATA, b)
+    prune = JobSpec.model_validate(plan.prune_job(plan.SETTINGS[1], b, DATA, "/m/dense", ev))
+    assert prune.pruning.pattern == "2:4" and prune.restoration.method == "none" and prune.seed == 0
+    assert prune.evaluation.limits == {"valid": 300, "boolq": 500, "piqa": 500, "openbookqa": 500}
+    specs = {m.key: JobSpec.model_validate(plan.restore_job(m, b, DATA, "/m/pruned", "/m/dense", 3))
+             for m in plan.METHODS}
+    for s in specs.values():
+        assert s.pruning.method == "none" and s.seed == 3
+        assert (s.restoration.max_steps, s.restoration.batch_size, s.data.train) == (7, 8, DATA.train)
+    assert all(s.model.dense == "/m/dense" for s in specs.values())  # the pipeline needs it for every method
+    assert specs["restorelcc"].evaluation.dense is False
+    assert specs["lora"].restoration.lr == 3e-4 and specs["bias-all"].restoration.lr == 0.02
+    assert specs["bias-probe"].restoration.head_selection == "probe"
+    assert specs["dora"].output.format == "adapter"
+
+
+def test_store_reuses_matching_results_and_sets_aside_stale_ones(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    b = plan.Budget()
+    m = plan.method_by_key("lora")
+    fp = plan.fingerprint(plan.restore_job(m, b, DATA, "/a", "/d", 0), plan.evaluation(DATA, b), {"x": 1})
+    path = store.result("wanda-50", "lora", 0)
+    store.save(path, {"setting": "wanda-50", "method": "lora", "seed": 0, "rows": {}, "fingerprint": fp})
+    # model paths do not matter; anything else does
+    fp_other_path = plan.fingerprint(plan.restore_job(m, b, DATA, "/b", "/e", 0), plan.evaluation(DATA, b), {"x": 1})
+    assert store.load(path, fp_other_path) is not None
+    assert [r["method"] for r in store.all_results()] == ["lora"]
+    b2 = plan.Budget(steps=51)
+    fp2 = plan.fingerprint(plan.restore_job(m, b2, DATA, "/a", "/d", 0), plan.evaluation(DATA, b2), {"x": 1})
+    assert store.load(path, fp2) is None
+    assert not path.exists() and path.with_suffix(".stale.json").is_file()
+    assert store.all_results() == []
+
+
+def test_fmt_shows_mean_and_spread() -> None:
+    assert render.fmt([0.5], "acc") == "50.0"
+    assert render.fmt([0.5, 0.6], "acc") == "55.0 ± 7.1"
+    assert render.fmt([10.0, 12.0], "ppl") == "11.00 ± 1.41"
+    assert render.fmt([1234.0], "int") == "1,234"
+    assert render.fmt([], "ppl") == "—"
+
+
+def test_table_has_every_row_in_order_with_seeds_spread_and_missing_rows() -> None:
+    res, dense = _fake_results()
+    rows = render.collect(res)["wanda-50"]
+    text = render.table(rows, dense["rows"]["dense"])
+    lines = text.splitlines()
+    labels = [ln.split("|")[1].strip() for ln in lines[2:]]
+    assert labels == [r.label for r in render.row_order()]
+    by = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in lines[2:]}
+    rlcc = by["RestoreLCC (probed heads)"]
+    assert rlcc[0] == "2" and rlcc[2] == "16.00 ± 1.41" and rlcc[-1] == "-20.0%"
+    assert by["pruned"][2] == "20.00" and by["dense"][2] == "10.00" and by["dense"][-3] == "—"
+    assert by["LoRA r=8 q,v, unmerged adapter"][2] == "14.00"
+    assert by["LoRA r=8 q,v, merged, mask re-applied"][-1] == "-10.0%"
+    assert by["DoRA r=8 q,v, merged, mask re-applied"][0] == "0"  # not run: shown, empty
+
+
+def test_notes_report_head_overlap_and_adapter_overhead() -> None:
+    res, _ = _fake_results()
+    assert render.head_overlap(res, "wanda-50") == [(0, 2, 3)]
+    text = "\n".join(render.notes(res, "wanda-50"))
+    assert "seed 0: 2 of 3 shared" in text
+    assert "999 extra parameters" in text and "+1.00%" in text and "50.0%" in text
+
+
+def test_markdown_and_chart(tmp_path: Path) -> None:
+    res, dense = _fake_results()
+    png = render.chart(res, dense, tmp_path / "results.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = render.markdown(res, dense, plan.Budget().as_dict(), "python -m bench.quality", {"device": "cpu"})
+    assert "## Wanda 50% unstructured" in text and "## SparseGPT 2:4" in text and "Not run yet." in text
+    assert "(results.png)" in text and "| wanda-50 | restorelcc | 1 | 12 |" in text
+    assert render.chart([], None, tmp_path / "none.png") is None
+
+
+def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
+    src = tmp_path / "valid.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"p{i}", "response": f" r{i}"}) + "\n" for i in range(10)))
+    path = write_selection(str(src), tmp_path, 6, 3, eval_rows=6)
+    assert [json.loads(x)["prompt"] for x in path.read_text().splitlines()] == ["p6", "p7", "p8"]
+    with pytest.raises(ValueError, match="inside the evaluated rows"):
+        write_selection(str(src), tmp_path, 5, 3, eval_rows=6)
+    with pytest.raises(ValueError, match="do not exist"):
+        write_selection(str(src), tmp_path, 8, 3, eval_rows=6)
+    assert len(grid([0.1, 0.2], [1e-2], [10, 20])) == 4
