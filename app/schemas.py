@@ -168,8 +168,9 @@ class EvaluationSpec(_Strict):
 class OutputSpec(_Strict):
     format: Literal["merged", "adapter"] = Field(
         "merged",
-        description="'merged': a plain Hugging Face model with the restoration folded in. "
-        "'adapter': also keep the unmerged adapter (LoRA/DoRA).",
+        description="Which result is the one to deploy. Both export model/ (the restoration merged in, pruned "
+        "zeros kept); LoRA/DoRA jobs always also export the unmerged adapter in adapter/. 'adapter' names "
+        "adapter/ (applied to the pruned model) as the primary result in report.json's output.primary.",
     )
     dtype: Dtype = Field("auto", description="dtype of the exported weights; 'auto' keeps the compute dtype.")
 
@@ -189,9 +190,12 @@ class JobSpec(_Strict):
     def _needs_data(self) -> JobSpec:
         if self.restoration.method != "none" and not self.data.train:
             raise ValueError("data.train is required unless restoration.method is 'none'")
-        if self.restoration.method in ("restorelcc",) and self.pruning.method == "none" and not self.model.dense:
+        r = self.restoration
+        needs_dense = r.method == "restorelcc" or (r.method == "bias" and r.head_selection == "probe")
+        if needs_dense and self.pruning.method == "none" and not self.model.dense:
             raise ValueError(
-                "model.dense is required to restore an already-pruned model (pruning.method 'none') with RestoreLCC"
+                f"model.dense is required: restoration.method '{r.method}' compares dense and pruned activations, "
+                "and pruning.method 'none' means model.id is already pruned"
             )
         if self.pruning.method in ("wanda", "sparsegpt") and not (self.data.calibration or self.data.train):
             raise ValueError(f"pruning.method '{self.pruning.method}' needs data.calibration or data.train")

@@ -20,6 +20,10 @@ def _load_spec(path: str):
         raw = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise SystemExit(f"error: {p} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+    if isinstance(raw, dict):
+        from worker.service_cli import absolutize_paths
+
+        raw = absolutize_paths(raw)
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as exc:

@@ -11,23 +11,25 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto") -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` so plain ``from_pretrained(directory)`` loads them.
 
-    Casting for export happens on a copy of the parameters' storage only when a dtype is requested, and the
-    in-memory model is put back as it was.
+    A requested dtype is applied to the saved tensors only (the live model is not converted), and the saved
+    config turns the KV cache back on, as generation elsewhere expects.
     """
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
     original = next(model.parameters()).dtype
     target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else original
+    state_dict = None
+    if target != original:
+        state_dict = {k: (v.to(target) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    config = model.config
+    saved_flags = (config.use_cache, getattr(config, "dtype", None))
     try:
-        if target != original:
-            model.to(target)
-            model.config.dtype = target
-        model.save_pretrained(directory, safe_serialization=True)
+        config.use_cache = True
+        config.dtype = target
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     finally:
-        if target != original:
-            model.to(original)
-            model.config.dtype = original
+        config.use_cache, config.dtype = saved_flags
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -94,12 +94,14 @@ class RunState:
     adapter: Any = None
     source: Any = None
     report: dict[str, Any] = field(default_factory=dict)
+    checked: Any = None  # CheckedJob: resolved sources and geometry
     restoration: Any = None  # stage outputs of the restoration method
     zero_masks: dict[str, Any] | None = None
 
 
 def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, Any]:
     """Run one job; write ``out_dir/{model/, report.json, ...}``; return the report."""
+    checked = check_job(spec)  # before the heavy imports: a bad job is refused in seconds
     import torch
     import transformers
 
@@ -109,7 +111,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
     stages = planned_stages(spec)
     progress = StageProgress(reporter, stages)
     meter = StageMeter()
-    state = RunState(spec=spec, out_dir=out_dir)
+    state = RunState(spec=spec, out_dir=out_dir, checked=checked)
     state.report = _new_report(spec)
     state.report["stages"] = meter.stages
 
@@ -175,40 +177,89 @@ def _device() -> str:
 
 
 def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
-    from worker.model.arch import DecoderAdapter
-    from worker.model.load import load_model, preflight, resolve_source
+    from worker.model.load import load_model
 
     spec = state.spec
-    progress(0.0, "checking the model and data")
-    source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
-    info = preflight(source, spec)
-    _check_data_files(spec)
-    dense_source = None
-    if spec.pruning.method == "none" and spec.model.dense and spec.restoration.method != "none":
-        dense_source = resolve_source(spec.model.dense)
-        preflight(dense_source, spec)
+    source, info, dense_source = state.checked.source, state.checked.info, state.checked.dense_source
     state.report["model"] = {"id": spec.model.id, "source": str(source), "arch": info.__dict__}
     checkpoint(reporter)
 
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
         model, tokenizer = load_model(dense_source, spec.model.dtype, device=_device())
-        _measure_dense(state, model, tokenizer, DecoderAdapter(model), progress, reporter)
+        _measure_dense(state, model, tokenizer, _adapter(model), progress, reporter)
         del model
         _free_memory()
 
     progress(0.4, "loading the model")
     state.model, state.tokenizer = load_model(source, spec.model.dtype, device=_device())
-    state.adapter = DecoderAdapter(state.model)
+    state.adapter = _adapter(state.model)
     state.source = source
     if dense_source is None and spec.pruning.method != "none":
         _measure_dense(state, state.model, state.tokenizer, state.adapter, progress, reporter)
+    elif state.restoration is None:  # already pruned, and the method needs nothing from a dense model
+        from worker import restoration
+
+        state.restoration = restoration.begin(spec, state.model, state.tokenizer, state.adapter, progress)
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    source: Any  # ModelSource
+    info: Any  # ArchInfo
+    dense_source: Any  # ModelSource of model.dense, when restoring an already-pruned model
+
+
+def check_job(spec: JobSpec) -> CheckedJob:
+    """Everything that can be checked without weights: data files, the model's location and architecture,
+    N:M fit, the dense reference's shape. Raises a JobFailure naming the field."""
+    from worker.model.load import preflight, resolve_source
+
+    _check_data_files(spec)
+    source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
+    info = preflight(source, spec)
+    dense_source = None
+    if spec.pruning.method == "none" and spec.model.dense and spec.restoration.method != "none":
+        dense_source = resolve_source(spec.model.dense)
+        dense_info = preflight(dense_source, spec)
+        if dense_info != info:
+            raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
+                            field="model.dense")
+    return CheckedJob(source, info, dense_source)
+
+
+def _adapter(model):
+    from worker.errors import UnsupportedModelError
+    from worker.model.arch import DecoderAdapter, UnsupportedArchitectureError
+
+    try:
+        return DecoderAdapter(model)
+    except UnsupportedArchitectureError as exc:
+        raise UnsupportedModelError(str(exc), field="model.id") from exc
 
 
 def _check_data_files(spec: JobSpec) -> None:
+    """Every data file exists and parses in its format, before any weights load."""
+    from worker.model.data import (
+        DataFormatError,
+        read_calibration_texts,
+        read_choices,
+        read_instructions,
+        read_texts,
+    )
+
+    readers = {"data.train": read_instructions, "data.calibration": read_calibration_texts,
+               "evaluation.perplexity": read_texts, "evaluation.response_perplexity": read_instructions,
+               "evaluation.tasks": read_choices}
     for fld, path in spec.data_paths().items():
         if not Path(path).is_file():
             raise DataError(f"{fld}: file not found: {path}", field=fld)
+        try:
+            rows = readers[fld.rsplit(".", 1)[0] if fld.startswith("evaluation.") else fld](path)
+        except DataFormatError as exc:
+            raise DataError(f"{fld}: {exc}", field=fld) from exc
+        if fld == "data.train" and spec.restoration.head_selection == "probe" and len(rows) < 4:
+            raise DataError(f"data.train: {len(rows)} rows; contrastive probing needs at least 4", field=fld)
 
 
 def _measure_dense(state: RunState, model, tokenizer, adapter, progress: StageProgress, reporter) -> None:
@@ -336,8 +387,14 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     state.report.setdefault("checks", {})["zeros_identical"] = identical
     if not identical:
         raise JobFailure("internal check failed: the restored model lost pruned zeros")
+    state.report["output"] = {"primary": "model/", "dtype": state.spec.output.dtype}
     progress(0.3, "saving the model")
     export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
+    if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero: check what was written
+        progress(0.6, "checking the saved weights' zeros")
+        if not _saved_zeros_match(state.out_dir / "model", after):
+            raise JobFailure(f"output.dtype {state.spec.output.dtype} turns kept weights into zeros; "
+                             "export in a wider dtype", field="output.dtype")
     from worker import restoration
 
     restoration.export(state, state.out_dir)
@@ -345,6 +402,19 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     _write_report(state)
     write_plots(state.report, state.out_dir)
     _write_report(state)
+
+
+def _saved_zeros_match(directory: Path, masks: dict[str, Any]) -> bool:
+    from safetensors import safe_open
+
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                name = key.removesuffix(".weight")
+                if (key.endswith(".weight") and name in masks
+                        and not bool(((fh.get_tensor(key) == 0).cpu() == masks[name]).all())):
+                    return False
+    return True
 
 
 __all__ = ["run_pipeline", "planned_stages", "StageProgress", "SpecError"]

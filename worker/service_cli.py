@@ -48,7 +48,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 # submit / status / download ---------------------------------------------------------------------------
-def _absolutize(spec: dict[str, Any]) -> dict[str, Any]:
+def absolutize_paths(spec: dict[str, Any]) -> dict[str, Any]:
     """Relative local paths that exist here become absolute (the service accepts absolute paths only)."""
 
     def fix(v: Any) -> Any:
@@ -56,15 +56,15 @@ def _absolutize(spec: dict[str, Any]) -> dict[str, Any]:
             return str(Path(v).resolve())
         return v
 
-    model = spec.get("model") or {}
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
     for k in ("id", "dense"):
         if k in model:
             model[k] = fix(model[k])
-    data = spec.get("data") or {}
+    data = spec.get("data") if isinstance(spec.get("data"), dict) else {}
     for k in ("train", "calibration"):
         if k in data:
             data[k] = fix(data[k])
-    ev = spec.get("evaluation") or {}
+    ev = spec.get("evaluation") if isinstance(spec.get("evaluation"), dict) else {}
     for k in ("perplexity", "response_perplexity", "tasks"):
         if isinstance(ev.get(k), list):
             ev[k] = [fix(x) for x in ev[k]]
@@ -90,7 +90,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return _fail(f"cannot read spec {args.spec}: {e}")
     except ValidationError as e:
         return _fail(f"invalid spec: {e}")
-    spec = _absolutize(raw)
+    spec = absolutize_paths(raw)
     with _client(args) as c:
         try:
             job = c.create(spec, idempotency_key=args.idempotency_key)

@@ -3,10 +3,13 @@ store (progress writes throttled) and answers ``cancel_requested`` from the job'
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.schemas import JobStatus, Stage
 from app.store.jobs import JobStore
@@ -84,7 +87,11 @@ class StoreReporter:
         if event:
             self._event_fraction = self._fraction
         stage = self.current_stage.value if self.current_stage else None
-        self.jobs.set_progress(self.job_id, self._fraction, self._message, event=event, stage=stage)
+        try:
+            self.jobs.set_progress(self.job_id, self._fraction, self._message, event=event, stage=stage)
+        except SQLAlchemyError:  # a database hiccup must not fail a long job: the next write catches up
+            logging.getLogger("restorelcc.worker").warning("progress write failed; will retry", exc_info=True)
+            return
         self._written_at = now
         self._pending = False
 

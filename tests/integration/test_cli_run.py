@@ -231,3 +231,63 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind):
         plain = pruned(ids).logits
     assert (hooked - merged).abs().max() <= 1e-5
     assert (plain - merged).abs().max() > 1e-4
+
+
+def test_already_pruned_model_restored_with_random_head_bias_needs_no_dense(tmp_path, data_dir):
+    from app.schemas import JobSpec
+    from worker.pipeline import run_pipeline
+    from worker.reporting import NullReporter
+
+    model_dir = save_tiny("llama", tmp_path / "model")
+    spec = make_spec(str(model_dir), data_dir, pruning={"method": "none"}, restoration={
+        "method": "bias", "head_selection": "random", "heads": 2, "max_steps": 2, "batch_size": 4})
+    report = run_pipeline(JobSpec.model_validate(spec), tmp_path / "out", NullReporter())
+    assert report["restoration"]["trainable_params"] == 2 * 16
+    assert report["checks"]["zeros_identical"] is True
+
+
+def test_probing_an_already_pruned_model_requires_the_dense_reference():
+    from pydantic import ValidationError
+
+    from app.schemas import JobSpec
+
+    base = {"model": {"id": "/m"}, "pruning": {"method": "none"}, "data": {"train": "/t.jsonl"}}
+    for restoration in ({"method": "restorelcc"}, {"method": "bias", "head_selection": "probe"}):
+        with pytest.raises(ValidationError, match="model.dense is required"):
+            JobSpec.model_validate({**base, "restoration": restoration})
+    JobSpec.model_validate({**base, "restoration": {"method": "lora"}})
+
+
+def test_malformed_training_data_fails_before_loading_and_names_the_field(tmp_path, data_dir):
+    model_dir = save_tiny("llama", tmp_path / "model")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}, {"text": "t"}])
+    spec = make_spec(str(model_dir), data_dir)
+    spec["data"]["train"] = str(bad)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    assert proc.returncode != 0 and "data.train" in proc.stderr and "response" in proc.stderr, proc.stderr
+    assert seconds < 15
+
+
+def test_multimodal_wrappers_are_refused_from_the_config():
+    from transformers import AutoConfig
+
+    from worker.model.arch import UnsupportedArchitectureError, arch_info
+
+    with pytest.raises(UnsupportedArchitectureError, match="gemma3"):
+        arch_info(AutoConfig.for_model("gemma3"))
+
+
+def test_a_bare_relative_name_is_a_hub_id_not_a_local_directory(tmp_path, monkeypatch):
+    """In the service, `org/name` must never load a directory that happens to exist under the worker's cwd."""
+    from worker.errors import ModelNotFoundError
+    from worker.model.load import resolve_source
+
+    save_tiny("llama", tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelNotFoundError, match="Hugging Face cache"):
+        resolve_source("org/name")
+    assert resolve_source("./org/name").kind == "hf_dir"

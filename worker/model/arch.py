@@ -84,6 +84,9 @@ def arch_info(config: Any) -> ArchInfo:
     """Head geometry from a transformers config; raises UnsupportedArchitectureError naming the problem."""
     cfg = _text_config(config)
     model_type = getattr(cfg, "model_type", None) or "unknown"
+    top_type = getattr(config, "model_type", None) or model_type
+    if top_type != model_type:  # a multimodal wrapper (e.g. Gemma 3 4B+): its CausalLM is not a plain decoder
+        model_type = top_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = getattr(config, "architectures", None) or [model_type]
         raise UnsupportedArchitectureError(

@@ -8,11 +8,13 @@ result saves with ``save_pretrained`` and reloads with ``from_pretrained``.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 from app.schemas import JobSpec
@@ -51,10 +53,13 @@ class ModelSource:
 
 
 def _looks_like_path(model_id: str) -> bool:
-    if model_id.startswith(("/", ".", "~")) or model_id.lower().endswith(".gguf"):
-        return True
-    parts = Path(model_id).parts
-    return Path(model_id).exists() or (len(parts) > 1 and Path(parts[0]).is_dir())
+    """Absolute, ``./``/``../``/``~`` paths and ``.gguf`` files are local; anything else is a hub id.
+
+    A bare relative name such as ``org/name`` is never looked up on disk, even when it happens to exist
+    relative to the worker's directory: in the service that would load files outside the allowed roots.
+    (`restorelcc run` turns relative paths that exist into absolute ones before it gets here.)
+    """
+    return model_id.startswith(("/", ".", "~")) or model_id.lower().endswith(".gguf")
 
 
 def _offline() -> bool:
@@ -283,12 +288,15 @@ def load_config(source: ModelSource) -> Any:
     """The model's transformers config, without weights (for GGUF: the geometry from the header)."""
     if source.kind == "gguf":
         return gguf_config(source.path)
-    from transformers import AutoConfig
-
+    # config.json read directly: the geometry is all preflight needs, and importing transformers would
+    # cost seconds before a bad spec or an unsupported model could be refused.
     try:
-        return AutoConfig.from_pretrained(source.path)
-    except ValueError as exc:  # e.g. an unknown model_type
+        raw = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
         raise UnsupportedModelError(f"cannot read the config of {source.model_id}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UnsupportedModelError(f"cannot read the config of {source.model_id}: not a JSON object")
+    return SimpleNamespace(**raw)
 
 
 def preflight(source: ModelSource, spec: JobSpec) -> ArchInfo:
