@@ -34,8 +34,9 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--limit", type=int, default=500, help="rows of BoolQ / PIQA / OpenBookQA")
     ap.add_argument("--alpaca-limit", type=int, default=300, help="rows of Alpaca valid")
-    ap.add_argument("--out", default=str(RESULTS / "prune"))
+    ap.add_argument("--out", default=None, help="results folder (default bench/results/prune[-ppl])")
     ap.add_argument("--only", default=None, help="comma-separated setting names (default: all)")
+    ap.add_argument("--no-tasks", action="store_true", help="perplexities only (no BoolQ / PIQA / OpenBookQA)")
     args = ap.parse_args()
 
     from app.schemas import JobSpec
@@ -43,7 +44,7 @@ def main() -> int:
     from worker.reporting import ConsoleReporter
 
     model = demo_model()
-    out_root = Path(args.out)
+    out_root = Path(args.out or RESULTS / ("prune-ppl" if args.no_tasks else "prune"))
     reports: dict[str, dict] = {}
     wanted = set(args.only.split(",")) if args.only else None
     for i, (name, pruning) in enumerate(SETTINGS):
@@ -54,7 +55,7 @@ def main() -> int:
             reports[name] = json.loads((out / "report.json").read_text())
             print(f"{name}: already measured ({out / 'report.json'})")
             continue
-        ev = eval_spec(args.limit, args.alpaca_limit)
+        ev = eval_spec(args.limit, args.alpaca_limit, tasks=not args.no_tasks)
         ev["dense"] = i == 0 or not any("dense" in r.get("metrics", {}) for r in reports.values())
         spec = JobSpec.model_validate({
             "model": {"id": model, "dtype": "float32"},
@@ -110,14 +111,16 @@ def write_markdown(reports: dict[str, dict], args: argparse.Namespace) -> None:
             nm_lines.append(f"- {name}: every pruned Linear has the exact 2:4 pattern: "
                             f"**{r['sparsity'].get('nm_ok')}**")
     env = next(iter(reports.values()))["environment"] if reports else {}
+    tasks_text = (" — perplexities only (`--no-tasks`)" if args.no_tasks else
+                  f", and the first {args.limit} rows of BoolQ, PIQA and OpenBookQA (zero-shot, `acc_norm` "
+                  "normalised by the choice's length in characters)")
     text = f"""# Pruning quality: SmolLM2-135M-Instruct
 
-Produced by `python bench/prune_quality.py` (do not edit by hand).
+Produced by `python bench/prune_quality.py{" --no-tasks" if args.no_tasks else ""}` (do not edit by hand).
 
 Settings: {args.calibration} calibration sequences of {args.seq_len} tokens cut from
 `alpaca/train.jsonl`; evaluation on WikiText sentences (all 1,000 rows, token-weighted perplexity), the first
-{args.alpaca_limit} rows of `alpaca/valid.jsonl` (response-only perplexity), and the first {args.limit} rows of
-BoolQ, PIQA and OpenBookQA (zero-shot, `acc_norm` normalised by the choice's length in characters). float32 on
+{args.alpaca_limit} rows of `alpaca/valid.jsonl` (response-only perplexity){tasks_text}. float32 on
 {env.get('device', '?')} ({platform.processor() or env.get('machine', '?')}, {env.get('threads', '?')} threads),
 torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}.
 
