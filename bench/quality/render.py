@@ -230,6 +230,7 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
     return "\n".join(parts)
 
 
+_PALETTE = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")  # no grey: dense and pruned are grey
 CHART_METRICS = ((COLUMNS[1], "Alpaca response ppl ↓"), (COLUMNS[0], "WikiText ppl ↓"), (COLUMNS[8], "mean acc % ↑"))
 
 
@@ -265,7 +266,8 @@ def chart(results: list[dict[str, Any]], dense: dict[str, Any] | None, path: Pat
                     mean, sd = spread(vals)
                     means.append(scale * mean)
                     errs.append(scale * (sd or 0.0))
-                colors.append({"dense": "0.35", "pruned": "0.65"}.get(row.key, f"C{order.index(row) % 10}"))
+                own = _PALETTE[order.index(row) % len(_PALETTE)]
+                colors.append({"dense": "0.35", "pruned": "0.65"}.get(row.key, own))
             y = list(range(len(labels)))
             ax.barh(y, [0 if math.isnan(m) else m for m in means], xerr=errs, color=colors, capsize=3)
             for yy, m in zip(y, means, strict=True):
@@ -277,7 +279,7 @@ def chart(results: list[dict[str, Any]], dense: dict[str, Any] | None, path: Pat
             ax.set_yticklabels(labels if j == 0 else [], fontsize=8)
             ax.invert_yaxis()
             ax.set_title(f"{s.label}: {title}", fontsize=9)
-            finite = [m for m in means if not math.isnan(m)]
+            finite = [m + e for m, e in zip(means, errs, strict=True) if not math.isnan(m)]
             if finite:
                 ax.set_xlim(0, 1.18 * max(finite))
             ax.grid(axis="x", alpha=0.3)
