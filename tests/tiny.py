@@ -133,3 +133,27 @@ def choice_rows(n: int) -> list[dict]:
         {"context": f"Question: is {i} even?\nAnswer:", "choices": [" no", " yes"], "label": int(i % 2 == 0)}
         for i in range(n)
     ]
+
+
+def instruction_batches(n: int = 8, size: int = 4, max_len: int = 64) -> list:
+    """Right-padded (prompt, response) batches of the tiny tokenizer, prompts masked out of the labels."""
+    from worker.model.data import encode_pair, ensure_pad_token, pad_batch
+
+    tok = make_tokenizer()
+    pad = ensure_pad_token(tok)
+    enc = [encode_pair(tok, r["prompt"], r["response"], max_len) for r in instruction_rows(n)]
+    return [
+        pad_batch([e[0] for e in enc[i : i + size]], pad, [e[1] for e in enc[i : i + size]])
+        for i in range(0, n, size)
+    ]
+
+
+def prune_half_at_random(model, seed: int = 0):
+    """Zero a seeded random half of every decoder Linear's weights in place; returns the model."""
+    from worker.model.arch import DecoderAdapter
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, lin in DecoderAdapter(model).named_prunable_linears():
+            lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) >= 0.5).float())
+    return model

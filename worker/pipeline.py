@@ -417,4 +417,4 @@ def _saved_zeros_match(directory: Path, masks: dict[str, Any]) -> bool:
     return True
 
 
-__all__ = ["run_pipeline", "planned_stages", "StageProgress", "SpecError"]
+__all__ = ["run_pipeline", "planned_stages", "check_job", "StageProgress"]

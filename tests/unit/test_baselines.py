@@ -11,10 +11,9 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from app.schemas import RestorationSpec
-from tests.tiny import instruction_rows, make_model, make_tokenizer
+from tests.tiny import instruction_batches, make_model, prune_half_at_random
 from worker.errors import Cancelled, SpecError
 from worker.model.arch import DecoderAdapter
-from worker.model.data import encode_pair, ensure_pad_token, pad_batch
 from worker.prune.measure import zero_masks
 from worker.restore.baselines import detach_adapter, merge_adapter, save_adapter, train_adapter
 from worker.restore.train import response_loss_sum
@@ -23,22 +22,10 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _pruned(kind: str) -> torch.nn.Module:
-    model = make_model(kind)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, lin in DecoderAdapter(model).named_prunable_linears():
-            lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) >= 0.5).float())
-    return model
+    return prune_half_at_random(make_model(kind), seed=1)
 
 
-def _batches(n: int = 8, size: int = 4):
-    tok = make_tokenizer()
-    pad = ensure_pad_token(tok)
-    enc = [encode_pair(tok, r["prompt"], r["response"], 64) for r in instruction_rows(n)]
-    return [
-        pad_batch([e[0] for e in enc[i : i + size]], pad, [e[1] for e in enc[i : i + size]])
-        for i in range(0, n, size)
-    ]
+_batches = instruction_batches
 
 
 class _Source:

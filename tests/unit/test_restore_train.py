@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from tests.tiny import instruction_rows, make_model, make_tokenizer
+from tests.tiny import instruction_batches, instruction_rows, make_model, make_tokenizer, prune_half_at_random
 from worker.errors import Cancelled
 from worker.model.arch import DecoderAdapter
-from worker.model.data import encode_pair, ensure_pad_token, pad_batch
+from worker.model.data import encode_pair, pad_batch
 from worker.restore.capture import build_probe_inputs
 from worker.restore.heads import inject
 from worker.restore.merge import merge_into_o_proj
@@ -27,22 +27,10 @@ from worker.restore.train import response_loss_sum, train_offsets
 
 
 def _prune(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    pruned = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, lin in DecoderAdapter(pruned).named_prunable_linears():
-            lin.weight.mul_((torch.rand(lin.weight.shape, generator=g) >= 0.5).float())
-    return pruned
+    return prune_half_at_random(copy.deepcopy(model), seed)
 
 
-def _batches(n: int = 8, size: int = 4):
-    tok = make_tokenizer()
-    pad = ensure_pad_token(tok)
-    enc = [encode_pair(tok, r["prompt"], r["response"], 64) for r in instruction_rows(n)]
-    return [
-        pad_batch([e[0] for e in enc[i : i + size]], pad, [e[1] for e in enc[i : i + size]])
-        for i in range(0, n, size)
-    ]
+_batches = instruction_batches
 
 
 def _mean_loss(model, adapter, offsets, batches) -> float:
