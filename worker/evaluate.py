@@ -39,12 +39,29 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _tail_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int) -> torch.Tensor:
+    """Logits of positions ``first .. L-1`` only.
+
+    The LM head is a fifth of a small model's compute and its (batch, L, vocab) output the largest tensor
+    of a forward pass; prompts and contexts need no logits, so only the tail that is scored gets them
+    (``logits_to_keep``). The values are those of a full forward pass.
+    """
+    length = input_ids.shape[1]
+    first = max(0, min(first, length - 1))
+    kwargs = {"logits_to_keep": length - first} if first > 0 else {}
+    return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+
+
 def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
                ) -> torch.Tensor:
     """Summed next-token NLL and scored-token count of one padded batch: a (2,) float64 tensor."""
     batch = pad_batch(seqs, pad_id, labels).to(_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    target = batch.labels[:, 1:]
+    scored = batch.labels[:, 1:] != -100
+    rows_first = torch.where(scored.any(1), scored.int().argmax(1), scored.shape[1])
+    first = int(rows_first.min())  # earliest position whose next token is scored
+    logits = _tail_logits(model, batch.input_ids, batch.attention_mask, first)
+    start = batch.input_ids.shape[1] - logits.shape[1]
+    target = batch.labels[:, start + 1 :]
     nll = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
     )
@@ -121,10 +138,13 @@ def choice_logliks(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batc
     with torch.no_grad():
         for idx in chunks(order, batch_size):
             batch = pad_batch([rows[i][0] for i in idx], pad_id).to(device)
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            # first position whose logits are read: the one before the choice, or the context's last
+            first = min(len(rows[i][0]) - (1 if rows[i][2] else len(rows[i][1]) + 1) for i in idx)
+            logits = _tail_logits(model, batch.input_ids, batch.attention_mask, first)
+            shift = batch.input_ids.shape[1] - logits.shape[1]
             for b, i in enumerate(idx):
                 ids, scored, shared = rows[i]
-                end = len(ids)
+                end = len(ids) - shift
                 if not shared:
                     # context + choice: the choice's tokens, each predicted from the position before it
                     n = len(scored)

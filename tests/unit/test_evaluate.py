@@ -79,6 +79,27 @@ def test_choice_logliks_batched_equal_unpadded(mt):
             assert ll == pytest.approx(-ref, rel=1e-4)
 
 
+def test_only_scored_tail_gets_logits(mt):
+    """Prompts and contexts get no LM-head logits: the forward asks only for the scored tail."""
+    model, tok = mt
+    kept: list[tuple[int, int]] = []
+
+    def spy(module, args, kwargs, out):
+        kept.append((kwargs["input_ids"].shape[1], out.logits.shape[1]))
+
+    handle = model.register_forward_hook(spy, with_kwargs=True)
+    try:
+        pairs = [(r["prompt"], r["response"]) for r in instruction_rows(4)]
+        response_perplexity(model, tok, pairs, batch_size=4, max_len=64)
+        items = [ChoiceItem(r["context"], r["choices"], r["label"]) for r in choice_rows(4)]
+        choice_logliks(model, tok, items, batch_size=8, max_len=64)
+    finally:
+        handle.remove()
+    assert len(kept) == 2
+    for length, with_logits in kept:
+        assert 1 <= with_logits < length
+
+
 class _FixedModel(torch.nn.Module):
     """Log-probs chosen by hand: token t always has log-probability LOGP[t], whatever came before."""
 
@@ -86,12 +107,12 @@ class _FixedModel(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(logp.clone())
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
         class Out:
             pass
 
         o = Out()
-        o.logits = self.w.expand(*input_ids.shape, -1)
+        o.logits = self.w.expand(*input_ids.shape, -1)[:, -logits_to_keep:]
         return o
 
 
