@@ -52,6 +52,9 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--heads", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--heads-from", default=None, metavar="restoration.safetensors",
+                    help="time the training step with the heads a full run chose (its restoration.safetensors) "
+                         "instead of those this run's small probe set picks")
     ap.add_argument("--docs", action="store_true", help="also write docs/speed.md")
     ap.add_argument("--from-json", action="store_true",
                     help="measure nothing: render the last run's bench/results/speed.json (with --docs)")
@@ -133,7 +136,12 @@ def main() -> int:
                  (t_svd + t_probe) / t_captures, "≤ 0.10"])
 
     # 3. one training step, RestoreLCC vs LoRA, on the same batch.
-    heads = choose_heads(result, adapter.info, args.heads, "probe", 0)
+    if args.heads_from:
+        from worker.restore.merge import restoration_info
+
+        heads = [tuple(h) for h in restoration_info(args.heads_from)["heads"]]
+    else:
+        heads = choose_heads(result, adapter.info, args.heads, "probe", 0)
     offsets = make_offsets(heads, adapter.info, comps, seed=0)
     train = read_instructions(data("alpaca/train.jsonl"), limit=args.probe + args.batch_size)[args.probe:]
     enc = [encode_pair(tok, p, r, args.max_len) for p, r in train]
@@ -194,6 +202,7 @@ def main() -> int:
     print(f"\nSmolLM2-135M-Instruct, {args.probe} probe pairs, batch {args.batch_size}, max len {args.max_len}, "
           f"{torch.get_num_threads()} threads, negatives by {backend}; earliest chosen layer {earliest}.\n")
     print(table)
+    results["chosen_heads"] = len(heads)
     saved = {"args": vars(args), "results": results, "table": table, "backend": backend,
              "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
     save_json(RESULTS / "speed.json", saved)
@@ -210,12 +219,16 @@ def write_docs(saved: dict) -> None:
     tput = r["merged_tok_s"] / r["pruned_tok_s"]
     tput_verdict = (f"Measured {tput:.3f}× the pruned model's tokens/s: the ≥ 0.99× target is "
                     + ("met." if tput >= 0.99 else "not met in this run."))
+    heads_from = a.get("heads_from")
+    flag = f" --heads-from {heads_from}" if heads_from else ""
+    where_heads = (f"the {r.get('chosen_heads', '?')} heads chosen by the full run that wrote `{heads_from}`"
+                   if heads_from else f"{a['heads']:g} of the heads, chosen by this run's probe")
     text = f"""# Speed of RestoreLCC's parts (SmolLM2-135M-Instruct, CPU)
 
-Produced by `python bench/speed.py --probe {a['probe']} --repeats {a['repeats']} --docs` on {saved.get('date', '?')}
-({saved.get('threads', '?')} threads; both sides of each row timed alternately, median of the rounds).
-{a['probe']} Alpaca probe pairs, batch {a['batch_size']}, max length {a['max_len']}, magnitude 50% pruning,
-{r['restorelcc_params']:,} RestoreLCC parameters ({a['heads']:g} of the heads; earliest chosen layer
+Produced by `python bench/speed.py --probe {a['probe']} --repeats {a['repeats']}{flag} --docs` on
+{saved.get('date', '?')} ({saved.get('threads', '?')} threads; both sides of each row timed alternately, median of
+the rounds). {a['probe']} Alpaca probe pairs, batch {a['batch_size']}, max length {a['max_len']}, magnitude 50%
+pruning, {r['restorelcc_params']:,} RestoreLCC parameters ({where_heads}; earliest chosen layer
 {r['earliest_chosen_layer']}) vs LoRA r=8 on q_proj/v_proj ({r['lora_params']:,} parameters).
 
 {saved['table']}
