@@ -153,6 +153,47 @@ def notes(results: list[dict[str, Any]], setting: str) -> list[str]:
     return lines
 
 
+def _mean(rows: list[dict[str, Any]], col: Column) -> float | None:
+    vals = [v for v in (_get(r, col.path) for r in rows) if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The issue's checks for one setting, computed from the table's rows (means over seeds).
+
+    RestoreLCC (probed heads) against the pruned model on every perplexity and on mean accuracy; its
+    response perplexity against unmerged LoRA's (target ≤ 1.05×) and its parameters against LoRA's
+    (≤ 2%). A check whose rows are missing says so instead of passing.
+    """
+    ours, pruned = rows_by_key.get("restorelcc") or [], rows_by_key.get("pruned") or []
+    lora = rows_by_key.get(plan.row_key("lora", "unmerged")) or []
+    if not ours or not pruned:
+        return ["RestoreLCC vs pruned: not measured yet."]
+    lines = []
+    checks = [(COLUMNS[1], "Alpaca response ppl", -1), (COLUMNS[0], "WikiText ppl", -1), (COLUMNS[8], "mean acc", 1)]
+    for col, name, sign in checks:
+        a, b = _mean(ours, col), _mean(pruned, col)
+        if a is None or b is None:
+            lines.append(f"RestoreLCC vs pruned, {name}: not measured.")
+            continue
+        better = sign * (a - b) > 0
+        scale, digits = (100.0, 1) if col.kind == "acc" else (1.0, 2)
+        lines.append(f"RestoreLCC vs pruned, {name}: {scale * a:.{digits}f} vs {scale * b:.{digits}f} — "
+                     + ("**better**." if better else "**not better**."))
+    if lora:
+        a, b = _mean(ours, COLUMNS[1]), _mean(lora, COLUMNS[1])
+        pa, pb = _mean(ours, COLUMNS[9]), _mean(lora, COLUMNS[9])
+        if a is not None and b is not None:
+            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** (target ≤ 1.05×: "
+                         + ("met" if a / b <= 1.05 else "not met") + ").")
+        if pa and pb:
+            lines.append(f"RestoreLCC's trainable parameters: **{100 * pa / pb:.2f}%** of LoRA's (target ≤ 2%: "
+                         + ("met" if pa / pb <= 0.02 else "not met") + ").")
+    else:
+        lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
+    return lines
+
+
 def timings(results: list[dict[str, Any]]) -> str:
     rows = []
     for r in sorted(results, key=lambda r: (r.get("setting") or "", r["method"], r["seed"])):
@@ -220,9 +261,10 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         if pruned and pruned[0].get("info", {}).get("sparsity") is not None:
             parts += [f"Measured sparsity of the prunable weights: {100 * pruned[0]['info']['sparsity']:.2f}%.", ""]
         parts.append(table(rows, dense_row))
+        parts += [""] + [f"- {t}" for t in verdict(rows)]
         extra = notes(results, setting.key)
         if extra:
-            parts += [""] + [f"- {t}" for t in extra]
+            parts += [f"- {t}" for t in extra]
     if chart:
         parts += ["", f"![Response perplexity, WikiText perplexity and mean accuracy per method]({chart})"]
     parts += ["", "## Time per run", "", "Seconds on the machine above (the pruning run includes the dense and "

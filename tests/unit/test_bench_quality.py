@@ -149,6 +149,22 @@ def test_notes_report_head_overlap_and_adapter_overhead() -> None:
     assert "999 extra parameters" in text and "+1.00%" in text and "50.0%" in text
 
 
+def test_verdict_compares_restorelcc_with_pruned_and_lora() -> None:
+    res, _ = _fake_results()
+    rows = render.collect(res)["wanda-50"]
+    text = "\n".join(render.verdict(rows))
+    # RestoreLCC mean response ppl 16 vs pruned 20; WikiText 32 vs 40; mean acc 53% vs 50%
+    assert "Alpaca response ppl: 16.00 vs 20.00 — **better**" in text
+    assert "WikiText ppl: 32.00 vs 40.00 — **better**" in text and "mean acc: 53.0 vs 50.0 — **better**" in text
+    assert "**1.143×** (target ≤ 1.05×: not met)" in text  # 16 / 14
+    assert "**10.01%** of LoRA's (target ≤ 2%: not met)" in text  # 100 / 999
+    worse = {**rows, "restorelcc": [{"metrics": _metrics(25.0, 0.4), "trainable_params": 10}]}
+    text = "\n".join(render.verdict(worse))
+    assert text.count("**not better**") == 3 and "**1.786×** (target ≤ 1.05×: not met)" in text
+    assert "**1.00%** of LoRA's (target ≤ 2%: met)" in text
+    assert render.verdict({"pruned": rows["pruned"]}) == ["RestoreLCC vs pruned: not measured yet."]
+
+
 def test_markdown_and_chart(tmp_path: Path) -> None:
     res, dense = _fake_results()
     png = render.chart(res, dense, tmp_path / "results.png")
