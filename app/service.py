@@ -109,6 +109,7 @@ class JobService:
                 log.exception("enqueue failed for %s", job.id)
                 self.jobs.finish(job.id, JobStatus.failed, ("enqueue_failed", f"could not enqueue the job: {e}"),
                                  allowed=(JobStatus.queued.value,))
+                self.jobs.release_idempotency(job.id)  # a retry with the same key must get a new job
                 raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again later") from e
         return Created(job, created)
 

@@ -96,6 +96,12 @@ class JobStore:
             return existing, False
         return job, True
 
+    def release_idempotency(self, job_id: str) -> int:
+        """Free the idempotency keys that point at ``job_id`` (a job that never reached the queue), so a
+        retry with the same key creates a new job instead of replaying the failure. Returns keys freed."""
+        with self.session() as s:
+            return s.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id)).rowcount or 0
+
     def _by_idempotency(self, tenant: str, key: str, digest: str) -> Job | None:
         with self.session() as s:
             row = s.execute(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from app.client import ApiClientError, Client
@@ -60,6 +61,30 @@ def test_readyz_reports_an_unreachable_broker(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "broker_unavailable"
         job = c.get("/v1/jobs", headers={"Authorization": "Bearer key-alice-123"}).json()["items"][0]
         assert job["status"] == "failed" and job["error"]["code"] == "enqueue_failed"
+
+
+def test_retry_after_broker_outage_with_the_same_idempotency_key_gets_a_new_job(tmp_path):
+    """A 503 must not burn the Idempotency-Key: the failed job stays recorded, the retry runs."""
+    db = f"sqlite:///{tmp_path / 'j.db'}"
+    body = {"model": {"id": str(tmp_path / "models" / "m")}, "restoration": {"method": "none"},
+            "pruning": {"method": "magnitude"}}
+    h = {"Authorization": "Bearer key-alice-123", "Idempotency-Key": "pipeline-run-7"}
+    down = api_settings(tmp_path, db, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with TestClient(create_app(down)) as c:
+        assert c.post("/v1/jobs", json=body, headers=h).status_code == 503
+        failed = c.get("/v1/jobs", headers=h).json()["items"][0]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "enqueue_failed"
+    up = api_settings(tmp_path, db, redis_url="redis://127.0.0.1:6379/14")
+    try:
+        with TestClient(create_app(up)) as c:
+            r = c.post("/v1/jobs", json=body, headers=h)
+            assert r.status_code == 202 and "Idempotent-Replayed" not in r.headers
+            assert r.json()["id"] != failed["id"] and r.json()["status"] == "queued"
+            again = c.post("/v1/jobs", json=body, headers=h)  # now the key replays the queued job
+            assert again.json()["id"] == r.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+            assert {j["id"] for j in c.get("/v1/jobs", headers=h).json()["items"]} == {failed["id"], r.json()["id"]}
+    finally:
+        redis.Redis.from_url("redis://127.0.0.1:6379/14").flushdb()
 
 
 def test_readyz_with_a_live_broker(tmp_path):
