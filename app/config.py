@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0)
     stale_after_s: float = Field(120.0, gt=0, description="A running job silent this long has lost its worker.")
     sweep_interval_s: float = Field(60.0, gt=0)
+    requeue_after_s: float = Field(
+        300.0, gt=0, description="A job queued this long whose broker message is gone (e.g. Redis restarted) "
+                                 "is sent again by the worker's sweep.")
     max_attempts: int = Field(2, ge=1, description="Runs of one job (redeliveries after a worker crash).")
     transient_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(30.0, ge=0)

@@ -3,7 +3,7 @@
 Reliability: late acks, prefetch 1, a task whose worker process dies is rejected back to the queue,
 soft/hard time limits from settings, broker visibility timeout longer than the hard limit. The job store,
 not Celery's result backend, holds job state. On start (and every ``sweep_interval_s``) the worker fails
-jobs whose heartbeat went stale (``worker_lost``).
+jobs whose heartbeat went stale (``worker_lost``) and re-sends queued jobs whose broker message was lost.
 
 Run with ``restorelcc worker`` (or ``celery -A worker.celery_app worker``).
 """
@@ -61,14 +61,36 @@ def run_job_task(self: Any, job_id: str) -> str:
 _sweeper_stop = threading.Event()
 
 
+def resend_lost_messages() -> list[str]:
+    """Queued jobs whose broker message is gone, sent again (see worker.requeue)."""
+    from datetime import timedelta
+
+    from app.store.models import utcnow
+    from worker.requeue import broker_messages, resend_lost
+    from worker.tasks import get_context
+
+    ctx = get_context()
+    queue = ctx.settings.queue
+
+    def held() -> str:
+        with app.connection_for_write() as conn:
+            return broker_messages(conn.default_channel.client, queue)
+
+    def send(job_id: str) -> None:
+        app.send_task(TASK_NAME, args=[job_id], queue=queue)
+
+    return resend_lost(ctx.jobs, held, send, utcnow() - timedelta(seconds=ctx.settings.requeue_after_s))
+
+
 def _sweep_loop(interval: float) -> None:
     from worker.tasks import sweep
 
     while True:
-        try:
-            sweep()
-        except Exception:
-            log.warning("lost-job sweep failed", exc_info=True)
+        for name, step in (("lost-job sweep", sweep), ("lost-message sweep", resend_lost_messages)):
+            try:
+                step()
+            except Exception:
+                log.warning("%s failed", name, exc_info=True)
         if _sweeper_stop.wait(interval):
             return
 

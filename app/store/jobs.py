@@ -273,6 +273,25 @@ class JobStore:
                 .limit(1)
             )
 
+    def queued_before(self, cutoff: datetime) -> list[str]:
+        """Queued, due jobs last changed before ``cutoff``, oldest first (candidates for a lost message)."""
+        now = utcnow()
+        with self.session() as s:
+            return list(s.scalars(
+                select(Job.id)
+                .where(Job.status == JobStatus.queued.value, Job.updated_at < cutoff)
+                .where((Job.run_after.is_(None)) | (Job.run_after <= now))
+                .order_by(Job.seq)
+            ))
+
+    def note_requeue(self, job_id: str, reason: str) -> bool:
+        """Record that a still-queued job is being sent to the broker again (False if no longer queued)."""
+        with self.session() as s:
+            ok = self._update(s, job_id, (JobStatus.queued.value,))
+            if ok:
+                s.add(Event(job_id=job_id, kind="requeued", data={"reason": reason}))
+            return ok
+
     # Worker updates (only while active) -------------------------------------------------------------
     def heartbeat(self, job_id: str) -> bool:
         with self.session() as s:

@@ -58,7 +58,7 @@ def service(tmp_path_factory, tiny_assets):
             "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
             "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data"),
             "RESTORELCC_HEARTBEAT_S": "0.5", "RESTORELCC_STALE_AFTER_S": "3", "RESTORELCC_PROGRESS_INTERVAL_S": "0",
-            "RESTORELCC_CANCEL_POLL_S": "0.2",
+            "RESTORELCC_CANCEL_POLL_S": "0.2", "RESTORELCC_REQUEUE_AFTER_S": "2", "RESTORELCC_SWEEP_INTERVAL_S": "0.5",
         }
         log = tmp / "worker.log"
         with serve_in_thread(app) as url, open(log, "w") as log_f:
@@ -179,3 +179,19 @@ def test_a_job_whose_worker_process_dies_is_rerun(service, tiny_assets):
     events = c.events(job.id)
     running = [e.data for e in events if e.kind == "status" and e.data["status"] == "running"]
     assert len(running) == 2 and running[1].get("restarted") is True
+
+
+def test_a_queued_job_whose_broker_message_was_lost_is_sent_again(service, tiny_assets):
+    """Recorded and queued, but its message never reached Redis (or Redis restarted without persistence):
+    the worker's sweep finds no message naming it and sends it again, and it runs."""
+    from app.schemas import JobSpec
+
+    body = JobSpec.model_validate(tiny_assets.spec()).model_dump(mode="json")
+    job, created = service.jobs.create("alice", body)  # recorded, never enqueued
+    assert created
+    done = service.wait_status(job.id, {"succeeded", "failed", "cancelled"}, timeout=120)
+    assert done.status.value == "succeeded", done.error
+    events = service.client.events(job.id)
+    kinds = [e.kind for e in events]
+    assert kinds.count("requeued") == 1 and kinds.index("requeued") < kinds.index("stage")
+    assert "lost" in next(e.data["reason"] for e in events if e.kind == "requeued")
