@@ -47,9 +47,12 @@ class StoreReporter:
         cancel_poll_s: float = 1.0,
         event_step: float = 0.05,
         deadline: float | None = None,
+        attempt: int | None = None,
     ):
         self.jobs = jobs
         self.job_id = job_id
+        self.attempt = attempt  # the run this reporter writes for; writes stop counting once another run owns it
+        self.superseded = False
         self.progress_interval_s = progress_interval_s
         self.cancel_poll_s = cancel_poll_s
         self.event_step = event_step
@@ -69,7 +72,7 @@ class StoreReporter:
     def stage(self, stage: Stage) -> None:
         self.current_stage = Stage(stage)
         self.flush()
-        self.jobs.set_stage(self.job_id, self.current_stage.value)
+        self.jobs.set_stage(self.job_id, self.current_stage.value, attempt=self.attempt)
 
     def progress(self, fraction: float, message: str = "") -> None:
         with self._lock:
@@ -88,7 +91,8 @@ class StoreReporter:
             self._event_fraction = self._fraction
         stage = self.current_stage.value if self.current_stage else None
         try:
-            self.jobs.set_progress(self.job_id, self._fraction, self._message, event=event, stage=stage)
+            self.jobs.set_progress(self.job_id, self._fraction, self._message, event=event, stage=stage,
+                                   attempt=self.attempt)
         except SQLAlchemyError:  # a database hiccup must not fail a long job: the next write catches up
             logging.getLogger("restorelcc.worker").warning("progress write failed; will retry", exc_info=True)
             return
@@ -104,7 +108,8 @@ class StoreReporter:
     def metrics(self, metrics: dict[str, Any]) -> None:
         clean = jsonable(metrics)
         self.metrics_seen.update(clean)
-        self.jobs.merge_metrics(self.job_id, clean, self.current_stage.value if self.current_stage else None)
+        self.jobs.merge_metrics(self.job_id, clean, self.current_stage.value if self.current_stage else None,
+                                attempt=self.attempt)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         self.jobs.add_event(self.job_id, kind, jsonable(data), self.current_stage.value if self.current_stage else None)
@@ -121,6 +126,14 @@ class StoreReporter:
             return False
         self._cancel_checked_at = now
         job = self.jobs.get(self.job_id)
-        # Cancelling, or no longer ours at all (deleted, or ended by the lost-worker sweep): stop.
-        self._cancel = job is None or job.status != JobStatus.running.value
+        # Cancelling, or no longer ours at all (deleted, ended by the lost-worker sweep, or taken over by
+        # another worker after this one looked lost): stop.
+        self.superseded = job is not None and self.attempt is not None and job.attempts != self.attempt
+        self._cancel = job is None or job.status != JobStatus.running.value or self.superseded
         return self._cancel
+
+    def check_superseded(self) -> bool:
+        """True if another run has taken the job over (read now, not throttled)."""
+        job = self.jobs.get(self.job_id)
+        self.superseded = job is not None and self.attempt is not None and job.attempts != self.attempt
+        return self.superseded

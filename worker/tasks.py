@@ -151,15 +151,15 @@ def _take_over(ctx: WorkerContext, job: Job) -> bool:
 class _Heartbeat:
     """Keeps ``heartbeat_at`` fresh while the pipeline runs, even through long silent steps."""
 
-    def __init__(self, jobs: JobStore, job_id: str, interval: float):
+    def __init__(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None = None):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(jobs, job_id, interval), daemon=True,
+        self._thread = threading.Thread(target=self._run, args=(jobs, job_id, interval, attempt), daemon=True,
                                         name=f"heartbeat-{job_id[:8]}")
 
-    def _run(self, jobs: JobStore, job_id: str, interval: float) -> None:
+    def _run(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None) -> None:
         while not self._stop.wait(interval):
             try:
-                jobs.heartbeat(job_id)
+                jobs.heartbeat(job_id, attempt)
             except Exception:  # a database hiccup must not kill the job; the next beat may succeed
                 log.warning("heartbeat failed for %s", job_id, exc_info=True)
 
@@ -183,14 +183,15 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
     s = ctx.settings
     jobs = ctx.jobs
     job_id = job.id
+    attempt = job.attempts  # this run's fence: every write below is refused once another run owns the job
     try:
         spec = JobSpec.model_validate(job.spec)
         check_spec_paths(spec, s)  # again here: the filesystem may have changed since the job was accepted
     except ValidationError as e:
-        jobs.finish(job_id, JobStatus.failed, ("invalid_spec", str(e)[:2000]))
+        jobs.finish(job_id, JobStatus.failed, ("invalid_spec", str(e)[:2000]), attempt=attempt)
         return Result(Outcome.failed)
     except PathRefused as e:
-        jobs.finish(job_id, JobStatus.failed, ("path_not_allowed", e.message))
+        jobs.finish(job_id, JobStatus.failed, ("path_not_allowed", e.message), attempt=attempt)
         return Result(Outcome.failed)
 
     out_dir = s.work_path / job_id
@@ -198,10 +199,10 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
     out_dir.mkdir(parents=True, exist_ok=True)
     reporter = StoreReporter(
         jobs, job_id, progress_interval_s=s.progress_interval_s, cancel_poll_s=s.cancel_poll_s,
-        deadline=time.monotonic() + s.soft_time_limit_s,
+        deadline=time.monotonic() + s.soft_time_limit_s, attempt=attempt,
     )
     try:
-        with _Heartbeat(jobs, job_id, s.heartbeat_s):
+        with _Heartbeat(jobs, job_id, s.heartbeat_s, attempt):
             try:
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled before start")
@@ -211,66 +212,78 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 reporter.flush()
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled after the last stage")
-                _upload(ctx, job_id, out_dir)
+                _upload(ctx, job_id, out_dir, attempt)
                 metrics = dict(reporter.metrics_seen)
                 if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
                     metrics.update(report["metrics"])
                 metrics = jsonable(metrics)
-                if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,)):
+                if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,),
+                               attempt=attempt):
                     return Result(Outcome.succeeded)
                 raise Cancelled("cancelled while uploading")
             except Cancelled:
                 reporter.flush()
+                if reporter.check_superseded():
+                    # Another worker took the job over while this one looked lost: its run owns the job and
+                    # its artifacts now, so leave both alone.
+                    log.warning("job %s: taken over by another worker; this run (attempt %d) stops", job_id,
+                                attempt)
+                    return Result(Outcome.noop)
                 if reporter.timed_out:
                     jobs.finish(job_id, JobStatus.failed, (
-                        "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"))
+                        "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"),
+                        attempt=attempt)
                     return Result(Outcome.failed)
                 try:
                     _discard_artifacts(ctx, job_id)
                 except Exception:
                     log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
-                if jobs.finish(job_id, JobStatus.cancelled):
+                if jobs.finish(job_id, JobStatus.cancelled, attempt=attempt):
                     return Result(Outcome.cancelled)
                 return Result(Outcome.noop)
             except JobFailure as e:
-                return _fail(ctx, job_id, e.code, e.message, e.field)
+                return _fail(ctx, job_id, e.code, e.message, e.field, attempt)
             except TransientError as e:
                 return _transient(ctx, job, e)
             except Exception as e:
                 if type(e).__name__ == "SoftTimeLimitExceeded":
                     return _fail(ctx, job_id, "time_limit", f"the job ran past its time limit of "
-                                                            f"{s.soft_time_limit_s} s")
+                                                            f"{s.soft_time_limit_s} s", attempt=attempt)
                 if is_out_of_memory(e):
                     oom = OutOfMemoryFailure(f"out of memory: {e}"[:2000])
-                    return _fail(ctx, job_id, oom.code, oom.message)
+                    return _fail(ctx, job_id, oom.code, oom.message, attempt=attempt)
                 log.exception("job %s failed unexpectedly", job_id)
                 jobs.add_event(job_id, "traceback", {"traceback": traceback.format_exc()[-8000:]})
-                return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000])
+                return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000], attempt=attempt)
     finally:
         if not s.keep_work_dirs:
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str | None = None) -> Result:
+def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str | None = None,
+          attempt: int | None = None) -> Result:
     if field:
         ctx.jobs.add_event(job_id, "error", {"code": code, "message": message, "field": field})
-    if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,)):
+    if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,),
+                       attempt=attempt):
         return Result(Outcome.failed)
     # Asked to cancel meanwhile: honour that rather than report the failure.
-    ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,))
-    return Result(Outcome.cancelled)
+    if ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,), attempt=attempt):
+        return Result(Outcome.cancelled)
+    return Result(Outcome.noop)  # taken over by another run, or already finished
 
 
 def _transient(ctx: WorkerContext, job: Job, e: Exception) -> Result:
     s = ctx.settings
     if job.retries >= s.transient_retries:
-        return _fail(ctx, job.id, "transient_error", f"gave up after {job.retries} retries: {e}"[:2000])
+        return _fail(ctx, job.id, "transient_error", f"gave up after {job.retries} retries: {e}"[:2000],
+                     attempt=job.attempts)
     delay = s.retry_backoff_s * (2 ** job.retries)
     from datetime import timedelta
 
-    if ctx.jobs.requeue(job.id, utcnow() + timedelta(seconds=delay), str(e)[:500]):
+    if ctx.jobs.requeue(job.id, utcnow() + timedelta(seconds=delay), str(e)[:500], attempt=job.attempts):
         return Result(Outcome.retry, delay)
-    return _fail(ctx, job.id, "transient_error", str(e)[:2000])
+    return _fail(ctx, job.id, "transient_error", str(e)[:2000], attempt=job.attempts)
 
 
 def _discard_artifacts(ctx: WorkerContext, job_id: str) -> None:
@@ -287,8 +300,9 @@ def result_files(out_dir: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempts: int = 3) -> None:
-    """Upload every result file and record it (name, size, sha256 computed while uploading)."""
+def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None = None, tries: int = 3) -> None:
+    """Upload every result file and record it (name, size, sha256 computed while uploading); stops with
+    :class:`Cancelled` if another run takes the job over meanwhile."""
     try:
         _discard_artifacts(ctx, job_id)  # leftovers of an earlier attempt
     except Exception as e:
@@ -296,15 +310,16 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempts: int = 3) -
     files = result_files(out_dir)
     done = 0
     for name, path in files:
-        for attempt in range(attempts):
+        for k in range(tries):
             try:
                 stored = ctx.artifacts.put_file(job_key(job_id, name), path)
                 break
             except Exception as e:
-                if attempt == attempts - 1:
+                if k == tries - 1:
                     raise TransientError(f"artifact upload failed for {name}: {e}") from e
-                time.sleep(2 ** attempt)
-        ctx.jobs.add_artifact(job_id, name, stored.size, stored.sha256, stored.key)
+                time.sleep(2 ** k)
+        if not ctx.jobs.add_artifact(job_id, name, stored.size, stored.sha256, stored.key, attempt=attempt):
+            raise Cancelled("taken over by another worker while uploading")
         done += stored.size
     ctx.jobs.add_event(job_id, "artifacts", {"count": len(files), "bytes": done})
 

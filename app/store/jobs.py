@@ -146,10 +146,15 @@ class JobStore:
             return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
 
     # Transitions ------------------------------------------------------------------------------------
-    def _update(self, s: Session, job_id: str, allowed: tuple[str, ...], **values: Any) -> bool:
+    def _update(self, s: Session, job_id: str, allowed: tuple[str, ...], attempt: int | None = None,
+                **values: Any) -> bool:
+        """Update a job in one of the ``allowed`` states; with ``attempt``, only while that run still owns it
+        (a job taken over by another worker has a higher ``attempts``: the old run's writes are refused)."""
         values.setdefault("updated_at", utcnow())
-        res = s.execute(update(Job).where(Job.id == job_id, Job.status.in_(allowed)).values(**values))
-        return res.rowcount == 1
+        q = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
+        if attempt is not None:
+            q = q.where(Job.attempts == attempt)
+        return s.execute(q.values(**values)).rowcount == 1
 
     def claim(self, job_id: str, worker: str) -> bool:
         """queued → running (only if still queued and due)."""
@@ -214,8 +219,10 @@ class JobStore:
         error: tuple[str, str] | None = None,
         metrics: dict[str, Any] | None = None,
         allowed: tuple[str, ...] = ACTIVE,
+        attempt: int | None = None,
     ) -> bool:
-        """An active job ends ``status`` (succeeded / failed / cancelled); a finished one stays as it is."""
+        """An active job ends ``status`` (succeeded / failed / cancelled); a finished one stays as it is.
+        With ``attempt``, only if that run still owns the job."""
         now = utcnow()
         values: dict[str, Any] = {"status": status.value, "finished_at": now, "heartbeat_at": now}
         if error is not None:
@@ -226,7 +233,7 @@ class JobStore:
             values["progress"] = 1.0
         values["progress_message"] = status.value
         with self.session() as s:
-            ok = self._update(s, job_id, allowed, **values)
+            ok = self._update(s, job_id, allowed, attempt, **values)
             if ok:
                 data: dict[str, Any] = {"status": status.value}
                 if error is not None:
@@ -234,11 +241,11 @@ class JobStore:
                 s.add(Event(job_id=job_id, kind="status", data=data))
             return ok
 
-    def requeue(self, job_id: str, run_after: datetime, reason: str) -> bool:
+    def requeue(self, job_id: str, run_after: datetime, reason: str, attempt: int | None = None) -> bool:
         """running → queued (a transient failure; retried after ``run_after``)."""
         with self.session() as s:
             ok = self._update(
-                s, job_id, (JobStatus.running.value,), status=JobStatus.queued.value, run_after=run_after,
+                s, job_id, (JobStatus.running.value,), attempt, status=JobStatus.queued.value, run_after=run_after,
                 retries=Job.retries + 1, stage=None, progress=0.0, progress_message=f"retrying: {reason}",
             )
             if ok:
@@ -293,34 +300,35 @@ class JobStore:
             return ok
 
     # Worker updates (only while active) -------------------------------------------------------------
-    def heartbeat(self, job_id: str) -> bool:
+    def heartbeat(self, job_id: str, attempt: int | None = None) -> bool:
         with self.session() as s:
-            return self._update(s, job_id, ACTIVE, heartbeat_at=utcnow())
+            return self._update(s, job_id, ACTIVE, attempt, heartbeat_at=utcnow())
 
-    def set_stage(self, job_id: str, stage: str) -> bool:
+    def set_stage(self, job_id: str, stage: str, attempt: int | None = None) -> bool:
         with self.session() as s:
-            ok = self._update(s, job_id, ACTIVE, stage=stage, heartbeat_at=utcnow())
+            ok = self._update(s, job_id, ACTIVE, attempt, stage=stage, heartbeat_at=utcnow())
             if ok:
                 s.add(Event(job_id=job_id, kind="stage", stage=stage, data={"stage": stage}))
             return ok
 
     def set_progress(self, job_id: str, fraction: float, message: str, event: bool = False,
-                     stage: str | None = None) -> bool:
+                     stage: str | None = None, attempt: int | None = None) -> bool:
         with self.session() as s:
-            ok = self._update(s, job_id, ACTIVE, progress=fraction, progress_message=message[:1000],
+            ok = self._update(s, job_id, ACTIVE, attempt, progress=fraction, progress_message=message[:1000],
                               heartbeat_at=utcnow())
             if ok and event:
                 s.add(Event(job_id=job_id, kind="progress", stage=stage,
                             data={"fraction": fraction, "message": message[:1000]}))
             return ok
 
-    def merge_metrics(self, job_id: str, metrics: dict[str, Any], stage: str | None = None) -> bool:
+    def merge_metrics(self, job_id: str, metrics: dict[str, Any], stage: str | None = None,
+                      attempt: int | None = None) -> bool:
         with self.session() as s:
             current = s.scalar(select(Job.metrics).where(Job.id == job_id, Job.status.in_(ACTIVE)))
             if current is None:
                 return False
             merged = {**current, **metrics}
-            ok = self._update(s, job_id, ACTIVE, metrics=merged, heartbeat_at=utcnow())
+            ok = self._update(s, job_id, ACTIVE, attempt, metrics=merged, heartbeat_at=utcnow())
             if ok:
                 s.add(Event(job_id=job_id, kind="metrics", stage=stage, data=metrics))
             return ok
@@ -337,10 +345,15 @@ class JobStore:
             return list(s.scalars(q.order_by(Event.seq).limit(limit)))
 
     # Artifacts ---------------------------------------------------------------------------------------
-    def add_artifact(self, job_id: str, name: str, size: int, sha256: str, key: str) -> None:
+    def add_artifact(self, job_id: str, name: str, size: int, sha256: str, key: str, attempt: int | None = None
+                     ) -> bool:
+        """Record an uploaded file; with ``attempt``, only while that run owns the job (False otherwise)."""
         with self.session() as s:
+            if attempt is not None and s.scalar(select(Job.attempts).where(Job.id == job_id)) != attempt:
+                return False
             s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
             s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha256, key=key))
+            return True
 
     def clear_artifacts(self, job_id: str) -> None:
         with self.session() as s:

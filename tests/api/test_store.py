@@ -96,6 +96,33 @@ def test_take_over_only_when_stale_and_requeue_respects_run_after(store):
     assert store.requeue(job.id, utcnow(), "again") is False  # only running jobs are requeued
 
 
+def test_a_run_taken_over_can_no_longer_write(store):
+    """Fencing: once w2 takes the job over (attempt 2), w1's run (attempt 1) is refused everywhere."""
+    job, _ = store.create("t", {})
+    store.claim(job.id, "w1")
+    old = StoreReporter(store, job.id, progress_interval_s=0, cancel_poll_s=0, attempt=1)
+    old.progress(0.2, "w1 working")
+    assert store.get(job.id).progress == pytest.approx(0.2) and not old.cancel_requested()
+    time.sleep(0.02)
+    assert store.take_over(job.id, "w2", utcnow())
+    assert not store.heartbeat(job.id, attempt=1) and store.heartbeat(job.id, attempt=2)
+    assert not store.set_stage(job.id, "training", attempt=1)
+    assert not store.set_progress(job.id, 0.9, "stale", attempt=1)
+    assert not store.merge_metrics(job.id, {"ppl": 1.0}, attempt=1)
+    assert not store.add_artifact(job.id, "report.json", 1, "0" * 64, "k", attempt=1)
+    assert not store.requeue(job.id, utcnow(), "stale", attempt=1)
+    assert not store.finish(job.id, JobStatus.succeeded, attempt=1)
+    row = store.get(job.id)
+    assert (row.status, row.worker, row.stage, row.progress, row.metrics) == ("running", "w2", None, 0.0, {})
+    assert store.artifacts(job.id) == []
+    assert old.cancel_requested() and old.superseded  # the old run is told to stop
+    new = StoreReporter(store, job.id, progress_interval_s=0, cancel_poll_s=0, attempt=2)
+    new.progress(0.5, "w2 working")
+    assert not new.cancel_requested() and not new.superseded
+    assert store.add_artifact(job.id, "report.json", 1, "0" * 64, "k", attempt=2)
+    assert store.finish(job.id, JobStatus.succeeded, attempt=2)
+
+
 def test_delete_refuses_active_jobs(store):
     job, _ = store.create("t", {}, "idem")
     with pytest.raises(JobNotFinished):

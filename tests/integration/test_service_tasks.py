@@ -102,6 +102,23 @@ def test_cancelled_queued_job_never_runs(tmp_path, tiny_assets):
     assert job.status == JobStatus.cancelled.value and job.started_at is None
 
 
+def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_alone(tmp_path, tiny_assets):
+    """A worker that looked lost (say, frozen) resumes after another took its job over: it must not run,
+    finish, or touch the new run's state."""
+    from worker.tasks import _execute
+
+    ctx = _ctx(tmp_path, tiny_assets)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "frozen-worker")
+    old_view = ctx.jobs.get(job_id)  # what the first run started from (attempt 1)
+    assert ctx.jobs.take_over(job_id, "new-worker", utcnow())
+    assert _execute(ctx, old_view).outcome is Outcome.noop
+    job = ctx.jobs.get(job_id)
+    assert (job.status, job.worker, job.attempts, job.stage) == ("running", "new-worker", 2, None)
+    assert ctx.jobs.artifacts(job_id) == [] and not (ctx.settings.work_path / job_id).exists()
+    assert "stage" not in [e.kind for e in ctx.jobs.events(job_id)]
+
+
 def test_out_of_memory_is_recognised():
     class OutOfMemoryError(RuntimeError):
         pass
