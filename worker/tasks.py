@@ -115,6 +115,13 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
         return Result(Outcome.noop)
     elif not _take_over(ctx, job):
         return Result(Outcome.noop)
+    elif _hit_hard_limit(job, ctx.settings):
+        # The last run was killed by the hard time limit (its process dies, so Celery redelivers the task):
+        # running it again would only hit the limit again.
+        ctx.jobs.finish(job_id, JobStatus.failed, (
+            "time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s} s"),
+            allowed=(JobStatus.running.value,))
+        return Result(Outcome.failed)
 
     job = ctx.jobs.get(job_id)
     if job is None:
@@ -124,6 +131,14 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
             "worker_lost", f"worker lost {job.attempts - 1} times while running this job; giving up"))
         return Result(Outcome.failed)
     return _execute(ctx, job)
+
+
+def _hit_hard_limit(job: Job, settings: Settings) -> bool:
+    """Whether the run that lost this job had been running for (about) the hard time limit when it died."""
+    if job.started_at is None or job.heartbeat_at is None:
+        return False
+    ran = (job.heartbeat_at - job.started_at).total_seconds()
+    return ran >= settings.hard_time_limit_s - 2 * settings.heartbeat_s
 
 
 def _heartbeat_stale(job: Job, settings: Settings) -> bool:

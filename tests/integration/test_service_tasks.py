@@ -119,6 +119,28 @@ def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_alone(tmp_path, tiny
     assert "stage" not in [e.kind for e in ctx.jobs.events(job_id)]
 
 
+def test_a_run_killed_by_the_hard_time_limit_is_failed_not_rerun(tmp_path, tiny_assets):
+    """Celery's hard limit kills the process, so the task comes back: the redelivery sees that the lost run
+    had been going for the whole hard limit and fails the job with time_limit instead of starting over."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.store.models import Job
+
+    ctx = _ctx(tmp_path, tiny_assets, soft_time_limit_s=1800, hard_time_limit_s=3600, stale_after_s=60)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "killed-worker")
+    beat = utcnow() - timedelta(seconds=90)  # stale: the process is gone
+    with ctx.jobs.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(started_at=beat - timedelta(seconds=3600),
+                                                              heartbeat_at=beat))
+    assert run_job(job_id, ctx).outcome is Outcome.failed
+    job = ctx.jobs.get(job_id)
+    assert job.status == "failed" and job.error_code == "time_limit" and "3600" in job.error_message
+    assert "stage" not in [e.kind for e in ctx.jobs.events(job_id)]  # not run again
+
+
 def test_out_of_memory_is_recognised():
     class OutOfMemoryError(RuntimeError):
         pass
