@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Authentication.
     api_keys: str | None = Field(None, description="'tenant:key,...' (a key may be given as 'sha256:<hex>').")
     api_keys_file: Path | None = Field(None, description="File with one 'tenant:key' per line.")
+    metrics_token: str | None = Field(
+        None, description="When set, GET /metrics needs 'Authorization: Bearer <token>' (its counters carry "
+                          "tenant names).")
     dev_open: bool = Field(False, description="No authentication (tenant 'dev'); only on 127.0.0.1.")
     host: str = Field("127.0.0.1", description="Interface `restorelcc serve` binds.")
     port: int = Field(8000, ge=1, le=65535)
@@ -72,6 +75,9 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0)
     stale_after_s: float = Field(120.0, gt=0, description="A running job silent this long has lost its worker.")
     sweep_interval_s: float = Field(60.0, gt=0)
+    worker_max_tasks_per_child: int | None = Field(
+        1, ge=1, description="Celery: replace a pool process after this many jobs (memory held by a finished "
+                             "job — allocator caches, CUDA context — goes with it); empty for never.")
     requeue_after_s: float = Field(
         300.0, gt=0, description="A job queued this long whose broker message is gone (e.g. Redis restarted) "
                                  "is sent again by the worker's sweep.")

@@ -1,13 +1,19 @@
-"""Liveness, readiness (DB, broker, artifact store) and Prometheus metrics. No authentication."""
+"""Liveness, readiness (DB, broker, artifact store) and Prometheus metrics.
+
+Health and readiness never need a key. Metrics need ``metrics_token`` when one is set (the counters carry
+tenant names)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+import secrets
+
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.deps import ServicesDep
+from app.errors import ApiError
 
 router = APIRouter(tags=["health"])
 
@@ -43,6 +49,12 @@ def readyz(services: ServicesDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-def metrics(services: ServicesDep) -> Response:
+def metrics(services: ServicesDep, request: Request) -> Response:
     """Prometheus exposition."""
+    token = services.settings.metrics_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <metrics token>'",
+                           "Authorization", headers={"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

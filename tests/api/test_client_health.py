@@ -92,3 +92,23 @@ def test_readyz_with_a_live_broker(tmp_path):
     with TestClient(create_app(s)) as c:
         r = c.get("/readyz")
         assert r.status_code == 200 and r.json()["checks"]["broker"] == "ok"
+
+
+def test_metrics_token_guards_metrics_only(tmp_path):
+    s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", metrics_token="scrape-me")
+    with TestClient(create_app(s)) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 401 and r.json()["error"]["field"] == "Authorization"
+        assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = c.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+        assert ok.status_code == 200 and "restorelcc_http_requests_total" in ok.text
+        assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
+
+
+def test_celery_pool_processes_are_recycled_per_job_by_default(tmp_path):
+    from worker.celery_app import make_celery
+
+    s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}")
+    assert make_celery(s).conf.worker_max_tasks_per_child == 1
+    s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", worker_max_tasks_per_child=None)
+    assert make_celery(s).conf.worker_max_tasks_per_child is None
