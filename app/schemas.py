@@ -123,6 +123,10 @@ class RestorationSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step (before accumulation).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps per optimizer step.")
+    group_by_length: bool = Field(
+        True, description="Batch training samples of similar length together (within shuffled groups of 50 "
+                          "batches): far less padding, so faster steps; every sample still seen once per epoch."
+    )
     max_seq_len: int = Field(256, ge=8, le=32_768, description="Longest training sequence in tokens.")
     lora_r: int = Field(8, ge=1, le=4096, description="LoRA/DoRA rank.")
     lora_alpha: float = Field(16, gt=0, description="LoRA/DoRA alpha.")

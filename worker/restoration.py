@@ -176,7 +176,7 @@ def _step_progress(progress):
 
 def _train_batches(state):
     """Epoch → shuffled, right-padded batches of (prompt, response) with the prompt masked."""
-    from worker.model.data import encode_pair, ensure_pad_token, pad_batch, read_instructions
+    from worker.model.data import encode_pair, ensure_pad_token, pad_batch, read_instructions, shuffled_batches
 
     spec = state.spec
     r = spec.restoration
@@ -187,11 +187,12 @@ def _train_batches(state):
     if not encoded:
         raise JobFailure(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}")
 
+    lengths = [len(e[0]) for e in encoded]
+
     def epoch_batches(epoch: int):
         gen = torch.Generator().manual_seed(spec.seed * 1000 + epoch)
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        for i in range(0, len(order), r.batch_size):
-            chunk = [encoded[j] for j in order[i : i + r.batch_size]]
+        for idx in shuffled_batches(lengths, r.batch_size, gen, r.group_by_length):
+            chunk = [encoded[j] for j in idx]
             yield pad_batch([c[0] for c in chunk], pad, labels=[c[1] for c in chunk])
 
     return _EpochSource(epoch_batches, len(encoded), r.batch_size)

@@ -159,3 +159,23 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def length_sorted(n: int, key: Sequence[int]) -> list[int]:
     """Indices sorted by length, longest first: batches of similar lengths waste less padding."""
     return sorted(range(n), key=lambda i: -key[i])
+
+
+def shuffled_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, group_by_length: bool = True,
+                     group_batches: int = 50) -> list[list[int]]:
+    """One epoch's batches of sample indices: a seeded shuffle, every sample exactly once.
+
+    With ``group_by_length`` the shuffled samples are cut into groups of ``group_batches`` batches and each
+    group is sorted by length before it is cut into batches, so a batch holds samples of similar length and
+    little padding (on Alpaca-like data random batches of 8 pad to about 1.7× the real tokens); the batch
+    order is then shuffled again, so long and short batches alternate at random.
+    """
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    span = batch_size * group_batches
+    batches: list[list[int]] = []
+    for g in range(0, len(order), span):
+        group = sorted(order[g : g + span], key=lambda i: lengths[i], reverse=True)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
