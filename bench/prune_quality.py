@@ -94,10 +94,11 @@ def write_markdown(reports: dict[str, dict], args: argparse.Namespace) -> None:
     dense = next((r["metrics"]["dense"] for r in reports.values() if "dense" in r.get("metrics", {})), {})
     rows = [_row("dense", dense, None, None)]
     for name, r in reports.items():
+        seconds = (r.get("pruning") or {}).get("seconds")  # pruning alone (the stage also evaluates)
         rows.append(_row(name, r["metrics"].get("pruned", {}), r["sparsity"]["overall"],
-                         r["stages"]["pruning"]["seconds"]))
+                         None if seconds is None else round(seconds, 1)))
     header = ["model", "sparsity", "WikiText ppl", "Alpaca resp. ppl", "BoolQ acc", "PIQA acc", "PIQA acc_n",
-              "OBQA acc", "OBQA acc_n", "mean acc", "prune s"]
+              "OBQA acc", "OBQA acc_n", "mean acc", "pruning s"]
     mag = reports.get("magnitude-50%", {}).get("metrics", {}).get("pruned", {})
     ratio_lines = []
     for name in ("wanda-50%", "sparsegpt-50%"):
@@ -110,13 +111,24 @@ def write_markdown(reports: dict[str, dict], args: argparse.Namespace) -> None:
         if "2:4" in name:
             nm_lines.append(f"- {name}: every pruned Linear has the exact 2:4 pattern: "
                             f"**{r['sparsity'].get('nm_ok')}**")
+    boolq_lines = []
+    if not args.no_tasks:
+        labels = [json.loads(x)["label"] for x in Path(data("eval/boolq.jsonl")).read_text().splitlines() if x]
+        labels = labels[: args.limit]
+        yes = sum(labels) / len(labels)
+        boolq_lines.append(
+            f"- BoolQ: the answer is \"yes\" in {100 * yes:.0f}% of these {len(labels)} rows, so a model that always "
+            f"answers \"yes\" scores {yes:.3f} and one that always answers \"no\" {1 - yes:.3f}. At this model size "
+            "BoolQ accuracy mostly shows which way a model leans, and moves the mean accuracy with it: read it "
+            "beside the perplexities, not alone.")
     env = next(iter(reports.values()))["environment"] if reports else {}
     tasks_text = (" — perplexities only (`--no-tasks`)" if args.no_tasks else
                   f", and the first {args.limit} rows of BoolQ, PIQA and OpenBookQA (zero-shot, `acc_norm` "
                   "normalised by the choice's length in characters)")
+    only = f" --only '{args.only}'" if args.only else ""
     text = f"""# Pruning quality: SmolLM2-135M-Instruct
 
-Produced by `python bench/prune_quality.py{" --no-tasks" if args.no_tasks else ""}` (do not edit by hand).
+Produced by `python bench/prune_quality.py{" --no-tasks" if args.no_tasks else ""}{only}` (do not edit by hand).
 
 Settings: {args.calibration} calibration sequences of {args.seq_len} tokens cut from
 `alpaca/train.jsonl`; evaluation on WikiText sentences (all 1,000 rows, token-weighted perplexity), the first
@@ -128,6 +140,7 @@ torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}.
 
 {chr(10).join(ratio_lines)}
 {chr(10).join(nm_lines)}
+{chr(10).join(boolq_lines)}
 """
     path = REPO / "docs" / "pruning.md"
     path.write_text(text, encoding="utf-8")
