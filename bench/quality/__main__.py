@@ -1,4 +1,4 @@
-"""RestoreLCC vs LoRA / DoRA / bias baselines on SmolLM2-135M-Instruct, Wanda 50% and SparseGPT 2:4.
+"""RestoreLCC vs LoRA / DoRA / bias baselines on SmolLM2-135M-Instruct (or --model), Wanda 50% and SparseGPT 2:4.
 
     python -m bench.quality                      # everything (hours on a CPU); resumes from stored results
     python -m bench.quality --quick              # smoke run: tiny limits, 3 steps, results and docs under
@@ -6,6 +6,8 @@
     python -m bench.quality --only wanda-50/restorelcc,wanda-50/lora --seeds 0
     python -m bench.quality --render-only        # rewrite docs/results.md and docs/results.png from the JSONs
     python -m bench.quality --search             # RestoreLCC head fraction × lr × steps on a selection split
+    python -m bench.quality --model gemma3-270m  # another architecture: results under bench/results/
+                                                 # quality-gemma3-270m/, docs/results-gemma3-270m.md
 
 Each (setting, method, seed) is one pipeline run on the setting's cached pruned model, kept as one JSON
 under bench/results/quality/; a run whose JSON exists with the same settings is skipped. RestoreLCC,
@@ -23,12 +25,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.common import REPO, RESULTS, data, demo_model
+from bench.common import REPO, RESULTS, data
 from bench.quality import plan, render
 from bench.quality.runner import Bench, Store, machine, run, say
+from worker.assets import DEMO_MODEL, MODELS, model_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--only", action="append", help="SETTING or SETTING/METHOD (wildcards, commas); repeatable. "
                     f"Settings: {', '.join(s.key for s in plan.SETTINGS)}; methods: "
                     f"{', '.join(m.key for m in plan.METHODS)}")
+    ap.add_argument("--model", default=DEMO_MODEL, choices=sorted(MODELS),
+                    help=f"fetchable model to restore (default {DEMO_MODEL}; fetched on first use)")
     ap.add_argument("--quick", action="store_true", help="tiny limits and 3 steps; separate results and docs")
     ap.add_argument("--render-only", action="store_true", help="only rewrite the docs from stored results")
     ap.add_argument("--keep-models", action="store_true", help="keep every restored model directory")
@@ -90,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
     budget = budget_from(args)
-    root = Path(args.out) if args.out else RESULTS / ("quality-quick" if args.quick else "quality")
+    suffix = "" if args.model == DEMO_MODEL else f"-{args.model}"
+    root = Path(args.out) if args.out else RESULTS / (f"quality{suffix}" + ("-quick" if args.quick else ""))
     docs = Path(args.docs_dir) if args.docs_dir else (root / "docs" if args.quick else REPO / "docs")
+    names = Names(model=MODELS[args.model].upstream.split("/")[-1], suffix=suffix)
     d = plan.Data(
         train=data("alpaca/train.jsonl"),
         wikitext=data("eval/wikitext_sentences.jsonl"),
@@ -101,14 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     store = Store(root)
     command = docs_command(argv if argv is not None else sys.argv[1:])
     if args.search:
-        return _search(args, budget, d, store, docs, command)
+        return _search(args, budget, d, store, docs, command, names)
     if not args.render_only:
-        bench = Bench(budget, d, demo_model(), store, keep_models=args.keep_models)
+        bench = Bench(budget, d, str(model_dir(args.model)), store, keep_models=args.keep_models)
         timings = run(bench, only)
         for name, seconds in timings:
             say(f"took {seconds:7.0f}s  {name}")
-    write_docs(store, budget, docs, command)
+    write_docs(store, budget, docs, command, names)
     return 0
+
+
+@dataclass(frozen=True)
+class Names:
+    """The model's name in titles, and the suffix of its docs files (empty for the demo model)."""
+
+    model: str
+    suffix: str = ""
 
 
 def docs_command(argv: list[str]) -> str:
@@ -127,23 +142,24 @@ def docs_command(argv: list[str]) -> str:
     return " ".join(["python -m bench.quality", *out])
 
 
-def write_docs(store: Store, budget: plan.Budget, docs: Path, command: str) -> None:
+def write_docs(store: Store, budget: plan.Budget, docs: Path, command: str, names: Names) -> None:
     results = store.all_results()
     dense = store.dense_result()
     env = next((r.get("environment") for r in results if r.get("environment")), None) or machine()
     docs.mkdir(parents=True, exist_ok=True)
-    png = render.chart(results, dense, docs / "results.png")
+    png = render.chart(results, dense, docs / f"results{names.suffix}.png")
     try:
         where = str(store.root.resolve().relative_to(REPO))
     except ValueError:
         where = str(store.root)
     text = render.markdown(results, dense, budget.as_dict(), command, env, chart=png.name if png else None,
-                           results_dir=where)
-    (docs / "results.md").write_text(text, encoding="utf-8")
-    say(f"wrote {docs / 'results.md'}" + (f" and {png}" if png else ""))
+                           results_dir=where, model=names.model)
+    md = docs / f"results{names.suffix}.md"
+    md.write_text(text, encoding="utf-8")
+    say(f"wrote {md}" + (f" and {png}" if png else ""))
 
 
-def _search(args, budget: plan.Budget, d: plan.Data, store: Store, docs: Path, command: str) -> int:
+def _search(args, budget: plan.Budget, d: plan.Data, store: Store, docs: Path, command: str, names: Names) -> int:
     from bench.quality import search
 
     setting = plan.setting_by_key(args.search_setting)
@@ -153,13 +169,14 @@ def _search(args, budget: plan.Budget, d: plan.Data, store: Store, docs: Path, c
     steps = [int(x) for x in _floats(args.grid_steps, [float(budget.steps)] if quick else [25.0, 50.0])]
     rows = args.select_rows or (8 if quick else 300)
     select = search.write_selection(d.alpaca_valid, store.root, args.select_start, rows, budget.alpaca_limit)
-    bench = Bench(budget, d, demo_model(), store, keep_models=args.keep_models)
+    bench = Bench(budget, d, str(model_dir(args.model)), store, keep_models=args.keep_models)
     results, pruned_ppl = search.run_search(bench, setting, search.grid(heads, lrs, steps), select, rows)
     text = search.search_markdown(results, setting, command, args.select_start, rows, budget.alpaca_limit,
-                                  pruned_ppl)
+                                  pruned_ppl, model=names.model)
     docs.mkdir(parents=True, exist_ok=True)
-    (docs / "search.md").write_text(text, encoding="utf-8")
-    say(f"wrote {docs / 'search.md'}")
+    md = docs / f"search{names.suffix}.md"
+    md.write_text(text, encoding="utf-8")
+    say(f"wrote {md}")
     print(text)
     return 0
 

@@ -218,14 +218,14 @@ def timings(results: list[dict[str, Any]]) -> str:
 
 def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget: dict[str, Any],
              command: str, env: dict[str, Any] | None, chart: str | None = "results.png",
-             results_dir: str = "bench/results/quality") -> str:
+             results_dir: str = "bench/results/quality", model: str = "SmolLM2-135M-Instruct") -> str:
     """The whole results page."""
     by_setting = collect(results)
     dense_row = (dense or {}).get("rows", {}).get("dense")
     b = budget
     wl = "all 1,000" if b.get("wikitext_limit") is None else f"the first {b['wikitext_limit']}"
     parts = [
-        "# Restoration quality on SmolLM2-135M-Instruct: RestoreLCC vs LoRA, DoRA and bias baselines",
+        f"# Restoration quality on {model}: RestoreLCC vs LoRA, DoRA and bias baselines",
         "",
         f"Produced by `{command}` (results, one JSON per setting, method and seed: `{results_dir}/`; "
         "the command resumes from them).",

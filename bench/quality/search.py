@@ -79,7 +79,7 @@ def score(result: dict[str, Any]) -> float:
 
 
 def search_markdown(results: list[dict[str, Any]], setting: plan.Setting, command: str, start: int, rows: int,
-                    eval_rows: int, pruned_ppl: float | None) -> str:
+                    eval_rows: int, pruned_ppl: float | None, model: str = "SmolLM2-135M-Instruct") -> str:
     ranked = sorted(results, key=score)
     table = markdown_table(
         ["rank", "heads", "lr", "steps", "selection resp. ppl", "trainable params", "train s"],
@@ -89,7 +89,7 @@ def search_markdown(results: list[dict[str, Any]], setting: plan.Setting, comman
     )
     best = ranked[0]["point"] if ranked else None
     lines = [
-        f"# RestoreLCC setting search ({setting.label}, SmolLM2-135M-Instruct)",
+        f"# RestoreLCC setting search ({setting.label}, {model})",
         "",
         f"Produced by `{command}`.",
         "",
