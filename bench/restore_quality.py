@@ -28,8 +28,8 @@ def main() -> int:
     ap.add_argument("--probe", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--alpaca-limit", type=int, default=300)
-    ap.add_argument("--random-batches", action="store_true",
-                    help="batches of random lengths (restoration.group_by_length false), as before that setting")
+    ap.add_argument("--group-by-length", action="store_true",
+                    help="batch samples of similar length together (restoration.group_by_length)")
     ap.add_argument("--name", default=None, help="results folder name (default from the settings)")
     ap.add_argument("--docs", action="store_true", help="write docs/restoration.md")
     args = ap.parse_args()
@@ -39,7 +39,7 @@ def main() -> int:
     from worker.reporting import ConsoleReporter
 
     name = args.name or (f"wanda50-h{args.heads:g}-lr{args.lr:g}-s{args.steps}-b{args.batch_size}-p{args.probe}"
-                         + ("-random" if args.random_batches else ""))
+                         + ("-grouped" if args.group_by_length else ""))
     out = RESULTS / "restore" / name
     spec = JobSpec.model_validate({
         "model": {"id": demo_model(), "dtype": "float32"},
@@ -47,7 +47,7 @@ def main() -> int:
         "restoration": {
             "method": "restorelcc", "heads": args.heads, "head_selection": "probe", "probe_samples": args.probe,
             "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_seq_len": args.max_len,
-            "group_by_length": not args.random_batches,
+            "group_by_length": args.group_by_length,
         },
         "data": {"train": data("alpaca/train.jsonl")},
         "evaluation": {
@@ -86,7 +86,7 @@ def render(report: dict, args: argparse.Namespace, name: str) -> str:
 
 Produced by `python bench/restore_quality.py --heads {args.heads:g} --lr {args.lr:g} --steps {args.steps} \
 --batch-size {args.batch_size} --probe {args.probe} --max-len {args.max_len}\
-{" --random-batches" if args.random_batches else ""} --docs`
+{" --group-by-length" if args.group_by_length else ""} --docs`
 (results: `bench/results/restore/{name}/`).
 
 Settings: Wanda 50% unstructured, 128 calibration sequences × 256 tokens from `alpaca/train.jsonl`; probe

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--task-limit", type=int, default=None, help="rows of BoolQ, PIQA, OpenBookQA (default 500)")
     ap.add_argument("--alpaca-limit", type=int, default=None, help="rows 0..N-1 of alpaca/valid (default 300)")
     ap.add_argument("--wikitext-limit", type=int, default=None, help="WikiText sentences (default all 1,000)")
+    ap.add_argument("--random-batches", action="store_true",
+                    help="batches of random lengths (default: similar lengths together, for every method)")
     ap.add_argument("--seeds", default="0,1", help="restoration seeds, comma-separated (default 0,1)")
     ap.add_argument("--only", action="append", help="SETTING or SETTING/METHOD (wildcards, commas); repeatable. "
                     f"Settings: {', '.join(s.key for s in plan.SETTINGS)}; methods: "
@@ -81,7 +83,7 @@ def budget_from(args: argparse.Namespace) -> plan.Budget:
     if not seeds:
         raise SystemExit("--seeds: at least one seed")
     return replace(b, lr_offsets=args.lr_restorelcc, lr_adapter=args.lr_lora,
-                   heads=args.heads, seeds=seeds)
+                   heads=args.heads, seeds=seeds, group_by_length=not args.random_batches)
 
 
 def _floats(text: str | None, default: list[float]) -> list[float]:

@@ -235,7 +235,8 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         "restored by every method from the same saved copy. Every method gets the same budget: "
         f"{b['steps']} AdamW steps × batch {b['batch_size']} of `alpaca/train.jsonl` pairs (first "
         f"{b['train_samples']} rows, loss on response tokens, max {b['max_seq_len']} tokens), the seed's "
-        f"shuffle. RestoreLCC and the bias rows: lr {b['lr_offsets']:g}, heads {b['heads']:g} of all (probing on "
+        "shuffle" + (", batches of similar length (`group_by_length`)" if b.get("group_by_length") else "")
+        + f". RestoreLCC and the bias rows: lr {b['lr_offsets']:g}, heads {b['heads']:g} of all (probing on "
         f"{b['probe_samples']} pairs). LoRA/DoRA: r 8, alpha 16, q_proj and v_proj, lr {b['lr_adapter']:g}. "
         "'merged, mask re-applied' is the model the pipeline exports (the same sparsity as the pruned model); "
         "'unmerged adapter' is the pruned model with the adapter on top (peft), which costs extra inference "
