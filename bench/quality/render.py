@@ -194,6 +194,19 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     return lines
 
 
+def coverage(results: list[dict[str, Any]]) -> str:
+    """How much of the full plan (every setting and method; seeds 0 and 1 for the main rows) is measured."""
+    full = plan.plan(plan.Budget(), plan.Selection())
+    have = {(r.get("setting"), r.get("method"), int(r.get("seed", -1))) for r in results}
+    missing = [f"{s.key}/{m.key}/seed{seed}" for s, m, seed in full if (s.key, m.key, seed) not in have]
+    done = len(full) - len(missing)
+    if not missing:
+        return f"**Coverage.** All {len(full)} restoration runs of the full plan are measured."
+    return (f"**Coverage.** {done} of the {len(full)} restoration runs of the full plan (every setting and method; "
+            f"seeds 0 and 1 for the main rows) are measured; this page is partial. Not measured yet: "
+            + ", ".join(f"`{m}`" for m in missing) + ".")
+
+
 def timings(results: list[dict[str, Any]]) -> str:
     rows = []
     for r in sorted(results, key=lambda r: (r.get("setting") or "", r["method"], r["seed"])):
@@ -247,8 +260,12 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         f"(rows 0..{b['alpaca_limit'] - 1}, prompt tokens not scored); BoolQ, PIQA and OpenBookQA (first "
         f"{b['task_limit']} rows each, zero-shot, lm-evaluation-harness scoring: acc, and acc_norm per "
         "character), accuracies in %; mean acc = mean of the three acc. "
-        "'resp. ppl vs pruned' = change of the Alpaca response perplexity relative to the pruned model.",
+        "'resp. ppl vs pruned' = change of the Alpaca response perplexity relative to the pruned model. "
+        "At this model size BoolQ mostly shows which way a model leans between yes and no (63% of its first 500 "
+        "rows are yes; see docs/pruning.md), and mean acc moves with it: read the accuracies beside the "
+        "perplexities.",
     ]
+    parts += ["", coverage(results)]
     if env:
         parts += ["", f"**Machine.** {env.get('device')} ({env.get('cpu')}, {env.get('cpus')} CPUs, "
                       f"{env.get('threads')} torch threads), Python {env.get('python')}, torch {env.get('torch')}."]

@@ -165,6 +165,16 @@ def test_verdict_compares_restorelcc_with_pruned_and_lora() -> None:
     assert render.verdict({"pruned": rows["pruned"]}) == ["RestoreLCC vs pruned: not measured yet."]
 
 
+def test_coverage_names_what_is_missing() -> None:
+    res, _ = _fake_results()
+    text = render.coverage(res)
+    total = len(plan.plan(plan.Budget(), plan.Selection()))
+    assert f"4 of the {total} restoration runs" in text and "partial" in text
+    assert "`wanda-50/lora/seed1`" in text and "`wanda-50/restorelcc/seed0`" not in text
+    full = [_result(s.key, m.key, seed, {}) for s, m, seed in plan.plan(plan.Budget(), plan.Selection())]
+    assert render.coverage(full) == f"**Coverage.** All {total} restoration runs of the full plan are measured."
+
+
 def test_markdown_and_chart(tmp_path: Path) -> None:
     res, dense = _fake_results()
     png = render.chart(res, dense, tmp_path / "results.png")
