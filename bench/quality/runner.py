@@ -135,7 +135,13 @@ class Store:
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True))
+    """Comparable form of a fingerprint: key order ignored, and paths under the shared data folder written
+    relative to it, so results stay reusable from another checkout or machine."""
+    from bench.common import SHARED_DATA
+
+    text = json.dumps(obj, sort_keys=True)
+    root = json.dumps(str(SHARED_DATA.resolve()))[1:-1]
+    return json.loads(text.replace(root, "$SHARED_DATA"))
 
 
 @dataclass
