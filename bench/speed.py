@@ -220,6 +220,9 @@ def write_docs(saved: dict) -> None:
     tput_verdict = (f"Measured {tput:.3f}× the pruned model's tokens/s: the ≥ 0.99× target is "
                     + ("met." if tput >= 0.99 else "not met in this run."))
     heads_from = a.get("heads_from")
+    heads_note = (f" The heads come from `{heads_from}`, which a real restoration run wrote (here "
+                  "`python -m bench.quality`'s RestoreLCC run on Wanda 50%), so the step is timed with the heads "
+                  "that probing on 256 pairs chooses." if heads_from else "")
     flag = f" --heads-from {heads_from}" if heads_from else ""
     where_heads = (f"the {r.get('chosen_heads', '?')} heads chosen by the full run that wrote `{heads_from}`"
                    if heads_from else f"{a['heads']:g} of the heads, chosen by this run's probe")
@@ -239,8 +242,9 @@ Reading the rows:
 - SVD + probing is one batched SVD over all heads and one batched logistic-regression program for all heads.
 - A training step is forward + backward + AdamW on one batch of 8. Both methods back-propagate from the loss down
   to the earliest layer they change (here layer {r['earliest_chosen_layer']} for RestoreLCC, layer 0 for LoRA), so
-  RestoreLCC's step saves only the layers below its earliest chosen head: its real savings are parameters and
-  optimizer state. {step_verdict}
+  RestoreLCC's step saves the backward pass through the layers below its earliest chosen head, besides
+  parameters and optimizer state; the ratio therefore depends on where the chosen heads are, and comes near 1
+  when a head in the first layers is chosen. {step_verdict}{heads_note}
 - The merged model adds a bias to each attention projection (zeros for q/k/v) and nothing else. {tput_verdict}
 - Timings on a shared two-core machine move by several percent between runs; rows near their target should be
   re-measured on a quiet machine before reading anything into them.
