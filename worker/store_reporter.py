@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.schemas import JobStatus, Stage
 from app.store.jobs import JobStore
+from app.store.models import Job
 
 
 def jsonable(obj: Any) -> Any:
@@ -128,12 +129,14 @@ class StoreReporter:
         job = self.jobs.get(self.job_id)
         # Cancelling, or no longer ours at all (deleted, ended by the lost-worker sweep, or taken over by
         # another worker after this one looked lost): stop.
-        self.superseded = job is not None and self.attempt is not None and job.attempts != self.attempt
+        self._note_owner(job)
         self._cancel = job is None or job.status != JobStatus.running.value or self.superseded
         return self._cancel
 
     def check_superseded(self) -> bool:
         """True if another run has taken the job over (read now, not throttled)."""
-        job = self.jobs.get(self.job_id)
-        self.superseded = job is not None and self.attempt is not None and job.attempts != self.attempt
+        self._note_owner(self.jobs.get(self.job_id))
         return self.superseded
+
+    def _note_owner(self, job: Job | None) -> None:
+        self.superseded = job is not None and self.attempt is not None and job.attempts != self.attempt

@@ -54,6 +54,11 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def _due(now: datetime) -> Any:
+    """A queued job may run now: it has no back-off, or its back-off has passed."""
+    return Job.run_after.is_(None) | (Job.run_after <= now)
+
+
 class JobStore:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -163,7 +168,7 @@ class JobStore:
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-                .where((Job.run_after.is_(None)) | (Job.run_after <= now))
+                .where(_due(now))
                 .values(
                     status=JobStatus.running.value, attempts=Job.attempts + 1, worker=worker, started_at=now,
                     heartbeat_at=now, updated_at=now, run_after=None, progress_message="started",
@@ -275,7 +280,7 @@ class JobStore:
             return s.scalar(
                 select(Job.id)
                 .where(Job.status == JobStatus.queued.value)
-                .where((Job.run_after.is_(None)) | (Job.run_after <= now))
+                .where(_due(now))
                 .order_by(Job.seq)
                 .limit(1)
             )
@@ -287,7 +292,7 @@ class JobStore:
             return list(s.scalars(
                 select(Job.id)
                 .where(Job.status == JobStatus.queued.value, Job.updated_at < cutoff)
-                .where((Job.run_after.is_(None)) | (Job.run_after <= now))
+                .where(_due(now))
                 .order_by(Job.seq)
             ))
 

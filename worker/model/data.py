@@ -161,7 +161,7 @@ def length_sorted(n: int, key: Sequence[int]) -> list[int]:
     return sorted(range(n), key=lambda i: -key[i])
 
 
-def shuffled_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, group_by_length: bool = True,
+def shuffled_batches(lengths: Sequence[int], batch_size: int, gen: torch.Generator, group_by_length: bool = False,
                      group_batches: int = 50) -> list[list[int]]:
     """One epoch's batches of sample indices: a seeded shuffle, every sample exactly once.
 
