@@ -29,7 +29,7 @@ from pydantic import ValidationError
 from app.config import Settings, get_settings
 from app.paths import PathRefused, check_spec_paths
 from app.schemas import JobSpec, JobStatus
-from app.store.artifacts import ArtifactStore, job_key, job_prefix, make_store
+from app.store.artifacts import ArtifactStore, attempt_prefix, job_key, job_prefix, make_store
 from app.store.db import make_engine
 from app.store.jobs import JobStore, stale_cutoff
 from app.store.models import Job, utcnow
@@ -250,7 +250,7 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                         attempt=attempt)
                     return Result(Outcome.failed)
                 try:
-                    _discard_artifacts(ctx, job_id)
+                    _discard_artifacts(ctx, job_id, attempt)
                 except Exception:
                     log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
                 if jobs.finish(job_id, JobStatus.cancelled, attempt=attempt):
@@ -301,9 +301,17 @@ def _transient(ctx: WorkerContext, job: Job, e: Exception) -> Result:
     return _fail(ctx, job.id, "transient_error", str(e)[:2000], attempt=job.attempts)
 
 
-def _discard_artifacts(ctx: WorkerContext, job_id: str) -> None:
-    ctx.jobs.clear_artifacts(job_id)
-    ctx.artifacts.delete_prefix(job_prefix(job_id))
+def _discard_artifacts(ctx: WorkerContext, job_id: str, attempt: int | None = None) -> bool:
+    """Forget the job's artifacts and delete their files. With ``attempt``, only while that run owns the
+    job (False otherwise), and only the files of runs 1..attempt: a later run's files are never touched."""
+    if not ctx.jobs.clear_artifacts(job_id, attempt=attempt):
+        return False
+    if attempt is None:
+        ctx.artifacts.delete_prefix(job_prefix(job_id))
+    else:
+        for k in range(1, attempt + 1):
+            ctx.artifacts.delete_prefix(attempt_prefix(job_id, k))
+    return True
 
 
 def result_files(out_dir: Path) -> list[tuple[str, Path]]:
@@ -319,15 +327,17 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None 
     """Upload every result file and record it (name, size, sha256 computed while uploading); stops with
     :class:`Cancelled` if another run takes the job over meanwhile."""
     try:
-        _discard_artifacts(ctx, job_id)  # leftovers of an earlier attempt
+        owned = _discard_artifacts(ctx, job_id, attempt)  # leftovers of this or an earlier attempt
     except Exception as e:
         raise TransientError(f"artifact store unavailable for upload: {e}") from e
+    if not owned:
+        raise Cancelled("taken over by another worker before uploading")
     files = result_files(out_dir)
     done = 0
     for name, path in files:
         for k in range(tries):
             try:
-                stored = ctx.artifacts.put_file(job_key(job_id, name), path)
+                stored = ctx.artifacts.put_file(job_key(job_id, name, attempt), path)
                 break
             except Exception as e:
                 if k == tries - 1:

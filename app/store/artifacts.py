@@ -1,7 +1,9 @@
 """Artifact stores: a local directory by default, S3-compatible storage (AWS, MinIO) in production.
 
-Keys are ``jobs/{job_id}/{name}``. The sha256 of every file is computed while it is uploaded and recorded
-by the caller; reads stream in chunks and accept a byte range.
+Keys are ``jobs/{job_id}/attempt-{n}/{name}``: each run of a job uploads under its own attempt, so a run
+that lost the job to another (a frozen worker that wakes up) can never overwrite the files the new run
+recorded. Deleting a job deletes ``jobs/{job_id}/`` whole. The sha256 of every file is computed while it
+is uploaded and recorded by the caller; reads stream in chunks and accept a byte range.
 """
 
 from __future__ import annotations
@@ -29,12 +31,18 @@ class Stored:
     sha256: str
 
 
-def job_key(job_id: str, name: str) -> str:
-    return f"jobs/{job_id}/{safe_name(name)}"
+def job_key(job_id: str, name: str, attempt: int | None = None) -> str:
+    """Where artifact ``name`` of a job's run ``attempt`` is stored (no attempt: directly under the job)."""
+    base = job_prefix(job_id) if attempt is None else attempt_prefix(job_id, attempt)
+    return f"{base}{safe_name(name)}"
 
 
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
+
+
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    return f"jobs/{job_id}/attempt-{int(attempt)}/"
 
 
 def safe_name(name: str) -> str:

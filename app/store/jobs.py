@@ -360,9 +360,14 @@ class JobStore:
             s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha256, key=key))
             return True
 
-    def clear_artifacts(self, job_id: str) -> None:
+    def clear_artifacts(self, job_id: str, attempt: int | None = None) -> bool:
+        """Forget a job's recorded artifacts; with ``attempt``, only while that run owns the job (False
+        otherwise, and nothing is touched)."""
         with self.session() as s:
+            if attempt is not None and s.scalar(select(Job.attempts).where(Job.id == job_id)) != attempt:
+                return False
             s.execute(delete(Artifact).where(Artifact.job_id == job_id))
+            return True
 
     def artifacts(self, job_id: str) -> list[Artifact]:
         with self.session() as s:

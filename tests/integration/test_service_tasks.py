@@ -42,7 +42,7 @@ def test_results_upload_to_s3_with_sha256(tmp_path, tiny_assets, s3_endpoint):
     arts = ctx.jobs.artifacts(job_id)
     assert {"report.json", "model/config.json", "model/model.safetensors"} <= {a.name for a in arts}
     for a in arts:
-        assert a.key == f"jobs/{job_id}/{a.name}" and verify(ctx.artifacts, a.key, a.sha256)
+        assert a.key == f"jobs/{job_id}/attempt-1/{a.name}" and verify(ctx.artifacts, a.key, a.sha256)
     assert not (ctx.settings.work_path / job_id).exists()  # scratch space cleaned
     # Idempotent: a redelivered message for a finished job does nothing.
     assert run_job(job_id, ctx).outcome is Outcome.noop
@@ -117,6 +117,37 @@ def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_alone(tmp_path, tiny
     assert (job.status, job.worker, job.attempts, job.stage) == ("running", "new-worker", 2, None)
     assert ctx.jobs.artifacts(job_id) == [] and not (ctx.settings.work_path / job_id).exists()
     assert "stage" not in [e.kind for e in ctx.jobs.events(job_id)]
+
+
+def test_a_run_that_lost_its_job_cannot_delete_or_overwrite_the_new_runs_artifacts(tmp_path, tiny_assets):
+    """Each run uploads under its own attempt. A stale run reaching its upload is refused before it deletes
+    anything, and even a file it slips into the store afterwards lands beside, not over, the new run's."""
+    import pytest
+
+    from app.store.artifacts import job_key
+    from worker.errors import Cancelled
+    from worker.tasks import _upload
+
+    ctx = _ctx(tmp_path, tiny_assets)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "frozen-worker")
+    assert ctx.jobs.take_over(job_id, "new-worker", utcnow())
+    outs = {}
+    for run in ("old", "new"):
+        outs[run] = tmp_path / run
+        (outs[run] / "model").mkdir(parents=True)
+        (outs[run] / "report.json").write_text(f"{run} report")
+        (outs[run] / "model" / "config.json").write_text(f"{run} config")
+    _upload(ctx, job_id, outs["new"], attempt=2)
+    with pytest.raises(Cancelled):
+        _upload(ctx, job_id, outs["old"], attempt=1)
+    ctx.artifacts.put_file(job_key(job_id, "report.json", 1), outs["old"] / "report.json")  # a late straggler
+    arts = {a.name: a for a in ctx.jobs.artifacts(job_id)}
+    assert sorted(arts) == ["model/config.json", "report.json"]
+    for name, a in arts.items():
+        assert a.key == f"jobs/{job_id}/attempt-2/{name}" and verify(ctx.artifacts, a.key, a.sha256)
+        assert b"".join(ctx.artifacts.open_range(a.key)).startswith(b"new ")
+    assert not ctx.jobs.clear_artifacts(job_id, attempt=1) and len(ctx.jobs.artifacts(job_id)) == 2
 
 
 def test_a_run_killed_by_the_hard_time_limit_is_failed_not_rerun(tmp_path, tiny_assets):
