@@ -98,6 +98,10 @@ class PruningSpec(_Strict):
         return parse_nm(self.pattern)
 
 
+# Learning rates used when a spec leaves restoration.lr unset (see docs/results.md and docs/search.md).
+DEFAULT_LR: dict[str, float] = {"restorelcc": 1e-2, "bias": 1e-2, "lora": 1e-3, "dora": 1e-3}
+
+
 class RestorationSpec(_Strict):
     method: Literal["restorelcc", "bias", "lora", "dora", "none"] = Field(
         "restorelcc", description="How to restore: RestoreLCC, a per-head bias, LoRA, DoRA, or nothing."
@@ -119,7 +123,11 @@ class RestorationSpec(_Strict):
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps; overrides epochs when set."
     )
-    lr: float = Field(1e-2, gt=0, lt=10, description="AdamW learning rate.")
+    lr: float | None = Field(
+        None, gt=0, lt=10, description="AdamW learning rate; null picks the method's default (RestoreLCC and bias "
+        f"{DEFAULT_LR['restorelcc']:g}: per-head offsets start at zero and need large steps; LoRA and DoRA "
+        f"{DEFAULT_LR['lora']:g}).",
+    )
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step (before accumulation).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps per optimizer step.")
@@ -135,6 +143,12 @@ class RestorationSpec(_Strict):
     lora_targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LoRA/DoRA target module names."
     )
+
+    @model_validator(mode="after")
+    def _method_lr(self) -> RestorationSpec:
+        if self.lr is None and self.method != "none":
+            self.lr = DEFAULT_LR[self.method]
+        return self
 
     @field_validator("heads")
     @classmethod
