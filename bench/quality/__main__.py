@@ -172,9 +172,9 @@ def _search(args, budget: plan.Budget, d: plan.Data, store: Store, docs: Path, c
     rows = args.select_rows or (8 if quick else 300)
     select = search.write_selection(d.alpaca_valid, store.root, args.select_start, rows, budget.alpaca_limit)
     bench = Bench(budget, d, str(model_dir(args.model)), store, keep_models=args.keep_models)
-    results, pruned_ppl = search.run_search(bench, setting, search.grid(heads, lrs, steps), select, rows)
-    text = search.search_markdown(results, setting, command, args.select_start, rows, budget.alpaca_limit,
-                                  pruned_ppl, model=names.model)
+    found = search.run_search(bench, setting, search.grid(heads, lrs, steps), select, rows)
+    text = search.search_markdown(found, setting, command, args.select_start, rows, budget.alpaca_limit,
+                                  model=names.model)
     docs.mkdir(parents=True, exist_ok=True)
     md = docs / f"search{names.suffix}.md"
     md.write_text(text, encoding="utf-8")

@@ -3,12 +3,15 @@
 The selection split is a slice of ``alpaca/valid.jsonl`` that starts after the rows the results table
 evaluates (rows 300..599 against rows 0..299 by default), written to ``<root>/search/alpaca_select.jsonl``.
 Each grid point is one RestoreLCC run on the cached pruned model (seed 0), scored by response perplexity
-on the selection rows only; one JSON per point, reused when present.
+on the selection rows only; one JSON per point, reused when present. LoRA (the results table's setting,
+seed 0) is scored on the same rows, so every point's ratio to unmerged LoRA is read off the selection
+split too, and the winner is the best point within the parameter cap (5% of LoRA's).
 """
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ from bench.quality import plan
 from bench.quality.runner import Bench, say
 
 SELECT_STEM = "alpaca_select"
+PARAM_CAP = 0.05  # the recommended setting may train at most this fraction of LoRA r=8's parameters
+RATIO_TARGET = 1.05  # response perplexity within this factor of unmerged LoRA's
 
 
 def write_selection(source: str, root: Path, start: int, rows: int, eval_rows: int) -> Path:
@@ -43,9 +48,16 @@ def point_name(p: dict[str, Any]) -> str:
     return f"h{p['heads']:g}-lr{p['lr']:g}-s{p['max_steps']}"
 
 
+@dataclass
+class Search:
+    points: list[dict[str, Any]]  # one result per grid point
+    pruned_ppl: float  # the pruned model on the selection rows
+    lora: dict[str, Any]  # LoRA's result on the selection rows (rows lora/unmerged and lora/merged)
+
+
 def run_search(bench: Bench, setting: plan.Setting, points: list[dict[str, Any]], select: Path, rows: int
-               ) -> tuple[list[dict[str, Any]], float]:
-    """Every grid point's result, and the pruned model's response perplexity on the selection rows."""
+               ) -> Search:
+    """Every grid point's result, the pruned model's and LoRA's scores on the selection rows."""
     method = plan.method_by_key("restorelcc")
     ev = plan.evaluation(bench.data, bench.budget, alpaca=str(select), alpaca_limit=rows, tasks=False,
                          wikitext=False)
@@ -71,23 +83,60 @@ def run_search(bench: Bench, setting: plan.Setting, points: list[dict[str, Any]]
         else:
             say(f"search {point_name(p)}: already measured")
         out.append(found)
-    return out, float(pruned["metrics"][SELECT_STEM]["response_ppl"])
+    lora = _reference(bench, setting, ev, pruned_by)
+    return Search(out, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora)
+
+
+def _reference(bench: Bench, setting: plan.Setting, ev: dict[str, Any], pruned_by: dict[str, Any]
+               ) -> dict[str, Any]:
+    method = plan.method_by_key("lora")
+    job = plan.restore_job(method, bench.budget, bench.data, "", bench.dense_dir, 0)
+    fp = plan.fingerprint(job, ev, pruned_by)
+    path = bench.store.root / "search" / setting.key / "lora.json"
+    found = bench.store.load(path, fp)
+    if found is None:
+        found = bench.restore_and_evaluate(setting, method, 0, job, ev, "search-lora")
+        found["fingerprint"] = fp
+        bench.store.save(path, found)
+    else:
+        say("search lora: already measured")
+    return found
+
+
+def row_ppl(result: dict[str, Any], row: str) -> float:
+    return float(result["rows"][row]["metrics"][SELECT_STEM]["response_ppl"])
 
 
 def score(result: dict[str, Any]) -> float:
-    return float(result["rows"]["restorelcc"]["metrics"][SELECT_STEM]["response_ppl"])
+    return row_ppl(result, "restorelcc")
 
 
-def search_markdown(results: list[dict[str, Any]], setting: plan.Setting, command: str, start: int, rows: int,
-                    eval_rows: int, pruned_ppl: float | None, model: str = "SmolLM2-135M-Instruct") -> str:
-    ranked = sorted(results, key=score)
+def params(result: dict[str, Any], row: str = "restorelcc") -> int:
+    return int(result["rows"][row]["trainable_params"])
+
+
+def winner(search: Search) -> dict[str, Any] | None:
+    """The best-scoring point that trains at most PARAM_CAP of LoRA's parameters."""
+    cap = PARAM_CAP * params(search.lora, "lora/unmerged")
+    within = [r for r in search.points if params(r) <= cap]
+    return min(within, key=score) if within else None
+
+
+def search_markdown(search: Search, setting: plan.Setting, command: str, start: int, rows: int,
+                    eval_rows: int, model: str = "SmolLM2-135M-Instruct") -> str:
+    ranked = sorted(search.points, key=score)
+    lora_ppl = row_ppl(search.lora, "lora/unmerged")
+    lora_params = params(search.lora, "lora/unmerged")
     table = markdown_table(
-        ["rank", "heads", "lr", "steps", "selection resp. ppl", "trainable params", "train s"],
+        ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged", "trainable params",
+         "% of LoRA's", "train s"],
         [[i + 1, r["point"]["heads"], r["point"]["lr"], r["point"]["max_steps"], round(score(r), 3),
-          r["rows"]["restorelcc"]["trainable_params"], round(r["rows"]["restorelcc"]["train_seconds"], 1)]
+          f"{score(r) / lora_ppl:.3f}", params(r), f"{100 * params(r) / lora_params:.2f}",
+          round(r["rows"]["restorelcc"]["train_seconds"], 1)]
          for i, r in enumerate(ranked)],
     )
-    best = ranked[0]["point"] if ranked else None
+    won = winner(search)
+    best = won["point"] if won else None
     lines = [
         f"# RestoreLCC setting search ({setting.label}, {model})",
         "",
@@ -98,9 +147,20 @@ def search_markdown(results: list[dict[str, Any]], setting: plan.Setting, comman
         "One run per grid point, seed 0, on the same pruned model as the results table; everything else as "
         "in the results table.",
     ]
-    if pruned_ppl is not None:
-        lines += ["", f"Pruned model on the selection rows: response ppl {pruned_ppl:.3f}."]
-    lines += ["", table, ""]
+    lines += [
+        "",
+        f"On the selection rows: pruned model response ppl {search.pruned_ppl:.3f}; LoRA r=8 q,v (lr "
+        f"{search.lora['fingerprint']['job']['restoration']['lr']:g}, seed 0, the results table's setting) "
+        f"{lora_ppl:.3f} unmerged, {row_ppl(search.lora, 'lora/merged'):.3f} merged with the mask re-applied, "
+        f"{lora_params:,} trainable parameters.",
+        "", table, "",
+    ]
+    if won:
+        ratio = score(won) / lora_ppl
+        verdict = "meets" if ratio <= RATIO_TARGET else "does **not** meet"
+        lines += [f"Winner (best selection response ppl among points with at most {100 * PARAM_CAP:g}% of LoRA's "
+                  f"parameters): {ratio:.3f}× unmerged LoRA, which {verdict} the {RATIO_TARGET}× target on the "
+                  "selection rows.", ""]
     if best:
         lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g}, {best['max_steps']} steps. To use it: "
                   f"`python -m bench.quality --heads {best['heads']:g} --lr-restorelcc {best['lr']:g} "

@@ -195,3 +195,24 @@ def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="do not exist"):
         write_selection(str(src), tmp_path, 8, 3, eval_rows=6)
     assert len(grid([0.1, 0.2], [1e-2], [10, 20])) == 4
+
+
+def _point(heads: float, lr: float, ppl: float, params: int) -> dict:
+    row = {"metrics": {"alpaca_select": {"response_ppl": ppl}}, "trainable_params": params, "train_seconds": 1.0}
+    return {"point": {"heads": heads, "lr": lr, "max_steps": 50}, "rows": {"restorelcc": row}}
+
+
+def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_target() -> None:
+    from bench.quality.search import Search, search_markdown, winner
+
+    lora_row = {"metrics": {"alpaca_select": {"response_ppl": 10.0}}, "trainable_params": 1000}
+    lora = {"rows": {"lora/unmerged": lora_row, "lora/merged": {**lora_row, "metrics": {
+        "alpaca_select": {"response_ppl": 10.4}}}}, "fingerprint": {"job": {"restoration": {"lr": 1e-3}}}}
+    points = [_point(0.1, 1e-2, 11.0, 20), _point(0.3, 1e-2, 10.4, 50), _point(0.9, 1e-2, 10.1, 60)]
+    found = Search(points, pruned_ppl=15.0, lora=lora)
+    assert winner(found)["point"]["heads"] == 0.3  # 0.9 scores better but trains 6% of LoRA's parameters
+    text = search_markdown(found, plan.SETTINGS[0], "python -m bench.quality --search", 300, 300, 300)
+    assert "1.040× unmerged LoRA, which meets the 1.05× target" in text and "--heads 0.3 " in text
+    assert "| 1 | 0.9 |" in text  # still ranked, shown with its share of LoRA's parameters
+    found = Search(points[:1], pruned_ppl=15.0, lora=lora)
+    assert "does **not** meet" in search_markdown(found, plan.SETTINGS[0], "cmd", 300, 300, 300)
