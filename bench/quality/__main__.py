@@ -154,8 +154,15 @@ def write_docs(store: Store, budget: plan.Budget, docs: Path, command: str, name
         where = str(store.root.resolve().relative_to(REPO))
     except ValueError:
         where = str(store.root)
+    from bench.quality import search
+
+    searched = []
+    for setting in plan.SETTINGS:
+        found = search.load(store.root, setting.key)
+        if found is not None:
+            searched += [f"{setting.label}. {line}" for line in search.summary(found)]
     text = render.markdown(results, dense, budget.as_dict(), command, env, chart=png.name if png else None,
-                           results_dir=where, model=names.model)
+                           results_dir=where, model=names.model, search=searched or None)
     md = docs / f"results{names.suffix}.md"
     md.write_text(text, encoding="utf-8")
     say(f"wrote {md}" + (f" and {png}" if png else ""))

@@ -231,7 +231,8 @@ def timings(results: list[dict[str, Any]]) -> str:
 
 def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget: dict[str, Any],
              command: str, env: dict[str, Any] | None, chart: str | None = "results.png",
-             results_dir: str = "bench/results/quality", model: str = "SmolLM2-135M-Instruct") -> str:
+             results_dir: str = "bench/results/quality", model: str = "SmolLM2-135M-Instruct",
+             search: list[str] | None = None) -> str:
     """The whole results page."""
     by_setting = collect(results)
     dense_row = (dense or {}).get("rows", {}).get("dense")
@@ -283,6 +284,8 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         extra = notes(results, setting.key)
         if extra:
             parts += [f"- {t}" for t in extra]
+    if search:
+        parts += ["", "## RestoreLCC's recommended setting", ""] + [f"- {t}" for t in search]
     if chart:
         parts += ["", f"![Response perplexity, WikiText perplexity and mean accuracy per method]({chart})"]
     parts += ["", "## Time per run", "", "Seconds on the machine above (the pruning run includes the dense and "

@@ -11,6 +11,7 @@ split too, and the winner is the best point within the parameter cap (5% of LoRA
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,42 @@ def winner(search: Search) -> dict[str, Any] | None:
     cap = PARAM_CAP * params(search.lora, "lora/unmerged")
     within = [r for r in search.points if params(r) <= cap]
     return min(within, key=score) if within else None
+
+
+def load(root: Path, setting: str) -> Search | None:
+    """A finished search of ``setting`` as stored under ``root`` (None when it has not run)."""
+    folder = Path(root) / "search" / setting
+    if not (folder / "lora.json").is_file() or not (folder / "pruned.json").is_file():
+        return None
+    points = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("h*.json"))
+              if not p.name.endswith(".stale.json")]
+    if not points:
+        return None
+    pruned = json.loads((folder / "pruned.json").read_text(encoding="utf-8"))
+    lora = json.loads((folder / "lora.json").read_text(encoding="utf-8"))
+    return Search(points, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora)
+
+
+def summary(found: Search) -> list[str]:
+    """Lines for the results page: what the search chose and how it compares with LoRA there."""
+    won = winner(found)
+    if won is None:
+        return [f"No searched setting trains at most {100 * PARAM_CAP:g}% of LoRA's parameters."]
+    p, lora_ppl = won["point"], row_ppl(found.lora, "lora/unmerged")
+    ratio = score(won) / lora_ppl
+    share = params(won) / params(found.lora, "lora/unmerged")
+    lrs = sorted({r["point"]["lr"] for r in found.points})
+    heads = sorted({r["point"]["heads"] for r in found.points})
+    steps = sorted({r["point"]["max_steps"] for r in found.points})
+    return [
+        f"Searched on Alpaca-valid rows that are never evaluated (docs/search.md): head fractions "
+        f"{', '.join(f'{h:g}' for h in heads)}; lr {', '.join(f'{x:g}' for x in lrs)}; "
+        f"{', '.join(map(str, steps))} steps.",
+        f"Winner: heads {p['heads']:g}, lr {p['lr']:g}, {p['max_steps']} steps ({params(won):,} trainable "
+        f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
+        f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f}, **{ratio:.3f}×** LoRA "
+        f"(target ≤ {RATIO_TARGET}×: " + ("met" if ratio <= RATIO_TARGET else "**not met**") + ").",
+    ]
 
 
 def search_markdown(search: Search, setting: plan.Setting, command: str, start: int, rows: int,

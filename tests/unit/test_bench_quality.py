@@ -216,3 +216,24 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     assert "| 1 | 0.9 |" in text  # still ranked, shown with its share of LoRA's parameters
     found = Search(points[:1], pruned_ppl=15.0, lora=lora)
     assert "does **not** meet" in search_markdown(found, plan.SETTINGS[0], "cmd", 300, 300, 300)
+
+
+def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> None:
+    from bench.quality.search import load, summary
+
+    folder = tmp_path / "search" / "wanda-50"
+    folder.mkdir(parents=True)
+    assert load(tmp_path, "wanda-50") is None
+    lora_row = {"metrics": {"alpaca_select": {"response_ppl": 10.0}}, "trainable_params": 1000}
+    (folder / "lora.json").write_text(json.dumps({"rows": {"lora/unmerged": lora_row}}))
+    (folder / "pruned.json").write_text(json.dumps({"metrics": {"alpaca_select": {"response_ppl": 15.0}}}))
+    for i, (h, ppl, n) in enumerate([(0.1, 12.0, 20), (0.3, 11.0, 40)]):
+        (folder / f"h{h}-{i}.json").write_text(json.dumps(_point(h, 1e-2, ppl, n)))
+    found = load(tmp_path, "wanda-50")
+    assert found is not None and len(found.points) == 2 and found.pruned_ppl == 15.0
+    lines = summary(found)
+    assert "heads 0.3, lr 0.01, 50 steps (40 trainable parameters, 4.00% of LoRA's)" in lines[1]
+    assert "**1.100×** LoRA (target ≤ 1.05×: **not met**)" in lines[1]
+    results, dense = _fake_results()
+    text = render.markdown(results, dense, plan.Budget().as_dict(), "cmd", None, search=lines)
+    assert "## RestoreLCC's recommended setting" in text and lines[1] in text
