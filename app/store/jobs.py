@@ -350,21 +350,30 @@ class JobStore:
             return list(s.scalars(q.order_by(Event.seq).limit(limit)))
 
     # Artifacts ---------------------------------------------------------------------------------------
+    def _owns(self, s: Session, job_id: str, attempt: int | None) -> bool:
+        """Whether run ``attempt`` still owns the job: it is active and no later run took it over. Locks the
+        row, so the answer holds until the caller's transaction ends (None: no fence)."""
+        if attempt is None:
+            return True
+        row = s.execute(select(Job.attempts, Job.status).where(Job.id == job_id).with_for_update()).first()
+        return row is not None and row.attempts == attempt and row.status in ACTIVE
+
     def add_artifact(self, job_id: str, name: str, size: int, sha256: str, key: str, attempt: int | None = None
                      ) -> bool:
-        """Record an uploaded file; with ``attempt``, only while that run owns the job (False otherwise)."""
+        """Record an uploaded file; with ``attempt``, only while that run owns the active job (False
+        otherwise: a finished job's artifacts never change)."""
         with self.session() as s:
-            if attempt is not None and s.scalar(select(Job.attempts).where(Job.id == job_id)) != attempt:
+            if not self._owns(s, job_id, attempt):
                 return False
             s.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name == name))
             s.add(Artifact(job_id=job_id, name=name, size=size, sha256=sha256, key=key))
             return True
 
     def clear_artifacts(self, job_id: str, attempt: int | None = None) -> bool:
-        """Forget a job's recorded artifacts; with ``attempt``, only while that run owns the job (False
+        """Forget a job's recorded artifacts; with ``attempt``, only while that run owns the active job (False
         otherwise, and nothing is touched)."""
         with self.session() as s:
-            if attempt is not None and s.scalar(select(Job.attempts).where(Job.id == job_id)) != attempt:
+            if not self._owns(s, job_id, attempt):
                 return False
             s.execute(delete(Artifact).where(Artifact.job_id == job_id))
             return True

@@ -284,10 +284,10 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         extra = notes(results, setting.key)
         if extra:
             parts += [f"- {t}" for t in extra]
-    if search:
-        parts += ["", "## RestoreLCC's recommended setting", ""] + [f"- {t}" for t in search]
     if chart:
         parts += ["", f"![Response perplexity, WikiText perplexity and mean accuracy per method]({chart})"]
+    if search:
+        parts += ["", "## RestoreLCC's recommended setting", ""] + [f"- {t}" for t in search]
     parts += ["", "## Time per run", "", "Seconds on the machine above (the pruning run includes the dense and "
               "pruned evaluations).", "", timings(results), ""]
     return "\n".join(parts)

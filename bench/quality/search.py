@@ -36,6 +36,10 @@ def write_selection(source: str, root: Path, start: int, rows: int, eval_rows: i
     path = root / "search" / f"{SELECT_STEM}.jsonl"
     text = "\n".join(chosen) + "\n"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        if path.is_file():  # other selection rows: every score made on the old ones is set aside
+            for old in path.parent.glob("*/*.json"):
+                if not old.name.endswith(".stale.json"):
+                    old.rename(old.with_suffix(".stale.json"))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
     return path
@@ -85,6 +89,10 @@ def run_search(bench: Bench, setting: plan.Setting, points: list[dict[str, Any]]
             say(f"search {point_name(p)}: already measured")
         out.append(found)
     lora = _reference(bench, setting, ev, pruned_by)
+    # What the latest search covered: the results page reads these points only, never leftovers of
+    # another grid or budget that share the folder.
+    manifest = bench.store.root / "search" / setting.key / "manifest.json"
+    bench.store.save(manifest, {"points": [f"{point_name(p)}.json" for p in points]})
     return Search(out, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora)
 
 
@@ -126,12 +134,13 @@ def winner(search: Search) -> dict[str, Any] | None:
 def load(root: Path, setting: str) -> Search | None:
     """A finished search of ``setting`` as stored under ``root`` (None when it has not run)."""
     folder = Path(root) / "search" / setting
-    if not (folder / "lora.json").is_file() or not (folder / "pruned.json").is_file():
+    needed = [folder / n for n in ("manifest.json", "lora.json", "pruned.json")]
+    if not all(p.is_file() for p in needed):
         return None
-    points = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("h*.json"))
-              if not p.name.endswith(".stale.json")]
-    if not points:
+    names = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["points"]
+    if not names or not all((folder / n).is_file() for n in names):
         return None
+    points = [json.loads((folder / n).read_text(encoding="utf-8")) for n in names]
     pruned = json.loads((folder / "pruned.json").read_text(encoding="utf-8"))
     lora = json.loads((folder / "lora.json").read_text(encoding="utf-8"))
     return Search(points, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora)
@@ -192,6 +201,8 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         f"{lora_params:,} trainable parameters.",
         "", table, "",
     ]
+    if not won:
+        lines += [f"No point trains at most {100 * PARAM_CAP:g}% of LoRA's parameters, so none is recommended.", ""]
     if won:
         ratio = score(won) / lora_ppl
         verdict = "meets" if ratio <= RATIO_TARGET else "does **not** meet"

@@ -123,6 +123,18 @@ def test_a_run_taken_over_can_no_longer_write(store):
     assert store.finish(job.id, JobStatus.succeeded, attempt=2)
 
 
+def test_a_finished_jobs_artifacts_never_change(store):
+    """The sweep fails a lost run's job without a new attempt: if that run wakes up, its attempt still
+    matches, but the job is finished, so it can neither record nor clear artifacts."""
+    job, _ = store.create("t", {})
+    store.claim(job.id, "w1")
+    assert store.add_artifact(job.id, "report.json", 1, "0" * 64, "k1", attempt=1)
+    assert store.finish(job.id, JobStatus.failed, ("worker_lost", "gone"))
+    assert not store.add_artifact(job.id, "model/config.json", 1, "1" * 64, "k2", attempt=1)
+    assert not store.clear_artifacts(job.id, attempt=1)
+    assert [(a.name, a.key) for a in store.artifacts(job.id)] == [("report.json", "k1")]
+
+
 def test_delete_refuses_active_jobs(store):
     job, _ = store.create("t", {}, "idem")
     with pytest.raises(JobNotFinished):

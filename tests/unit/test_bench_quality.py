@@ -194,6 +194,13 @@ def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
         write_selection(str(src), tmp_path, 5, 3, eval_rows=6)
     with pytest.raises(ValueError, match="do not exist"):
         write_selection(str(src), tmp_path, 8, 3, eval_rows=6)
+    scored = tmp_path / "search" / "wanda-50" / "lora.json"
+    scored.parent.mkdir()
+    scored.write_text("{}")
+    write_selection(str(src), tmp_path, 6, 3, eval_rows=6)  # the same rows: scores kept
+    assert scored.is_file()
+    write_selection(str(src), tmp_path, 7, 3, eval_rows=6)  # other rows: scores set aside
+    assert not scored.is_file() and scored.with_suffix(".stale.json").is_file()
     assert len(grid([0.1, 0.2], [1e-2], [10, 20])) == 4
 
 
@@ -216,6 +223,9 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     assert "| 1 | 0.9 |" in text  # still ranked, shown with its share of LoRA's parameters
     found = Search(points[:1], pruned_ppl=15.0, lora=lora)
     assert "does **not** meet" in search_markdown(found, plan.SETTINGS[0], "cmd", 300, 300, 300)
+    found = Search(points[2:], pruned_ppl=15.0, lora=lora)
+    assert winner(found) is None and "none is recommended" in search_markdown(found, plan.SETTINGS[0], "c", 300,
+                                                                              300, 300)
 
 
 def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> None:
@@ -227,9 +237,11 @@ def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> No
     lora_row = {"metrics": {"alpaca_select": {"response_ppl": 10.0}}, "trainable_params": 1000}
     (folder / "lora.json").write_text(json.dumps({"rows": {"lora/unmerged": lora_row}}))
     (folder / "pruned.json").write_text(json.dumps({"metrics": {"alpaca_select": {"response_ppl": 15.0}}}))
-    for i, (h, ppl, n) in enumerate([(0.1, 12.0, 20), (0.3, 11.0, 40)]):
+    for i, (h, ppl, n) in enumerate([(0.1, 12.0, 20), (0.3, 11.0, 40), (0.2, 9.0, 30)]):
         (folder / f"h{h}-{i}.json").write_text(json.dumps(_point(h, 1e-2, ppl, n)))
-    found = load(tmp_path, "wanda-50")
+    assert load(tmp_path, "wanda-50") is None  # no manifest: the search has not finished
+    (folder / "manifest.json").write_text(json.dumps({"points": ["h0.1-0.json", "h0.3-1.json"]}))
+    found = load(tmp_path, "wanda-50")  # h0.2-2.json is a leftover of another search
     assert found is not None and len(found.points) == 2 and found.pruned_ppl == 15.0
     lines = summary(found)
     assert "heads 0.3, lr 0.01, 50 steps (40 trainable parameters, 4.00% of LoRA's)" in lines[1]
