@@ -33,6 +33,17 @@ class Method:
     lr: str  # which learning-rate flag: "offsets" (RestoreLCC and bias) or "adapter" (LoRA and DoRA)
     main: bool  # repeated over every seed
     forms: tuple[str, ...] = ("",)  # rows one run produces: "" (the restored model) or "unmerged"/"merged"
+    fixed: tuple[tuple[str, Any], ...] = ()  # restoration settings that override the shared budget
+
+
+def _service_default() -> Method:
+    """RestoreLCC exactly as a job that leaves heads and lr unset gets it (the searched recommendation)."""
+    from app.schemas import DEFAULT_LR, RestorationSpec
+
+    heads, lr = RestorationSpec.model_fields["heads"].default, DEFAULT_LR["restorelcc"]
+    return Method("restorelcc-default", f"RestoreLCC (service default: heads {heads:g}, lr {lr:g})",
+                  {"method": "restorelcc", "head_selection": "probe"}, "offsets", False,
+                  fixed=(("heads", heads), ("lr", lr)))
 
 
 METHODS: tuple[Method, ...] = (
@@ -45,6 +56,7 @@ METHODS: tuple[Method, ...] = (
     Method("bias-all", "bias only (all heads)", {"method": "bias", "head_selection": "all"}, "offsets", True),
     Method("lora", "LoRA r=8 q,v", {"method": "lora"}, "adapter", True, ("unmerged", "merged")),
     Method("dora", "DoRA r=8 q,v", {"method": "dora"}, "adapter", False, ("unmerged", "merged")),
+    _service_default(),
 )
 
 FORM_LABELS = {"": "", "unmerged": "unmerged adapter", "merged": "merged, mask re-applied"}
@@ -153,6 +165,7 @@ def restoration_spec(method: Method, b: Budget, overrides: dict[str, Any] | None
         "lora_alpha": 16,
         "lora_targets": ["q_proj", "v_proj"],
     }
+    r.update(dict(method.fixed))
     r.update(overrides or {})
     return r
 

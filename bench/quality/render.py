@@ -191,6 +191,15 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
                          + ("met" if pa / pb <= 0.02 else "not met") + ").")
     else:
         lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
+    default = rows_by_key.get("restorelcc-default") or []
+    if default and lora:
+        a, b = _mean(default, COLUMNS[1]), _mean(lora, COLUMNS[1])
+        pa, pb = _mean(default, COLUMNS[9]), _mean(lora, COLUMNS[9])
+        if a is not None and b and pa is not None and pb:
+            met = a / b <= 1.05 and pa / pb <= 0.05
+            lines.append(f"RestoreLCC at the service default / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** "
+                         f"with {100 * pa / pb:.2f}% of LoRA's parameters (target ≤ 1.05× with ≤ 5%: "
+                         + ("met" if met else "not met") + ").")
     return lines
 
 

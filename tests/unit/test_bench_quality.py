@@ -65,7 +65,7 @@ def test_plan_main_rows_run_every_seed_others_first_seed_only() -> None:
     assert count[("wanda-50", "restorelcc")] == 2 and count[("wanda-50", "lora")] == 2
     assert count[("sparsegpt-2-4", "bias-all")] == 2
     assert count[("wanda-50", "dora")] == 1 and count[("wanda-50", "restorelcc-random")] == 1
-    assert len(runs) == 2 * (3 * 2 + 3)
+    assert len(runs) == 2 * (3 * 2 + 4)
 
 
 def test_only_selects_and_rejects_unknown_names() -> None:
@@ -97,6 +97,11 @@ def test_jobs_are_valid_specs_with_equal_budgets() -> None:
     assert specs["lora"].restoration.lr == 3e-4 and specs["bias-all"].restoration.lr == 0.02
     assert specs["bias-probe"].restoration.head_selection == "probe"
     assert specs["dora"].output.format == "adapter"
+    # The service-default row ignores the bench's budget for heads and lr: it is what an unset spec gets.
+    unset = JobSpec.model_validate({"model": {"id": "m"}, "data": {"train": "t.jsonl"}}).restoration
+    assert (specs["restorelcc-default"].restoration.heads, specs["restorelcc-default"].restoration.lr) == (
+        unset.heads, unset.lr)
+    assert specs["restorelcc-default"].restoration.max_steps == 7  # the step budget is still shared
 
 
 def test_store_reuses_matching_results_and_sets_aside_stale_ones(tmp_path: Path) -> None:
