@@ -98,6 +98,9 @@ class PruningSpec(_Strict):
         return parse_nm(self.pattern)
 
 
+# The recommended setting: chosen by `python -m bench.quality --search` on Alpaca-valid rows that are never
+# evaluated (docs/search.md: the best response perplexity within 5% of LoRA r=8's parameters).
+DEFAULT_HEADS = 0.6
 # Learning rates used when a spec leaves restoration.lr unset (see docs/results.md and docs/search.md).
 DEFAULT_LR: dict[str, float] = {"restorelcc": 1e-2, "bias": 1e-2, "lora": 1e-3, "dora": 1e-3}
 
@@ -107,9 +110,10 @@ class RestorationSpec(_Strict):
         "restorelcc", description="How to restore: RestoreLCC, a per-head bias, LoRA, DoRA, or nothing."
     )
     heads: float = Field(
-        0.2,
+        DEFAULT_HEADS,
         gt=0,
-        description="Heads to compensate: a fraction of all heads (0 < x < 1) or a count (a whole number ≥ 1).",
+        description="Heads to compensate: a fraction of all heads (0 < x < 1) or a count (a whole number ≥ 1). "
+        f"The default, {DEFAULT_HEADS:g}, won the setting search in docs/search.md.",
     )
     head_selection: Literal["probe", "random", "all"] = Field(
         "probe", description="How heads are chosen: contrastive probing, at random (seeded), or all heads."

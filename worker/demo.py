@@ -26,8 +26,8 @@ def demo_spec(model_dir: Path, data_dir: Path, steps: int) -> dict[str, Any]:
         "model": {"id": str(model_dir), "dtype": "float32"},
         "pruning": {"method": "wanda", "sparsity": 0.5, "calibration_samples": 32, "seq_len": 256},
         "restoration": {
-            "method": "restorelcc", "heads": 0.2, "probe_samples": 128, "max_steps": steps,
-            "batch_size": 8, "lr": 1e-2, "max_seq_len": 256,
+            "method": "restorelcc", "probe_samples": 128, "max_steps": steps,  # heads and lr: the defaults
+            "batch_size": 8, "max_seq_len": 256,
         },
         "data": {"train": str(instructions / "train.jsonl")},
         "evaluation": {
