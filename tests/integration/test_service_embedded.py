@@ -97,7 +97,7 @@ def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets
         env=embedded["env"], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
-    assert (embedded["data_dir"] / "artifacts" / "jobs" / job_id / "report.json").is_file()
+    assert (embedded["data_dir"] / "artifacts" / "jobs" / job_id / "attempt-1" / "report.json").is_file()
     assert (embedded["data_dir"] / "jobs.db").is_file()
 
 
