@@ -191,6 +191,21 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
                          + ("met" if pa / pb <= 0.02 else "not met") + ").")
     else:
         lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
+    for key, what in (("restorelcc-random", "random heads (the same count)"),
+                      ("bias-probe", "bias only on the same heads (no directions)")):
+        other = rows_by_key.get(key) or []
+        if not other:
+            continue
+        parts = []
+        for col, name, sign in checks:
+            a, b = _mean(ours, col), _mean(other, col)
+            if a is None or b is None:
+                continue
+            scale, digits = (100.0, 1) if col.kind == "acc" else (1.0, 2)
+            word = "better" if sign * (a - b) > 0 else "**worse**" if sign * (a - b) < 0 else "equal"
+            parts.append(f"{name} {scale * a:.{digits}f} vs {scale * b:.{digits}f} ({word})")
+        if parts:
+            lines.append(f"Ablation, RestoreLCC (probed heads) vs {what}: " + "; ".join(parts) + ".")
     default = rows_by_key.get("restorelcc-default") or []
     if default and lora:
         a, b = _mean(default, COLUMNS[1]), _mean(lora, COLUMNS[1])

@@ -163,8 +163,11 @@ def test_verdict_compares_restorelcc_with_pruned_and_lora() -> None:
     assert "WikiText ppl: 32.00 vs 40.00 — **better**" in text and "mean acc: 53.0 vs 50.0 — **better**" in text
     assert "**1.143×** (target ≤ 1.05×: not met)" in text  # 16 / 14
     assert "**10.01%** of LoRA's (target ≤ 2%: not met)" in text  # 100 / 999
+    assert ("vs bias only on the same heads (no directions): Alpaca response ppl 16.00 vs 16.00 (equal); "
+            "WikiText ppl 32.00 vs 32.00 (equal); mean acc 53.0 vs 50.0 (better).") in text
     worse = {**rows, "restorelcc": [{"metrics": _metrics(25.0, 0.4), "trainable_params": 10}]}
     text = "\n".join(render.verdict(worse))
+    assert "Alpaca response ppl 25.00 vs 16.00 (**worse**)" in text
     assert text.count("**not better**") == 3 and "**1.786×** (target ≤ 1.05×: not met)" in text
     assert "**1.00%** of LoRA's (target ≤ 2%: met)" in text
     assert render.verdict({"pruned": rows["pruned"]}) == ["RestoreLCC vs pruned: not measured yet."]
