@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The issue's targets, checked on the results page and by the setting search.
+PARAMS_VS_LORA = 0.02  # RestoreLCC (heads 0.1) trains at most this fraction of LoRA r=8's parameters
+RATIO_TARGET = 1.05  # the recommended setting's response perplexity within this factor of unmerged LoRA's
+PARAM_CAP = 0.05  # ... while training at most this fraction of LoRA's parameters
+
 
 @dataclass(frozen=True)
 class Setting:

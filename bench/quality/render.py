@@ -158,6 +158,11 @@ def _mean(rows: list[dict[str, Any]], col: Column) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _show(col: Column, v: float) -> str:
+    """A verdict's number: accuracies in % with one decimal, perplexities with two."""
+    return f"{100 * v:.1f}" if col.kind == "acc" else f"{v:.2f}"
+
+
 def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The issue's checks for one setting, computed from the table's rows (means over seeds).
 
@@ -177,18 +182,18 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
             lines.append(f"RestoreLCC vs pruned, {name}: not measured.")
             continue
         better = sign * (a - b) > 0
-        scale, digits = (100.0, 1) if col.kind == "acc" else (1.0, 2)
-        lines.append(f"RestoreLCC vs pruned, {name}: {scale * a:.{digits}f} vs {scale * b:.{digits}f} — "
+        lines.append(f"RestoreLCC vs pruned, {name}: {_show(col, a)} vs {_show(col, b)} — "
                      + ("**better**." if better else "**not better**."))
     if lora:
         a, b = _mean(ours, COLUMNS[1]), _mean(lora, COLUMNS[1])
         pa, pb = _mean(ours, COLUMNS[9]), _mean(lora, COLUMNS[9])
         if a is not None and b is not None:
-            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** (target ≤ 1.05×: "
-                         + ("met" if a / b <= 1.05 else "not met") + ").")
+            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** (target ≤ "
+                         f"{plan.RATIO_TARGET}×: " + ("met" if a / b <= plan.RATIO_TARGET else "not met") + ").")
         if pa and pb:
-            lines.append(f"RestoreLCC's trainable parameters: **{100 * pa / pb:.2f}%** of LoRA's (target ≤ 2%: "
-                         + ("met" if pa / pb <= 0.02 else "not met") + ").")
+            lines.append(f"RestoreLCC's trainable parameters: **{100 * pa / pb:.2f}%** of LoRA's (target ≤ "
+                         f"{100 * plan.PARAMS_VS_LORA:g}%: " + ("met" if pa / pb <= plan.PARAMS_VS_LORA else "not met")
+                         + ").")
     else:
         lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
     for key, what in (("restorelcc-random", "random heads (the same count)"),
@@ -201,9 +206,8 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
             a, b = _mean(ours, col), _mean(other, col)
             if a is None or b is None:
                 continue
-            scale, digits = (100.0, 1) if col.kind == "acc" else (1.0, 2)
             word = "better" if sign * (a - b) > 0 else "**worse**" if sign * (a - b) < 0 else "equal"
-            parts.append(f"{name} {scale * a:.{digits}f} vs {scale * b:.{digits}f} ({word})")
+            parts.append(f"{name} {_show(col, a)} vs {_show(col, b)} ({word})")
         if parts:
             lines.append(f"Ablation, RestoreLCC (probed heads) vs {what}: " + "; ".join(parts) + ".")
     default = rows_by_key.get("restorelcc-default") or []
@@ -211,10 +215,10 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
         a, b = _mean(default, COLUMNS[1]), _mean(lora, COLUMNS[1])
         pa, pb = _mean(default, COLUMNS[9]), _mean(lora, COLUMNS[9])
         if a is not None and b and pa is not None and pb:
-            met = a / b <= 1.05 and pa / pb <= 0.05
+            met = a / b <= plan.RATIO_TARGET and pa / pb <= plan.PARAM_CAP
             lines.append(f"RestoreLCC at the service default / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** "
-                         f"with {100 * pa / pb:.2f}% of LoRA's parameters (target ≤ 1.05× with ≤ 5%: "
-                         + ("met" if met else "not met") + ").")
+                         f"with {100 * pa / pb:.2f}% of LoRA's parameters (target ≤ {plan.RATIO_TARGET}× with ≤ "
+                         f"{100 * plan.PARAM_CAP:g}%: " + ("met" if met else "not met") + ").")
     return lines
 
 

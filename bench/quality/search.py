@@ -21,8 +21,7 @@ from bench.quality import plan
 from bench.quality.runner import Bench, say
 
 SELECT_STEM = "alpaca_select"
-PARAM_CAP = 0.05  # the recommended setting may train at most this fraction of LoRA r=8's parameters
-RATIO_TARGET = 1.05  # response perplexity within this factor of unmerged LoRA's
+PARAM_CAP, RATIO_TARGET = plan.PARAM_CAP, plan.RATIO_TARGET
 
 
 def write_selection(source: str, root: Path, start: int, rows: int, eval_rows: int) -> Path:
@@ -124,6 +123,11 @@ def params(result: dict[str, Any], row: str = "restorelcc") -> int:
     return int(result["rows"][row]["trainable_params"])
 
 
+def ratio(search: Search, result: dict[str, Any]) -> float:
+    """A point's selection response perplexity over unmerged LoRA's."""
+    return score(result) / row_ppl(search.lora, "lora/unmerged")
+
+
 def winner(search: Search) -> dict[str, Any] | None:
     """The best-scoring point that trains at most PARAM_CAP of LoRA's parameters."""
     cap = PARAM_CAP * params(search.lora, "lora/unmerged")
@@ -151,8 +155,7 @@ def summary(found: Search) -> list[str]:
     won = winner(found)
     if won is None:
         return [f"No searched setting trains at most {100 * PARAM_CAP:g}% of LoRA's parameters."]
-    p, lora_ppl = won["point"], row_ppl(found.lora, "lora/unmerged")
-    ratio = score(won) / lora_ppl
+    p, lora_ppl, r = won["point"], row_ppl(found.lora, "lora/unmerged"), ratio(found, won)
     share = params(won) / params(found.lora, "lora/unmerged")
     lrs = sorted({r["point"]["lr"] for r in found.points})
     heads = sorted({r["point"]["heads"] for r in found.points})
@@ -163,8 +166,8 @@ def summary(found: Search) -> list[str]:
         f"{', '.join(map(str, steps))} steps.",
         f"Winner: heads {p['heads']:g}, lr {p['lr']:g}, {p['max_steps']} steps ({params(won):,} trainable "
         f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
-        f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f}, **{ratio:.3f}×** LoRA "
-        f"(target ≤ {RATIO_TARGET}×: " + ("met" if ratio <= RATIO_TARGET else "**not met**") + ").",
+        f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f}, **{r:.3f}×** LoRA "
+        f"(target ≤ {RATIO_TARGET}×: " + ("met" if r <= RATIO_TARGET else "**not met**") + ").",
     ]
 
 
@@ -177,12 +180,11 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged", "trainable params",
          "% of LoRA's", "train s"],
         [[i + 1, r["point"]["heads"], r["point"]["lr"], r["point"]["max_steps"], round(score(r), 3),
-          f"{score(r) / lora_ppl:.3f}", params(r), f"{100 * params(r) / lora_params:.2f}",
+          f"{ratio(search, r):.3f}", params(r), f"{100 * params(r) / lora_params:.2f}",
           round(r["rows"]["restorelcc"]["train_seconds"], 1)]
          for i, r in enumerate(ranked)],
     )
     won = winner(search)
-    best = won["point"] if won else None
     lines = [
         f"# RestoreLCC setting search ({setting.label}, {model})",
         "",
@@ -203,13 +205,12 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     ]
     if not won:
         lines += [f"No point trains at most {100 * PARAM_CAP:g}% of LoRA's parameters, so none is recommended.", ""]
-    if won:
-        ratio = score(won) / lora_ppl
-        verdict = "meets" if ratio <= RATIO_TARGET else "does **not** meet"
+    else:
+        r, best = ratio(search, won), won["point"]
+        verdict = "meets" if r <= RATIO_TARGET else "does **not** meet"
         lines += [f"Winner (best selection response ppl among points with at most {100 * PARAM_CAP:g}% of LoRA's "
-                  f"parameters): {ratio:.3f}× unmerged LoRA, which {verdict} the {RATIO_TARGET}× target on the "
+                  f"parameters): {r:.3f}× unmerged LoRA, which {verdict} the {RATIO_TARGET}× target on the "
                   "selection rows.", ""]
-    if best:
         lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g}, {best['max_steps']} steps. To use it: "
                   f"`python -m bench.quality --heads {best['heads']:g} --lr-restorelcc {best['lr']:g} "
                   f"--steps {best['max_steps']}` (the step budget then applies to every method).", ""]
