@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--grid-heads", default=None, help="head fractions (default 0.1,0.2)")
     g.add_argument("--grid-lr", default=None, help="learning rates (default 3e-3,1e-2)")
     g.add_argument("--grid-steps", default=None, help="step budgets (default 25,50)")
+    g.add_argument("--grid-extra", action="append", default=[], metavar="HEADS:LR:STEPS",
+                   help="one more point outside the product grid, e.g. 0.6:1e-2:100 (repeatable)")
     g.add_argument("--select-start", type=int, default=300, help="first alpaca/valid selection row (default 300)")
     g.add_argument("--select-rows", type=int, default=None, help="selection rows (default 300)")
     return ap.parse_args(argv)
@@ -179,7 +181,11 @@ def _search(args, budget: plan.Budget, d: plan.Data, store: Store, docs: Path, c
     rows = args.select_rows or (8 if quick else 300)
     select = search.write_selection(d.alpaca_valid, store.root, args.select_start, rows, budget.alpaca_limit)
     bench = Bench(budget, d, str(model_dir(args.model)), store, keep_models=args.keep_models)
-    found = search.run_search(bench, setting, search.grid(heads, lrs, steps), select, rows)
+    try:
+        points = search.grid(heads, lrs, steps) + [search.parse_point(p) for p in args.grid_extra]
+    except ValueError as exc:
+        raise SystemExit(f"--grid-extra: {exc}") from exc
+    found = search.run_search(bench, setting, points, select, rows)
     text = search.search_markdown(found, setting, command, args.select_start, rows, budget.alpaca_limit,
                                   model=names.model)
     docs.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ The selection split is a slice of ``alpaca/valid.jsonl`` that starts after the r
 evaluates (rows 300..599 against rows 0..299 by default), written to ``<root>/search/alpaca_select.jsonl``.
 Each grid point is one RestoreLCC run on the cached pruned model (seed 0), scored by response perplexity
 on the selection rows only; one JSON per point, reused when present. LoRA (the results table's setting,
-seed 0) is scored on the same rows, so every point's ratio to unmerged LoRA is read off the selection
-split too, and the winner is the best point within the parameter cap (5% of LoRA's).
+seed 0) is scored on the same rows at every step count of the grid, so every point's ratio to unmerged
+LoRA at the same step budget is read off the selection split too, and the winner is the point with the
+best ratio within the parameter cap (5% of LoRA's).
 """
 
 from __future__ import annotations
@@ -48,6 +49,15 @@ def grid(heads: list[float], lrs: list[float], steps: list[int]) -> list[dict[st
     return [{"heads": h, "lr": lr, "max_steps": s} for h, lr, s in itertools.product(heads, lrs, steps)]
 
 
+def parse_point(text: str) -> dict[str, Any]:
+    """``HEADS:LR:STEPS`` (``0.6:1e-2:100``) as a grid point."""
+    try:
+        heads, lr, steps = text.split(":")
+        return {"heads": float(heads), "lr": float(lr), "max_steps": int(steps)}
+    except ValueError:
+        raise ValueError(f"grid point {text!r}: expected HEADS:LR:STEPS, e.g. 0.6:1e-2:100") from None
+
+
 def point_name(p: dict[str, Any]) -> str:
     return f"h{p['heads']:g}-lr{p['lr']:g}-s{p['max_steps']}"
 
@@ -56,7 +66,13 @@ def point_name(p: dict[str, Any]) -> str:
 class Search:
     points: list[dict[str, Any]]  # one result per grid point
     pruned_ppl: float  # the pruned model on the selection rows
-    lora: dict[str, Any]  # LoRA's result on the selection rows (rows lora/unmerged and lora/merged)
+    lora_at: dict[int, dict[str, Any]]  # steps -> LoRA's result on the selection rows (lora/unmerged, lora/merged)
+    steps: int  # the results table's step budget
+
+    @property
+    def lora(self) -> dict[str, Any]:
+        """LoRA at the results table's step budget."""
+        return self.lora_at[self.steps]
 
 
 def run_search(bench: Bench, setting: plan.Setting, points: list[dict[str, Any]], select: Path, rows: int
@@ -87,27 +103,35 @@ def run_search(bench: Bench, setting: plan.Setting, points: list[dict[str, Any]]
         else:
             say(f"search {point_name(p)}: already measured")
         out.append(found)
-    lora = _reference(bench, setting, ev, pruned_by)
+    steps = sorted({bench.budget.steps} | {p["max_steps"] for p in points})
+    lora_at = {n: _reference(bench, setting, ev, pruned_by, n) for n in steps}
     # What the latest search covered: the results page reads these points only, never leftovers of
     # another grid or budget that share the folder.
     manifest = bench.store.root / "search" / setting.key / "manifest.json"
-    bench.store.save(manifest, {"points": [f"{point_name(p)}.json" for p in points]})
-    return Search(out, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora)
+    bench.store.save(manifest, {"points": [f"{point_name(p)}.json" for p in points],
+                                "lora": {str(n): lora_name(n, bench.budget.steps) for n in steps},
+                                "steps": bench.budget.steps})
+    return Search(out, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora_at, bench.budget.steps)
 
 
-def _reference(bench: Bench, setting: plan.Setting, ev: dict[str, Any], pruned_by: dict[str, Any]
+def lora_name(steps: int, budget_steps: int) -> str:
+    return "lora.json" if steps == budget_steps else f"lora-s{steps}.json"
+
+
+def _reference(bench: Bench, setting: plan.Setting, ev: dict[str, Any], pruned_by: dict[str, Any], steps: int
                ) -> dict[str, Any]:
+    """LoRA (the results table's setting, seed 0) trained for ``steps`` and scored on the selection rows."""
     method = plan.method_by_key("lora")
-    job = plan.restore_job(method, bench.budget, bench.data, "", bench.dense_dir, 0)
+    job = plan.restore_job(method, bench.budget, bench.data, "", bench.dense_dir, 0, overrides={"max_steps": steps})
     fp = plan.fingerprint(job, ev, pruned_by)
-    path = bench.store.root / "search" / setting.key / "lora.json"
+    path = bench.store.root / "search" / setting.key / lora_name(steps, bench.budget.steps)
     found = bench.store.load(path, fp)
     if found is None:
-        found = bench.restore_and_evaluate(setting, method, 0, job, ev, "search-lora")
+        found = bench.restore_and_evaluate(setting, method, 0, job, ev, f"search-lora-s{steps}")
         found["fingerprint"] = fp
         bench.store.save(path, found)
     else:
-        say("search lora: already measured")
+        say(f"search lora, {steps} steps: already measured")
     return found
 
 
@@ -124,15 +148,15 @@ def params(result: dict[str, Any], row: str = "restorelcc") -> int:
 
 
 def ratio(search: Search, result: dict[str, Any]) -> float:
-    """A point's selection response perplexity over unmerged LoRA's."""
-    return score(result) / row_ppl(search.lora, "lora/unmerged")
+    """A point's selection response perplexity over unmerged LoRA's at the same step count."""
+    return score(result) / row_ppl(search.lora_at[result["point"]["max_steps"]], "lora/unmerged")
 
 
 def winner(search: Search) -> dict[str, Any] | None:
-    """The best-scoring point that trains at most PARAM_CAP of LoRA's parameters."""
+    """The point closest to LoRA (lowest ratio) among those training at most PARAM_CAP of its parameters."""
     cap = PARAM_CAP * params(search.lora, "lora/unmerged")
     within = [r for r in search.points if params(r) <= cap]
-    return min(within, key=score) if within else None
+    return min(within, key=lambda r: ratio(search, r)) if within else None
 
 
 def load(root: Path, setting: str) -> Search | None:
@@ -141,13 +165,21 @@ def load(root: Path, setting: str) -> Search | None:
     needed = [folder / n for n in ("manifest.json", "lora.json", "pruned.json")]
     if not all(p.is_file() for p in needed):
         return None
-    names = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["points"]
-    if not names or not all((folder / n).is_file() for n in names):
+    def read(name: str) -> dict[str, Any]:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+
+    manifest = read("manifest.json")
+    names = manifest["points"]
+    if "lora" not in manifest:  # written before LoRA was scored at every step count of the grid
+        steps = int(read("lora.json")["fingerprint"]["job"]["restoration"]["max_steps"])
+        manifest.update(lora={str(steps): "lora.json"}, steps=steps)
+    files = [*names, *manifest["lora"].values()]
+    if not names or not all((folder / n).is_file() for n in files):
         return None
-    points = [json.loads((folder / n).read_text(encoding="utf-8")) for n in names]
-    pruned = json.loads((folder / "pruned.json").read_text(encoding="utf-8"))
-    lora = json.loads((folder / "lora.json").read_text(encoding="utf-8"))
-    return Search(points, float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora)
+    lora_at = {int(n): read(f) for n, f in manifest["lora"].items()}
+    pruned = read("pruned.json")
+    return Search([read(n) for n in names], float(pruned["metrics"][SELECT_STEM]["response_ppl"]), lora_at,
+                  int(manifest["steps"]))
 
 
 def summary(found: Search) -> list[str]:
@@ -155,7 +187,8 @@ def summary(found: Search) -> list[str]:
     won = winner(found)
     if won is None:
         return [f"No searched setting trains at most {100 * PARAM_CAP:g}% of LoRA's parameters."]
-    p, lora_ppl, r = won["point"], row_ppl(found.lora, "lora/unmerged"), ratio(found, won)
+    p, r = won["point"], ratio(found, won)
+    lora_ppl = row_ppl(found.lora_at[p["max_steps"]], "lora/unmerged")
     share = params(won) / params(found.lora, "lora/unmerged")
     lrs = sorted({r["point"]["lr"] for r in found.points})
     heads = sorted({r["point"]["heads"] for r in found.points})
@@ -166,18 +199,17 @@ def summary(found: Search) -> list[str]:
         f"{', '.join(map(str, steps))} steps.",
         f"Winner: heads {p['heads']:g}, lr {p['lr']:g}, {p['max_steps']} steps ({params(won):,} trainable "
         f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
-        f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f}, **{r:.3f}×** LoRA "
-        f"(target ≤ {RATIO_TARGET}×: " + ("met" if r <= RATIO_TARGET else "**not met**") + ").",
+        f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f} at the same steps, "
+        f"**{r:.3f}×** LoRA (target ≤ {RATIO_TARGET}×: " + ("met" if r <= RATIO_TARGET else "**not met**") + ").",
     ]
 
 
 def search_markdown(search: Search, setting: plan.Setting, command: str, start: int, rows: int,
                     eval_rows: int, model: str = "SmolLM2-135M-Instruct") -> str:
-    ranked = sorted(search.points, key=score)
-    lora_ppl = row_ppl(search.lora, "lora/unmerged")
+    ranked = sorted(search.points, key=lambda r: ratio(search, r))
     lora_params = params(search.lora, "lora/unmerged")
     table = markdown_table(
-        ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged", "trainable params",
+        ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged, same steps", "trainable params",
          "% of LoRA's", "train s"],
         [[i + 1, r["point"]["heads"], r["point"]["lr"], r["point"]["max_steps"], round(score(r), 3),
           f"{ratio(search, r):.3f}", params(r), f"{100 * params(r) / lora_params:.2f}",
@@ -198,19 +230,21 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     lines += [
         "",
         f"On the selection rows: pruned model response ppl {search.pruned_ppl:.3f}; LoRA r=8 q,v (lr "
-        f"{search.lora['fingerprint']['job']['restoration']['lr']:g}, seed 0, the results table's setting) "
-        f"{lora_ppl:.3f} unmerged, {row_ppl(search.lora, 'lora/merged'):.3f} merged with the mask re-applied, "
-        f"{lora_params:,} trainable parameters.",
-        "", table, "",
+        f"{search.lora['fingerprint']['job']['restoration']['lr']:g}, seed 0, the results table's setting, "
+        f"{lora_params:,} trainable parameters), trained for each step count of the grid:",
+        "",
     ]
+    lines += [f"- {n} steps: {row_ppl(ref, 'lora/unmerged'):.3f} unmerged, {row_ppl(ref, 'lora/merged'):.3f} "
+              "merged with the mask re-applied" for n, ref in sorted(search.lora_at.items())]
+    lines += ["", "Each point is compared with LoRA trained for as many steps.", "", table, ""]
     if not won:
         lines += [f"No point trains at most {100 * PARAM_CAP:g}% of LoRA's parameters, so none is recommended.", ""]
     else:
         r, best = ratio(search, won), won["point"]
         verdict = "meets" if r <= RATIO_TARGET else "does **not** meet"
-        lines += [f"Winner (best selection response ppl among points with at most {100 * PARAM_CAP:g}% of LoRA's "
-                  f"parameters): {r:.3f}× unmerged LoRA, which {verdict} the {RATIO_TARGET}× target on the "
-                  "selection rows.", ""]
+        lines += [f"Winner (closest to LoRA among points with at most {100 * PARAM_CAP:g}% of LoRA's "
+                  f"parameters): {r:.3f}× unmerged LoRA at {best['max_steps']} steps, which {verdict} the "
+                  f"{RATIO_TARGET}× target on the selection rows.", ""]
         lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g}, {best['max_steps']} steps. To use it: "
                   f"`python -m bench.quality --heads {best['heads']:g} --lr-restorelcc {best['lr']:g} "
                   f"--steps {best['max_steps']}` (the step budget then applies to every method).", ""]

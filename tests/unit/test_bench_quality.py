@@ -10,7 +10,7 @@ import pytest
 from app.schemas import JobSpec
 from bench.quality import plan, render
 from bench.quality.runner import Store
-from bench.quality.search import grid, write_selection
+from bench.quality.search import grid, parse_point, write_selection
 
 DATA = plan.Data(train="/d/train.jsonl", wikitext="/d/wikitext_sentences.jsonl", alpaca_valid="/d/valid.jsonl",
                  tasks=("/d/boolq.jsonl", "/d/piqa.jsonl", "/d/openbookqa.jsonl"))
@@ -210,40 +210,47 @@ def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
     write_selection(str(src), tmp_path, 7, 3, eval_rows=6)  # other rows: scores set aside
     assert not scored.is_file() and scored.with_suffix(".stale.json").is_file()
     assert len(grid([0.1, 0.2], [1e-2], [10, 20])) == 4
+    assert parse_point("0.6:1e-2:100") == {"heads": 0.6, "lr": 0.01, "max_steps": 100}
+    with pytest.raises(ValueError, match="HEADS:LR:STEPS"):
+        parse_point("0.6:1e-2")
 
 
-def _point(heads: float, lr: float, ppl: float, params: int) -> dict:
+def _point(heads: float, lr: float, ppl: float, params: int, steps: int = 50) -> dict:
     row = {"metrics": {"alpaca_select": {"response_ppl": ppl}}, "trainable_params": params, "train_seconds": 1.0}
-    return {"point": {"heads": heads, "lr": lr, "max_steps": 50}, "rows": {"restorelcc": row}}
+    return {"point": {"heads": heads, "lr": lr, "max_steps": steps}, "rows": {"restorelcc": row}}
+
+
+def _lora(ppl: float, steps: int = 50) -> dict:
+    row = {"metrics": {"alpaca_select": {"response_ppl": ppl}}, "trainable_params": 1000}
+    merged = {**row, "metrics": {"alpaca_select": {"response_ppl": ppl * 1.04}}}
+    return {"rows": {"lora/unmerged": row, "lora/merged": merged},
+            "fingerprint": {"job": {"restoration": {"lr": 1e-3, "max_steps": steps}}}}
 
 
 def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_target() -> None:
     from bench.quality.search import Search, search_markdown, winner
 
-    lora_row = {"metrics": {"alpaca_select": {"response_ppl": 10.0}}, "trainable_params": 1000}
-    lora = {"rows": {"lora/unmerged": lora_row, "lora/merged": {**lora_row, "metrics": {
-        "alpaca_select": {"response_ppl": 10.4}}}}, "fingerprint": {"job": {"restoration": {"lr": 1e-3}}}}
+    lora = {50: _lora(10.0)}
     points = [_point(0.1, 1e-2, 11.0, 20), _point(0.3, 1e-2, 10.4, 50), _point(0.9, 1e-2, 10.1, 60)]
-    found = Search(points, pruned_ppl=15.0, lora=lora)
+    found = Search(points, pruned_ppl=15.0, lora_at=lora, steps=50)
     assert winner(found)["point"]["heads"] == 0.3  # 0.9 scores better but trains 6% of LoRA's parameters
     text = search_markdown(found, plan.SETTINGS[0], "python -m bench.quality --search", 300, 300, 300)
-    assert "1.040× unmerged LoRA, which meets the 1.05× target" in text and "--heads 0.3 " in text
+    assert "1.040× unmerged LoRA at 50 steps, which meets the 1.05× target" in text and "--heads 0.3 " in text
     assert "| 1 | 0.9 |" in text  # still ranked, shown with its share of LoRA's parameters
-    found = Search(points[:1], pruned_ppl=15.0, lora=lora)
+    found = Search(points[:1], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert "does **not** meet" in search_markdown(found, plan.SETTINGS[0], "cmd", 300, 300, 300)
-    found = Search(points[2:], pruned_ppl=15.0, lora=lora)
+    found = Search(points[2:], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert winner(found) is None and "none is recommended" in search_markdown(found, plan.SETTINGS[0], "c", 300,
                                                                               300, 300)
 
 
 def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> None:
-    from bench.quality.search import load, summary
+    from bench.quality.search import load, ratio, summary, winner
 
     folder = tmp_path / "search" / "wanda-50"
     folder.mkdir(parents=True)
     assert load(tmp_path, "wanda-50") is None
-    lora_row = {"metrics": {"alpaca_select": {"response_ppl": 10.0}}, "trainable_params": 1000}
-    (folder / "lora.json").write_text(json.dumps({"rows": {"lora/unmerged": lora_row}}))
+    (folder / "lora.json").write_text(json.dumps(_lora(10.0)))
     (folder / "pruned.json").write_text(json.dumps({"metrics": {"alpaca_select": {"response_ppl": 15.0}}}))
     for i, (h, ppl, n) in enumerate([(0.1, 12.0, 20), (0.3, 11.0, 40), (0.2, 9.0, 30)]):
         (folder / f"h{h}-{i}.json").write_text(json.dumps(_point(h, 1e-2, ppl, n)))
@@ -257,3 +264,14 @@ def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> No
     results, dense = _fake_results()
     text = render.markdown(results, dense, plan.Budget().as_dict(), "cmd", None, search=lines)
     assert "## RestoreLCC's recommended setting" in text and lines[1] in text
+    # A later grid with a longer step budget: its points are compared with LoRA trained as long.
+    (folder / "h0.3-s100.json").write_text(json.dumps(_point(0.3, 1e-2, 8.4, 40, steps=100)))
+    (folder / "lora-s100.json").write_text(json.dumps(_lora(8.0, steps=100)))
+    (folder / "manifest.json").write_text(json.dumps({
+        "points": ["h0.3-1.json", "h0.3-s100.json"], "lora": {"50": "lora.json", "100": "lora-s100.json"},
+        "steps": 50}))
+    found = load(tmp_path, "wanda-50")
+    assert found is not None and found.lora is found.lora_at[50]
+    won = winner(found)  # 8.4 / 8.0 = 1.05 beats 11.0 / 10.0 = 1.10, though LoRA at 50 steps scores 10.0
+    assert won["point"]["max_steps"] == 100 and ratio(found, won) == pytest.approx(1.05)
+    assert "unmerged LoRA's 8.000 at the same steps, **1.050×**" in summary(found)[1]
