@@ -344,9 +344,19 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None 
                     raise TransientError(f"artifact upload failed for {name}: {e}") from e
                 time.sleep(2 ** k)
         if not ctx.jobs.add_artifact(job_id, name, stored.size, stored.sha256, stored.key, attempt=attempt):
+            _drop_unrecorded(ctx, job_id, stored.key, attempt)
             raise Cancelled("taken over by another worker while uploading")
         done += stored.size
     ctx.jobs.add_event(job_id, "artifacts", {"count": len(files), "bytes": done})
+
+
+def _drop_unrecorded(ctx: WorkerContext, job_id: str, key: str, attempt: int | None) -> None:
+    """Delete what this run wrote after it lost the job (taken over, failed by the sweep, or deleted), so no
+    file outlives its record. Only this attempt's folder: no other run ever writes there."""
+    try:
+        ctx.artifacts.delete_prefix(attempt_prefix(job_id, attempt) if attempt is not None else key)
+    except Exception:  # best effort: the run is being cancelled either way
+        log.warning("could not delete unrecorded artifacts of job %s attempt %s", job_id, attempt, exc_info=True)
 
 
 def sweep(ctx: WorkerContext | None = None) -> list[str]:

@@ -150,6 +150,37 @@ def test_a_run_that_lost_its_job_cannot_delete_or_overwrite_the_new_runs_artifac
     assert not ctx.jobs.clear_artifacts(job_id, attempt=1) and len(ctx.jobs.artifacts(job_id)) == 2
 
 
+def test_a_run_that_loses_its_job_while_uploading_leaves_no_files_behind(tmp_path, tiny_assets):
+    """The sweep fails a frozen run's job and the user deletes it while the run is still uploading: the
+    file that lands after the deletion has no record, so the run deletes it before giving up."""
+    import pytest
+
+    from app.store.artifacts import job_prefix
+    from worker.errors import Cancelled
+    from worker.tasks import _upload
+
+    ctx = _ctx(tmp_path, tiny_assets)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "frozen-worker")
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    (out / "report.json").write_text("{}")
+    put_file = ctx.artifacts.put_file
+
+    def lose_the_job_then_put(key: str, path: Path):
+        if ctx.jobs.artifacts(job_id):  # one file recorded: the sweep and the user strike during the next put
+            assert ctx.jobs.sweep_lost(utcnow()) == [job_id] and ctx.jobs.delete(job_id)
+            ctx.artifacts.delete_prefix(job_prefix(job_id))  # what the API's delete does
+        return put_file(key, path)
+
+    ctx.artifacts.put_file = lose_the_job_then_put
+    with pytest.raises(Cancelled):
+        _upload(ctx, job_id, out, attempt=1)
+    assert ctx.jobs.get(job_id) is None
+    assert not [p for p in ctx.settings.artifacts_path.rglob("*") if p.is_file()]  # the late file was deleted too
+
+
 def test_a_run_killed_by_the_hard_time_limit_is_failed_not_rerun(tmp_path, tiny_assets):
     """Celery's hard limit kills the process, so the task comes back: the redelivery sees that the lost run
     had been going for the whole hard limit and fails the job with time_limit instead of starting over."""
