@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,13 +17,18 @@ from tests.tiny import choice_rows, instruction_rows, save_tiny, text_rows, writ
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def run_cli(*args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, "-m", "worker.cli", *args],
         capture_output=True, text=True, timeout=timeout, env=ENV, cwd=Path(__file__).parents[2],
     )
-    return proc, time.perf_counter() - t0
+
+
+def assert_refused_before_any_stage(proc: subprocess.CompletedProcess) -> None:
+    """The job check refused the spec before the first stage (loading) began: nothing was loaded or trained.
+    Checked on the stage lines the CLI prints, not on wall time, which depends on the machine's load."""
+    out = proc.stdout + proc.stderr
+    assert "── " not in out, out
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def test_run_prunes_evaluates_and_exports(tmp_path, data_dir):
     model_dir = save_tiny("gqa", tmp_path / "model")
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(make_spec(str(model_dir), data_dir)))
-    proc, _ = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -104,10 +108,10 @@ def test_bad_spec_fails_fast_and_clearly(tmp_path, data_dir, case):
         spec["pruning"].pop("sparsity")
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr
-    assert seconds < 15
+    assert_refused_before_any_stage(proc)
     assert not (tmp_path / "out" / "model").exists()
 
 
@@ -118,20 +122,20 @@ def test_unsupported_architecture_fails_before_loading(tmp_path, data_dir):
         f.write_bytes(b"not weights")
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(make_spec(str(model_dir), data_dir)))
-    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert "unsupported architecture" in proc.stderr and "GPT2" in proc.stderr, proc.stderr
-    assert seconds < 15
+    assert_refused_before_any_stage(proc)
 
 
 def test_missing_model_path_fails_clearly(tmp_path, data_dir):
     missing = tmp_path / "no" / "such" / "model"
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(make_spec(str(missing), data_dir)))
-    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert str(missing) in proc.stderr, proc.stderr
-    assert seconds < 15
+    assert_refused_before_any_stage(proc)
 
 
 def test_missing_data_file_fails_clearly(tmp_path, data_dir):
@@ -140,10 +144,10 @@ def test_missing_data_file_fails_clearly(tmp_path, data_dir):
     spec["evaluation"]["tasks"] = [str(tmp_path / "absent.jsonl")]
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0
     assert "evaluation.tasks.0" in proc.stderr and "absent.jsonl" in proc.stderr, proc.stderr
-    assert seconds < 15
+    assert_refused_before_any_stage(proc)
 
 
 def test_spec_with_unknown_field_is_rejected_without_torch(tmp_path):
@@ -167,7 +171,7 @@ def test_exported_logits_match_in_memory(tmp_path, data_dir):
     spec = make_spec(str(model_dir), data_dir, pruning={"method": "magnitude", "pattern": "2:4"})
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    proc, _ = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"), "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["sparsity"]["nm_ok"] is True and abs(report["sparsity"]["overall"] - 0.5) < 1e-9
@@ -265,9 +269,9 @@ def test_malformed_training_data_fails_before_loading_and_names_the_field(tmp_pa
     spec["data"]["train"] = str(bad)
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    proc, seconds = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
+    proc = run_cli("run", str(spec_path), "--out", str(tmp_path / "out"))
     assert proc.returncode != 0 and "data.train" in proc.stderr and "response" in proc.stderr, proc.stderr
-    assert seconds < 15
+    assert_refused_before_any_stage(proc)
 
 
 def test_multimodal_wrappers_are_refused_from_the_config():
