@@ -163,6 +163,17 @@ def _show(col: Column, v: float) -> str:
     return f"{100 * v:.1f}" if col.kind == "acc" else f"{v:.2f}"
 
 
+def _side_by_side(ours: list[dict[str, Any]], other: list[dict[str, Any]], col: Column, sign: int
+                  ) -> tuple[float, float, int] | None:
+    """Both means on ``col`` and how ours compares (1 better, -1 worse, 0 equal; ``sign`` -1 where lower is
+    better); None when either is not measured."""
+    a, b = _mean(ours, col), _mean(other, col)
+    if a is None or b is None:
+        return None
+    d = sign * (a - b)
+    return a, b, (d > 0) - (d < 0)
+
+
 def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The issue's checks for one setting, computed from the table's rows (means over seeds).
 
@@ -177,13 +188,13 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     checks = [(COLUMNS[1], "Alpaca response ppl", -1), (COLUMNS[0], "WikiText ppl", -1), (COLUMNS[8], "mean acc", 1)]
     for col, name, sign in checks:
-        a, b = _mean(ours, col), _mean(pruned, col)
-        if a is None or b is None:
+        both = _side_by_side(ours, pruned, col, sign)
+        if both is None:
             lines.append(f"RestoreLCC vs pruned, {name}: not measured.")
             continue
-        better = sign * (a - b) > 0
+        a, b, side = both
         lines.append(f"RestoreLCC vs pruned, {name}: {_show(col, a)} vs {_show(col, b)} — "
-                     + ("**better**." if better else "**not better**."))
+                     + ("**better**." if side > 0 else "**not better**."))
     if lora:
         a, b = _mean(ours, COLUMNS[1]), _mean(lora, COLUMNS[1])
         pa, pb = _mean(ours, COLUMNS[9]), _mean(lora, COLUMNS[9])
@@ -203,11 +214,11 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
             continue
         parts = []
         for col, name, sign in checks:
-            a, b = _mean(ours, col), _mean(other, col)
-            if a is None or b is None:
-                continue
-            word = "better" if sign * (a - b) > 0 else "**worse**" if sign * (a - b) < 0 else "equal"
-            parts.append(f"{name} {_show(col, a)} vs {_show(col, b)} ({word})")
+            both = _side_by_side(ours, other, col, sign)
+            if both is not None:
+                a, b, side = both
+                word = {1: "better", -1: "**worse**", 0: "equal"}[side]
+                parts.append(f"{name} {_show(col, a)} vs {_show(col, b)} ({word})")
         if parts:
             lines.append(f"Ablation, RestoreLCC (probed heads) vs {what}: " + "; ".join(parts) + ".")
     default = rows_by_key.get("restorelcc-default") or []

@@ -22,7 +22,6 @@ from bench.quality import plan
 from bench.quality.runner import Bench, say
 
 SELECT_STEM = "alpaca_select"
-PARAM_CAP, RATIO_TARGET = plan.PARAM_CAP, plan.RATIO_TARGET
 
 
 def write_selection(source: str, root: Path, start: int, rows: int, eval_rows: int) -> Path:
@@ -154,7 +153,7 @@ def ratio(search: Search, result: dict[str, Any]) -> float:
 
 def winner(search: Search) -> dict[str, Any] | None:
     """The point closest to LoRA (lowest ratio) among those training at most PARAM_CAP of its parameters."""
-    cap = PARAM_CAP * params(search.lora, "lora/unmerged")
+    cap = plan.PARAM_CAP * params(search.lora, "lora/unmerged")
     within = [r for r in search.points if params(r) <= cap]
     return min(within, key=lambda r: ratio(search, r)) if within else None
 
@@ -162,12 +161,12 @@ def winner(search: Search) -> dict[str, Any] | None:
 def load(root: Path, setting: str) -> Search | None:
     """A finished search of ``setting`` as stored under ``root`` (None when it has not run)."""
     folder = Path(root) / "search" / setting
-    needed = [folder / n for n in ("manifest.json", "lora.json", "pruned.json")]
-    if not all(p.is_file() for p in needed):
-        return None
+
     def read(name: str) -> dict[str, Any]:
         return json.loads((folder / name).read_text(encoding="utf-8"))
 
+    if not all((folder / n).is_file() for n in ("manifest.json", "lora.json", "pruned.json")):
+        return None
     manifest = read("manifest.json")
     names = manifest["points"]
     if "lora" not in manifest:  # written before LoRA was scored at every step count of the grid
@@ -186,8 +185,8 @@ def summary(found: Search) -> list[str]:
     """Lines for the results page: what the search chose and how it compares with LoRA there."""
     won = winner(found)
     if won is None:
-        return [f"No searched setting trains at most {100 * PARAM_CAP:g}% of LoRA's parameters."]
-    p, r = won["point"], ratio(found, won)
+        return [f"No searched setting trains at most {100 * plan.PARAM_CAP:g}% of LoRA's parameters."]
+    p, vs_lora = won["point"], ratio(found, won)
     lora_ppl = row_ppl(found.lora_at[p["max_steps"]], "lora/unmerged")
     share = params(won) / params(found.lora, "lora/unmerged")
     lrs = sorted({r["point"]["lr"] for r in found.points})
@@ -200,7 +199,8 @@ def summary(found: Search) -> list[str]:
         f"Winner: heads {p['heads']:g}, lr {p['lr']:g}, {p['max_steps']} steps ({params(won):,} trainable "
         f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
         f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f} at the same steps, "
-        f"**{r:.3f}×** LoRA (target ≤ {RATIO_TARGET}×: " + ("met" if r <= RATIO_TARGET else "**not met**") + ").",
+        f"**{vs_lora:.3f}×** LoRA (target ≤ {plan.RATIO_TARGET}×: "
+        + ("met" if vs_lora <= plan.RATIO_TARGET else "**not met**") + ").",
     ]
 
 
@@ -238,13 +238,14 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
               "merged with the mask re-applied" for n, ref in sorted(search.lora_at.items())]
     lines += ["", "Each point is compared with LoRA trained for as many steps.", "", table, ""]
     if not won:
-        lines += [f"No point trains at most {100 * PARAM_CAP:g}% of LoRA's parameters, so none is recommended.", ""]
+        lines += [f"No point trains at most {100 * plan.PARAM_CAP:g}% of LoRA's parameters, so none is "
+                  "recommended.", ""]
     else:
         r, best = ratio(search, won), won["point"]
-        verdict = "meets" if r <= RATIO_TARGET else "does **not** meet"
-        lines += [f"Winner (closest to LoRA among points with at most {100 * PARAM_CAP:g}% of LoRA's "
+        verdict = "meets" if r <= plan.RATIO_TARGET else "does **not** meet"
+        lines += [f"Winner (closest to LoRA among points with at most {100 * plan.PARAM_CAP:g}% of LoRA's "
                   f"parameters): {r:.3f}× unmerged LoRA at {best['max_steps']} steps, which {verdict} the "
-                  f"{RATIO_TARGET}× target on the selection rows.", ""]
+                  f"{plan.RATIO_TARGET}× target on the selection rows.", ""]
         lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g}, {best['max_steps']} steps. To use it: "
                   f"`python -m bench.quality --heads {best['heads']:g} --lr-restorelcc {best['lr']:g} "
                   f"--steps {best['max_steps']}` (the step budget then applies to every method).", ""]
