@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import gguf
@@ -129,12 +128,19 @@ def test_hf_dir_resolves_and_loads(tmp_path):
     assert m16.dtype == torch.bfloat16
 
 
-def test_gguf_header_is_fast_and_matches_transformers(gguf_dir):
+def _header_only_copy(src: Path, dst: Path) -> Path:
+    """The GGUF file cut where its tensor data begins: reading it proves no tensor byte is needed."""
+    start = min(int(t.data_offset) for t in gguf.GGUFReader(src).tensors)
+    dst.write_bytes(src.read_bytes()[:start])
+    assert dst.stat().st_size < src.stat().st_size
+    return dst
+
+
+def test_gguf_header_reads_no_tensor_data_and_matches_transformers(gguf_dir, tmp_path):
     d, model = gguf_dir
-    t = time.perf_counter()
-    meta, tensors = read_gguf_header(d / "tiny.gguf")
-    cfg = gguf_config(d / "tiny.gguf")
-    assert time.perf_counter() - t < 0.5
+    header_only = _header_only_copy(d / "tiny.gguf", tmp_path / "tiny.gguf")
+    meta, tensors = read_gguf_header(header_only)
+    cfg = gguf_config(header_only)
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.tokens"] == 320
     assert "output.weight" in tensors and cfg.tie_word_embeddings is False
     full = AutoConfig.from_pretrained(d, gguf_file="tiny.gguf")
@@ -226,12 +232,14 @@ def test_offline_cached_hub_id_loads(monkeypatch, tmp_path):
     torch.testing.assert_close(_logits(model), _logits(make_model("llama")))
 
 
-def test_unsupported_architecture_fails_fast(tmp_path):
+def test_unsupported_architecture_fails_before_any_weight_is_read(tmp_path):
     d = save_tiny("gpt2", tmp_path / "gpt2")
-    t = time.perf_counter()
+    weights = list(d.glob("*.safetensors"))
+    assert weights
+    for f in weights:
+        f.unlink()  # preflight must refuse from the config alone
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel") as err:
         preflight(resolve_source(str(d)), _spec(str(d)))
-    assert time.perf_counter() - t < 2.0
     assert "supported" in err.value.message
 
 
@@ -243,6 +251,5 @@ def test_preflight_geometry_and_nm(tmp_path, gguf_dir):
         preflight(resolve_source(str(d)), _spec(str(d), "1:5"))
     assert err.value.field == "pruning.pattern" and "M=5" in err.value.message
     g, _ = gguf_dir
-    t = time.perf_counter()
-    assert preflight(resolve_source(str(g / "tiny.gguf")), _spec("x", "2:4")) == info
-    assert time.perf_counter() - t < 1.0
+    header_only = _header_only_copy(g / "tiny.gguf", tmp_path / "tiny.gguf")
+    assert preflight(resolve_source(str(header_only)), _spec("x", "2:4")) == info
