@@ -11,10 +11,10 @@
 
 Each (setting, method, seed) is one pipeline run on the setting's cached pruned model, kept as one JSON
 under bench/results/quality/; a run whose JSON exists with the same settings is skipped. RestoreLCC,
-LoRA and bias (all heads) run every seed in --seeds, the other rows the first seed.
+LoRA, bias (all heads) and the service default run every seed in --seeds, the other rows the first seed.
 
 Learning rates: RestoreLCC and the bias rows train per-head offset vectors initialised near zero, which
-need a large step (1e-2; 1e-3 restores much less in 50 steps on this model, see docs/restorelcc.md).
+need a large step at 50 steps (1e-2 on 27 heads; with more heads a smaller one wins, see docs/search.md).
 LoRA/DoRA commonly use 1e-4..2e-4 for thousands of steps; from B = 0, 50 steps at 2e-4 barely move the
 adapter, so the default here is 1e-3 to give LoRA a fair chance under the same small step budget
 (change it with --lr-lora; --search only tunes RestoreLCC).

@@ -47,7 +47,7 @@ def _service_default() -> Method:
 
     heads, lr = RestorationSpec.model_fields["heads"].default, DEFAULT_LR["restorelcc"]
     return Method("restorelcc-default", f"RestoreLCC (service default: heads {heads:g}, lr {lr:g})",
-                  {"method": "restorelcc", "head_selection": "probe"}, "offsets", False,
+                  {"method": "restorelcc", "head_selection": "probe"}, "offsets", True,
                   fixed=(("heads", heads), ("lr", lr)))
 
 

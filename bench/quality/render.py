@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,12 +176,26 @@ def _side_by_side(ours: list[dict[str, Any]], other: list[dict[str, Any]], col: 
     return a, b, (d > 0) - (d < 0)
 
 
+def _comparison(ours: list[dict[str, Any]], other: list[dict[str, Any]], checks: list[tuple[Column, str, int]]
+                ) -> list[str]:
+    """'name a vs b (better|**worse**|equal)' for each check both sides measured."""
+    parts = []
+    for col, name, sign in checks:
+        both = _side_by_side(ours, other, col, sign)
+        if both is not None:
+            a, b, side = both
+            word = {1: "better", -1: "**worse**", 0: "equal"}[side]
+            parts.append(f"{name} {_show(col, a)} vs {_show(col, b)} ({word})")
+    return parts
+
+
 def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The issue's checks for one setting, computed from the table's rows (means over seeds).
 
     RestoreLCC (probed heads) against the pruned model on every perplexity and on mean accuracy; its
     response perplexity against unmerged LoRA's (target ≤ 1.05×) and its parameters against LoRA's
-    (≤ 2%). A check whose rows are missing says so instead of passing.
+    (≤ 2%). The service default (the searched setting) against the pruned model and against unmerged LoRA
+    (≤ 1.05× with ≤ 5% of its parameters). A check whose rows are missing says so instead of passing.
     """
     ours, pruned = rows_by_key.get("restorelcc") or [], rows_by_key.get("pruned") or []
     lora = rows_by_key.get(plan.row_key("lora", "unmerged")) or []
@@ -209,19 +225,13 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
     for key, what in (("restorelcc-random", "random heads (the same count)"),
                       ("bias-probe", "bias only on the same heads (no directions)")):
-        other = rows_by_key.get(key) or []
-        if not other:
-            continue
-        parts = []
-        for col, name, sign in checks:
-            both = _side_by_side(ours, other, col, sign)
-            if both is not None:
-                a, b, side = both
-                word = {1: "better", -1: "**worse**", 0: "equal"}[side]
-                parts.append(f"{name} {_show(col, a)} vs {_show(col, b)} ({word})")
+        parts = _comparison(ours, rows_by_key.get(key) or [], checks)
         if parts:
             lines.append(f"Ablation, RestoreLCC (probed heads) vs {what}: " + "; ".join(parts) + ".")
     default = rows_by_key.get("restorelcc-default") or []
+    parts = _comparison(default, pruned, checks)
+    if parts:
+        lines.append("RestoreLCC at the service default vs pruned: " + "; ".join(parts) + ".")
     if default and lora:
         a, b = _mean(default, COLUMNS[1]), _mean(lora, COLUMNS[1])
         pa, pb = _mean(default, COLUMNS[9]), _mean(lora, COLUMNS[9])
@@ -246,6 +256,29 @@ def coverage(results: list[dict[str, Any]]) -> str:
             + ", ".join(f"`{m}`" for m in missing) + ".")
 
 
+def cpu_of(result: dict[str, Any]) -> str:
+    return str((result.get("environment") or {}).get("cpu") or "?")
+
+
+def _describe(env: dict[str, Any]) -> str:
+    return (f"{env.get('device')} ({env.get('cpu')}, {env.get('cpus')} CPUs, {env.get('threads')} torch threads), "
+            f"Python {env.get('python')}, torch {env.get('torch')}")
+
+
+def machines(results: list[dict[str, Any]], fallback: dict[str, Any] | None = None) -> str:
+    """The machine line. Runs stored over several sessions may come from different CPUs, whose floating-point
+    kernels differ, so a page that mixes them says so and counts the runs of each."""
+    envs = Counter(json.dumps(r["environment"], sort_keys=True) for r in results if r.get("environment"))
+    if len(envs) <= 1:
+        env = json.loads(next(iter(envs))) if envs else fallback
+        return f"**Machine.** {_describe(env)}." if env else ""
+    listed = "; ".join(f"{_describe(json.loads(e))}: {n} runs" for e, n in envs.most_common())
+    return (f"**Machines.** These runs were measured in several sessions on {len(envs)} kinds of machine: {listed}. "
+            "Results from different CPUs are not bit-identical (their floating-point kernels differ, and each "
+            "machine prunes its own copy of a setting's model from the same spec and seed), and seconds compare "
+            "only between runs on the same CPU (the time table names each run's CPU).")
+
+
 def timings(results: list[dict[str, Any]]) -> str:
     rows = []
     for r in sorted(results, key=lambda r: (r.get("setting") or "", r["method"], r["seed"])):
@@ -253,10 +286,10 @@ def timings(results: list[dict[str, Any]]) -> str:
         if "total" not in s:
             continue
         st = s.get("stages", {})
-        rows.append([r.get("setting"), r["method"], r["seed"], s.get("total"), s.get("train"),
+        rows.append([r.get("setting"), r["method"], r["seed"], cpu_of(r), s.get("total"), s.get("train"),
                      st["probing"] + st.get("extracting", 0) if "probing" in st else None,
                      s.get("eval_merged"), s.get("eval_unmerged")])
-    header = ["setting", "method", "seed", "total s", "train s", "probe+extract s", "eval s", "eval unmerged s"]
+    header = ["setting", "method", "seed", "cpu", "total s", "train s", "probe+extract s", "eval s", "eval unmerged s"]
 
     def cell(v: Any) -> str:
         if v is None:
@@ -306,9 +339,9 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         "perplexities.",
     ]
     parts += ["", coverage(results)]
-    if env:
-        parts += ["", f"**Machine.** {env.get('device')} ({env.get('cpu')}, {env.get('cpus')} CPUs, "
-                      f"{env.get('threads')} torch threads), Python {env.get('python')}, torch {env.get('torch')}."]
+    machine_line = machines(results, env)
+    if machine_line:
+        parts += ["", machine_line]
     for setting in plan.SETTINGS:
         rows = by_setting.get(setting.key, {})
         parts += ["", f"## {setting.label}", ""]
@@ -327,8 +360,9 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         parts += ["", f"![Response perplexity, WikiText perplexity and mean accuracy per method]({chart})"]
     if search:
         parts += ["", "## RestoreLCC's recommended setting", ""] + [f"- {t}" for t in search]
-    parts += ["", "## Time per run", "", "Seconds on the machine above (the pruning run includes the dense and "
-              "pruned evaluations).", "", timings(results), ""]
+    parts += ["", "## Time per run", "", "Seconds on the CPU each run names (the pruning run includes the dense "
+              "and pruned evaluations).", "",
+              timings(results), ""]
     return "\n".join(parts)
 
 

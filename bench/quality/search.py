@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.common import markdown_table
 from bench.quality import plan
+from bench.quality.render import cpu_of
 from bench.quality.runner import Bench, say
 
 SELECT_STEM = "alpaca_select"
@@ -210,12 +211,13 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     lora_params = params(search.lora, "lora/unmerged")
     table = markdown_table(
         ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged, same steps", "trainable params",
-         "% of LoRA's", "train s"],
+         "% of LoRA's", "train s", "cpu"],
         [[i + 1, r["point"]["heads"], r["point"]["lr"], r["point"]["max_steps"], round(score(r), 3),
           f"{ratio(search, r):.3f}", params(r), f"{100 * params(r) / lora_params:.2f}",
-          round(r["rows"]["restorelcc"]["train_seconds"], 1)]
+          round(r["rows"]["restorelcc"]["train_seconds"], 1), cpu_of(r)]
          for i, r in enumerate(ranked)],
     )
+    cpus = {cpu_of(r) for r in [*search.points, *search.lora_at.values()]}
     won = winner(search)
     lines = [
         f"# RestoreLCC setting search ({setting.label}, {model})",
@@ -224,9 +226,14 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         "",
         f"Selection split: rows {start}..{start + rows - 1} of `alpaca/valid.jsonl` (response perplexity). The "
         f"results table evaluates rows 0..{eval_rows - 1}, so no selection row is an evaluation row. "
-        "One run per grid point, seed 0, on the same pruned model as the results table; everything else as "
-        "in the results table.",
+        "One run per grid point, seed 0, on the setting's pruned model (the results table's spec and seed); "
+        "everything else as in the results table.",
     ]
+    if len(cpus) > 1:
+        lines += ["", f"The points were measured in several sessions on {len(cpus)} CPUs (column cpu; "
+                  f"{', '.join(sorted(cpus))}). Each machine prunes its own copy of the model, and floating-point "
+                  "kernels differ between CPUs, so points from different CPUs are not bit-identical, and train "
+                  "seconds compare only within one CPU."]
     lines += [
         "",
         f"On the selection rows: pruned model response ppl {search.pruned_ppl:.3f}; LoRA r=8 q,v (lr "
@@ -235,7 +242,7 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         "",
     ]
     lines += [f"- {n} steps: {row_ppl(ref, 'lora/unmerged'):.3f} unmerged, {row_ppl(ref, 'lora/merged'):.3f} "
-              "merged with the mask re-applied" for n, ref in sorted(search.lora_at.items())]
+              f"merged with the mask re-applied (cpu: {cpu_of(ref)})" for n, ref in sorted(search.lora_at.items())]
     lines += ["", "Each point is compared with LoRA trained for as many steps.", "", table, ""]
     if not won:
         lines += [f"No point trains at most {100 * plan.PARAM_CAP:g}% of LoRA's parameters, so none is "

@@ -65,7 +65,8 @@ def test_plan_main_rows_run_every_seed_others_first_seed_only() -> None:
     assert count[("wanda-50", "restorelcc")] == 2 and count[("wanda-50", "lora")] == 2
     assert count[("sparsegpt-2-4", "bias-all")] == 2
     assert count[("wanda-50", "dora")] == 1 and count[("wanda-50", "restorelcc-random")] == 1
-    assert len(runs) == 2 * (3 * 2 + 4)
+    assert count[("sparsegpt-2-4", "restorelcc-default")] == 2  # the recommended setting has a spread too
+    assert len(runs) == 2 * (4 * 2 + 3)
 
 
 def test_only_selects_and_rejects_unknown_names() -> None:
@@ -171,6 +172,13 @@ def test_verdict_compares_restorelcc_with_pruned_and_lora() -> None:
     assert text.count("**not better**") == 3 and "**1.786×** (target ≤ 1.05×: not met)" in text
     assert "**1.00%** of LoRA's (target ≤ 2%: met)" in text
     assert render.verdict({"pruned": rows["pruned"]}) == ["RestoreLCC vs pruned: not measured yet."]
+    assert "service default vs pruned" not in text
+    default = [{"metrics": _metrics(12.0, 0.45), "trainable_params": 40},
+               {"metrics": _metrics(14.0, 0.47), "trainable_params": 40}]
+    text = "\n".join(render.verdict({**rows, "restorelcc-default": default}))
+    assert ("RestoreLCC at the service default vs pruned: Alpaca response ppl 13.00 vs 20.00 (better); "
+            "WikiText ppl 26.00 vs 40.00 (better); mean acc 46.0 vs 50.0 (**worse**).") in text
+    assert "service default / unmerged LoRA, Alpaca response ppl: **0.929×** with 4.00% of LoRA's" in text
 
 
 def test_coverage_names_what_is_missing() -> None:
@@ -189,8 +197,24 @@ def test_markdown_and_chart(tmp_path: Path) -> None:
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = render.markdown(res, dense, plan.Budget().as_dict(), "python -m bench.quality", {"device": "cpu"})
     assert "## Wanda 50% unstructured" in text and "## SparseGPT 2:4" in text and "Not run yet." in text
-    assert "(results.png)" in text and "| wanda-50 | restorelcc | 1 | 12 |" in text
+    assert "(results.png)" in text and "| wanda-50 | restorelcc | 1 | ? | 12 |" in text
     assert render.chart([], None, tmp_path / "none.png") is None
+
+
+def test_machine_line_names_every_cpu_the_runs_came_from() -> None:
+    env = {"device": "cpu", "cpu": "Xeon", "cpus": 2, "threads": 2, "python": "3.11.7", "torch": "2.13.0"}
+    res, _ = _fake_results()
+    assert render.machines(res, env) == ("**Machine.** cpu (Xeon, 2 CPUs, 2 torch threads), Python 3.11.7, "
+                                         "torch 2.13.0.")  # no run says where it ran: the current machine
+    assert render.machines([], None) == ""
+    res = [{**r, "environment": env} for r in res]
+    assert render.machines(res, None).startswith("**Machine.** cpu (Xeon,")
+    res[0] = {**res[0], "environment": {**env, "cpu": "EPYC"}}
+    line = render.machines(res, None)
+    assert line.startswith("**Machines.**") and "on 2 kinds of machine" in line
+    assert f"(Xeon, 2 CPUs, 2 torch threads), Python 3.11.7, torch 2.13.0: {len(res) - 1} runs; " in line
+    assert "(EPYC, 2 CPUs, 2 torch threads), Python 3.11.7, torch 2.13.0: 1 runs." in line
+    assert "| EPYC |" in render.timings(res) and "| Xeon |" in render.timings(res)
 
 
 def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
@@ -237,6 +261,10 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     text = search_markdown(found, plan.SETTINGS[0], "python -m bench.quality --search", 300, 300, 300)
     assert "1.040× unmerged LoRA at 50 steps, which meets the 1.05× target" in text and "--heads 0.3 " in text
     assert "| 1 | 0.9 |" in text  # still ranked, shown with its share of LoRA's parameters
+    assert "several sessions" not in text and "| 1 | ? |" in text  # one CPU (unknown here): no caveat
+    other = {**points[0], "environment": {"cpu": "AMD EPYC"}}
+    text = search_markdown(Search([other, *points[1:]], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
+    assert "in several sessions on 2 CPUs (column cpu; ?, AMD EPYC)" in text and "| 1 | AMD EPYC |" in text
     found = Search(points[:1], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert "does **not** meet" in search_markdown(found, plan.SETTINGS[0], "cmd", 300, 300, 300)
     found = Search(points[2:], pruned_ppl=15.0, lora_at=lora, steps=50)
