@@ -101,8 +101,9 @@ class PruningSpec(_Strict):
 # The recommended setting: chosen by `python -m bench.quality --search` on Alpaca-valid rows that are never
 # evaluated (docs/search.md: the best response perplexity within 5% of LoRA r=8's parameters).
 DEFAULT_HEADS = 0.6
-# Learning rates used when a spec leaves restoration.lr unset (see docs/results.md and docs/search.md).
-DEFAULT_LR: dict[str, float] = {"restorelcc": 1e-2, "bias": 1e-2, "lora": 1e-3, "dora": 1e-3}
+# Learning rates used when a spec leaves restoration.lr unset: RestoreLCC's from the same search; bias and
+# LoRA/DoRA as in the results table's shared budget (see docs/results.md and docs/search.md).
+DEFAULT_LR: dict[str, float] = {"restorelcc": 3e-3, "bias": 1e-2, "lora": 1e-3, "dora": 1e-3}
 
 
 class RestorationSpec(_Strict):
@@ -128,9 +129,9 @@ class RestorationSpec(_Strict):
         None, ge=1, description="Optimizer steps; overrides epochs when set."
     )
     lr: float | None = Field(
-        None, gt=0, lt=10, description="AdamW learning rate; null picks the method's default (RestoreLCC and bias "
-        f"{DEFAULT_LR['restorelcc']:g}: per-head offsets start at zero and need large steps; LoRA and DoRA "
-        f"{DEFAULT_LR['lora']:g}).",
+        None, gt=0, lt=10, description="AdamW learning rate; null picks the method's default (RestoreLCC "
+        f"{DEFAULT_LR['restorelcc']:g}, searched with the default heads; bias {DEFAULT_LR['bias']:g}: per-head "
+        f"offsets start at zero and need large steps; LoRA and DoRA {DEFAULT_LR['lora']:g}).",
     )
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step (before accumulation).")
