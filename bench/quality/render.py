@@ -165,6 +165,13 @@ def _show(col: Column, v: float) -> str:
     return f"{100 * v:.1f}" if col.kind == "acc" else f"{v:.2f}"
 
 
+def ratio_text(r: float) -> str:
+    """A ratio to LoRA with three decimals, or four where three would round it onto the target (1.0503 is
+    not within 1.05×, and the page must not print 1.050 beside 'not met')."""
+    short = f"{r:.3f}"
+    return f"{r:.4f}" if float(short) == plan.RATIO_TARGET and r != plan.RATIO_TARGET else short
+
+
 def _side_by_side(ours: list[dict[str, Any]], other: list[dict[str, Any]], col: Column, sign: int
                   ) -> tuple[float, float, int] | None:
     """Both means on ``col`` and how ours compares (1 better, -1 worse, 0 equal; ``sign`` -1 where lower is
@@ -215,7 +222,7 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
         a, b = _mean(ours, COLUMNS[1]), _mean(lora, COLUMNS[1])
         pa, pb = _mean(ours, COLUMNS[9]), _mean(lora, COLUMNS[9])
         if a is not None and b is not None:
-            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** (target ≤ "
+            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{ratio_text(a / b)}×** (target ≤ "
                          f"{plan.RATIO_TARGET}×: " + ("met" if a / b <= plan.RATIO_TARGET else "not met") + ").")
         if pa and pb:
             lines.append(f"RestoreLCC's trainable parameters: **{100 * pa / pb:.2f}%** of LoRA's (target ≤ "
@@ -237,9 +244,10 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
         pa, pb = _mean(default, COLUMNS[9]), _mean(lora, COLUMNS[9])
         if a is not None and b and pa is not None and pb:
             met = a / b <= plan.RATIO_TARGET and pa / pb <= plan.PARAM_CAP
-            lines.append(f"RestoreLCC at the service default / unmerged LoRA, Alpaca response ppl: **{a / b:.3f}×** "
-                         f"with {100 * pa / pb:.2f}% of LoRA's parameters (target ≤ {plan.RATIO_TARGET}× with ≤ "
-                         f"{100 * plan.PARAM_CAP:g}%: " + ("met" if met else "not met") + ").")
+            lines.append("RestoreLCC at the service default / unmerged LoRA, Alpaca response ppl: "
+                         f"**{ratio_text(a / b)}×** with {100 * pa / pb:.2f}% of LoRA's parameters (target ≤ "
+                         f"{plan.RATIO_TARGET}× with ≤ {100 * plan.PARAM_CAP:g}%: "
+                         + ("met" if met else "not met") + ").")
     return lines
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import markdown_table
 from bench.quality import plan
-from bench.quality.render import cpu_of
+from bench.quality.render import cpu_of, ratio_text
 from bench.quality.runner import Bench, say
 
 SELECT_STEM = "alpaca_select"
@@ -200,7 +200,7 @@ def summary(found: Search) -> list[str]:
         f"Winner: heads {p['heads']:g}, lr {p['lr']:g}, {p['max_steps']} steps ({params(won):,} trainable "
         f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
         f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f} at the same steps, "
-        f"**{vs_lora:.3f}×** LoRA (target ≤ {plan.RATIO_TARGET}×: "
+        f"**{ratio_text(vs_lora)}×** LoRA (target ≤ {plan.RATIO_TARGET}×: "
         + ("met" if vs_lora <= plan.RATIO_TARGET else "**not met**") + ").",
     ]
 
@@ -213,7 +213,7 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged, same steps", "trainable params",
          "% of LoRA's", "train s", "cpu"],
         [[i + 1, r["point"]["heads"], r["point"]["lr"], r["point"]["max_steps"], round(score(r), 3),
-          f"{ratio(search, r):.3f}", params(r), f"{100 * params(r) / lora_params:.2f}",
+          ratio_text(ratio(search, r)), params(r), f"{100 * params(r) / lora_params:.2f}",
           round(r["rows"]["restorelcc"]["train_seconds"], 1), cpu_of(r)]
          for i, r in enumerate(ranked)],
     )
@@ -251,7 +251,7 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         r, best = ratio(search, won), won["point"]
         verdict = "meets" if r <= plan.RATIO_TARGET else "does **not** meet"
         lines += [f"Winner (closest to LoRA among points with at most {100 * plan.PARAM_CAP:g}% of LoRA's "
-                  f"parameters): {r:.3f}× unmerged LoRA at {best['max_steps']} steps, which {verdict} the "
+                  f"parameters): {ratio_text(r)}× unmerged LoRA at {best['max_steps']} steps, which {verdict} the "
                   f"{plan.RATIO_TARGET}× target on the selection rows.", ""]
         lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g}, {best['max_steps']} steps. To use it: "
                   f"`python -m bench.quality --heads {best['heads']:g} --lr-restorelcc {best['lr']:g} "

@@ -201,6 +201,12 @@ def test_markdown_and_chart(tmp_path: Path) -> None:
     assert render.chart([], None, tmp_path / "none.png") is None
 
 
+def test_a_ratio_just_over_the_target_never_prints_as_the_target() -> None:
+    assert render.ratio_text(1.0503) == "1.0503" and render.ratio_text(1.0496) == "1.0496"
+    assert render.ratio_text(1.0506) == "1.051"
+    assert render.ratio_text(1.05) == "1.050" and render.ratio_text(1.0672) == "1.067"
+
+
 def test_machine_line_names_every_cpu_the_runs_came_from() -> None:
     env = {"device": "cpu", "cpu": "Xeon", "cpus": 2, "threads": 2, "python": "3.11.7", "torch": "2.13.0"}
     res, _ = _fake_results()
