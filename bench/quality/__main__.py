@@ -149,7 +149,7 @@ def docs_command(argv: list[str]) -> str:
 def write_docs(store: Store, budget: plan.Budget, docs: Path, command: str, names: Names) -> None:
     results = store.all_results()
     dense = store.dense_result()
-    env = next((r.get("environment") for r in results if r.get("environment")), None) or machine()
+    env = None if any(r.get("environment") for r in results) else machine()  # runs name their own machines
     docs.mkdir(parents=True, exist_ok=True)
     png = render.chart(results, dense, docs / f"results{names.suffix}.png")
     try:

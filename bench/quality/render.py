@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter
@@ -273,18 +272,22 @@ def _describe(env: dict[str, Any]) -> str:
             f"Python {env.get('python')}, torch {env.get('torch')}")
 
 
+# Why a page that mixes CPUs says so: shared by the results page and the search page.
+MIXED_CPUS = ("floating-point kernels differ between CPUs, and each machine prunes its own copy of a setting's "
+              "model from the same spec and seed, so results from different CPUs are not bit-identical, and "
+              "seconds compare only between runs on the same CPU")
+
+
 def machines(results: list[dict[str, Any]], fallback: dict[str, Any] | None = None) -> str:
-    """The machine line. Runs stored over several sessions may come from different CPUs, whose floating-point
-    kernels differ, so a page that mixes them says so and counts the runs of each."""
-    envs = Counter(json.dumps(r["environment"], sort_keys=True) for r in results if r.get("environment"))
-    if len(envs) <= 1:
-        env = json.loads(next(iter(envs))) if envs else fallback
-        return f"**Machine.** {_describe(env)}." if env else ""
-    listed = "; ".join(f"{_describe(json.loads(e))}: {n} runs" for e, n in envs.most_common())
+    """The machine line; runs stored over several sessions may come from different CPUs, counted per CPU."""
+    envs = Counter(_describe(r["environment"]) for r in results if r.get("environment"))
+    if not envs:
+        return f"**Machine.** {_describe(fallback)}." if fallback else ""
+    if len(envs) == 1:
+        return f"**Machine.** {next(iter(envs))}."
+    listed = "; ".join(f"{e}: {n} runs" for e, n in envs.most_common())
     return (f"**Machines.** These runs were measured in several sessions on {len(envs)} kinds of machine: {listed}. "
-            "Results from different CPUs are not bit-identical (their floating-point kernels differ, and each "
-            "machine prunes its own copy of a setting's model from the same spec and seed), and seconds compare "
-            "only between runs on the same CPU (the time table names each run's CPU).")
+            f"{MIXED_CPUS[0].upper()}{MIXED_CPUS[1:]} (the time table names each run's CPU).")
 
 
 def timings(results: list[dict[str, Any]]) -> str:

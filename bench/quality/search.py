@@ -19,7 +19,7 @@ from typing import Any
 
 from bench.common import markdown_table
 from bench.quality import plan
-from bench.quality.render import cpu_of, ratio_text
+from bench.quality.render import MIXED_CPUS, cpu_of, ratio_text
 from bench.quality.runner import Bench, say
 
 SELECT_STEM = "alpaca_select"
@@ -231,9 +231,7 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     ]
     if len(cpus) > 1:
         lines += ["", f"The points were measured in several sessions on {len(cpus)} CPUs (column cpu; "
-                  f"{', '.join(sorted(cpus))}). Each machine prunes its own copy of the model, and floating-point "
-                  "kernels differ between CPUs, so points from different CPUs are not bit-identical, and train "
-                  "seconds compare only within one CPU."]
+                  f"{', '.join(sorted(cpus))}): {MIXED_CPUS}."]
     lines += [
         "",
         f"On the selection rows: pruned model response ppl {search.pruned_ppl:.3f}; LoRA r=8 q,v (lr "
