@@ -41,14 +41,21 @@ class Method:
     fixed: tuple[tuple[str, Any], ...] = ()  # restoration settings that override the shared budget
 
 
-def _service_default() -> Method:
-    """RestoreLCC exactly as a job that leaves heads and lr unset gets it (the searched recommendation)."""
+def _service_default() -> tuple[Method, ...]:
+    """RestoreLCC exactly as a job that leaves heads and lr unset gets it (the searched recommendation), and
+    the paper's two ablations at its head count and lr: random heads, and bias only on its probed heads."""
     from app.schemas import DEFAULT_LR, RestorationSpec
 
     heads, lr = RestorationSpec.model_fields["heads"].default, DEFAULT_LR["restorelcc"]
-    return Method("restorelcc-default", f"RestoreLCC (service default: heads {heads:g}, lr {lr:g})",
-                  {"method": "restorelcc", "head_selection": "probe"}, "offsets", True,
-                  fixed=(("heads", heads), ("lr", lr)))
+    fixed = (("heads", heads), ("lr", lr))
+    return (
+        Method("restorelcc-default", f"RestoreLCC (service default: heads {heads:g}, lr {lr:g})",
+               {"method": "restorelcc", "head_selection": "probe"}, "offsets", True, fixed=fixed),
+        Method("restorelcc-default-random", f"RestoreLCC (random heads; heads {heads:g}, lr {lr:g})",
+               {"method": "restorelcc", "head_selection": "random"}, "offsets", False, fixed=fixed),
+        Method("bias-default", f"bias only (the service default's heads; heads {heads:g}, lr {lr:g})",
+               {"method": "bias", "head_selection": "probe"}, "offsets", False, fixed=fixed),
+    )
 
 
 METHODS: tuple[Method, ...] = (
@@ -61,8 +68,15 @@ METHODS: tuple[Method, ...] = (
     Method("bias-all", "bias only (all heads)", {"method": "bias", "head_selection": "all"}, "offsets", True),
     Method("lora", "LoRA r=8 q,v", {"method": "lora"}, "adapter", True, ("unmerged", "merged")),
     Method("dora", "DoRA r=8 q,v", {"method": "dora"}, "adapter", False, ("unmerged", "merged")),
-    _service_default(),
+    *_service_default(),
 )
+
+# The paper's ablations of each RestoreLCC row, run at its head count and lr: (random heads, bias only on
+# its probed heads, no directions).
+ABLATIONS: dict[str, tuple[str, str]] = {
+    "restorelcc": ("restorelcc-random", "bias-probe"),
+    "restorelcc-default": ("restorelcc-default-random", "bias-default"),
+}
 
 FORM_LABELS = {"": "", "unmerged": "unmerged adapter", "merged": "merged, mask re-applied"}
 

@@ -114,24 +114,28 @@ def table(rows_by_key: dict[str, list[dict[str, Any]]], dense: dict[str, Any] | 
     return "\n".join(lines)
 
 
-def head_overlap(results: list[dict[str, Any]], setting: str) -> list[tuple[int, int, int]]:
-    """(seed, shared heads, heads) between RestoreLCC (probed) and bias-probe runs of the same seed."""
+def head_overlap(results: list[dict[str, Any]], setting: str) -> list[tuple[str, int, int, int]]:
+    """(RestoreLCC row, seed, shared heads, heads) between each RestoreLCC (probed) row and its bias-only
+    ablation on the same heads, for the seeds both ran."""
     heads: dict[tuple[str, int], set[tuple[int, int]]] = {}
     for r in results:
-        if r.get("setting") == setting and r["method"] in ("restorelcc", "bias-probe"):
-            heads[(r["method"], int(r["seed"]))] = {tuple(h) for h in r["info"].get("chosen_heads", [])}
+        if r.get("setting") == setting:
+            heads[(r["method"], int(r["seed"]))] = {tuple(h) for h in r.get("info", {}).get("chosen_heads", [])}
     out = []
-    for (m, seed), a in sorted(heads.items()):
-        if m == "restorelcc" and ("bias-probe", seed) in heads:
-            out.append((seed, len(a & heads[("bias-probe", seed)]), len(a)))
+    for ours, (_, bias) in plan.ABLATIONS.items():
+        for (m, seed), a in sorted(heads.items()):
+            if m == ours and (bias, seed) in heads:
+                out.append((ours, seed, len(a & heads[(bias, seed)]), len(a)))
     return out
 
 
 def notes(results: list[dict[str, Any]], setting: str) -> list[str]:
     """Per-setting facts worth a line: head overlap, adapter overheads, what re-masking discarded."""
     lines = []
-    for seed, shared, n in head_overlap(results, setting):
-        lines.append(f"Heads of bias-only (RestoreLCC's heads) vs RestoreLCC, seed {seed}: {shared} of {n} shared.")
+    for ours, seed, shared, n in head_overlap(results, setting):
+        bias = plan.method_by_key(plan.ABLATIONS[ours][1])
+        lines.append(f"Heads of {bias.label} vs {plan.method_by_key(ours).label}, seed {seed}: "
+                     f"{shared} of {n} shared.")
     seen = set()
     for r in sorted(results, key=lambda r: (r["method"], r["seed"])):
         if r.get("setting") != setting or r["method"] not in ("lora", "dora") or r["method"] in seen:
@@ -195,13 +199,28 @@ def _comparison(ours: list[dict[str, Any]], other: list[dict[str, Any]], checks:
     return parts
 
 
+def ablations(rows_by_key: dict[str, list[dict[str, Any]]], ours: str, name: str,
+              checks: list[tuple[Column, str, int]]) -> list[str]:
+    """A RestoreLCC row against its two ablations at the same head count: random heads, and bias only on the
+    same heads (no directions)."""
+    random_heads, bias = plan.ABLATIONS[ours]
+    lines = []
+    for key, what in ((random_heads, "random heads (the same count)"),
+                      (bias, "bias only on the same heads (no directions)")):
+        parts = _comparison(rows_by_key.get(ours) or [], rows_by_key.get(key) or [], checks)
+        if parts:
+            lines.append(f"Ablation, {name} vs {what}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The issue's checks for one setting, computed from the table's rows (means over seeds).
 
     RestoreLCC (probed heads) against the pruned model on every perplexity and on mean accuracy; its
     response perplexity against unmerged LoRA's (target ≤ 1.05×) and its parameters against LoRA's
     (≤ 2%). The service default (the searched setting) against the pruned model and against unmerged LoRA
-    (≤ 1.05× with ≤ 5% of its parameters). A check whose rows are missing says so instead of passing.
+    (≤ 1.05× with ≤ 5% of its parameters). Each of the two beside its ablations at its own head count.
+    A check whose rows are missing says so instead of passing.
     """
     ours, pruned = rows_by_key.get("restorelcc") or [], rows_by_key.get("pruned") or []
     lora = rows_by_key.get(plan.row_key("lora", "unmerged")) or []
@@ -229,15 +248,12 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
                          + ").")
     else:
         lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
-    for key, what in (("restorelcc-random", "random heads (the same count)"),
-                      ("bias-probe", "bias only on the same heads (no directions)")):
-        parts = _comparison(ours, rows_by_key.get(key) or [], checks)
-        if parts:
-            lines.append(f"Ablation, RestoreLCC (probed heads) vs {what}: " + "; ".join(parts) + ".")
+    lines += ablations(rows_by_key, "restorelcc", "RestoreLCC (probed heads)", checks)
     default = rows_by_key.get("restorelcc-default") or []
     parts = _comparison(default, pruned, checks)
     if parts:
         lines.append("RestoreLCC at the service default vs pruned: " + "; ".join(parts) + ".")
+    lines += ablations(rows_by_key, "restorelcc-default", "RestoreLCC at the service default", checks)
     if default and lora:
         a, b = _mean(default, COLUMNS[1]), _mean(lora, COLUMNS[1])
         pa, pb = _mean(default, COLUMNS[9]), _mean(lora, COLUMNS[9])
@@ -333,8 +349,9 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         f"{b['steps']} AdamW steps × batch {b['batch_size']} of `alpaca/train.jsonl` pairs (first "
         f"{b['train_samples']} rows, loss on response tokens, max {b['max_seq_len']} tokens), the seed's "
         "shuffle" + (", batches of similar length (`group_by_length`)" if b.get("group_by_length") else "")
-        + f". RestoreLCC and the bias rows: lr {b['lr_offsets']:g}, heads {b['heads']:g} of all (probing on "
-        f"{b['probe_samples']} pairs). LoRA/DoRA: r 8, alpha 16, q_proj and v_proj, lr {b['lr_adapter']:g}. "
+        + f". RestoreLCC and the bias rows: lr {b['lr_offsets']:g}, heads {b['heads']:g} of all, except the rows "
+        f"that name their own (probing on {b['probe_samples']} pairs). LoRA/DoRA: r 8, alpha 16, q_proj and "
+        f"v_proj, lr {b['lr_adapter']:g}. "
         "'merged, mask re-applied' is the model the pipeline exports (the same sparsity as the pruned model); "
         "'unmerged adapter' is the pruned model with the adapter on top (peft), which costs extra inference "
         "(below). Rows marked with more than one seed show mean ± sample standard deviation over restoration "

@@ -66,14 +66,17 @@ def test_plan_main_rows_run_every_seed_others_first_seed_only() -> None:
     assert count[("sparsegpt-2-4", "bias-all")] == 2
     assert count[("wanda-50", "dora")] == 1 and count[("wanda-50", "restorelcc-random")] == 1
     assert count[("sparsegpt-2-4", "restorelcc-default")] == 2  # the recommended setting has a spread too
-    assert len(runs) == 2 * (4 * 2 + 3)
+    assert count[("wanda-50", "restorelcc-default-random")] == count[("wanda-50", "bias-default")] == 1
+    assert len(runs) == 2 * (4 * 2 + 5)
+    # every RestoreLCC row's ablations are planned methods
+    assert {k for pair in plan.ABLATIONS.values() for k in pair} <= {m.key for m in plan.METHODS}
 
 
 def test_only_selects_and_rejects_unknown_names() -> None:
     sel = plan.parse_only(["wanda-50/restorelcc,wanda-50/bias-*", "*/lora"])
     runs = {(s.key, m.key) for s, m, _ in plan.plan(plan.Budget(), sel)}
     assert runs == {("wanda-50", "restorelcc"), ("wanda-50", "bias-probe"), ("wanda-50", "bias-all"),
-                    ("wanda-50", "lora"), ("sparsegpt-2-4", "lora")}
+                    ("wanda-50", "bias-default"), ("wanda-50", "lora"), ("sparsegpt-2-4", "lora")}
     assert plan.parse_only(["sparsegpt-2-4"]).wants("sparsegpt-2-4", "dora")
     assert not plan.parse_only(["sparsegpt-2-4"]).wants("wanda-50", "dora")
     with pytest.raises(ValueError, match="no setting"):
@@ -103,6 +106,11 @@ def test_jobs_are_valid_specs_with_equal_budgets() -> None:
     assert (specs["restorelcc-default"].restoration.heads, specs["restorelcc-default"].restoration.lr) == (
         unset.heads, unset.lr)
     assert specs["restorelcc-default"].restoration.max_steps == 7  # the step budget is still shared
+    # Its ablations differ from it in one thing each: random heads, or bias only (no directions).
+    for key, method, selection in (("restorelcc-default-random", "restorelcc", "random"),
+                                   ("bias-default", "bias", "probe")):
+        r = specs[key].restoration
+        assert (r.method, r.head_selection, r.heads, r.lr) == (method, selection, unset.heads, unset.lr)
 
 
 def test_store_reuses_matching_results_and_sets_aside_stale_ones(tmp_path: Path) -> None:
@@ -149,9 +157,14 @@ def test_table_has_every_row_in_order_with_seeds_spread_and_missing_rows() -> No
 
 def test_notes_report_head_overlap_and_adapter_overhead() -> None:
     res, _ = _fake_results()
-    assert render.head_overlap(res, "wanda-50") == [(0, 2, 3)]
+    assert render.head_overlap(res, "wanda-50") == [("restorelcc", 0, 2, 3)]
     text = "\n".join(render.notes(res, "wanda-50"))
-    assert "seed 0: 2 of 3 shared" in text
+    assert "Heads of bias only (RestoreLCC's heads) vs RestoreLCC (probed heads), seed 0: 2 of 3 shared" in text
+    res += [_result("wanda-50", "restorelcc-default", 0, {}, {"chosen_heads": [[0, 1], [2, 3], [4, 5], [6, 7]]}),
+            _result("wanda-50", "restorelcc-default", 1, {}, {"chosen_heads": [[0, 1]]}),
+            _result("wanda-50", "bias-default", 0, {}, {"chosen_heads": [[0, 1], [2, 3], [4, 5], [6, 7]]})]
+    assert render.head_overlap(res, "wanda-50") == [("restorelcc", 0, 2, 3), ("restorelcc-default", 0, 4, 4)]
+    assert "the service default's heads" in "\n".join(render.notes(res, "wanda-50"))
     assert "999 extra parameters" in text and "+1.00%" in text and "50.0%" in text
 
 
@@ -179,6 +192,12 @@ def test_verdict_compares_restorelcc_with_pruned_and_lora() -> None:
     assert ("RestoreLCC at the service default vs pruned: Alpaca response ppl 13.00 vs 20.00 (better); "
             "WikiText ppl 26.00 vs 40.00 (better); mean acc 46.0 vs 50.0 (**worse**).") in text
     assert "service default / unmerged LoRA, Alpaca response ppl: **0.929×** with 4.00% of LoRA's" in text
+    assert "Ablation, RestoreLCC at the service default" not in text  # its ablations are not measured here
+    bias_default = [{"metrics": _metrics(15.0, 0.5), "trainable_params": 8}]
+    text = "\n".join(render.verdict({**rows, "restorelcc-default": default, "bias-default": bias_default}))
+    assert ("Ablation, RestoreLCC at the service default vs bias only on the same heads (no directions): "
+            "Alpaca response ppl 13.00 vs 15.00 (better); WikiText ppl 26.00 vs 30.00 (better); "
+            "mean acc 46.0 vs 50.0 (**worse**).") in text
 
 
 def test_coverage_names_what_is_missing() -> None:
