@@ -122,10 +122,10 @@ def head_overlap(results: list[dict[str, Any]], setting: str) -> list[tuple[str,
         if r.get("setting") == setting:
             heads[(r["method"], int(r["seed"]))] = {tuple(h) for h in r.get("info", {}).get("chosen_heads", [])}
     out = []
-    for ours, (_, bias) in plan.ABLATIONS.items():
-        for (m, seed), a in sorted(heads.items()):
-            if m == ours and (bias, seed) in heads:
-                out.append((ours, seed, len(a & heads[(bias, seed)]), len(a)))
+    for (m, seed), a in sorted(heads.items()):
+        bias = plan.ABLATIONS[m][1] if m in plan.ABLATIONS else None
+        if (bias, seed) in heads:
+            out.append((m, seed, len(a & heads[(bias, seed)]), len(a)))
     return out
 
 
@@ -199,6 +199,16 @@ def _comparison(ours: list[dict[str, Any]], other: list[dict[str, Any]], checks:
     return parts
 
 
+def _vs_lora(ours: list[dict[str, Any]], lora: list[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Ours ÷ unmerged LoRA: response perplexity and trainable parameters (means over seeds); None where
+    either side is not measured (or LoRA's value is zero)."""
+    def ratio(col: Column) -> float | None:
+        a, b = _mean(ours, col), _mean(lora, col)
+        return a / b if a is not None and b else None
+
+    return ratio(COLUMNS[1]), ratio(COLUMNS[9])
+
+
 def ablations(rows_by_key: dict[str, list[dict[str, Any]]], ours: str, name: str,
               checks: list[tuple[Column, str, int]]) -> list[str]:
     """A RestoreLCC row against its two ablations at the same head count: random heads, and bias only on the
@@ -237,14 +247,13 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
         lines.append(f"RestoreLCC vs pruned, {name}: {_show(col, a)} vs {_show(col, b)} — "
                      + ("**better**." if side > 0 else "**not better**."))
     if lora:
-        a, b = _mean(ours, COLUMNS[1]), _mean(lora, COLUMNS[1])
-        pa, pb = _mean(ours, COLUMNS[9]), _mean(lora, COLUMNS[9])
-        if a is not None and b is not None:
-            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{ratio_text(a / b)}×** (target ≤ "
-                         f"{plan.RATIO_TARGET}×: " + ("met" if a / b <= plan.RATIO_TARGET else "not met") + ").")
-        if pa and pb:
-            lines.append(f"RestoreLCC's trainable parameters: **{100 * pa / pb:.2f}%** of LoRA's (target ≤ "
-                         f"{100 * plan.PARAMS_VS_LORA:g}%: " + ("met" if pa / pb <= plan.PARAMS_VS_LORA else "not met")
+        ppl, share = _vs_lora(ours, lora)
+        if ppl is not None:
+            lines.append(f"RestoreLCC / unmerged LoRA, Alpaca response ppl: **{ratio_text(ppl)}×** (target ≤ "
+                         f"{plan.RATIO_TARGET}×: " + ("met" if ppl <= plan.RATIO_TARGET else "not met") + ").")
+        if share:
+            lines.append(f"RestoreLCC's trainable parameters: **{100 * share:.2f}%** of LoRA's (target ≤ "
+                         f"{100 * plan.PARAMS_VS_LORA:g}%: " + ("met" if share <= plan.PARAMS_VS_LORA else "not met")
                          + ").")
     else:
         lines.append("RestoreLCC vs LoRA: LoRA not measured yet.")
@@ -254,15 +263,12 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
     if parts:
         lines.append("RestoreLCC at the service default vs pruned: " + "; ".join(parts) + ".")
     lines += ablations(rows_by_key, "restorelcc-default", "RestoreLCC at the service default", checks)
-    if default and lora:
-        a, b = _mean(default, COLUMNS[1]), _mean(lora, COLUMNS[1])
-        pa, pb = _mean(default, COLUMNS[9]), _mean(lora, COLUMNS[9])
-        if a is not None and b and pa is not None and pb:
-            met = a / b <= plan.RATIO_TARGET and pa / pb <= plan.PARAM_CAP
-            lines.append("RestoreLCC at the service default / unmerged LoRA, Alpaca response ppl: "
-                         f"**{ratio_text(a / b)}×** with {100 * pa / pb:.2f}% of LoRA's parameters (target ≤ "
-                         f"{plan.RATIO_TARGET}× with ≤ {100 * plan.PARAM_CAP:g}%: "
-                         + ("met" if met else "not met") + ").")
+    ppl, share = _vs_lora(default, lora)
+    if ppl is not None and share is not None:
+        met = ppl <= plan.RATIO_TARGET and share <= plan.PARAM_CAP
+        lines.append("RestoreLCC at the service default / unmerged LoRA, Alpaca response ppl: "
+                     f"**{ratio_text(ppl)}×** with {100 * share:.2f}% of LoRA's parameters (target ≤ "
+                     f"{plan.RATIO_TARGET}× with ≤ {100 * plan.PARAM_CAP:g}%: " + ("met" if met else "not met") + ").")
     return lines
 
 
