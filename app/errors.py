@@ -58,10 +58,12 @@ def validation_error(errors: list[dict[str, Any]], strip_body: bool = True) -> A
         return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
     field = _loc_to_field(loc, strip_body)
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if field is None and etype == "value_error":
-        # A whole-spec rule ("data.train is required unless ..."): name the field the message names.
+    if etype == "value_error":
+        # A rule over several fields ("data.train is required unless ...", on the whole spec or one section):
+        # name the field the message names, when it lies inside the validated part.
         m = _DOTTED.search(msg)
-        field = m.group(0) if m else None
+        if m and (field is None or m.group(0).startswith(field + ".")):
+            field = m.group(0)
     if etype == "extra_forbidden":
         msg = "unknown field"
     if etype == "missing" and field is None:

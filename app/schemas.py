@@ -134,6 +134,11 @@ class RestorationSpec(_Strict):
         f"{DEFAULT_LR['restorelcc']:g}, searched with the default heads; bias {DEFAULT_LR['bias']:g}: per-head "
         f"offsets start at zero and need large steps; LoRA and DoRA {DEFAULT_LR['lora']:g}).",
     )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule over the run's steps: constant, or a linear or cosine "
+                                "decay to zero (after warmup_steps of linear warm-up, if any)."
+    )
+    warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Optimizer steps of linear lr warm-up from zero.")
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step (before accumulation).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps per optimizer step.")
@@ -154,6 +159,9 @@ class RestorationSpec(_Strict):
     def _method_lr(self) -> RestorationSpec:
         if self.lr is None and self.method != "none":
             self.lr = DEFAULT_LR[self.method]
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"restoration.warmup_steps ({self.warmup_steps}) must be less than "
+                             f"restoration.max_steps ({self.max_steps})")
         return self
 
     @field_validator("heads")

@@ -151,7 +151,8 @@ def train(state, progress, reporter) -> None:
         rs.components = None
         stats = train_offsets(
             state.model, state.adapter, rs.offsets, batches,
-            lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps,
+            lr=r.lr, schedule=r.lr_schedule, warmup_steps=r.warmup_steps,
+            weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps,
             grad_accum=r.grad_accum, seed=spec.seed,
             progress=_step_progress(progress), should_stop=reporter.cancel_requested,
         )

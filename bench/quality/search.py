@@ -21,6 +21,7 @@ from bench.common import markdown_table
 from bench.quality import plan
 from bench.quality.render import MIXED_CPUS, cpu_of, ratio_text
 from bench.quality.runner import Bench, say
+from worker.restore.train import SCHEDULES
 
 SELECT_STEM = "alpaca_select"
 
@@ -50,16 +51,42 @@ def grid(heads: list[float], lrs: list[float], steps: list[int]) -> list[dict[st
 
 
 def parse_point(text: str) -> dict[str, Any]:
-    """``HEADS:LR:STEPS`` (``0.6:1e-2:100``) as a grid point."""
+    """``HEADS:LR:STEPS[:SCHEDULE[:WARMUP]]`` (``0.6:1e-2:100``, ``0.66:6e-3:50:cosine:5``) as a grid point.
+
+    The schedule (constant, linear or cosine) and warm-up steps enter the point only when not the default
+    (constant, none), so a point keeps the name and fingerprint it had before schedules existed."""
+    parts = text.split(":")
     try:
-        heads, lr, steps = text.split(":")
-        return {"heads": float(heads), "lr": float(lr), "max_steps": int(steps)}
+        if not 3 <= len(parts) <= 5:
+            raise ValueError
+        point: dict[str, Any] = {"heads": float(parts[0]), "lr": float(parts[1]), "max_steps": int(parts[2])}
+        schedule = parts[3] if len(parts) > 3 else "constant"
+        warmup = int(parts[4]) if len(parts) > 4 else 0
     except ValueError:
-        raise ValueError(f"grid point {text!r}: expected HEADS:LR:STEPS, e.g. 0.6:1e-2:100") from None
+        raise ValueError(f"grid point {text!r}: expected HEADS:LR:STEPS[:SCHEDULE[:WARMUP]], e.g. 0.6:1e-2:100 "
+                         "or 0.66:6e-3:50:cosine:5") from None
+    if schedule not in SCHEDULES:
+        raise ValueError(f"grid point {text!r}: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if warmup < 0 or warmup >= point["max_steps"]:
+        raise ValueError(f"grid point {text!r}: warm-up must be at least 0 and fewer than the steps")
+    if schedule != "constant":
+        point["lr_schedule"] = schedule
+    if warmup:
+        point["warmup_steps"] = warmup
+    return point
+
+
+def schedule_text(p: dict[str, Any]) -> str:
+    """A point's lr schedule in words: ``constant``, ``cosine``, ``cosine, 5 warm-up``."""
+    name = p.get("lr_schedule", "constant")
+    return f"{name}, {p['warmup_steps']} warm-up" if p.get("warmup_steps") else name
 
 
 def point_name(p: dict[str, Any]) -> str:
-    return f"h{p['heads']:g}-lr{p['lr']:g}-s{p['max_steps']}"
+    name = f"h{p['heads']:g}-lr{p['lr']:g}-s{p['max_steps']}"
+    if p.get("lr_schedule", "constant") != "constant":
+        name += f"-{p['lr_schedule']}"
+    return name + (f"-w{p['warmup_steps']}" if p.get("warmup_steps") else "")
 
 
 @dataclass
@@ -193,11 +220,13 @@ def summary(found: Search) -> list[str]:
     lrs = sorted({r["point"]["lr"] for r in found.points})
     heads = sorted({r["point"]["heads"] for r in found.points})
     steps = sorted({r["point"]["max_steps"] for r in found.points})
+    schedules = sorted({schedule_text(r["point"]) for r in found.points})
     return [
         f"Searched on Alpaca-valid rows that are never evaluated (docs/search.md): head fractions "
-        f"{', '.join(f'{h:g}' for h in heads)}; lr {', '.join(f'{x:g}' for x in lrs)}; "
-        f"{', '.join(map(str, steps))} steps.",
-        f"Winner: heads {p['heads']:g}, lr {p['lr']:g}, {p['max_steps']} steps ({params(won):,} trainable "
+        f"{', '.join(f'{h:g}' for h in heads)}; lr {', '.join(f'{x:g}' for x in lrs)}; lr schedules "
+        f"{', '.join(schedules)}; {', '.join(map(str, steps))} steps.",
+        f"Winner: heads {p['heads']:g}, lr {p['lr']:g} ({schedule_text(p)}), {p['max_steps']} steps "
+        f"({params(won):,} trainable "
         f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
         f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f} at the same steps, "
         f"**{ratio_text(vs_lora)}×** LoRA (target ≤ {plan.RATIO_TARGET}×: "
@@ -210,9 +239,10 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     ranked = sorted(search.points, key=lambda r: ratio(search, r))
     lora_params = params(search.lora, "lora/unmerged")
     table = markdown_table(
-        ["rank", "heads", "lr", "steps", "selection resp. ppl", "÷ LoRA unmerged, same steps", "trainable params",
-         "% of LoRA's", "train s", "cpu"],
-        [[i + 1, r["point"]["heads"], r["point"]["lr"], r["point"]["max_steps"], round(score(r), 3),
+        ["rank", "heads", "lr", "lr schedule", "steps", "selection resp. ppl", "÷ LoRA unmerged, same steps",
+         "trainable params", "% of LoRA's", "train s", "cpu"],
+        [[i + 1, r["point"]["heads"], r["point"]["lr"], schedule_text(r["point"]), r["point"]["max_steps"],
+          round(score(r), 3),
           ratio_text(ratio(search, r)), params(r), f"{100 * params(r) / lora_params:.2f}",
           round(r["rows"]["restorelcc"]["train_seconds"], 1), cpu_of(r)]
          for i, r in enumerate(ranked)],
@@ -251,7 +281,9 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         lines += [f"Winner (closest to LoRA among points with at most {100 * plan.PARAM_CAP:g}% of LoRA's "
                   f"parameters): {ratio_text(r)}× unmerged LoRA at {best['max_steps']} steps, which {verdict} the "
                   f"{plan.RATIO_TARGET}× target on the selection rows.", ""]
-        lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g}, {best['max_steps']} steps. To use it: "
-                  f"`python -m bench.quality --heads {best['heads']:g} --lr-restorelcc {best['lr']:g} "
-                  f"--steps {best['max_steps']}` (the step budget then applies to every method).", ""]
+        fields = {"heads": best["heads"], "lr": best["lr"], **{k: best[k] for k in ("lr_schedule", "warmup_steps")
+                                                               if k in best}}
+        lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g} ({schedule_text(best)}), {best['max_steps']} "
+                  f"steps. In a job: `\"restoration\": {json.dumps(fields)}` with `\"max_steps\": "
+                  f"{best['max_steps']}`.", ""]
     return "\n".join(lines)

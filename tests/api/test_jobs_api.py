@@ -158,6 +158,10 @@ def test_event_stream_is_live_and_ends_when_the_job_finishes(api):
         ({"model": {"id": "/x"}, "pruning": {"method": "magnitude"}}, "data.train"),
         ({"model": {"id": "/x"}, "restoration": {"method": "none"}, "evaluation": {"tasks": "x"}},
          "evaluation.tasks"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "none", "lr_schedule": "step"}},
+         "restoration.lr_schedule"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "none", "max_steps": 10, "warmup_steps": 10}},
+         "restoration.warmup_steps"),
     ],
 )
 def test_validation_errors_name_the_field(api, body, field):

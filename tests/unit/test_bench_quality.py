@@ -10,7 +10,7 @@ import pytest
 from app.schemas import JobSpec
 from bench.quality import plan, render
 from bench.quality.runner import Store
-from bench.quality.search import grid, parse_point, write_selection
+from bench.quality.search import grid, parse_point, point_name, schedule_text, write_selection
 
 DATA = plan.Data(train="/d/train.jsonl", wikitext="/d/wikitext_sentences.jsonl", alpaca_valid="/d/valid.jsonl",
                  tasks=("/d/boolq.jsonl", "/d/piqa.jsonl", "/d/openbookqa.jsonl"))
@@ -262,6 +262,16 @@ def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
     assert parse_point("0.6:1e-2:100") == {"heads": 0.6, "lr": 0.01, "max_steps": 100}
     with pytest.raises(ValueError, match="HEADS:LR:STEPS"):
         parse_point("0.6:1e-2")
+    cosine = parse_point("0.66:6e-3:50:cosine:5")
+    assert cosine == {"heads": 0.66, "lr": 0.006, "max_steps": 50, "lr_schedule": "cosine", "warmup_steps": 5}
+    assert point_name(cosine) == "h0.66-lr0.006-s50-cosine-w5" and schedule_text(cosine) == "cosine, 5 warm-up"
+    # the defaults stay out of the point, so points stored before schedules existed keep their names
+    assert parse_point("0.6:3e-3:50:constant:0") == parse_point("0.6:3e-3:50")
+    assert point_name(parse_point("0.6:3e-3:50")) == "h0.6-lr0.003-s50"
+    with pytest.raises(ValueError, match="schedule 'step'"):
+        parse_point("0.6:1e-2:50:step")
+    with pytest.raises(ValueError, match="warm-up"):
+        parse_point("0.6:1e-2:50:cosine:50")
 
 
 def _point(heads: float, lr: float, ppl: float, params: int, steps: int = 50) -> dict:
@@ -284,14 +294,21 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     found = Search(points, pruned_ppl=15.0, lora_at=lora, steps=50)
     assert winner(found)["point"]["heads"] == 0.3  # 0.9 scores better but trains 6% of LoRA's parameters
     text = search_markdown(found, plan.SETTINGS[0], "python -m bench.quality --search", 300, 300, 300)
-    assert "1.040× unmerged LoRA at 50 steps, which meets the 1.05× target" in text and "--heads 0.3 " in text
-    assert "| 1 | 0.9 |" in text  # still ranked, shown with its share of LoRA's parameters
+    assert "1.040× unmerged LoRA at 50 steps, which meets the 1.05× target" in text
+    assert '"restoration": {"heads": 0.3, "lr": 0.01}` with `"max_steps": 50`' in text
+    assert "| 1 | 0.9 | 0.01 | constant |" in text  # still ranked, shown with its share of LoRA's parameters
     assert "several sessions" not in text and "| 1 | ? |" in text  # one CPU (unknown here): no caveat
     other = {**points[0], "environment": {"cpu": "AMD EPYC"}}
     text = search_markdown(Search([other, *points[1:]], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
     assert "in several sessions on 2 CPUs (column cpu; ?, AMD EPYC)" in text and "| 1 | AMD EPYC |" in text
     found = Search(points[:1], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert "does **not** meet" in search_markdown(found, plan.SETTINGS[0], "cmd", 300, 300, 300)
+    cosine = _point(0.3, 6e-3, 10.2, 50)
+    cosine["point"].update(lr_schedule="cosine", warmup_steps=5)
+    text = search_markdown(Search([*points, cosine], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
+    assert "| 1 | 0.9 | 0.01 | constant |" in text and "| 2 | 0.3 | 0.006 | cosine, 5 warm-up |" in text
+    assert ('Best: heads 0.3, lr 0.006 (cosine, 5 warm-up), 50 steps. In a job: `"restoration": {"heads": 0.3, '
+            '"lr": 0.006, "lr_schedule": "cosine", "warmup_steps": 5}`') in text
     found = Search(points[2:], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert winner(found) is None and "none is recommended" in search_markdown(found, plan.SETTINGS[0], "c", 300,
                                                                               300, 300)
@@ -312,7 +329,8 @@ def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> No
     found = load(tmp_path, "wanda-50")  # h0.2-2.json is a leftover of another search
     assert found is not None and len(found.points) == 2 and found.pruned_ppl == 15.0
     lines = summary(found)
-    assert "heads 0.3, lr 0.01, 50 steps (40 trainable parameters, 4.00% of LoRA's)" in lines[1]
+    assert "lr schedules constant;" in lines[0]
+    assert "heads 0.3, lr 0.01 (constant), 50 steps (40 trainable parameters, 4.00% of LoRA's)" in lines[1]
     assert "**1.100×** LoRA (target ≤ 1.05×: **not met**)" in lines[1]
     results, dense = _fake_results()
     text = render.markdown(results, dense, plan.Budget().as_dict(), "cmd", None, search=lines)

@@ -23,7 +23,7 @@ from worker.restore.restorelcc import (
     make_offsets,
     score_heads,
 )
-from worker.restore.train import response_loss_sum, train_offsets
+from worker.restore.train import lr_scheduler, response_loss_sum, train_offsets
 
 
 def _prune(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -103,6 +103,44 @@ def test_seeded_training_is_reproducible(setup):
         train_offsets(pruned, adapter, offsets, _batches(8, 2), lr=1e-2, max_steps=3, seed=9)
         runs.append(offsets.constants().detach())
     assert torch.equal(runs[0], runs[1])
+
+
+def _lrs(schedule: str, warmup: int, total: int) -> list[float]:
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = lr_scheduler(opt, schedule, warmup, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_lr_schedules_warm_up_then_hold_or_decay():
+    assert _lrs("constant", 0, 5) == [1.0] * 5
+    assert _lrs("constant", 2, 5) == [0.0, 0.5, 1.0, 1.0, 1.0]
+    linear = _lrs("linear", 0, 4)
+    assert linear == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    cosine = _lrs("cosine", 2, 10)
+    assert cosine[:3] == pytest.approx([0.0, 0.5, 1.0])
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:], strict=False)) and cosine[-1] < 0.05
+    with pytest.raises(ValueError, match="known number of steps"):
+        _lrs("cosine", 0, 0)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        _lrs("step", 0, 3)
+
+
+def test_schedule_reaches_the_optimizer(setup):
+    """One step at the start of a warm-up has lr 0, so nothing moves; without warm-up the same step does."""
+    pruned, adapter, comps = setup
+    moved = {}
+    for warmup in (0, 3):
+        offsets = make_offsets([(1, 2)], adapter.info, comps, seed=4)
+        before = offsets.constants().detach().clone()
+        train_offsets(pruned, adapter, offsets, _batches(8, 2), lr=1e-2, max_steps=1, seed=9,
+                      schedule="constant", warmup_steps=warmup)
+        moved[warmup] = not torch.equal(before, offsets.constants().detach())
+    assert moved == {0: True, 3: False}
 
 
 def test_should_stop_cancels_and_restores_state(setup):

@@ -181,18 +181,19 @@ def train_adapter(
 ) -> tuple[AdapterBaseline, dict[str, Any]]:
     """Attach a LoRA (``r.method == "lora"``) or DoRA adapter to ``model`` and train it; base weights frozen.
 
-    Hyper-parameters come from ``r`` (lora_r, lora_alpha, lora_targets, lr, weight_decay, epochs,
-    max_steps, grad_accum). The adapter stays in the model (unmerged) for :func:`merge_adapter`; on any
-    failure, Cancelled included, it is removed again. Returns the baseline and the stats of
-    worker.restore.train.train_parameters.
+    Hyper-parameters come from ``r`` (lora_r, lora_alpha, lora_targets, lr, lr_schedule, warmup_steps,
+    weight_decay, epochs, max_steps, grad_accum). The adapter stays in the model (unmerged) for
+    :func:`merge_adapter`; on any failure, Cancelled included, it is removed again. Returns the baseline
+    and the stats of worker.restore.train.train_parameters.
     """
     with frozen(model):  # restores the base weights' requires_grad and the train/eval mode afterwards
         baseline = attach_adapter(model, r, seed)
         try:
             params = baseline.trainable_parameters()
             stats = train_parameters(
-                model, params, batches, lr=r.lr, weight_decay=r.weight_decay, epochs=r.epochs,
-                max_steps=r.max_steps, grad_accum=r.grad_accum, seed=seed, progress=progress,
+                model, params, batches, lr=r.lr, schedule=r.lr_schedule, warmup_steps=r.warmup_steps,
+                weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps, grad_accum=r.grad_accum,
+                seed=seed, progress=progress,
                 should_stop=should_stop, checkpoint_every=checkpoint_every,
             )
         except BaseException:

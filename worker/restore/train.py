@@ -4,7 +4,8 @@
 baselines (worker.restore.baselines). Every model weight is frozen (``requires_grad`` False, restored
 afterwards) and the model runs in eval mode (no dropout); only the trained parameters receive gradients.
 Token losses of the micro-batches of one optimizer step are summed and divided by the step's
-response-token count, so gradient accumulation is exact.
+response-token count, so gradient accumulation is exact. The learning rate follows a schedule
+(``transformers.get_scheduler``: constant, linear or cosine decay to zero, after optional linear warm-up).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from worker.model.arch import DecoderAdapter
 from worker.model.data import IGNORE, Batch
 from worker.restore.heads import HeadOffsets, inject
 
+SCHEDULES = ("constant", "linear", "cosine")
 TrainProgress = Callable[[int, int, float], None]  # (step, total steps or 0 when unknown, step loss)
 BatchSource = Sequence[Batch] | Callable[[int], Iterable[Batch]]  # a list, or epoch → batches
 
@@ -91,12 +93,32 @@ def _total_steps(source: BatchSource, epochs: int, grad_accum: int, max_steps: i
     return 0
 
 
+def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int
+                 ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule over ``total_steps`` optimizer steps (decays need that total to be known)."""
+    from transformers import get_scheduler
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+    if warmup_steps < 0:
+        raise ValueError("warmup_steps must be at least 0")
+    if schedule == "constant":
+        name = "constant_with_warmup" if warmup_steps else "constant"
+    elif total_steps <= 0:
+        raise ValueError(f"a {schedule} lr schedule needs a known number of steps (set max_steps)")
+    else:
+        name = schedule
+    return get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
+
+
 def train_parameters(
     model: nn.Module,
     params: Sequence[nn.Parameter],
     batches: BatchSource,
     *,
     lr: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
     weight_decay: float = 0.0,
     epochs: int = 1,
     max_steps: int | None = None,
@@ -109,7 +131,8 @@ def train_parameters(
     """The shared loop: AdamW on ``params`` against the completion-only loss of ``model``.
 
     The caller freezes everything else and installs whatever makes ``params`` part of the forward pass
-    (hooks, adapter layers). ``batches``: a list of Batch (reshuffled each epoch, seeded) or a function
+    (hooks, adapter layers). ``schedule`` and ``warmup_steps`` shape the learning rate (:func:`lr_scheduler`).
+    ``batches``: a list of Batch (reshuffled each epoch, seeded) or a function
     epoch → iterable of Batch (its ``len``, when it has one, sizes the progress total). With
     ``max_steps`` epochs repeat until that many optimizer steps.
 
@@ -125,6 +148,7 @@ def train_parameters(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     total = _total_steps(batches, epochs, grad_accum, max_steps)
+    sched = lr_scheduler(opt, schedule, warmup_steps, total)
     curve: list[float] = []
     tokens = 0
     epoch = 0
@@ -146,6 +170,7 @@ def train_parameters(
                         (loss_sum / n_tok).backward()
                         step_loss += float(loss_sum.detach()) / n_tok
                     opt.step()
+                    sched.step()
                     tokens += n_tok
                     curve.append(step_loss)
                     if progress is not None:
@@ -179,6 +204,8 @@ def train_offsets(
     batches: BatchSource,
     *,
     lr: float = 1e-2,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
     weight_decay: float = 0.0,
     epochs: int = 1,
     max_steps: int | None = None,
@@ -199,7 +226,8 @@ def train_offsets(
         offsets.train()
         try:
             stats = train_parameters(
-                model, params, batches, lr=lr, weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
+                model, params, batches, lr=lr, schedule=schedule, warmup_steps=warmup_steps,
+                weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
                 grad_accum=grad_accum, seed=seed, progress=progress, should_stop=should_stop,
                 checkpoint_every=checkpoint_every,
             )
