@@ -124,6 +124,11 @@ class RestorationSpec(_Strict):
     components: int = Field(
         10, ge=1, le=4096, description="Top-K lost directions in the summary component c used when probing."
     )
+    directions: int | None = Field(
+        None, ge=1, le=4096, description="RestoreLCC: learn magnitudes β over each chosen head's top-K lost "
+        "directions only (K + head_dim parameters per head, so more heads fit a parameter budget); null: all "
+        "head_dim directions, as in the paper. At most the model's head_dim; ignored by other methods."
+    )
     train_samples: int = Field(2000, ge=1, le=10_000_000, description="Instruction samples used for training.")
     epochs: int = Field(1, ge=1, le=1000, description="Training epochs (ignored when max_steps is set).")
     max_steps: int | None = Field(

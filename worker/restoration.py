@@ -61,6 +61,10 @@ def begin(spec: JobSpec, model, tokenizer, adapter, progress) -> RestoreState | 
             check_mergeable(model.config)
         except ValueError as exc:
             raise SpecError(str(exc), field="restoration.method") from exc
+    top, head_dim = spec.restoration.directions, adapter.info.head_dim
+    if method == "restorelcc" and top is not None and top > head_dim:
+        raise SpecError(f"restoration.directions {top} exceeds the model's head_dim {head_dim}",
+                        field="restoration.directions")
     state = RestoreState(method=method)
     if not _needs_activations(spec):
         return state
@@ -147,7 +151,8 @@ def train(state, progress, reporter) -> None:
             rs.heads = choose_heads(None, state.adapter.info, r.heads, r.head_selection, spec.seed)
             _record_heads(state)
         components = rs.components if rs.method == "restorelcc" else None
-        rs.offsets = make_offsets(rs.heads, state.adapter.info, components, seed=spec.seed)
+        rs.offsets = make_offsets(rs.heads, state.adapter.info, components, seed=spec.seed,
+                                  directions=r.directions if components is not None else None)
         rs.components = None
         stats = train_offsets(
             state.model, state.adapter, rs.offsets, batches,

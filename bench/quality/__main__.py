@@ -65,8 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--grid-heads", default=None, help="head fractions (default 0.1,0.2)")
     g.add_argument("--grid-lr", default=None, help="learning rates (default 3e-3,1e-2)")
     g.add_argument("--grid-steps", default=None, help="step budgets (default 25,50)")
-    g.add_argument("--grid-extra", action="append", default=[], metavar="HEADS:LR:STEPS",
-                   help="one more point outside the product grid, e.g. 0.6:1e-2:100 (repeatable)")
+    g.add_argument("--grid-extra", action="append", default=[], metavar="POINT",
+                   help="one more point outside the product grid (repeatable): HEADS:LR:STEPS[:SCHEDULE[:WARMUP]], "
+                        "e.g. 0.6:1e-2:100 or 0.66:6e-3:50:cosine, or key=value pairs with heads, lr, steps and "
+                        "optionally schedule, warmup, directions, method (restorelcc or bias), e.g. "
+                        "heads=0.9,lr=3e-3,steps=50,directions=30 or heads=all,lr=3e-3,steps=50,method=bias")
     g.add_argument("--select-start", type=int, default=300, help="first alpaca/valid selection row (default 300)")
     g.add_argument("--select-rows", type=int, default=None, help="selection rows (default 300)")
     return ap.parse_args(argv)

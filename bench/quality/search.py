@@ -50,30 +50,60 @@ def grid(heads: list[float], lrs: list[float], steps: list[int]) -> list[dict[st
     return [{"heads": h, "lr": lr, "max_steps": s} for h, lr, s in itertools.product(heads, lrs, steps)]
 
 
-def parse_point(text: str) -> dict[str, Any]:
-    """``HEADS:LR:STEPS[:SCHEDULE[:WARMUP]]`` (``0.6:1e-2:100``, ``0.66:6e-3:50:cosine:5``) as a grid point.
+_KEYS = {"heads": "heads", "lr": "lr", "steps": "max_steps", "schedule": "lr_schedule", "warmup": "warmup_steps",
+         "directions": "directions", "method": "method"}
+_FORMS = ("HEADS:LR:STEPS[:SCHEDULE[:WARMUP]] (0.6:1e-2:100) or key=value pairs "
+          "(heads=0.9,lr=3e-3,steps=50,directions=30)")
 
-    The schedule (constant, linear or cosine) and warm-up steps enter the point only when not the default
-    (constant, none), so a point keeps the name and fingerprint it had before schedules existed."""
-    parts = text.split(":")
+
+def parse_point(text: str) -> dict[str, Any]:
+    """A grid point from ``HEADS:LR:STEPS[:SCHEDULE[:WARMUP]]`` or ``key=value,...`` (heads, lr, steps, and
+    optionally schedule, warmup, directions, method; heads may be ``all``; method ``restorelcc`` or ``bias``).
+
+    Settings at their defaults (constant schedule, no warm-up, all directions, RestoreLCC) stay out of the
+    point, so a point keeps the name and fingerprint it had before those settings existed."""
     try:
-        if not 3 <= len(parts) <= 5:
-            raise ValueError
-        point: dict[str, Any] = {"heads": float(parts[0]), "lr": float(parts[1]), "max_steps": int(parts[2])}
-        schedule = parts[3] if len(parts) > 3 else "constant"
-        warmup = int(parts[4]) if len(parts) > 4 else 0
+        if "=" in text:
+            given = dict(kv.split("=", 1) for kv in text.split(","))
+            if set(given) - set(_KEYS) or not {"heads", "lr", "steps"} <= set(given):
+                raise ValueError
+        else:
+            parts = text.split(":")
+            if not 3 <= len(parts) <= 5:
+                raise ValueError
+            given = dict(zip(["heads", "lr", "steps", "schedule", "warmup"], parts, strict=False))
+        raw = {_KEYS[k]: v.strip() for k, v in given.items()}
+        point: dict[str, Any] = {"heads": "all" if raw["heads"] == "all" else float(raw["heads"]),
+                                 "lr": float(raw["lr"]), "max_steps": int(raw["max_steps"])}
+        schedule, warmup = raw.get("lr_schedule", "constant"), int(raw.get("warmup_steps", 0))
+        directions = int(raw["directions"]) if "directions" in raw else None
+        method = raw.get("method", "restorelcc")
     except ValueError:
-        raise ValueError(f"grid point {text!r}: expected HEADS:LR:STEPS[:SCHEDULE[:WARMUP]], e.g. 0.6:1e-2:100 "
-                         "or 0.66:6e-3:50:cosine:5") from None
+        raise ValueError(f"grid point {text!r}: expected {_FORMS}") from None
     if schedule not in SCHEDULES:
         raise ValueError(f"grid point {text!r}: schedule {schedule!r} is not one of {', '.join(SCHEDULES)}")
     if warmup < 0 or warmup >= point["max_steps"]:
         raise ValueError(f"grid point {text!r}: warm-up must be at least 0 and fewer than the steps")
-    if schedule != "constant":
-        point["lr_schedule"] = schedule
-    if warmup:
-        point["warmup_steps"] = warmup
-    return point
+    if method not in ("restorelcc", "bias") or (method == "bias" and directions is not None):
+        raise ValueError(f"grid point {text!r}: method is restorelcc or bias (a bias has no directions)")
+    if directions is not None and directions < 1:
+        raise ValueError(f"grid point {text!r}: directions must be at least 1")
+    extra = {"lr_schedule": schedule if schedule != "constant" else None, "warmup_steps": warmup or None,
+             "directions": directions, "method": method if method != "restorelcc" else None}
+    return point | {k: v for k, v in extra.items() if v is not None}
+
+
+def point_overrides(p: dict[str, Any]) -> dict[str, Any]:
+    """The restoration fields a point sets (``heads: all`` is ``head_selection: all``)."""
+    out = dict(p)
+    if p["heads"] == "all":
+        del out["heads"]
+        out["head_selection"] = "all"
+    return out
+
+
+def heads_text(p: dict[str, Any]) -> str:
+    return "all" if p["heads"] == "all" else f"{p['heads']:g}"
 
 
 def schedule_text(p: dict[str, Any]) -> str:
@@ -82,11 +112,19 @@ def schedule_text(p: dict[str, Any]) -> str:
     return f"{name}, {p['warmup_steps']} warm-up" if p.get("warmup_steps") else name
 
 
+def directions_text(p: dict[str, Any]) -> str:
+    """What each head learns besides its bias: ``all`` directions, the top ``K``, or ``none`` (bias only)."""
+    if p.get("method") == "bias":
+        return "none (bias only)"
+    return str(p["directions"]) if "directions" in p else "all"
+
+
 def point_name(p: dict[str, Any]) -> str:
-    name = f"h{p['heads']:g}-lr{p['lr']:g}-s{p['max_steps']}"
+    name = ("bias-" if p.get("method") == "bias" else "") + f"h{heads_text(p)}-lr{p['lr']:g}-s{p['max_steps']}"
     if p.get("lr_schedule", "constant") != "constant":
         name += f"-{p['lr_schedule']}"
-    return name + (f"-w{p['warmup_steps']}" if p.get("warmup_steps") else "")
+    name += f"-w{p['warmup_steps']}" if p.get("warmup_steps") else ""
+    return name + (f"-d{p['directions']}" if "directions" in p else "")
 
 
 @dataclass
@@ -119,7 +157,8 @@ def run_search(bench: Bench, setting: plan.Setting, points: list[dict[str, Any]]
         bench.store.save(pruned_path, pruned)
     out = []
     for p in points:
-        job = plan.restore_job(method, bench.budget, bench.data, "", bench.dense_dir, 0, overrides=p)
+        job = plan.restore_job(method, bench.budget, bench.data, "", bench.dense_dir, 0,
+                               overrides=point_overrides(p))
         fp = plan.fingerprint(job, ev, pruned_by)
         path = bench.store.root / "search" / setting.key / f"{point_name(p)}.json"
         found = bench.store.load(path, fp)
@@ -209,6 +248,12 @@ def load(root: Path, setting: str) -> Search | None:
                   int(manifest["steps"]))
 
 
+def _described(p: dict[str, Any]) -> str:
+    """``heads 0.66, lr 0.003 (constant), 50 steps``, naming the directions and method when not the default."""
+    more = "" if "directions" not in p and "method" not in p else f", directions {directions_text(p)}"
+    return f"heads {heads_text(p)}{more}, lr {p['lr']:g} ({schedule_text(p)}), {p['max_steps']} steps"
+
+
 def summary(found: Search) -> list[str]:
     """Lines for the results page: what the search chose and how it compares with LoRA there."""
     won = winner(found)
@@ -218,14 +263,15 @@ def summary(found: Search) -> list[str]:
     lora_ppl = row_ppl(found.lora_at[p["max_steps"]], "lora/unmerged")
     share = params(won) / params(found.lora, "lora/unmerged")
     lrs = sorted({r["point"]["lr"] for r in found.points})
-    heads = sorted({r["point"]["heads"] for r in found.points})
+    heads = sorted({heads_text(r["point"]) for r in found.points}, key=lambda h: (h == "all", h))
     steps = sorted({r["point"]["max_steps"] for r in found.points})
     schedules = sorted({schedule_text(r["point"]) for r in found.points})
+    directions = sorted({directions_text(r["point"]) for r in found.points})
     return [
         f"Searched on Alpaca-valid rows that are never evaluated (docs/search.md): head fractions "
-        f"{', '.join(f'{h:g}' for h in heads)}; lr {', '.join(f'{x:g}' for x in lrs)}; lr schedules "
-        f"{', '.join(schedules)}; {', '.join(map(str, steps))} steps.",
-        f"Winner: heads {p['heads']:g}, lr {p['lr']:g} ({schedule_text(p)}), {p['max_steps']} steps "
+        f"{', '.join(heads)}; lr {', '.join(f'{x:g}' for x in lrs)}; lr schedules {', '.join(schedules)}; "
+        f"directions per head {', '.join(directions)}; {', '.join(map(str, steps))} steps.",
+        f"Winner: {_described(p)} "
         f"({params(won):,} trainable "
         f"parameters, {100 * share:.2f}% of LoRA's). On the selection rows: response ppl {score(won):.3f} against "
         f"the pruned model's {found.pruned_ppl:.3f} and unmerged LoRA's {lora_ppl:.3f} at the same steps, "
@@ -239,10 +285,10 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     ranked = sorted(search.points, key=lambda r: ratio(search, r))
     lora_params = params(search.lora, "lora/unmerged")
     table = markdown_table(
-        ["rank", "heads", "lr", "lr schedule", "steps", "selection resp. ppl", "÷ LoRA unmerged, same steps",
-         "trainable params", "% of LoRA's", "train s", "cpu"],
-        [[i + 1, r["point"]["heads"], r["point"]["lr"], schedule_text(r["point"]), r["point"]["max_steps"],
-          round(score(r), 3),
+        ["rank", "heads", "directions", "lr", "lr schedule", "steps", "selection resp. ppl",
+         "÷ LoRA unmerged, same steps", "trainable params", "% of LoRA's", "train s", "cpu"],
+        [[i + 1, heads_text(r["point"]), directions_text(r["point"]), r["point"]["lr"], schedule_text(r["point"]),
+          r["point"]["max_steps"], round(score(r), 3),
           ratio_text(ratio(search, r)), params(r), f"{100 * params(r) / lora_params:.2f}",
           round(r["rows"]["restorelcc"]["train_seconds"], 1), cpu_of(r)]
          for i, r in enumerate(ranked)],
@@ -281,9 +327,7 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
         lines += [f"Winner (closest to LoRA among points with at most {100 * plan.PARAM_CAP:g}% of LoRA's "
                   f"parameters): {ratio_text(r)}× unmerged LoRA at {best['max_steps']} steps, which {verdict} the "
                   f"{plan.RATIO_TARGET}× target on the selection rows.", ""]
-        fields = {"heads": best["heads"], "lr": best["lr"], **{k: best[k] for k in ("lr_schedule", "warmup_steps")
-                                                               if k in best}}
-        lines += [f"Best: heads {best['heads']:g}, lr {best['lr']:g} ({schedule_text(best)}), {best['max_steps']} "
-                  f"steps. In a job: `\"restoration\": {json.dumps(fields)}` with `\"max_steps\": "
-                  f"{best['max_steps']}`.", ""]
+        fields = {k: v for k, v in point_overrides(best).items() if k != "max_steps"}
+        lines += [f"Best: {_described(best)}. In a job: `\"restoration\": {json.dumps(fields)}` with "
+                  f"`\"max_steps\": {best['max_steps']}`.", ""]
     return "\n".join(lines)

@@ -187,8 +187,8 @@ def test_exported_logits_match_in_memory(tmp_path, data_dir):
     assert abs(ppl - report["metrics"]["pruned"]["text"]["ppl"]) < 1e-4 * ppl
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen2"])
-def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind):
+@pytest.mark.parametrize("kind, directions", [("llama", None), ("gemma3", None), ("qwen2", None), ("llama", 5)])
+def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind, directions):
     """The whole pipeline: the exported model equals pruned + restoration file, keeps every zero, loads plainly."""
     from app.schemas import JobSpec
     from worker.model.arch import DecoderAdapter
@@ -200,7 +200,7 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind):
     model_dir = save_tiny(kind, tmp_path / "model")
     spec = make_spec(str(model_dir), data_dir, restoration={
         "method": "restorelcc", "heads": 0.25, "probe_samples": 24, "max_steps": 6, "batch_size": 4,
-        "max_seq_len": 64,
+        "max_seq_len": 64, "directions": directions,
     })
     spec["pruning"] = {"method": "magnitude", "sparsity": 0.5}
     report = run_pipeline(JobSpec.model_validate(spec), tmp_path / "out", NullReporter())
@@ -209,7 +209,7 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind):
     rest = report["restoration"]
     n_heads = max(1, round(0.25 * info.total_heads))
     assert len(rest["chosen_heads"]) == n_heads == len(rest["chosen_scores"])
-    assert rest["trainable_params"] == 2 * n_heads * info.head_dim
+    assert rest["trainable_params"] == n_heads * ((directions or info.head_dim) + info.head_dim)
     assert len(rest["loss_curve"]) == 6 and rest["negatives_backend"] in ("minilm", "tfidf")
     assert report["checks"]["zeros_identical"] is True
     assert report["checks"]["merged_vs_hooked_max_abs_diff"] <= 1e-5

@@ -218,3 +218,16 @@ def test_job_store_url_from_settings(tmp_path):
     assert s.db_url == "postgresql+psycopg://u@h/db"
     assert Settings(data_dir=tmp_path).db_url == f"sqlite:///{(tmp_path / 'jobs.db').resolve()}"
     assert JobStore(make_engine(Settings(data_dir=tmp_path).db_url)).engine.dialect.name == "sqlite"
+
+
+def test_more_directions_than_the_models_head_width_fail_naming_the_field(tmp_path, tiny_assets):
+    """restoration.directions can only be checked against the loaded model: the job fails before pruning."""
+    ctx = _ctx(tmp_path, tiny_assets)
+    spec = tiny_assets.spec(restore=True)
+    spec["restoration"]["directions"] = 4096
+    job, _ = ctx.jobs.create("t", JobSpec.model_validate(spec).model_dump(mode="json"))
+    assert run_job(job.id, ctx).outcome is Outcome.failed
+    failed = ctx.jobs.get(job.id)
+    assert failed.error_code == "invalid_spec" and "restoration.directions 4096 exceeds" in failed.error_message
+    stages = [e.data["stage"] for e in ctx.jobs.events(job.id) if e.kind == "stage"]
+    assert "loading" in stages and "pruning" not in stages

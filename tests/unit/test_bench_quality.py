@@ -10,7 +10,7 @@ import pytest
 from app.schemas import JobSpec
 from bench.quality import plan, render
 from bench.quality.runner import Store
-from bench.quality.search import grid, parse_point, point_name, schedule_text, write_selection
+from bench.quality.search import grid, parse_point, point_name, point_overrides, schedule_text, write_selection
 
 DATA = plan.Data(train="/d/train.jsonl", wikitext="/d/wikitext_sentences.jsonl", alpaca_valid="/d/valid.jsonl",
                  tasks=("/d/boolq.jsonl", "/d/piqa.jsonl", "/d/openbookqa.jsonl"))
@@ -272,6 +272,18 @@ def test_selection_rows_never_overlap_evaluated_rows(tmp_path: Path) -> None:
         parse_point("0.6:1e-2:50:step")
     with pytest.raises(ValueError, match="warm-up"):
         parse_point("0.6:1e-2:50:cosine:50")
+    # key=value: the same point, or one with settings the positional form has no place for
+    assert parse_point("heads=0.66,lr=6e-3,steps=50,schedule=cosine,warmup=5") == cosine
+    top = parse_point("heads=0.9,lr=3e-3,steps=50,directions=30")
+    assert top == {"heads": 0.9, "lr": 0.003, "max_steps": 50, "directions": 30}
+    assert point_name(top) == "h0.9-lr0.003-s50-d30" and point_overrides(top) == top
+    bias_all = parse_point("heads=all,lr=3e-3,steps=50,method=bias")
+    assert point_name(bias_all) == "bias-hall-lr0.003-s50"
+    assert point_overrides(bias_all) == {"head_selection": "all", "lr": 0.003, "max_steps": 50, "method": "bias"}
+    for bad in ("heads=0.9,lr=3e-3", "heads=0.9,lr=3e-3,steps=50,colour=red",
+                "heads=all,lr=3e-3,steps=50,method=bias,directions=4", "heads=0.9,lr=3e-3,steps=50,directions=0"):
+        with pytest.raises(ValueError, match="grid point"):
+            parse_point(bad)
 
 
 def _point(heads: float, lr: float, ppl: float, params: int, steps: int = 50) -> dict:
@@ -296,7 +308,7 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     text = search_markdown(found, plan.SETTINGS[0], "python -m bench.quality --search", 300, 300, 300)
     assert "1.040× unmerged LoRA at 50 steps, which meets the 1.05× target" in text
     assert '"restoration": {"heads": 0.3, "lr": 0.01}` with `"max_steps": 50`' in text
-    assert "| 1 | 0.9 | 0.01 | constant |" in text  # still ranked, shown with its share of LoRA's parameters
+    assert "| 1 | 0.9 | all | 0.01 | constant |" in text  # still ranked, shown with its share of LoRA's parameters
     assert "several sessions" not in text and "| 1 | ? |" in text  # one CPU (unknown here): no caveat
     other = {**points[0], "environment": {"cpu": "AMD EPYC"}}
     text = search_markdown(Search([other, *points[1:]], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
@@ -306,9 +318,16 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     cosine = _point(0.3, 6e-3, 10.2, 50)
     cosine["point"].update(lr_schedule="cosine", warmup_steps=5)
     text = search_markdown(Search([*points, cosine], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
-    assert "| 1 | 0.9 | 0.01 | constant |" in text and "| 2 | 0.3 | 0.006 | cosine, 5 warm-up |" in text
+    assert "| 1 | 0.9 | all | 0.01 | constant |" in text
+    assert "| 2 | 0.3 | all | 0.006 | cosine, 5 warm-up |" in text
     assert ('Best: heads 0.3, lr 0.006 (cosine, 5 warm-up), 50 steps. In a job: `"restoration": {"heads": 0.3, '
             '"lr": 0.006, "lr_schedule": "cosine", "warmup_steps": 5}`') in text
+    top = _point(0.3, 3e-3, 10.0, 50)
+    top["point"]["directions"] = 20
+    text = search_markdown(Search([*points, top], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
+    assert "| 1 | 0.3 | 20 | 0.003 | constant |" in text
+    assert ('Best: heads 0.3, directions 20, lr 0.003 (constant), 50 steps. In a job: `"restoration": {"heads": '
+            '0.3, "lr": 0.003, "directions": 20}`') in text
     found = Search(points[2:], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert winner(found) is None and "none is recommended" in search_markdown(found, plan.SETTINGS[0], "c", 300,
                                                                               300, 300)
@@ -329,7 +348,7 @@ def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> No
     found = load(tmp_path, "wanda-50")  # h0.2-2.json is a leftover of another search
     assert found is not None and len(found.points) == 2 and found.pruned_ppl == 15.0
     lines = summary(found)
-    assert "lr schedules constant;" in lines[0]
+    assert "lr schedules constant; directions per head all;" in lines[0]
     assert "heads 0.3, lr 0.01 (constant), 50 steps (40 trainable parameters, 4.00% of LoRA's)" in lines[1]
     assert "**1.100×** LoRA (target ≤ 1.05×: **not met**)" in lines[1]
     results, dense = _fake_results()

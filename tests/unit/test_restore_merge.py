@@ -146,14 +146,19 @@ def test_active_sliding_window_is_refused():
     check_mergeable(make_config("gemma3"))  # its own sliding layers survive: the model type is kept
 
 
-@pytest.mark.parametrize("bias_only", [False, True])
-def test_restoration_file_round_trip(tmp_path, bias_only):
+@pytest.mark.parametrize("mode", ["restorelcc", "bias", "top-3"])
+def test_restoration_file_round_trip(tmp_path, mode):
     pruned = prune_randomly(make_model("gqa"))
     adapter = DecoderAdapter(pruned)
     offsets = random_offsets(adapter)
+    bias_only = mode == "bias"
     if bias_only:
         offsets = HeadOffsets(offsets.heads, offsets.num_heads, offsets.head_dim, None, seed=3, init_std=0.3)
         assert offsets.num_trainable() == len(offsets.heads) * offsets.head_dim
+    elif mode == "top-3":  # β over each head's first three directions only
+        offsets = HeadOffsets(offsets.heads, offsets.num_heads, offsets.head_dim, offsets.directions[:, :3],
+                              seed=3, init_std=0.3)
+        assert offsets.num_trainable() == len(offsets.heads) * (3 + offsets.head_dim)
     scores = torch.rand(adapter.info.num_layers, adapter.info.num_heads)
     batch = _batch()
     with inject(adapter, offsets):
@@ -162,6 +167,7 @@ def test_restoration_file_round_trip(tmp_path, bias_only):
                             {"model_type": "llama", "lr": 0.01})
     loaded = load_restoration(path)
     assert loaded.heads == offsets.heads and loaded.mode == ("bias" if bias_only else "restorelcc")
+    assert loaded.num_trainable() == offsets.num_trainable()
     with inject(adapter, loaded):
         assert torch.equal(_logits(pruned, batch), hooked)
     info = restoration_info(path)

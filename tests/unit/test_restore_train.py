@@ -95,6 +95,24 @@ def test_bias_only_training_and_epochs(setup):
     assert stats["steps"] == 4 and stats["epochs"] == 2
 
 
+def test_top_directions_learn_beta_over_the_strongest_lost_directions_only(setup):
+    pruned, adapter, comps = setup
+    heads = [(0, 1), (1, 2)]
+    full = make_offsets(heads, adapter.info, comps, seed=4)
+    top = make_offsets(heads, adapter.info, comps, seed=4, directions=3)
+    d = adapter.info.head_dim
+    assert top.num_trainable() == len(heads) * (3 + d) < full.num_trainable() == len(heads) * 2 * d
+    assert torch.equal(top.directions, full.directions[:, :3])  # SVD order: the largest singular values first
+    with torch.no_grad():  # c = Σ_{i≤3} β_i v_i + b
+        top.beta.copy_(torch.randn(top.beta.shape))
+        expected = torch.stack([top.beta[j] @ top.directions[j] for j in range(len(heads))]) + top.b
+        assert torch.allclose(top.constants(), expected, atol=1e-6)
+    stats = train_offsets(pruned, adapter, top, _batches(8, 2), lr=1e-2, max_steps=2, seed=9)
+    assert stats["trainable_params"] == top.num_trainable()
+    with pytest.raises(ValueError, match=f"1..{d}"):
+        make_offsets(heads, adapter.info, comps, directions=d + 1)
+
+
 def test_seeded_training_is_reproducible(setup):
     pruned, adapter, comps = setup
     runs = []

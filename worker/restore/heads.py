@@ -1,9 +1,9 @@
 """Per-head learned offsets and their injection into ``o_proj`` inputs.
 
 For each chosen head j (layer, head): c_j = Σ_i β_{j,i} v_{j,i} + b_j, with the lost directions
-v_{j,i} frozen (rows of ``directions[j]``) and β_j, b_j ∈ R^d trainable. Without directions
-("bias" mode) only b_j exists and c_j = b_j. Parameters stay fp32 whatever the model dtype; the
-constant is cast to the activation dtype when added.
+v_{j,i} frozen (rows of ``directions[j]``: all d of them, or the top K by singular value) and
+β_j ∈ R^K, b_j ∈ R^d trainable. Without directions ("bias" mode) only b_j exists and c_j = b_j.
+Parameters stay fp32 whatever the model dtype; the constant is cast to the activation dtype when added.
 """
 
 from __future__ import annotations
@@ -44,13 +44,12 @@ class HeadOffsets(nn.Module):
         order = sorted(range(k), key=lambda i: tuple(heads[i]))  # map caller order → sorted order
         g = torch.Generator().manual_seed(seed)
         if directions is not None:
-            if tuple(directions.shape) != (k, head_dim, head_dim):
-                raise ValueError(
-                    f"directions must be ({k}, {head_dim}, {head_dim}), got {tuple(directions.shape)}"
-                )
+            shape = tuple(directions.shape)
+            if len(shape) != 3 or shape[0] != k or shape[2] != head_dim or not 1 <= shape[1] <= head_dim:
+                raise ValueError(f"directions must be ({k}, K, {head_dim}) with 1 ≤ K ≤ {head_dim}, got {shape}")
             dirs = directions.detach().float()[torch.tensor(order)].clone()
             self.register_buffer("directions", dirs)
-            self.beta = nn.Parameter(torch.randn(k, head_dim, generator=g) * init_std)
+            self.beta = nn.Parameter(torch.randn(k, shape[1], generator=g) * init_std)
         else:
             self.register_buffer("directions", None)
             self.beta = None
@@ -64,11 +63,18 @@ class HeadOffsets(nn.Module):
         num_heads: int,
         seed: int = 0,
         init_std: float = 1e-3,
+        top: int | None = None,
     ) -> HeadOffsets:
-        """Offsets for ``heads`` with their lost directions taken from ``components`` (flat L·H order)."""
+        """Offsets for ``heads`` with their lost directions taken from ``components`` (flat L·H order).
+
+        ``top``: learn β over each head's top-``top`` directions only (by singular value); None: all of them.
+        """
+        d = components.head_dim
+        if top is not None and not 1 <= top <= d:
+            raise ValueError(f"top directions must lie in 1..{d} (the head width), got {top}")
         hs = sorted(heads)
         idx = torch.tensor([layer * num_heads + h for layer, h in hs])
-        return cls(hs, num_heads, components.head_dim, components.directions[idx], seed, init_std)
+        return cls(hs, num_heads, d, components.directions[idx, : top or d], seed, init_std)
 
     @property
     def mode(self) -> str:

@@ -11,7 +11,7 @@ Call order (``pairs``: probe (prompt, response) pairs; ``spec``: RestorationSpec
     components = extract_components(dense, pruned)                  # lost directions per head (one SVD call)
     result = score_heads(dense, pruned, components, k=spec.components, seed=seed)   # "probe" only
     heads = choose_heads(result, adapter.info, spec.heads, spec.head_selection, seed)
-    offsets = make_offsets(heads, adapter.info, components, seed=seed)   # components=None → bias only
+    offsets = make_offsets(heads, adapter.info, components, seed=seed)   # components=None → bias only; directions=K
     stats = train_offsets(model, adapter, offsets, train_batches, lr=..., ...)        # train.py
     save_restoration(out / "restoration.safetensors", offsets, result.accuracy, {"model_type": ...})
     merged = merge_into_o_proj(model, adapter, offsets)             # save merged.save_pretrained(dir)
@@ -113,8 +113,12 @@ def make_offsets(
     components: LostComponents | None,
     seed: int = 0,
     init_std: float = 1e-3,
+    directions: int | None = None,
 ) -> HeadOffsets:
-    """RestoreLCC offsets (β over the lost directions + b); bias-only offsets when ``components`` is None."""
+    """RestoreLCC offsets (β over the lost directions + b); bias-only offsets when ``components`` is None.
+
+    ``directions``: β over each head's top-K lost directions only (fewer parameters per head, so more heads
+    fit a parameter budget); None: all head_dim of them, as in the paper."""
     if components is None:
         return HeadOffsets(heads, info.num_heads, info.head_dim, None, seed, init_std)
-    return HeadOffsets.from_components(heads, components, info.num_heads, seed, init_std)
+    return HeadOffsets.from_components(heads, components, info.num_heads, seed, init_std, top=directions)
