@@ -124,10 +124,11 @@ class RestorationSpec(_Strict):
     components: int = Field(
         10, ge=1, le=4096, description="Top-K lost directions in the summary component c used when probing."
     )
-    directions: int | None = Field(
-        None, ge=1, le=4096, description="RestoreLCC: learn magnitudes β over each chosen head's top-K lost "
-        "directions only (K + head_dim parameters per head, so more heads fit a parameter budget); null: all "
-        "head_dim directions, as in the paper. At most the model's head_dim; ignored by other methods."
+    directions: float | None = Field(
+        None, gt=0, le=4096, description="RestoreLCC: learn magnitudes β over each chosen head's top-K lost "
+        "directions only (K + head_dim parameters per head, so more heads fit a parameter budget): a fraction of "
+        "head_dim (0 < x < 1) or a count (a whole number, at most the model's head_dim); null: all head_dim "
+        "directions, as in the paper. Ignored by other methods."
     )
     train_samples: int = Field(2000, ge=1, le=10_000_000, description="Instruction samples used for training.")
     epochs: int = Field(1, ge=1, le=1000, description="Training epochs (ignored when max_steps is set).")
@@ -175,6 +176,13 @@ class RestorationSpec(_Strict):
         if v >= 1 and v != int(v):
             raise ValueError("a head count must be a whole number; use 0 < x < 1 for a fraction")
         return v
+
+    @field_validator("directions")
+    @classmethod
+    def _directions(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("a direction count must be a whole number; use 0 < x < 1 for a fraction of head_dim")
+        return int(v) if v is not None and v >= 1 else v
 
 
 class DataSpec(_Strict):
