@@ -22,7 +22,8 @@ def test_offsets_and_adapters_default_to_different_rates():
 
 def test_directions_are_a_fraction_or_a_whole_count():
     assert RestorationSpec(directions=0.5).directions == 0.5
-    assert RestorationSpec(directions=30).directions == 30 and RestorationSpec().directions is None
+    assert RestorationSpec(directions=30).directions == 30 and RestorationSpec(directions=None).directions is None
+    assert 0 < RestorationSpec().directions < 1  # the default is a fraction of head_dim: it fits any model
     for bad in (0, 2.5, -1):
         with pytest.raises(ValueError, match="directions"):
             RestorationSpec(directions=bad)
