@@ -100,8 +100,12 @@ class PruningSpec(_Strict):
 
 # The recommended setting: chosen by `python -m bench.quality --search` on Alpaca-valid rows that are never
 # evaluated (docs/search.md: the best response perplexity within 5% of LoRA r=8's parameters). More heads
-# helped at every learning rate of 1e-2 or less; 0.66 is the most that fit under that cap on SmolLM2-135M.
-DEFAULT_HEADS = 0.66
+# helped at every learning rate of 1e-2 or less; with all head_dim directions 0.66 of the heads is the most that
+# fits under that cap on SmolLM2-135M, so the default learns β over each head's top directions only (a fraction
+# of head_dim: 42 of SmolLM2's 64), which lets 0.8 of the heads fit (0.9 with 30 directions, and all heads with
+# 21, scored worse).
+DEFAULT_HEADS = 0.8
+DEFAULT_DIRECTIONS = 0.66
 # Learning rates used when a spec leaves restoration.lr unset: RestoreLCC's from the same search; bias and
 # LoRA/DoRA as in the results table's shared budget (see docs/results.md and docs/search.md).
 DEFAULT_LR: dict[str, float] = {"restorelcc": 3e-3, "bias": 1e-2, "lora": 1e-3, "dora": 1e-3}
@@ -124,10 +128,13 @@ class RestorationSpec(_Strict):
     components: int = Field(
         10, ge=1, le=4096, description="Top-K lost directions in the summary component c used when probing."
     )
-    directions: int | None = Field(
-        None, ge=1, le=4096, description="RestoreLCC: learn magnitudes β over each chosen head's top-K lost "
-        "directions only (K + head_dim parameters per head, so more heads fit a parameter budget); null: all "
-        "head_dim directions, as in the paper. At most the model's head_dim; ignored by other methods."
+    directions: float | None = Field(
+        DEFAULT_DIRECTIONS, gt=0, le=4096,
+        description="RestoreLCC: learn magnitudes β over each chosen head's top-K lost directions only "
+        "(K + head_dim parameters per head, so more heads fit a parameter budget): a fraction of head_dim "
+        "(0 < x < 1) or a count (a whole number, at most the model's head_dim); null: all head_dim directions, "
+        f"as in the paper. The default, {DEFAULT_DIRECTIONS:g}, won the setting search in docs/search.md "
+        "together with the default heads. Ignored by other methods.",
     )
     train_samples: int = Field(2000, ge=1, le=10_000_000, description="Instruction samples used for training.")
     epochs: int = Field(1, ge=1, le=1000, description="Training epochs (ignored when max_steps is set).")
@@ -175,6 +182,13 @@ class RestorationSpec(_Strict):
         if v >= 1 and v != int(v):
             raise ValueError("a head count must be a whole number; use 0 < x < 1 for a fraction")
         return v
+
+    @field_validator("directions")
+    @classmethod
+    def _directions(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("a direction count must be a whole number; use 0 < x < 1 for a fraction of head_dim")
+        return int(v) if v is not None and v >= 1 else v
 
 
 class DataSpec(_Strict):

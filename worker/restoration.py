@@ -62,8 +62,8 @@ def begin(spec: JobSpec, model, tokenizer, adapter, progress) -> RestoreState | 
         except ValueError as exc:
             raise SpecError(str(exc), field="restoration.method") from exc
     top, head_dim = spec.restoration.directions, adapter.info.head_dim
-    if method == "restorelcc" and top is not None and top > head_dim:
-        raise SpecError(f"restoration.directions {top} exceeds the model's head_dim {head_dim}",
+    if method == "restorelcc" and top is not None and top >= 1 and top > head_dim:
+        raise SpecError(f"restoration.directions {top:g} exceeds the model's head_dim {head_dim}",
                         field="restoration.directions")
     state = RestoreState(method=method)
     if not _needs_activations(spec):

@@ -46,13 +46,16 @@ def _service_default() -> tuple[Method, ...]:
     the paper's two ablations at its head count and lr: random heads, and bias only on its probed heads."""
     from app.schemas import DEFAULT_LR, RestorationSpec
 
-    heads, lr = RestorationSpec.model_fields["heads"].default, DEFAULT_LR["restorelcc"]
+    fields = RestorationSpec.model_fields
+    heads, directions, lr = fields["heads"].default, fields["directions"].default, DEFAULT_LR["restorelcc"]
     fixed = (("heads", heads), ("lr", lr))
+    top = (("directions", directions),)
+    what = f"heads {heads:g}" + (f", directions {directions:g}" if directions is not None else "") + f", lr {lr:g}"
     return (
-        Method("restorelcc-default", f"RestoreLCC (service default: heads {heads:g}, lr {lr:g})",
-               {"method": "restorelcc", "head_selection": "probe"}, "offsets", True, fixed=fixed),
-        Method("restorelcc-default-random", f"RestoreLCC (random heads; heads {heads:g}, lr {lr:g})",
-               {"method": "restorelcc", "head_selection": "random"}, "offsets", False, fixed=fixed),
+        Method("restorelcc-default", f"RestoreLCC (service default: {what})",
+               {"method": "restorelcc", "head_selection": "probe"}, "offsets", True, fixed=fixed + top),
+        Method("restorelcc-default-random", f"RestoreLCC (random heads; {what})",
+               {"method": "restorelcc", "head_selection": "random"}, "offsets", False, fixed=fixed + top),
         Method("bias-default", f"bias only (the service default's heads; heads {heads:g}, lr {lr:g})",
                {"method": "bias", "head_selection": "probe"}, "offsets", False, fixed=fixed),
     )
@@ -184,6 +187,8 @@ def restoration_spec(method: Method, b: Budget, overrides: dict[str, Any] | None
         "lora_alpha": 16,
         "lora_targets": ["q_proj", "v_proj"],
     }
+    if r["method"] == "restorelcc":
+        r["directions"] = None  # all of them, as in the paper, unless the row or a search point says otherwise
     r.update(dict(method.fixed))
     r.update(overrides or {})
     return r
@@ -212,6 +217,10 @@ def fingerprint(job: dict[str, Any], ev: dict[str, Any] | None, pruned_by: dict[
     """What a stored result must match to be reused: the job without model paths, the evaluation, and how
     the restored model was pruned (for jobs that start from the cached pruned model)."""
     job = {k: v for k, v in job.items() if k != "model"}
+    r = job.get("restoration")
+    if isinstance(r, dict) and "directions" in r and r["directions"] is None:
+        # All directions is what every run got before the setting existed: results stored then still match.
+        job["restoration"] = {k: v for k, v in r.items() if k != "directions"}
     return {"job": job, "evaluation": ev, "pruned_by": pruned_by}
 
 

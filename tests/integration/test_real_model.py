@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.schemas import RestorationSpec
 from tests.tiny import instruction_rows, text_rows, write_jsonl
+from worker.restore.restorelcc import direction_count
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -72,6 +74,7 @@ def test_restored_smollm2_reloads_merged_and_exact(tmp_path, data):
     })
     assert report["checks"]["zeros_identical"] is True
     assert report["checks"]["merged_vs_hooked_max_abs_diff"] <= 1e-4
-    assert report["restoration"]["trainable_params"] == 2 * 27 * 64
+    top = direction_count(RestorationSpec().directions, 64)  # the default: β over each head's top directions
+    assert report["restoration"]["trainable_params"] == 27 * ((top or 64) + 64)
     name = Path(data["text"]).stem
     assert _ppl_of_export(out, data["text"]) == pytest.approx(report["metrics"]["restored"][name]["ppl"], rel=1e-6)

@@ -103,14 +103,28 @@ def test_jobs_are_valid_specs_with_equal_budgets() -> None:
     assert specs["dora"].output.format == "adapter"
     # The service-default row ignores the bench's budget for heads and lr: it is what an unset spec gets.
     unset = JobSpec.model_validate({"model": {"id": "m"}, "data": {"train": "t.jsonl"}}).restoration
-    assert (specs["restorelcc-default"].restoration.heads, specs["restorelcc-default"].restoration.lr) == (
-        unset.heads, unset.lr)
-    assert specs["restorelcc-default"].restoration.max_steps == 7  # the step budget is still shared
+    default = specs["restorelcc-default"].restoration
+    assert (default.heads, default.lr, default.directions) == (unset.heads, unset.lr, unset.directions)
+    assert default.max_steps == 7  # the step budget is still shared
     # Its ablations differ from it in one thing each: random heads, or bias only (no directions).
     for key, method, selection in (("restorelcc-default-random", "restorelcc", "random"),
                                    ("bias-default", "bias", "probe")):
         r = specs[key].restoration
         assert (r.method, r.head_selection, r.heads, r.lr) == (method, selection, unset.heads, unset.lr)
+    assert specs["restorelcc-default-random"].restoration.directions == unset.directions
+    # The paper-style rows learn β over all directions whatever the service default is.
+    assert specs["restorelcc"].restoration.directions is None is specs["restorelcc-random"].restoration.directions
+
+
+def test_all_directions_keep_the_fingerprint_of_runs_stored_before_the_setting_existed() -> None:
+    b, m = plan.Budget(), plan.method_by_key("restorelcc")
+    job = plan.restore_job(m, b, DATA, "/a", "/d", 0)
+    assert job["restoration"]["directions"] is None  # sent to the pipeline: all directions, not the default
+    before = {**job, "restoration": {k: v for k, v in job["restoration"].items() if k != "directions"}}
+    ev = plan.evaluation(DATA, b)
+    assert plan.fingerprint(job, ev) == plan.fingerprint(before, ev)
+    top = plan.restore_job(m, b, DATA, "/a", "/d", 0, overrides={"directions": 30})
+    assert plan.fingerprint(top, ev) != plan.fingerprint(job, ev)
 
 
 def test_store_reuses_matching_results_and_sets_aside_stale_ones(tmp_path: Path) -> None:

@@ -111,6 +111,9 @@ def test_top_directions_learn_beta_over_the_strongest_lost_directions_only(setup
     assert stats["trainable_params"] == top.num_trainable()
     with pytest.raises(ValueError, match=f"1..{d}"):
         make_offsets(heads, adapter.info, comps, directions=d + 1)
+    half = make_offsets(heads, adapter.info, comps, directions=0.5)  # a fraction of head_dim
+    assert half.directions.shape[1] == d // 2 and make_offsets(heads, adapter.info, comps, directions=0.01
+                                                                ).directions.shape[1] == 1
 
 
 def test_seeded_training_is_reproducible(setup):

@@ -1,4 +1,4 @@
-"""restoration.lr: unset picks the method's default; a value given is kept."""
+"""restoration.lr takes the method's default when unset; restoration.directions is a fraction or a count."""
 
 from __future__ import annotations
 
@@ -18,3 +18,12 @@ def test_offsets_and_adapters_default_to_different_rates():
     assert RestorationSpec(method="none").lr is None
     with pytest.raises(ValueError, match="lr"):
         RestorationSpec(method="lora", lr=0)
+
+
+def test_directions_are_a_fraction_or_a_whole_count():
+    assert RestorationSpec(directions=0.5).directions == 0.5
+    assert RestorationSpec(directions=30).directions == 30 and RestorationSpec(directions=None).directions is None
+    assert 0 < RestorationSpec().directions < 1  # the default is a fraction of head_dim: it fits any model
+    for bad in (0, 2.5, -1):
+        with pytest.raises(ValueError, match="directions"):
+            RestorationSpec(directions=bad)

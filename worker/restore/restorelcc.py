@@ -107,18 +107,31 @@ def choose_heads(
     return select_heads(torch.zeros(info.num_layers, info.num_heads), heads, selection, seed)
 
 
+def direction_count(directions: float | None, head_dim: int) -> int | None:
+    """Top lost directions to learn per head: a fraction of ``head_dim`` (rounded, at least 1) or a whole
+    count; None (all of them) stays None."""
+    if directions is None:
+        return None
+    if 0 < directions < 1:
+        return max(1, round(directions * head_dim))
+    if directions >= 1 and float(directions).is_integer():
+        return int(directions)
+    raise ValueError(f"directions must be a fraction in (0, 1) or a whole count ≥ 1, got {directions}")
+
+
 def make_offsets(
     heads: list[tuple[int, int]],
     info: ArchInfo,
     components: LostComponents | None,
     seed: int = 0,
     init_std: float = 1e-3,
-    directions: int | None = None,
+    directions: float | None = None,
 ) -> HeadOffsets:
     """RestoreLCC offsets (β over the lost directions + b); bias-only offsets when ``components`` is None.
 
-    ``directions``: β over each head's top-K lost directions only (fewer parameters per head, so more heads
-    fit a parameter budget); None: all head_dim of them, as in the paper."""
+    ``directions``: β over each head's top-K lost directions only (:func:`direction_count`; fewer parameters
+    per head, so more heads fit a parameter budget); None: all head_dim of them, as in the paper."""
     if components is None:
         return HeadOffsets(heads, info.num_heads, info.head_dim, None, seed, init_std)
-    return HeadOffsets.from_components(heads, components, info.num_heads, seed, init_std, top=directions)
+    top = direction_count(directions, info.head_dim)
+    return HeadOffsets.from_components(heads, components, info.num_heads, seed, init_std, top=top)
