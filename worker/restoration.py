@@ -169,6 +169,8 @@ def train(state, progress, reporter) -> None:
         train_tokens=stats["tokens"],
         train_seconds=round(stats["seconds"], 3),
     )
+    if rs.offsets is not None and rs.offsets.directions is not None:  # β's length per head (head_dim: all)
+        rs.report["directions_per_head"] = int(rs.offsets.directions.shape[1])
     reporter.metrics({"trainable_params": stats["trainable_params"], "train_steps": stats["steps"]})
 
 
