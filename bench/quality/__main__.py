@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         timings = run(bench, only)
         for name, seconds in timings:
             say(f"took {seconds:7.0f}s  {name}")
-    write_docs(store, budget, docs, command, names)
+    write_docs(store, budget, d, docs, command, names)
     return 0
 
 
@@ -149,8 +149,10 @@ def docs_command(argv: list[str]) -> str:
     return " ".join(["python -m bench.quality", *out])
 
 
-def write_docs(store: Store, budget: plan.Budget, docs: Path, command: str, names: Names) -> None:
-    results = store.all_results()
+def write_docs(store: Store, budget: plan.Budget, d: plan.Data, docs: Path, command: str, names: Names) -> None:
+    results, other = store.current_results(budget, d)
+    for key in other:
+        say(f"not on the page: {key} was stored with other settings (run it again to measure it)")
     dense = store.dense_result()
     env = None if any(r.get("environment") for r in results) else machine()  # runs name their own machines
     docs.mkdir(parents=True, exist_ok=True)

@@ -212,6 +212,22 @@ def restore_job(method: Method, b: Budget, data: Data, pruned_dir: str, dense_di
     }
 
 
+def expected_fingerprint(b: Budget, data: Data, setting_key: str, method_key: str, seed: int
+                         ) -> dict[str, Any] | None:
+    """The fingerprint a run of today's plan would store for (setting, method, seed); None when the plan
+    has no such setting or method."""
+    setting = next((s for s in SETTINGS if s.key == setting_key), None)
+    if setting is None:
+        return None
+    ev = evaluation(data, b)
+    if method_key == "pruned":
+        return fingerprint(prune_job(setting, b, data, "", ev), ev)
+    method = next((m for m in METHODS if m.key == method_key), None)
+    if method is None:
+        return None
+    return fingerprint(restore_job(method, b, data, "", "", seed), ev, pruning_spec(setting, b))
+
+
 def fingerprint(job: dict[str, Any], ev: dict[str, Any] | None, pruned_by: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
     """What a stored result must match to be reused: the job without model paths, the evaluation, and how

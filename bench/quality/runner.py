@@ -130,6 +130,18 @@ class Store:
             out.append(json.loads(p.read_text(encoding="utf-8")))
         return out
 
+    def current_results(self, budget: plan.Budget, data: plan.Data) -> tuple[list[dict[str, Any]], list[str]]:
+        """The stored results today's plan would reuse, and ``setting/method/seed`` of those it would not (made
+        with other settings, e.g. before a default changed): a page must not show those under today's labels."""
+        keep, other = [], []
+        for r in self.all_results():
+            want = plan.expected_fingerprint(budget, data, r["setting"], r["method"], r["seed"])
+            if want is not None and _normalise(r.get("fingerprint")) == _normalise(want):
+                keep.append(r)
+            else:
+                other.append(f"{r['setting']}/{r['method']}/seed{r['seed']}")
+        return keep, other
+
     def dense_result(self) -> dict[str, Any] | None:
         return json.loads(self.dense.read_text(encoding="utf-8")) if self.dense.is_file() else None
 

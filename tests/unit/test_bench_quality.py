@@ -116,6 +116,21 @@ def test_jobs_are_valid_specs_with_equal_budgets() -> None:
     assert specs["restorelcc"].restoration.directions is None is specs["restorelcc-random"].restoration.directions
 
 
+def test_pages_show_only_results_todays_plan_would_reuse(tmp_path: Path) -> None:
+    store, b = Store(tmp_path), plan.Budget()
+    for key in ("lora", "restorelcc-default"):
+        fp = plan.expected_fingerprint(b, DATA, "wanda-50", key, 0)
+        store.save(store.result("wanda-50", key, 0), {"setting": "wanda-50", "method": key, "seed": 0, "rows": {},
+                                                      "fingerprint": fp})
+    old = json.loads(store.result("wanda-50", "restorelcc-default", 0).read_text())
+    old["fingerprint"]["job"]["restoration"]["heads"] = 0.123  # stored before the service default changed
+    store.save(store.result("wanda-50", "restorelcc-default", 0), old)
+    keep, other = store.current_results(b, DATA)
+    assert [r["method"] for r in keep] == ["lora"] and other == ["wanda-50/restorelcc-default/seed0"]
+    assert store.result("wanda-50", "restorelcc-default", 0).is_file()  # only left off the page, not moved
+    assert plan.expected_fingerprint(b, DATA, "wanda-50", "no-such-method", 0) is None
+
+
 def test_all_directions_keep_the_fingerprint_of_runs_stored_before_the_setting_existed() -> None:
     b, m = plan.Budget(), plan.method_by_key("restorelcc")
     job = plan.restore_job(m, b, DATA, "/a", "/d", 0)
