@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -104,6 +104,8 @@ class PruningSpec(_Strict):
 # fits under that cap on SmolLM2-135M, so the default learns β over each head's top directions only (a fraction
 # of head_dim: 42 of SmolLM2's 64), which lets 0.8 of the heads fit (0.9 with 30 directions, and all heads with
 # 21, scored worse).
+LrSchedule = Literal["constant", "linear", "cosine"]
+SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 DEFAULT_HEADS = 0.8
 DEFAULT_DIRECTIONS = 0.66
 # Learning rates used when a spec leaves restoration.lr unset: RestoreLCC's from the same search; bias and
@@ -146,7 +148,7 @@ class RestorationSpec(_Strict):
         f"{DEFAULT_LR['restorelcc']:g}, searched with the default heads; bias {DEFAULT_LR['bias']:g}: per-head "
         f"offsets start at zero and need large steps; LoRA and DoRA {DEFAULT_LR['lora']:g}).",
     )
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+    lr_schedule: LrSchedule = Field(
         "constant", description="Learning-rate schedule over the run's steps: constant, or a linear or cosine "
                                 "decay to zero (after warmup_steps of linear warm-up, if any)."
     )

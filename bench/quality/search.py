@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.schemas import SCHEDULES
 from bench.common import markdown_table
 from bench.quality import plan
 from bench.quality.render import MIXED_CPUS, cpu_of, ratio_text
 from bench.quality.runner import Bench, say
-from worker.restore.train import SCHEDULES
 
 SELECT_STEM = "alpaca_select"
 
@@ -121,7 +121,7 @@ def directions_text(p: dict[str, Any]) -> str:
 
 def point_name(p: dict[str, Any]) -> str:
     name = ("bias-" if p.get("method") == "bias" else "") + f"h{heads_text(p)}-lr{p['lr']:g}-s{p['max_steps']}"
-    if p.get("lr_schedule", "constant") != "constant":
+    if "lr_schedule" in p:  # parse_point keeps only settings away from their defaults
         name += f"-{p['lr_schedule']}"
     name += f"-w{p['warmup_steps']}" if p.get("warmup_steps") else ""
     return name + (f"-d{p['directions']}" if "directions" in p else "")

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.schemas import SCHEDULES
 from worker.errors import Cancelled
 from worker.model.arch import DecoderAdapter
 from worker.model.data import IGNORE, Batch
 from worker.restore.heads import HeadOffsets, inject
 
-SCHEDULES = ("constant", "linear", "cosine")
 TrainProgress = Callable[[int, int, float], None]  # (step, total steps or 0 when unknown, step loss)
 BatchSource = Sequence[Batch] | Callable[[int], Iterable[Batch]]  # a list, or epoch → batches
 
