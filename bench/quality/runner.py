@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -146,14 +147,18 @@ class Store:
         return json.loads(self.dense.read_text(encoding="utf-8")) if self.dense.is_file() else None
 
 
+_IN_RESULTS = re.compile(r'"[^"]*/bench/results/')
+
+
 def _normalise(obj: Any) -> Any:
-    """Comparable form of a fingerprint: key order ignored, and paths under the shared data folder written
-    relative to it, so results stay reusable from another checkout or machine."""
+    """Comparable form of a fingerprint: key order ignored, and paths under the shared data folder or under a
+    checkout's bench/results (the search's selection rows) written relative to them, so results stay reusable
+    from another checkout or machine."""
     from bench.common import SHARED_DATA
 
     text = json.dumps(obj, sort_keys=True)
     root = json.dumps(str(SHARED_DATA.resolve()))[1:-1]
-    return json.loads(text.replace(root, "$SHARED_DATA"))
+    return json.loads(_IN_RESULTS.sub('"$RESULTS/', text.replace(root, "$SHARED_DATA")))
 
 
 @dataclass

@@ -394,3 +394,19 @@ def test_a_stored_search_is_summarised_on_the_results_page(tmp_path: Path) -> No
     won = winner(found)  # 8.4 / 8.0 = 1.05 beats 11.0 / 10.0 = 1.10, though LoRA at 50 steps scores 10.0
     assert won["point"]["max_steps"] == 100 and ratio(found, won) == pytest.approx(1.05)
     assert "unmerged LoRA's 8.000 at the same steps, **1.050×**" in summary(found)[1]
+
+
+def test_a_result_stored_from_another_checkout_is_reused(tmp_path: Path) -> None:
+    """The search's selection rows live in the checkout: a fingerprint naming them must not tie a stored
+    result to the folder it was measured in."""
+    store = Store(tmp_path)
+    path = tmp_path / "wanda-50" / "pruned.json"
+
+    def fp(checkout: str) -> dict:
+        return {"evaluation": {"response_perplexity": [f"{checkout}/bench/results/quality/search/select.jsonl"]}}
+
+    store.save(path, {"fingerprint": fp("/work/main"), "rows": {}})
+    assert store.load(path, fp("/tmp/elsewhere/clone")) is not None
+    other = {"evaluation": {"response_perplexity": ["/tmp/elsewhere/clone/bench/results/quality/search/other.jsonl"]}}
+    assert store.load(path, other) is None  # other rows are still other settings
+    assert path.with_suffix(".stale.json").is_file()
