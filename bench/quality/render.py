@@ -163,9 +163,19 @@ def _mean(rows: list[dict[str, Any]], col: Column) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
-def _show(col: Column, v: float) -> str:
-    """A verdict's number: accuracies in % with one decimal, perplexities with two."""
-    return f"{100 * v:.1f}" if col.kind == "acc" else f"{v:.2f}"
+def _show(col: Column, v: float, extra: int = 0) -> str:
+    """A verdict's number: accuracies in % with one decimal, perplexities with two (``extra`` more)."""
+    return f"{100 * v:.{1 + extra}f}" if col.kind == "acc" else f"{v:.{2 + extra}f}"
+
+
+def _show_pair(col: Column, a: float, b: float) -> tuple[str, str]:
+    """Both numbers of a verdict, with as many more decimals (up to three) as it takes to tell them apart,
+    so 'worse' never stands beside two equal-looking numbers."""
+    for extra in range(4):
+        shown = _show(col, a, extra), _show(col, b, extra)
+        if a == b or shown[0] != shown[1]:
+            return shown
+    return shown
 
 
 def ratio_text(r: float) -> str:
@@ -195,7 +205,8 @@ def _comparison(ours: list[dict[str, Any]], other: list[dict[str, Any]], checks:
         if both is not None:
             a, b, side = both
             word = {1: "better", -1: "**worse**", 0: "equal"}[side]
-            parts.append(f"{name} {_show(col, a)} vs {_show(col, b)} ({word})")
+            shown_a, shown_b = _show_pair(col, a, b)
+            parts.append(f"{name} {shown_a} vs {shown_b} ({word})")
     return parts
 
 
@@ -244,7 +255,8 @@ def verdict(rows_by_key: dict[str, list[dict[str, Any]]]) -> list[str]:
             lines.append(f"RestoreLCC vs pruned, {name}: not measured.")
             continue
         a, b, side = both
-        lines.append(f"RestoreLCC vs pruned, {name}: {_show(col, a)} vs {_show(col, b)} — "
+        shown_a, shown_b = _show_pair(col, a, b)
+        lines.append(f"RestoreLCC vs pruned, {name}: {shown_a} vs {shown_b} — "
                      + ("**better**." if side > 0 else "**not better**."))
     if lora:
         ppl, share = _vs_lora(ours, lora)

@@ -213,6 +213,10 @@ def test_verdict_compares_restorelcc_with_pruned_and_lora() -> None:
     assert "Alpaca response ppl 25.00 vs 16.00 (**worse**)" in text
     assert text.count("**not better**") == 3 and "**1.786×** (target ≤ 1.05×: not met)" in text
     assert "**1.00%** of LoRA's (target ≤ 2%: met)" in text
+    # numbers that look equal at two decimals get the decimals that tell them apart beside 'worse'
+    close = {**rows, "restorelcc": [{"metrics": _metrics(16.0004, 0.53), "trainable_params": 10}]}
+    text = "\n".join(render.verdict(close))
+    assert "Alpaca response ppl 16.0004 vs 16.0000 (**worse**)" in text
     assert render.verdict({"pruned": rows["pruned"]}) == ["RestoreLCC vs pruned: not measured yet."]
     assert "service default vs pruned" not in text
     default = [{"metrics": _metrics(12.0, 0.45), "trainable_params": 40},
