@@ -280,6 +280,12 @@ def summary(found: Search) -> list[str]:
     ]
 
 
+BIAS_ROWS = ("Rows with directions 'none (bias only)' learn each chosen head's constant directly (`method: bias`). "
+             "On all heads that is every constant the heads can add, the same set of models RestoreLCC on all heads "
+             "with all directions can reach (only the parameterisation, and so the optimiser's steps, differ): "
+             "those rows show how far the constants go at this step budget when learned directly.")
+
+
 def search_markdown(search: Search, setting: plan.Setting, command: str, start: int, rows: int,
                     eval_rows: int, model: str = "SmolLM2-135M-Instruct") -> str:
     ranked = sorted(search.points, key=lambda r: ratio(search, r))
@@ -318,6 +324,8 @@ def search_markdown(search: Search, setting: plan.Setting, command: str, start: 
     lines += [f"- {n} steps: {row_ppl(ref, 'lora/unmerged'):.3f} unmerged, {row_ppl(ref, 'lora/merged'):.3f} "
               f"merged with the mask re-applied (cpu: {cpu_of(ref)})" for n, ref in sorted(search.lora_at.items())]
     lines += ["", "Each point is compared with LoRA trained for as many steps.", "", table, ""]
+    if any(r["point"].get("method") == "bias" for r in search.points):
+        lines += [BIAS_ROWS, ""]
     if not won:
         lines += [f"No point trains at most {100 * plan.PARAM_CAP:g}% of LoRA's parameters, so none is "
                   "recommended.", ""]

@@ -332,7 +332,7 @@ def _lora(ppl: float, steps: int = 50) -> dict:
 
 
 def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_target() -> None:
-    from bench.quality.search import Search, search_markdown, winner
+    from bench.quality.search import BIAS_ROWS, Search, search_markdown, winner
 
     lora = {50: _lora(10.0)}
     points = [_point(0.1, 1e-2, 11.0, 20), _point(0.3, 1e-2, 10.4, 50), _point(0.9, 1e-2, 10.1, 60)]
@@ -361,6 +361,11 @@ def test_search_winner_respects_the_parameter_cap_and_says_whether_it_meets_the_
     assert "| 1 | 0.3 | 20 | 0.003 | constant |" in text
     assert ('Best: heads 0.3, directions 20, lr 0.003 (constant), 50 steps. In a job: `"restoration": {"heads": '
             '0.3, "lr": 0.003, "directions": 20}`') in text
+    assert "none (bias only)" not in text and BIAS_ROWS not in text
+    bias = _point(0.3, 3e-3, 10.3, 50)
+    bias["point"]["method"] = "bias"
+    text = search_markdown(Search([*points, bias], 15.0, lora, 50), plan.SETTINGS[0], "c", 300, 300, 300)
+    assert "| 2 | 0.3 | none (bias only) | 0.003 | constant |" in text and BIAS_ROWS in text
     found = Search(points[2:], pruned_ppl=15.0, lora_at=lora, steps=50)
     assert winner(found) is None and "none is recommended" in search_markdown(found, plan.SETTINGS[0], "c", 300,
                                                                               300, 300)
