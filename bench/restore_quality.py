@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import REPO, RESULTS, data, markdown_table  # noqa: E402
 from worker.assets import DEMO_MODEL as DEMO  # noqa: E402
-from worker.assets import ModelAsset  # noqa: E402
+from worker.assets import MODELS, ModelAsset, model_dir  # noqa: E402
 
 
 def main() -> int:
@@ -43,7 +43,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from app.schemas import JobSpec
-    from worker.assets import MODELS, model_dir
     from worker.pipeline import run_pipeline
     from worker.reporting import ConsoleReporter
 

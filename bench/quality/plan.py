@@ -212,6 +212,17 @@ def restore_job(method: Method, b: Budget, data: Data, pruned_dir: str, dense_di
     }
 
 
+def pruned_fingerprint(setting: Setting, b: Budget, data: Data, ev: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint of a setting's pruned-model result (its metrics under ``ev``)."""
+    return fingerprint(prune_job(setting, b, data, "", ev), ev)
+
+
+def restore_fingerprint(setting: Setting, method: Method, b: Budget, data: Data, seed: int, ev: dict[str, Any]
+                        ) -> dict[str, Any]:
+    """The fingerprint of one restoration run (model paths play no part)."""
+    return fingerprint(restore_job(method, b, data, "", "", seed), ev, pruning_spec(setting, b))
+
+
 def expected_fingerprint(b: Budget, data: Data, setting_key: str, method_key: str, seed: int
                          ) -> dict[str, Any] | None:
     """The fingerprint a run of today's plan would store for (setting, method, seed); None when the plan
@@ -221,11 +232,11 @@ def expected_fingerprint(b: Budget, data: Data, setting_key: str, method_key: st
         return None
     ev = evaluation(data, b)
     if method_key == "pruned":
-        return fingerprint(prune_job(setting, b, data, "", ev), ev)
+        return pruned_fingerprint(setting, b, data, ev)
     method = next((m for m in METHODS if m.key == method_key), None)
     if method is None:
         return None
-    return fingerprint(restore_job(method, b, data, "", "", seed), ev, pruning_spec(setting, b))
+    return restore_fingerprint(setting, method, b, data, seed, ev)
 
 
 def fingerprint(job: dict[str, Any], ev: dict[str, Any] | None, pruned_by: dict[str, Any] | None = None

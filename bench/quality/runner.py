@@ -195,9 +195,6 @@ class Bench:
 
     # ── dense and pruned ─────────────────────────────────────────────────────────────────────────────
 
-    def _base_fp(self, setting: Setting, ev: dict[str, Any]) -> dict[str, Any]:
-        return plan.fingerprint(plan.prune_job(setting, self.budget, self.data, "", ev), ev)
-
     def ensure_base(self, setting: Setting) -> dict[str, Any]:
         """Dense metrics (once) and this setting's pruned metrics; prunes and keeps the pruned model."""
         from app.schemas import JobSpec
@@ -205,7 +202,8 @@ class Bench:
 
         ev = plan.evaluation(self.data, self.budget)
         path = self.store.result(setting.key, "pruned", 0)
-        found = self.store.load(path, self._base_fp(setting, ev))
+        base_fp = plan.pruned_fingerprint(setting, self.budget, self.data, ev)
+        found = self.store.load(path, base_fp)
         need_dense = self.store.load(self.store.dense, {"evaluation": ev}) is None
         if found is not None and not need_dense:
             return found
@@ -224,7 +222,7 @@ class Bench:
             })
         stages = {k: v["seconds"] for k, v in report["stages"].items()}
         result = {
-            "setting": setting.key, "method": "pruned", "seed": 0, "fingerprint": self._base_fp(setting, ev),
+            "setting": setting.key, "method": "pruned", "seed": 0, "fingerprint": base_fp,
             "rows": {"pruned": {"metrics": report["metrics"]["pruned"], "trainable_params": 0}},
             "info": {"sparsity": report["sparsity"]["overall"], "pruning": report.get("pruning")},
             "seconds": {"total": round(seconds, 1), "stages": stages},
@@ -254,7 +252,7 @@ class Bench:
     def run_method(self, setting: Setting, method: Method, seed: int) -> dict[str, Any]:
         ev = plan.evaluation(self.data, self.budget)
         job = plan.restore_job(method, self.budget, self.data, "", self.dense_dir, seed)
-        fp = plan.fingerprint(job, ev, plan.pruning_spec(setting, self.budget))
+        fp = plan.restore_fingerprint(setting, method, self.budget, self.data, seed, ev)
         path = self.store.result(setting.key, method.key, seed)
         found = self.store.load(path, fp)
         if found is not None:
