@@ -128,8 +128,12 @@ class RestorationSpec(_Strict):
         "probe", description="How heads are chosen: contrastive probing, at random (seeded), or all heads."
     )
     probe_samples: int = Field(256, ge=4, le=100_000, description="Instruction samples used for probing.")
-    components: int = Field(
-        10, ge=1, le=4096, description="Top-K lost directions in the summary component c used when probing."
+    negatives: Literal["minilm", "tfidf"] = Field(
+        "minilm",
+        description="How each probe pair's contrastive negative (the most similar other response) is found: "
+        "'minilm', the method's sentence embeddings (all-MiniLM-L6-v2, shipped with the worker); 'tfidf', TF-IDF "
+        "vectors, a cheaper stand-in that must be asked for. A worker that cannot load the embedding model fails "
+        "the job with 'embedding_model_unavailable'.",
     )
     directions: float | None = Field(
         DEFAULT_DIRECTIONS, gt=0, le=4096,
@@ -169,6 +173,17 @@ class RestorationSpec(_Strict):
     lora_targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LoRA/DoRA target module names."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "components" in data:
+            raise ValueError(
+                "restoration.components was removed: the probe standardises every feature, which cancels the "
+                "summary component c (a constant added to all samples) exactly, so no value of it could change a "
+                "head's score; drop the field"
+            )
+        return data
 
     @model_validator(mode="after")
     def _method_lr(self) -> RestorationSpec:

@@ -31,6 +31,12 @@ class DataError(JobFailure):
     code = "invalid_data"
 
 
+class EmbeddingModelError(JobFailure):
+    """The sentence-embedding model that picks contrastive negatives is not installed or does not load."""
+
+    code = "embedding_model_unavailable"
+
+
 class OutOfMemoryFailure(JobFailure):
     code = "out_of_memory"
 

@@ -79,7 +79,7 @@ def begin(spec: JobSpec, model, tokenizer, adapter, progress) -> RestoreState | 
     negatives = None
     if r.head_selection == "probe":
         progress(0.0, f"choosing contrastive negatives for {len(pairs)} probe pairs")
-        negatives, state.negatives_backend = choose_negatives([resp for _, resp in pairs])
+        negatives, state.negatives_backend = choose_negatives([resp for _, resp in pairs], r.negatives)
     state.probe_inputs = build_probe_inputs(tokenizer, pairs, r.max_seq_len, r.batch_size, negatives)
     state.dense = capture_dense(model, adapter, state.probe_inputs, _batch_progress(progress, 0.1, 1.0, "dense"))
     state.report.update(probe_samples=len(pairs), negatives_backend=state.negatives_backend)
@@ -115,7 +115,7 @@ def extract(state, progress, reporter) -> None:
     checkpoint(reporter)
     if r.head_selection == "probe":
         progress(0.3, "probing heads")
-        rs.probe_result = score_heads(rs.dense, rs.pruned, rs.components, k=r.components, seed=spec.seed)
+        rs.probe_result = score_heads(rs.dense, rs.pruned, rs.components, seed=spec.seed)
     rs.heads = choose_heads(rs.probe_result, state.adapter.info, r.heads, r.head_selection, spec.seed)
     _record_heads(state)
     rs.dense = rs.pruned = rs.probe_inputs = None  # no longer needed

