@@ -3,13 +3,13 @@
 Call order (``pairs``: probe (prompt, response) pairs; ``spec``: RestorationSpec)::
 
     check_mergeable(model.config)                                   # fail early (merge.py)
-    negatives, backend = choose_negatives([r for _, r in pairs])    # only for head_selection "probe"
+    negatives, backend = choose_negatives([r for _, r in pairs], spec.negatives)  # "probe" only
     probe = build_probe_inputs(tokenizer, pairs, max_len, batch_size, negatives)
     dense = capture_dense(model, adapter, probe)                    # dense model, BEFORE pruning
     ... prune the model in place ...
     pruned = capture_pruned(model, adapter, probe)                  # (N, L, H, d) at the prompt's last token
     components = extract_components(dense, pruned)                  # lost directions per head (one SVD call)
-    result = score_heads(dense, pruned, components, k=spec.components, seed=seed)   # "probe" only
+    result = score_heads(dense, pruned, components, seed=seed)     # "probe" only
     heads = choose_heads(result, adapter.info, spec.heads, spec.head_selection, seed)
     offsets = make_offsets(heads, adapter.info, components, seed=seed)   # components=None → bias only; directions=K
     stats = train_offsets(model, adapter, offsets, train_batches, lr=..., ...)        # train.py
@@ -83,7 +83,12 @@ def score_heads(
     seed: int = 0,
     device: torch.device | str | None = None,
 ) -> ProbeResult:
-    """Contrastive probe per head; ``result.accuracy`` (L, H) is the head score."""
+    """Contrastive probe per head; ``result.accuracy`` (L, H) is the head score.
+
+    The features carry the summary component c over the top ``k`` directions as the paper writes them (k = 10
+    as in the authors' code), but c is one constant added to every sample and the probe standardises each
+    feature, so no ``k`` changes a score: it is not a setting of the job.
+    """
     if dense.positive is None or dense.negative is None:
         raise ValueError("probing needs dense captures of prompt + response and prompt + negative")
     _, layers, heads, _ = pruned.shape
