@@ -18,13 +18,6 @@ from worker.errors import JobFailure, SpecError
 from worker.reporting import checkpoint
 
 
-def merge_tolerance(dtype: torch.dtype, logits: torch.Tensor) -> float:
-    """Allowed merged-vs-hooked logit difference: W(x + c) and Wx + Wc round differently in low precision,
-    by a few units in the last place of the largest logits. float32 stays at 1e-4 or tighter."""
-    scale = float(logits.abs().max())
-    return max(1e-4, 16 * torch.finfo(dtype).eps * scale) if dtype != torch.float32 else max(1e-4, 1e-6 * scale)
-
-
 @dataclass
 class RestoreState:
     method: str
@@ -232,22 +225,44 @@ def merge(state, progress, reporter) -> None:
         after = _logits(state.model, check)
         rs.report["merge_remask_max_abs_logit_change"] = float((before - after).abs().max())
     else:
-        from worker.model.arch import DecoderAdapter
-        from worker.restore.heads import inject
-        from worker.restore.merge import merge_into_o_proj
-
-        with inject(state.adapter, rs.offsets):
-            hooked = _logits(state.model, check)
-        rs.report["model_type"] = state.adapter.info.model_type  # before a Mistral/Qwen2 model becomes Llama
-        state.model = merge_into_o_proj(state.model, state.adapter, rs.offsets)
-        state.adapter = DecoderAdapter(state.model)
-        merged = _logits(state.model, check)
-        diff = float((hooked - merged).abs().max())
-        state.report.setdefault("checks", {})["merged_vs_hooked_max_abs_diff"] = diff
-        tol = merge_tolerance(next(state.model.parameters()).dtype, hooked)
-        if not diff <= tol:
-            raise JobFailure(f"internal check failed: merged logits differ from hooked ones by {diff:.3g}")
+        _merge_offsets(state, check)
     progress(1.0, "merged")
+
+
+def _merge_offsets(state, check) -> None:
+    """Fold the head offsets into o_proj biases, then check the merged model twice: every o_proj against a float64
+    reference taken before the merge (exact up to the bias's one rounding, in every dtype; names the layer), and
+    the logits against the hooked model's, per token relative to that token's logit scale."""
+    from worker.model.arch import DecoderAdapter
+    from worker.restore.heads import inject
+    from worker.restore.merge import (
+        capture_o_proj_inputs,
+        check_merge,
+        logit_differences,
+        merge_into_o_proj,
+        merge_reference,
+        token_rel_tolerance,
+    )
+
+    rs: RestoreState = state.restoration
+    with capture_o_proj_inputs(state.adapter) as inputs, inject(state.adapter, rs.offsets):
+        hooked = _logits(state.model, check)
+    reference = merge_reference(state.adapter, rs.offsets, inputs)
+    rs.report["model_type"] = state.adapter.info.model_type  # before a Mistral/Qwen2 model becomes Llama
+    state.model = merge_into_o_proj(state.model, state.adapter, rs.offsets)
+    state.adapter = DecoderAdapter(state.model)
+    merged = _logits(state.model, check)
+    max_abs, token_rel = logit_differences(hooked, merged, check.attention_mask)
+    tol = token_rel_tolerance(next(state.model.parameters()).dtype)
+    checks = state.report.setdefault("checks", {})
+    checks.update(merged_vs_hooked_max_abs_diff=max_abs, merged_vs_hooked_max_token_rel_diff=token_rel,
+                  merged_vs_hooked_token_rel_tolerance=tol)
+    result = check_merge(state.adapter, reference)  # raises MergeCheckError naming the layer
+    checks.update(merge_bias_max_rel_err=result.bias_max_rel_err, merge_o_proj_max_rel_err=result.output_max_rel_err,
+                  merge_rel_tolerance=result.tolerance)
+    if not token_rel <= tol:
+        raise JobFailure(f"internal check failed: merged logits differ from hooked ones by {token_rel:.3g} of a "
+                         f"token's largest logit (allowed {tol:.3g}; max abs difference {max_abs:.3g})")
 
 
 def _check_batch(state):

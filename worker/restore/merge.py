@@ -9,12 +9,17 @@ The config is adjusted so that plain ``AutoModelForCausalLM.from_pretrained(dir)
 - mistral and qwen2 have no o_proj bias option: the model is re-expressed as ``LlamaForCausalLM`` with
   ``attention_bias=True`` (same weights and maths; Qwen2 keeps its q/k/v biases, Mistral gets zeros).
   A sliding window Llama cannot express is refused.
+
+The bias is computed in float64 and rounded once to the model dtype, so :func:`check_merge` can hold the
+merged model to that single rounding in every dtype (see :func:`merge_reference`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from worker.errors import UnsupportedModelError
+from worker.errors import JobFailure, UnsupportedModelError
 from worker.model.arch import DecoderAdapter
 from worker.restore.heads import HeadOffsets, check_compatible
 
@@ -74,19 +79,37 @@ def _zero_bias(linear: nn.Linear) -> None:
                                    requires_grad=False)
 
 
+_CHUNK_ELEMENTS = 1 << 22  # weight elements upcast to float64 at a time (32 MiB)
+
+
+def _matmul64(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float64 ``weight @ x`` (x: (in,) or (in, k), on weight's device), upcasting a few rows of weight at a time."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    x64 = x.to(device=weight.device, dtype=torch.float64)
+    return torch.cat([w.double() @ x64 for w in weight.split(rows)])
+
+
+def _row_abs_sums(weight: torch.Tensor) -> torch.Tensor:
+    """float64 Σ_j |W_ij| per row, upcasting a few rows at a time."""
+    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    return torch.cat([w.double().abs().sum(dim=1) for w in weight.split(rows)])
+
+
 @torch.no_grad()
 def add_o_proj_biases(adapter: DecoderAdapter, offsets: HeadOffsets) -> None:
-    """In place: o_proj.bias += W_O · concat_h(c_h) on every layer with chosen heads."""
+    """In place: o_proj.bias += W_O · concat_h(c_h) on every layer with chosen heads.
+
+    Summed in float64 and rounded once to the bias dtype: the stored bias is the exact one up to that rounding.
+    """
     check_compatible(adapter, offsets)
-    consts = offsets.constants().detach().float()
+    consts = offsets.constants().detach().double()
     for layer in offsets.layers:
         o = adapter.o_proj(layer)
-        vec = offsets.layer_vector(layer, consts).to(o.weight.device)
-        add = o.weight.float() @ vec
+        total = _matmul64(o.weight, offsets.layer_vector(layer, consts))
         if o.bias is None:
-            o.bias = nn.Parameter(add.to(o.weight.dtype), requires_grad=False)
+            o.bias = nn.Parameter(total.to(o.weight.dtype), requires_grad=False)
         else:
-            o.bias.copy_((o.bias.float() + add).to(o.bias.dtype))
+            o.bias.copy_((o.bias.double() + total).to(o.bias.dtype))
 
 
 def _as_llama(model: nn.Module) -> nn.Module:
@@ -136,6 +159,215 @@ def merge_into_o_proj(model: nn.Module, adapter: DecoderAdapter, offsets: HeadOf
         model.config.attention_bias = True
         return model
     return _as_llama(model)
+
+
+# ── merge check ────────────────────────────────────────────────────────────────────────────────
+#
+# Before the merge, :func:`merge_reference` computes in float64, from the original weights and the offsets'
+# fp32 master constants, what every o_proj must become: bias_l = b0_l + Σ_{chosen (l, h)} W_O[:, h·d:(h+1)·d] c_h
+# (each head placed on its own column slice, independently of ``HeadOffsets.layer_vector``) and, on a few real
+# o_proj inputs z, the hooked output W_O (z + c) + b0. After the merge, :func:`check_merge` reads the merged
+# weights and biases back in float64. A correct merge differs from the reference only by the single rounding of
+# the bias to its dtype: |merged − expected| ≤ u·|expected| + slack per element, u = eps(dtype)/2 (plus float32's
+# eps/2 below 32 bits: see _unit) and slack the float64 accumulation bound (≈1e-16 · width · Σ|terms|). Errors are
+# reported relative, as |merged − expected| / (|expected bias| + slack/u), which is ≤ u exactly when that bound
+# holds (the outputs too are measured against the bias: W z is the same on both sides, only the bias may differ).
+
+CHECK_ROWS = 8  # o_proj inputs kept per layer for the hooked-vs-merged output check
+TOKEN_EPS_HALF = 16  # end-to-end logit tolerance per token, in eps of bfloat16/float16 (see token_rel_tolerance)
+TOKEN_EPS_FLOAT32 = 128  # … and of float32
+
+
+class MergeCheckError(JobFailure):
+    """The merged model does not compute what the hooked one did (a bug, never the user's input)."""
+
+
+@dataclass(frozen=True)
+class LayerReference:
+    """Float64 expectations for one layer's merged o_proj (computed before the merge)."""
+
+    bias: torch.Tensor  # (out,) the merged bias, exactly
+    bias_slack: torch.Tensor  # (out,) float64 accumulation bound of ``bias``
+    inputs: torch.Tensor | None  # (rows, in) real o_proj inputs z, model dtype; None when none were captured
+    outputs: torch.Tensor | None  # (rows, out) hooked o_proj(z + c), exactly
+    output_slack: torch.Tensor | None  # (rows, out) float64 accumulation bound of ``outputs``
+
+
+@dataclass(frozen=True)
+class MergeCheck:
+    """Measured merge errors, relative per element (see the section comment); a correct merge keeps them ≤ tolerance."""
+
+    bias_max_rel_err: float
+    output_max_rel_err: float
+    tolerance: float  # u of the merged biases' dtype (see _unit)
+
+
+def _unit(dtype: torch.dtype) -> float:
+    """Largest relative error of rounding a float64 to ``dtype``: eps/2, plus float32's eps/2 for narrower types
+    (PyTorch converts float64 to bfloat16/float16 through float32, and the two roundings can add up)."""
+    single = torch.finfo(dtype).eps / 2
+    return single + (torch.finfo(torch.float32).eps / 2 if torch.finfo(dtype).bits < 32 else 0.0)
+
+
+def _gamma(terms: int) -> float:
+    """Bound on the relative error of a float64 sum of ``terms`` products (Higham's γ_n, doubled for safety)."""
+    return 2 * terms * torch.finfo(torch.float64).eps
+
+
+def _head_columns(offsets: HeadOffsets, layer: int) -> list[tuple[slice, int]]:
+    """(column slice of o_proj's input, row of ``offsets.constants()``) for each chosen head of ``layer``."""
+    d = offsets.head_dim
+    return [(slice(h * d, (h + 1) * d), j) for j, (lay, h) in enumerate(offsets.heads) if lay == layer]
+
+
+def _expected_bias(
+    weight: torch.Tensor, bias: torch.Tensor | None, consts: torch.Tensor, heads: list[tuple[slice, int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b0 + Σ_h W[:, slice_h] c_h, its float64 accumulation bound), float64 on weight's device."""
+    out = weight.shape[0]
+    expected = torch.zeros(out, dtype=torch.float64, device=weight.device) if bias is None else bias.double()
+    magnitude = expected.abs()
+    for cols, j in heads:
+        c = consts[j]
+        expected = expected + _matmul64(weight[:, cols], c)
+        magnitude = magnitude + _matmul64(weight[:, cols].abs(), c.abs())
+    return expected, _gamma(weight.shape[1] + 2) * magnitude
+
+
+def _hooked_outputs(
+    weight: torch.Tensor, bias: torch.Tensor | None, consts: torch.Tensor, heads: list[tuple[slice, int]],
+    inputs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_proj(z + c) for each row z of ``inputs``, its float64 accumulation bound), float64."""
+    z = inputs.to(device=weight.device, dtype=torch.float64)
+    x = z.clone()
+    for cols, j in heads:
+        x[:, cols] += consts[j].to(x.device)
+    out = _matmul64(weight, x.T).T
+    # bounds |W|·|z + c| here and |W|·|z| in the merged model's W z: (row sums of |W|) · (max|z + c| + max|z|),
+    # loose, but float64's γ keeps it far below any dtype's rounding
+    largest = x.abs().amax(dim=1, keepdim=True) + z.abs().amax(dim=1, keepdim=True)
+    magnitude = _row_abs_sums(weight)[None, :] * largest
+    if bias is not None:
+        out = out + bias.double()
+        magnitude = magnitude + bias.double().abs()
+    return out, _gamma(weight.shape[1] + 2) * magnitude
+
+
+@torch.no_grad()
+def merge_reference(
+    adapter: DecoderAdapter, offsets: HeadOffsets, inputs: dict[int, torch.Tensor] | None = None
+) -> list[LayerReference]:
+    """Per layer, what the merged o_proj must compute (call before merging; ``inputs``: layer → o_proj inputs z)."""
+    check_compatible(adapter, offsets)
+    consts = offsets.constants().detach().double()
+    refs = []
+    for layer in range(adapter.info.num_layers):
+        o = adapter.o_proj(layer)
+        heads = _head_columns(offsets, layer)
+        c = consts.to(o.weight.device)
+        bias, bias_slack = _expected_bias(o.weight, o.bias, c, heads)
+        z = (inputs or {}).get(layer)
+        outputs = output_slack = None
+        if z is not None:
+            z = z.detach().reshape(-1, o.in_features).clone()
+            outputs, output_slack = _hooked_outputs(o.weight, o.bias, c, heads, z)
+        refs.append(LayerReference(bias, bias_slack, z, outputs, output_slack))
+    return refs
+
+
+def _rel_err(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, slack: torch.Tensor, unit: float) -> float:
+    """max |got − expected| / (scale + slack/unit): ≤ unit iff |got − expected| ≤ unit·scale + slack everywhere."""
+    err = (got.double() - expected).abs()
+    return float((err / (scale + slack / unit)).max())
+
+
+def _layer_errors(o: nn.Linear, ref: LayerReference, layer: int) -> tuple[float, float, float]:
+    """(bias rel err, output rel err, allowed) for one merged o_proj."""
+    if o.bias is None or o.bias.shape != ref.bias.shape:
+        raise MergeCheckError(f"internal check failed: layer {layer}: merged o_proj has no bias of shape "
+                              f"{tuple(ref.bias.shape)}")
+    unit = _unit(o.bias.dtype)
+    slack = ref.bias_slack + unit * torch.finfo(o.bias.dtype).tiny  # subnormal results round absolutely
+    scale = ref.bias.abs()
+    bias_err = _rel_err(o.bias, ref.bias, scale, slack, unit)
+    out_err = 0.0
+    if ref.inputs is not None:
+        got = _matmul64(o.weight, ref.inputs.T).T + o.bias.double()
+        # W z is computed alike on both sides, so the only allowed difference is again the bias's rounding
+        # (relative to the bias), plus both float64 accumulations
+        out_err = _rel_err(got, ref.outputs, scale, 2 * (slack + ref.output_slack), unit)
+    return bias_err, out_err, unit
+
+
+@torch.no_grad()
+def check_merge(adapter: DecoderAdapter, refs: Sequence[LayerReference]) -> MergeCheck:
+    """Compare the merged model's o_proj biases and outputs with ``refs``; raise MergeCheckError naming the layer."""
+    if len(refs) != adapter.info.num_layers:
+        raise MergeCheckError(f"internal check failed: the merge reference has {len(refs)} layers, "
+                              f"the merged model {adapter.info.num_layers}")
+    bias_max = out_max = 0.0
+    allowed = 1.0
+    for layer, ref in enumerate(refs):
+        o = adapter.o_proj(layer)
+        bias_err, out_err, unit = _layer_errors(o, ref, layer)
+        for what, err in (("bias", bias_err), ("output on real inputs", out_err)):
+            if not err <= unit:
+                raise MergeCheckError(
+                    f"internal check failed: layer {layer}: the merged o_proj {what} is off by {err:.3g} relative "
+                    f"to the float64 reference (original weights, fp32 head constants); allowed {unit:.3g}, "
+                    f"one rounding to {str(o.bias.dtype).removeprefix('torch.')}"
+                )
+        bias_max, out_max, allowed = max(bias_max, bias_err), max(out_max, out_err), min(allowed, unit)
+    return MergeCheck(bias_max, out_max, allowed)
+
+
+def token_rel_tolerance(dtype: torch.dtype) -> float:
+    """Allowed merged-vs-hooked logit difference per token, relative to that token's largest |logit|.
+
+    W(z + c) and Wz + Wc round differently, and the difference travels through every later layer: measured on
+    SmolLM2-135M (30 layers, random half pruned, 20% of heads with random constants) up to 5.4 eps in
+    bfloat16/float16 and 19 eps in float32 (more eps, as a float32 eps is tiny next to the model's own noise).
+    The margin is wide: the tight check is :func:`check_merge`; this one catches what a forward pass adds.
+    """
+    return (TOKEN_EPS_FLOAT32 if torch.finfo(dtype).bits >= 32 else TOKEN_EPS_HALF) * torch.finfo(dtype).eps
+
+
+def logit_differences(hooked: torch.Tensor, merged: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(max |merged − hooked| over all positions, max over real tokens of that token's max |difference| divided by
+    its largest |hooked logit| (at least 1)). ``hooked``/``merged``: (B, T, V); ``mask``: (B, T), nonzero = real."""
+    diff = (merged.float() - hooked.float()).abs().amax(dim=-1)
+    scale = hooked.float().abs().amax(dim=-1).clamp_min(1.0)
+    real = mask.to(diff.device).bool()
+    rel = (diff / scale)[real]
+    return float(diff.max()), (float(rel.max()) if rel.numel() else 0.0)
+
+
+@contextmanager
+def capture_o_proj_inputs(
+    adapter: DecoderAdapter, rows: int = CHECK_ROWS
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Keep ``rows`` evenly spaced o_proj inputs per layer from the next forward, before any other pre-hook
+    (so before ``inject`` adds the constants). Hooks are always removed."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if layer not in captured:
+                x = args[0].detach().reshape(-1, args[0].shape[-1])
+                idx = torch.linspace(0, x.shape[0] - 1, min(rows, x.shape[0]), device=x.device).round().long()
+                captured[layer] = x[idx].clone()
+
+        return hook
+
+    handles = []
+    try:
+        for layer in range(adapter.info.num_layers):
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer), prepend=True))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ── restoration.safetensors ────────────────────────────────────────────────────────────────────
