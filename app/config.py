@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     dev_open: bool = Field(False, description="No authentication (tenant 'dev'); only on 127.0.0.1.")
     host: str = Field("127.0.0.1", description="Interface `restorelcc serve` binds.")
     port: int = Field(8000, ge=1, le=65535)
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest request body accepted (a job spec is a few KiB); larger is 413."
+    )
 
     # What a spec may point at.
     model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)

@@ -11,6 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from app.schemas import ErrorBody
 
 log = logging.getLogger("restorelcc.api")
 
@@ -37,6 +40,38 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
     return {"error": {"code": code, "message": message, "field": field}}
 
 
+_WHY = {
+    400: "Malformed request body (not JSON)",
+    401: "Missing or invalid API key",
+    404: "No such job or artifact (or not yours)",
+    409: "Conflicts with the job's state or an earlier request",
+    413: "Request body over the size limit",
+    416: "Range not satisfiable",
+    422: "Invalid input; `field` names it",
+    503: "A dependency is unavailable; try again later",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    416: {"Content-Range": {"description": "bytes */<size>", "schema": {"type": "string"}}},
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, all with the service's error body."""
+    return {s: {"model": ErrorBody, "description": _WHY[s], **({"headers": _HEADERS[s]} if s in _HEADERS else {})}
+            for s in statuses}
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette's 405 names only the first route that matched)."""
+    routes = request.app.router.routes
+    return ", ".join(m for m in _METHODS
+                     if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
+
+
 _DOTTED = re.compile(r"\b(?:model|pruning|restoration|data|evaluation|output)\.[a-z_]+\b")
 
 
@@ -44,6 +79,8 @@ def _loc_to_field(loc: tuple | list, strip_body: bool = True) -> str | None:
     parts = [str(p) for p in loc]
     if strip_body and parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
+    if parts[-1:] == ["[key]"]:  # a bad key of a mapping: name the mapping, not the (maybe huge) key
+        parts = parts[:-2]
     return ".".join(parts) or None
 
 
@@ -89,11 +126,13 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(err.code, err.message, err.field), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            error_body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
-        )
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {400: "invalid_json", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request)
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

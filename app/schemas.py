@@ -11,13 +11,52 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
+# Caps on what a spec may hold. Paths follow the OS (Linux PATH_MAX counts the final NUL; NAME_MAX per name);
+# the list caps are far above any real job and keep validating the largest accepted spec to milliseconds.
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
+MAX_EVAL_FILES = 32  # per evaluation list
+MAX_LIMITS = 96
+MAX_LORA_TARGETS = 64
+MAX_NAME_CHARS = 255  # revisions, module names, evaluation-set stems
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAYBE_LONG_NAME = re.compile(f"[^/]{{{NAME_MAX_BYTES // 4 + 1},}}")  # shorter names fit in UTF-8's 4 bytes a char
+
+
+def _text(v: str) -> str:
+    """Printable Unicode only: a NUL, newline or unpaired surrogate breaks paths, logs and the job store."""
+    if not v.isprintable() and _CONTROL.search(v):  # isprintable: a fast pass for almost every string
+        raise ValueError("must not contain control characters (NUL, newline, tab, ...)")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from None
+    return v
+
+
+def _path(v: str) -> str:
+    """A path (or hub id) the OS can take: at most PATH_MAX bytes, each name at most NAME_MAX bytes."""
+    _text(v)
+    size = len(v.encode("utf-8"))
+    if size > PATH_MAX_BYTES:
+        raise ValueError(f"path is {size} bytes long; the limit is {PATH_MAX_BYTES} bytes")
+    for name in _MAYBE_LONG_NAME.findall(v):
+        if (n := len(name.encode("utf-8"))) > NAME_MAX_BYTES:
+            raise ValueError(f"a name in the path is {n} bytes long; the limit is {NAME_MAX_BYTES} bytes per name")
+    return v
+
+
+Text = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_text)]
+PathText = Annotated[str, Field(min_length=1, max_length=PATH_MAX_BYTES), AfterValidator(_path)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # No inf/nan (JSON's 1e999): stored as JSON they would come back as null.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -30,23 +69,29 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ModelSpec(_Strict):
-    id: str = Field(
+    id: PathText = Field(
         description="A Hugging Face hub id, a local Hugging Face model directory, or a local .gguf file.",
-        min_length=1,
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    revision: Text | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
     dtype: Dtype = Field(
         "auto",
         description="Compute dtype. 'auto' keeps the checkpoint's dtype (float32 for GGUF, which is dequantized).",
     )
-    gguf_file: str | None = Field(
+    gguf_file: Annotated[str, Field(max_length=NAME_MAX_BYTES), AfterValidator(_path)] | None = Field(
         None, description="File name of the .gguf inside the directory or repo given as id, if not given in id."
     )
-    dense: str | None = Field(
+    dense: PathText | None = Field(
         None,
         description="The dense (unpruned) reference, in the same forms as id. Needed to restore a model "
         "given already pruned (pruning.method 'none'); ignored otherwise.",
     )
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _gguf_name(cls, v: str | None) -> str | None:
+        if v is not None and ("/" in v or "\\" in v or not v.lower().endswith(".gguf")):
+            raise ValueError("must be the name of a .gguf file inside model.id (such as 'model-q8_0.gguf'), not a path")
+        return v
 
 
 class PruningSpec(_Strict):
@@ -61,6 +106,7 @@ class PruningSpec(_Strict):
     )
     pattern: str = Field(
         "unstructured",
+        max_length=32,
         description="'unstructured', or 'N:M' (at most N non-zeros in every M consecutive input weights).",
     )
     calibration_samples: int = Field(128, ge=1, le=100_000, description="Calibration sequences (Wanda, SparseGPT).")
@@ -146,7 +192,7 @@ class RestorationSpec(_Strict):
     train_samples: int = Field(2000, ge=1, le=10_000_000, description="Instruction samples used for training.")
     epochs: int = Field(1, ge=1, le=1000, description="Training epochs (ignored when max_steps is set).")
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps; overrides epochs when set."
+        None, ge=1, le=10_000_000, description="Optimizer steps; overrides epochs when set."
     )
     lr: float | None = Field(
         None, gt=0, lt=10, description="AdamW learning rate; null picks the method's default (RestoreLCC "
@@ -170,8 +216,9 @@ class RestorationSpec(_Strict):
     max_seq_len: int = Field(256, ge=8, le=32_768, description="Longest training sequence in tokens.")
     lora_r: int = Field(8, ge=1, le=4096, description="LoRA/DoRA rank.")
     lora_alpha: float = Field(16, gt=0, description="LoRA/DoRA alpha.")
-    lora_targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, description="LoRA/DoRA target module names."
+    lora_targets: list[Text] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=MAX_LORA_TARGETS,
+        description="LoRA/DoRA target module names.",
     )
 
     @model_validator(mode="before")
@@ -210,26 +257,31 @@ class RestorationSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    train: str | None = Field(
+    train: PathText | None = Field(
         None, description="Instruction JSONL ({prompt, response}) for probing and training."
     )
-    calibration: str | None = Field(
+    calibration: PathText | None = Field(
         None,
         description="JSONL used for pruning calibration ({text} or {prompt, response}); defaults to data.train.",
     )
 
 
 class EvaluationSpec(_Strict):
-    perplexity: list[str] = Field(default_factory=list, description="Plain-text JSONL files ({text}).")
-    response_perplexity: list[str] = Field(
-        default_factory=list, description="Instruction JSONL files ({prompt, response}); prompt tokens masked."
+    perplexity: list[PathText] = Field(
+        default_factory=list, max_length=MAX_EVAL_FILES, description="Plain-text JSONL files ({text})."
     )
-    tasks: list[str] = Field(
-        default_factory=list, description="Multiple-choice JSONL files ({context, choices, label})."
+    response_perplexity: list[PathText] = Field(
+        default_factory=list, max_length=MAX_EVAL_FILES,
+        description="Instruction JSONL files ({prompt, response}); prompt tokens masked.",
+    )
+    tasks: list[PathText] = Field(
+        default_factory=list, max_length=MAX_EVAL_FILES,
+        description="Multiple-choice JSONL files ({context, choices, label}).",
     )
     limit: int | None = Field(500, ge=1, description="Rows per set: a fixed prefix. null for all rows.")
-    limits: dict[str, Annotated[int, Field(ge=1)]] = Field(
-        default_factory=dict, description="Per-set row limits keyed by file stem (e.g. 'boolq'), overriding limit."
+    limits: dict[Text, Annotated[int, Field(ge=1)]] = Field(
+        default_factory=dict, max_length=MAX_LIMITS,
+        description="Per-set row limits keyed by file stem (e.g. 'boolq'), overriding limit.",
     )
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per evaluation forward pass.")
     max_seq_len: int = Field(512, ge=8, le=32_768, description="Longest evaluated sequence in tokens.")
@@ -248,6 +300,14 @@ class OutputSpec(_Strict):
 
 class JobSpec(_Strict):
     """One restoration job. The same JSON drives `restorelcc run` and `POST /v1/jobs`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"model": {"id": "/models/SmolLM2-135M-Instruct"}, "pruning": {"method": "wanda", "sparsity": 0.5},
+         "restoration": {"method": "restorelcc", "max_steps": 200}, "data": {"train": "/data/alpaca_train.jsonl"},
+         "evaluation": {"perplexity": ["/data/wikitext.jsonl"], "limit": 200}},
+        {"model": {"id": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "pruning": {"method": "magnitude"},
+         "restoration": {"method": "none"}},
+    ]})
 
     model: ModelSpec
     pruning: PruningSpec = Field(default_factory=PruningSpec)
@@ -353,3 +413,27 @@ class ArtifactPublic(BaseModel):
     name: str
     size: int
     sha256: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. 'invalid_spec', 'job_not_found'.")
+    message: str = Field(description="What went wrong, for people.")
+    field: str | None = Field(
+        description="The input at fault: a dotted path into the spec ('pruning.sparsity'), a query parameter or a "
+        "header; null when the error is not about one input."
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the service."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description="'ok' or 'error: ...' per dependency (database, broker, artifacts).")

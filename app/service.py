@@ -7,13 +7,14 @@ In the embedded setup there is no broker: the local worker polls the job store f
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.config import Settings
 from app.errors import ApiError, not_found
-from app.paths import PathRefused, check_spec_paths
+from app.paths import PathRefused, check_spec_files, check_spec_paths
 from app.schemas import JobSpec, JobStatus
 from app.store.artifacts import ArtifactStore, job_prefix
 from app.store.jobs import CancelResult, IdempotencyConflict, JobNotFinished, JobStore
@@ -22,6 +23,12 @@ from app.store.models import Job
 log = logging.getLogger("restorelcc.api")
 
 TASK_NAME = "restorelcc.run_job"
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,36}$")  # the store's ids (uuid4 hex) fit this; a NUL would break PostgreSQL
+
+
+def is_job_id(value: str) -> bool:
+    """Whether ``value`` could name a job: anything else is not found without asking the store."""
+    return bool(_JOB_ID.match(value))
 
 
 class Enqueuer(Protocol):
@@ -91,9 +98,9 @@ class JobService:
 
     def create(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None) -> Created:
         try:
-            check_spec_paths(spec, self.settings)
+            check_spec_files(spec, check_spec_paths(spec, self.settings))
         except PathRefused as e:
-            raise ApiError(422, "path_not_allowed", e.message, e.field) from e
+            raise ApiError(422, e.code, e.message, e.field) from e
         body: dict[str, Any] = spec.model_dump(mode="json")
         try:
             job, created = self.jobs.create(tenant, body, idempotency_key)
@@ -114,13 +121,13 @@ class JobService:
         return Created(job, created)
 
     def get(self, tenant: str, job_id: str) -> Job:
-        job = self.jobs.get(job_id, tenant)
+        job = self.jobs.get(job_id, tenant) if is_job_id(job_id) else None
         if job is None:
             raise not_found()
         return job
 
     def cancel(self, tenant: str, job_id: str) -> CancelResult:
-        res = self.jobs.request_cancel(job_id, tenant)
+        res = self.jobs.request_cancel(job_id, tenant) if is_job_id(job_id) else None
         if res is None:
             raise not_found()
         return res

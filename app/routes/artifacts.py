@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mimetypes
 import re
 from pathlib import PurePosixPath
 from typing import Annotated
@@ -11,10 +10,23 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import StreamingResponse
 
 from app.deps import JobServiceDep, PrincipalDep, ServicesDep
-from app.errors import ApiError, not_found
+from app.errors import ApiError, error_responses, not_found
 from app.schemas import ArtifactPublic
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
+
+_FILE = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_FILE_HEADERS = {
+    "ETag": {"description": "The quoted sha256 of the whole file", "schema": {"type": "string"}},
+    "Accept-Ranges": {"description": "bytes", "schema": {"type": "string"}},
+}
+
+
+class FileDownload(StreamingResponse):
+    """A file, whatever its name says: documented (and served) as ``application/octet-stream``."""
+
+    media_type = "application/octet-stream"
+
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
@@ -54,7 +66,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-@router.get("", response_model=list[ArtifactPublic], responses={401: {}, 404: {}})
+@router.get("", response_model=list[ArtifactPublic], responses=error_responses(401, 404))
 def list_artifacts(job_id: str, principal: PrincipalDep, service: JobServiceDep,
                    services: ServicesDep) -> list[ArtifactPublic]:
     service.get(principal.tenant, job_id)
@@ -63,11 +75,13 @@ def list_artifacts(job_id: str, principal: PrincipalDep, service: JobServiceDep,
 
 @router.get(
     "/{name:path}",
+    response_class=FileDownload,
     responses={
-        200: {"content": {"application/octet-stream": {}}},
-        206: {"description": "Partial content (Range)"},
-        304: {"description": "Not modified (If-None-Match)"},
-        401: {}, 404: {}, 416: {},
+        200: {"content": _FILE, "description": "The whole file", "headers": _FILE_HEADERS},
+        206: {"content": _FILE, "description": "Partial content (Range)", "headers": {
+            **_FILE_HEADERS, "Content-Range": {"description": "bytes a-b/size", "schema": {"type": "string"}}}},
+        304: {"description": "Not modified (If-None-Match)", "headers": _FILE_HEADERS},
+        **error_responses(401, 404, 416),
     },
 )
 def download_artifact(
@@ -82,7 +96,7 @@ def download_artifact(
 ) -> Response:
     """Stream one artifact. `ETag` is its quoted sha256; `Range` gives 206; `If-None-Match` gives 304."""
     service.get(principal.tenant, job_id)
-    art = services.jobs.artifact(job_id, name)
+    art = services.jobs.artifact(job_id, name) if "\x00" not in name else None
     if art is None:
         raise not_found("artifact")
     etag = f'"{art.sha256}"'
@@ -92,14 +106,13 @@ def download_artifact(
     rng = parse_range(range_, art.size)
     if rng is not None and if_range is not None and if_range.strip() != etag:
         rng = None
-    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     headers["Content-Disposition"] = f'attachment; filename="{PurePosixPath(name).name}"'
     if rng is None:
         body = services.artifacts.open_range(art.key)
         headers["Content-Length"] = str(art.size)
-        return StreamingResponse(body, status_code=200, media_type=media, headers=headers)
+        return FileDownload(body, status_code=200, headers=headers)
     start, end = rng
     body = services.artifacts.open_range(art.key, start, end)
     headers["Content-Range"] = f"bytes {start}-{end}/{art.size}"
     headers["Content-Length"] = str(end - start + 1)
-    return StreamingResponse(body, status_code=206, media_type=media, headers=headers)
+    return FileDownload(body, status_code=206, headers=headers)

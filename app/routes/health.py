@@ -8,23 +8,24 @@ from __future__ import annotations
 import secrets
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.deps import ServicesDep
-from app.errors import ApiError
+from app.errors import ApiError, error_responses
+from app.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=Health)
 def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness, "description": "Not ready"}})
 def readyz(services: ServicesDep) -> JSONResponse:
     """Ready to take jobs: the job store answers, the broker (if any) answers, the artifact store is usable."""
     checks: dict[str, str] = {}
@@ -48,7 +49,11 @@ def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                     "description": "Prometheus text exposition"}, **error_responses(401)},
+)
 def metrics(services: ServicesDep, request: Request) -> Response:
     """Prometheus exposition."""
     token = services.settings.metrics_token

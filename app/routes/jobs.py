@@ -12,16 +12,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import JobServiceDep, PrincipalDep, ServicesDep
-from app.errors import ApiError, error_body
+from app.errors import ApiError, error_body, error_responses
 from app.schemas import EventPublic, JobError, JobList, JobPublic, JobSpec, JobStatus, Progress
+from app.service import is_job_id
 from app.store.models import Event, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-ERRORS = {
-    401: {"description": "Missing or invalid API key"},
-    404: {"description": "No such job (or not yours)"},
-}
+_LOCATION = {"Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}}}
 
 
 def to_public(job: Job) -> JobPublic:
@@ -44,7 +42,11 @@ def event_public(e: Event) -> EventPublic:
     return EventPublic(seq=e.seq, kind=e.kind, stage=e.stage, data=e.data or {}, created_at=e.created_at)
 
 
-@router.post("", status_code=202, response_model=JobPublic, responses={**ERRORS, 409: {}, 422: {}, 503: {}})
+@router.post(
+    "", status_code=202, response_model=JobPublic,
+    responses={202: {"description": "The job, queued (or the earlier one, replayed)", "headers": _LOCATION},
+               **error_responses(400, 401, 409, 413, 422, 503)},
+)
 def create_job(
     spec: JobSpec,
     principal: PrincipalDep,
@@ -66,7 +68,7 @@ def create_job(
     return to_public(res.job)
 
 
-@router.get("", response_model=JobList, responses=ERRORS)
+@router.get("", response_model=JobList, responses=error_responses(401, 422))
 def list_jobs(
     principal: PrincipalDep,
     services: ServicesDep,
@@ -76,18 +78,25 @@ def list_jobs(
 ) -> JobList:
     """The caller's jobs, newest first."""
     try:
+        if after is not None and not is_job_id(after):
+            raise KeyError(after)
         rows, cursor = services.jobs.list(principal.tenant, limit, after, status.value if status else None)
     except KeyError as e:
         raise ApiError(422, "invalid_cursor", "after: unknown cursor", "after") from e
     return JobList(items=[to_public(j) for j in rows], next_cursor=cursor)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS)
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
 def get_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> JobPublic:
     return to_public(service.get(principal.tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses={**ERRORS, 409: {}})
+@router.post(
+    "/{job_id}/cancel", response_model=JobPublic, status_code=202,
+    responses={200: {"model": JobPublic, "description": "Already cancelled: nothing changed"},
+               202: {"description": "Cancelled (queued job) or cancelling (running job)"},
+               **error_responses(401, 404, 409, 413)},
+)
 def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, response: Response) -> JobPublic:
     """queued → cancelled at once; running → cancelling, then cancelled at the next checkpoint.
     Cancelling a cancelled job again is a no-op (200); a succeeded or failed job gives 409."""
@@ -99,7 +108,7 @@ def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, res
     return to_public(service.get(principal.tenant, job_id))
 
 
-@router.delete("/{job_id}", status_code=204, responses={**ERRORS, 409: {}})
+@router.delete("/{job_id}", status_code=204, responses=error_responses(401, 404, 409))
 def delete_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> Response:
     """Delete a finished job, its events and its artifacts (409 while it is queued or running)."""
     service.delete(principal.tenant, job_id)
@@ -109,7 +118,9 @@ def delete_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> 
 @router.get(
     "/{job_id}/events",
     response_model=list[EventPublic],
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                     "description": "The events (JSON), or a live Server-Sent-Events stream"},
+               **error_responses(401, 404, 422)},
 )
 def job_events(
     job_id: str,

@@ -74,6 +74,16 @@ def test_download_full_range_and_etag(api, finished):
     assert r.status_code == 200
 
 
+def test_downloads_are_files_whatever_their_name(api, finished):
+    """As /openapi.json says: application/octet-stream, even for report.json."""
+    job, src = finished
+    for name in ("report.json", "model/config.json", "model/model.safetensors"):
+        r = api.client.get(f"/v1/jobs/{job}/artifacts/{name}", headers=api.h())
+        assert r.status_code == 200 and r.content == (src / name).read_bytes()
+        assert r.headers["content-type"] == "application/octet-stream", name
+        assert r.headers["content-disposition"] == f'attachment; filename="{name.rsplit("/", 1)[-1]}"'
+
+
 def test_unknown_artifact_and_traversal_are_404(api, finished):
     job, _ = finished
     for name in ("nope.bin", "../report.json", "model/../../x", "%2e%2e/report.json"):
