@@ -1,6 +1,21 @@
-"""Failures a job can end with. Deterministic ones are never retried; each carries a stable code."""
+"""Failures a job can end with. Deterministic ones are never retried; each carries a stable code.
+
+Which code a bad input gets: anything wrong with what the user named is a :class:`JobFailure` naming the
+field, never ``internal_error`` (kept for the worker's own bugs):
+
+- a model location that holds no model we can open (missing, a name the OS refuses, not a file or directory,
+  no config.json or .gguf, unreadable, not a GGUF file) → ``model_not_found``;
+- model files that open but cannot be used (a config or GGUF header that is not valid, corrupt or truncated
+  weights, a missing tokenizer, an architecture or geometry the pipeline cannot restore) → ``unsupported_model``;
+- a data file that cannot be opened, read, decoded or parsed, or rows of the wrong shape → ``invalid_data``.
+"""
 
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Literal
 
 
 class JobFailure(Exception):
@@ -49,3 +64,38 @@ class TransientError(Exception):
     """I/O that may succeed when tried again (artifact upload, broker, database)."""
 
     retryable = True
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Host or accelerator memory ran out (torch reports some of these as a plain RuntimeError)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+MISSING = "does not exist"
+
+
+def path_problem(path: str | Path, want: Literal["file", "dir", "any"]) -> str | None:
+    """Why ``path`` cannot be used as ``want`` (a regular file, a directory, or either), or None if it can.
+
+    Never raises: a name or path too long for the OS, a NUL byte, a symlink loop or an unreadable parent are
+    reasons like any other. A FIFO, socket or device is refused too, so that nothing blocks opening it.
+    The words follow the path in a message ("model path /x does not exist").
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{MISSING} (a dangling symbolic link)" if os.path.islink(path) else MISSING
+    except NotADirectoryError:
+        return f"{MISSING} (a parent is not a directory)"
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES, EIO ...
+        return f"cannot be opened: {(exc.strerror or str(exc)).lower()}"
+    except ValueError:  # embedded NUL
+        return "is not a valid path (it contains a NUL byte)"
+    if stat.S_ISREG(mode):
+        return "is a file, not a directory" if want == "dir" else None
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file" if want == "file" else None
+    return "is not a regular file or directory (a FIFO, socket or device)"

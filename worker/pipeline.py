@@ -105,6 +105,8 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
     import torch
     import transformers
 
+    from worker.model.data import DataFormatError
+
     transformers.utils.logging.disable_progress_bar()  # the reporter shows progress
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,8 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
         raise OutOfMemoryFailure(f"out of memory during {progress._current}: {exc}".strip()) from exc
     except MemoryError as exc:
         raise OutOfMemoryFailure(f"out of host memory during {progress._current}") from exc
+    except DataFormatError as exc:  # a data file that changed after check_job: name its field
+        raise DataError(exc.message, field=exc.field or _data_field(spec, exc.path)) from exc
     state.report["seconds_total"] = round(time.perf_counter() - t0, 3)
     _write_report(state)
     progress.done()
@@ -187,7 +191,7 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
         model, tokenizer = load_model(dense_source, spec.model.dtype, device=_device())
-        _measure_dense(state, model, tokenizer, _adapter(model), progress, reporter)
+        _measure_dense(state, model, tokenizer, _adapter(model, "model.dense"), progress, reporter)
         del model
         _free_memory()
 
@@ -220,7 +224,7 @@ def check_job(spec: JobSpec) -> CheckedJob:
     info = preflight(source, spec)
     dense_source = None
     if spec.pruning.method == "none" and spec.model.dense and spec.restoration.method != "none":
-        dense_source = resolve_source(spec.model.dense)
+        dense_source = resolve_source(spec.model.dense, field="model.dense")
         dense_info = preflight(dense_source, spec)
         if dense_info != info:
             raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
@@ -228,14 +232,14 @@ def check_job(spec: JobSpec) -> CheckedJob:
     return CheckedJob(source, info, dense_source)
 
 
-def _adapter(model):
+def _adapter(model, field: str = "model.id"):
     from worker.errors import UnsupportedModelError
     from worker.model.arch import DecoderAdapter, UnsupportedArchitectureError
 
     try:
         return DecoderAdapter(model)
     except UnsupportedArchitectureError as exc:
-        raise UnsupportedModelError(str(exc), field="model.id") from exc
+        raise UnsupportedModelError(str(exc), field=field) from exc
 
 
 def _check_data_files(spec: JobSpec) -> None:
@@ -252,14 +256,19 @@ def _check_data_files(spec: JobSpec) -> None:
                "evaluation.perplexity": read_texts, "evaluation.response_perplexity": read_instructions,
                "evaluation.tasks": read_choices}
     for fld, path in spec.data_paths().items():
-        if not Path(path).is_file():
-            raise DataError(f"{fld}: file not found: {path}", field=fld)
-        try:
+        try:  # the readers refuse a path that is no regular file before opening it (a FIFO would block)
             rows = readers[fld.rsplit(".", 1)[0] if fld.startswith("evaluation.") else fld](path)
         except DataFormatError as exc:
-            raise DataError(f"{fld}: {exc}", field=fld) from exc
+            raise DataError(f"{fld}: {exc.message}", field=fld) from exc
         if fld == "data.train" and spec.restoration.head_selection == "probe" and len(rows) < 4:
             raise DataError(f"data.train: {len(rows)} rows; contrastive probing needs at least 4", field=fld)
+
+
+def _data_field(spec: JobSpec, path: str | None) -> str | None:
+    """The spec field that names data file ``path`` (the first, if several do)."""
+    if path is None:
+        return None
+    return next((fld for fld, p in spec.data_paths().items() if Path(p) == Path(path)), None)
 
 
 def _measure_dense(state: RunState, model, tokenizer, adapter, progress: StageProgress, reporter) -> None:
@@ -309,14 +318,17 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         path = spec.data.calibration or spec.data.train
         assert path is not None  # the spec validator guarantees it
         texts = read_calibration_texts(path)
-        calibration = build_calibration_batches(
-            state.tokenizer,
-            texts,
-            n_samples=spec.pruning.calibration_samples,
-            seq_len=spec.pruning.seq_len,
-            batch_size=max(1, min(8, spec.pruning.calibration_samples)),
-            seed=spec.seed,
-        )
+        try:
+            calibration = build_calibration_batches(
+                state.tokenizer,
+                texts,
+                n_samples=spec.pruning.calibration_samples,
+                seq_len=spec.pruning.seq_len,
+                batch_size=max(1, min(8, spec.pruning.calibration_samples)),
+                seed=spec.seed,
+            )
+        except DataError as exc:
+            raise DataError(exc.message, field="data.calibration" if spec.data.calibration else "data.train") from exc
     summary = prune_model(
         state.model,
         state.adapter,
@@ -393,8 +405,8 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero: check what was written
         progress(0.6, "checking the saved weights' zeros")
         if not _saved_zeros_match(state.out_dir / "model", after):
-            raise JobFailure(f"output.dtype {state.spec.output.dtype} turns kept weights into zeros; "
-                             "export in a wider dtype", field="output.dtype")
+            raise SpecError(f"output.dtype {state.spec.output.dtype} turns kept weights into zeros; "
+                            "export in a wider dtype", field="output.dtype")
     from worker import restoration
 
     restoration.export(state, state.out_dir)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from app.schemas import JobSpec
-from worker.errors import JobFailure, SpecError
+from worker.errors import DataError, JobFailure, SpecError
 from worker.reporting import checkpoint
 
 
@@ -186,7 +186,8 @@ def _train_batches(state):
     encoded = [encode_pair(state.tokenizer, p, resp, r.max_seq_len) for p, resp in pairs]
     encoded = [e for e in encoded if any(x != -100 for x in e[1][1:])]
     if not encoded:
-        raise JobFailure(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}")
+        raise DataError(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}",
+                        field="data.train")
 
     lengths = [len(e[0]) for e in encoded]
 

@@ -33,7 +33,7 @@ from app.store.artifacts import ArtifactStore, attempt_prefix, job_key, job_pref
 from app.store.db import make_engine
 from app.store.jobs import JobStore, stale_cutoff
 from app.store.models import Job, utcnow
-from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError
+from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError, is_out_of_memory
 from worker.store_reporter import StoreReporter, jsonable
 
 log = logging.getLogger("restorelcc.worker")
@@ -187,13 +187,6 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def _execute(ctx: WorkerContext, job: Job) -> Result:
     s = ctx.settings
     jobs = ctx.jobs
@@ -203,11 +196,11 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
         spec = JobSpec.model_validate(job.spec)
         check_spec_paths(spec, s)  # again here: the filesystem may have changed since the job was accepted
     except ValidationError as e:
-        jobs.finish(job_id, JobStatus.failed, ("invalid_spec", str(e)[:2000]), attempt=attempt)
-        return Result(Outcome.failed)
+        return _fail(ctx, job_id, "invalid_spec", str(e)[:2000], _error_field(e), attempt)
     except PathRefused as e:
-        jobs.finish(job_id, JobStatus.failed, ("path_not_allowed", e.message), attempt=attempt)
-        return Result(Outcome.failed)
+        return _fail(ctx, job_id, getattr(e, "code", "path_not_allowed"), e.message, e.field, attempt)
+    except Exception as e:  # a bug in the checks: fail the job here rather than leave it running
+        return _internal_error(ctx, job_id, e, attempt)
 
     out_dir = s.work_path / job_id
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -267,16 +260,35 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 if is_out_of_memory(e):
                     oom = OutOfMemoryFailure(f"out of memory: {e}"[:2000])
                     return _fail(ctx, job_id, oom.code, oom.message, attempt=attempt)
-                log.exception("job %s failed unexpectedly", job_id)
-                jobs.add_event(job_id, "traceback", {"traceback": traceback.format_exc()[-8000:]})
-                return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000], attempt=attempt)
+                return _internal_error(ctx, job_id, e, attempt)
     finally:
         if not s.keep_work_dirs:
             shutil.rmtree(out_dir, ignore_errors=True)
 
 
+def _error_field(e: ValidationError) -> str | None:
+    """The spec field of a validation error's first problem ("model.id"), if it names one."""
+    errors = e.errors()
+    loc = errors[0].get("loc", ()) if errors else ()
+    return ".".join(str(x) for x in loc) or None
+
+
+def _internal_error(ctx: WorkerContext, job_id: str, e: Exception, attempt: int | None) -> Result:
+    """A bug, not a bad input: the job fails ``internal_error`` with its traceback in the event log."""
+    log.exception("job %s failed unexpectedly", job_id)
+    ctx.jobs.add_event(job_id, "traceback", {"traceback": traceback.format_exc()[-8000:]})
+    return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000], attempt=attempt)
+
+
+def _storable(text: str) -> str:
+    """``text`` as the job store can hold it: a message quoting user input may carry a NUL or an unpaired
+    surrogate (a file name that is not UTF-8), which PostgreSQL refuses; they are written as escapes."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str | None = None,
           attempt: int | None = None) -> Result:
+    message, field = _storable(message), field and _storable(field)
     if field:
         ctx.jobs.add_event(job_id, "error", {"code": code, "message": message, "field": field})
     if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,),

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from worker.errors import DataError
 from worker.model.arch import DecoderAdapter
 from worker.model.data import Batch, pad_batch
 
@@ -234,7 +235,7 @@ def build_calibration_batches(
         if len(stream) >= need:
             break
     if not stream:
-        raise ValueError("calibration texts produced no tokens")
+        raise DataError("calibration texts produced no tokens")
     count = min(n_samples, len(stream) // seq_len)
     seqs = [stream[k * seq_len : (k + 1) * seq_len] for k in range(count)] or [stream[:seq_len]]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)

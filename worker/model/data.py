@@ -18,46 +18,116 @@ from typing import Any
 
 import torch
 
+from worker.errors import DataError, path_problem
+
 IGNORE = -100
 
 
-class DataFormatError(ValueError):
-    """A data file is missing, unreadable or not in the expected format."""
+class DataFormatError(DataError, ValueError):
+    """A data file is missing, unreadable or not in the expected format.
+
+    A :class:`DataError`, so it fails the job as ``invalid_data`` whichever stage reads the file (it may change
+    after the job's check); ``path`` lets the runner name the spec field it came from.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+
+Row = tuple[str, dict[str, Any]]  # ("file:line" for messages, the row)
+
+
+def _parse_line(raw: bytes, where: str, path: Path) -> dict[str, Any] | None:
+    """One JSONL line as an object (None when blank)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{where}: not valid UTF-8 (byte {exc.start} of the line)", path) from exc
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{where}: not valid JSON ({exc.msg})", path) from exc
+    except (ValueError, RecursionError) as exc:  # a number too long to convert; nesting too deep
+        raise DataFormatError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:100]})", path) from exc
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object", path)
+    return row
+
+
+def _read_rows(path: str | Path, required: Sequence[str], limit: int | None) -> list[Row]:
+    p = Path(path)
+    problem = path_problem(p, "file")
+    if problem:
+        raise DataFormatError(f"data file {p} {problem}", p)
+    rows: list[Row] = []
+    try:
+        with p.open("rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if limit is not None and len(rows) >= limit:
+                    break
+                where = f"{p}:{lineno}"
+                row = _parse_line(raw, where, p)
+                if row is None:
+                    continue
+                missing = [k for k in required if k not in row]
+                if missing:
+                    raise DataFormatError(f"{where}: missing key(s) {missing}; expected {list(required)}", p)
+                rows.append((where, row))
+    except OSError as exc:
+        raise DataFormatError(f"data file {p} cannot be read: {(exc.strerror or str(exc)).lower()}", p) from exc
+    if not rows:
+        raise DataFormatError(f"{p}: no rows", p)
+    return rows
 
 
 def read_jsonl(path: str | Path, required: Sequence[str] = (), limit: int | None = None) -> list[dict[str, Any]]:
     """Rows of a JSONL file (a fixed prefix of ``limit`` rows), each checked for ``required`` keys."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataFormatError(f"data file not found: {p}")
-    rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFormatError(f"{p}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise DataFormatError(f"{p}:{lineno}: expected a JSON object")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataFormatError(f"{p}:{lineno}: missing key(s) {missing}; expected {list(required)}")
-            rows.append(row)
-    if not rows:
-        raise DataFormatError(f"{p}: no rows")
-    return rows
+    return [row for _, row in _read_rows(path, required, limit)]
+
+
+_JSON_TYPES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+               list: "an array", dict: "an object"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _string(value: Any, key: str, where: str, path: str | Path) -> str:
+    """``value`` if it is text a tokenizer takes; a number or null is refused rather than turned into text."""
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: '{key}' must be a string, not {_json_type(value)}", path)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # "\ud800" is valid JSON but no text: tokenizers raise on it
+        raise DataFormatError(f"{where}: '{key}' holds an unpaired surrogate ({value[exc.start]!r})", path) from exc
+    return value
+
+
+def _some_text(texts: Sequence[str], what: str, path: str | Path) -> None:
+    if not any(texts):
+        raise DataFormatError(f"{path}: every {what} is empty", path)
 
 
 def read_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    return [str(r["text"]) for r in read_jsonl(path, ("text",), limit)]
+    texts = [_string(r["text"], "text", where, path) for where, r in _read_rows(path, ("text",), limit)]
+    _some_text(texts, "'text'", path)
+    return texts
 
 
 def read_instructions(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
-    return [(str(r["prompt"]), str(r["response"])) for r in read_jsonl(path, ("prompt", "response"), limit)]
+    """(prompt, response) pairs; a row with neither, or a file with no response text, is refused."""
+    pairs = []
+    for where, r in _read_rows(path, ("prompt", "response"), limit):
+        prompt, response = _string(r["prompt"], "prompt", where, path), _string(r["response"], "response", where, path)
+        if not prompt and not response:
+            raise DataFormatError(f"{where}: 'prompt' and 'response' are both empty", path)
+        pairs.append((prompt, response))
+    _some_text([resp for _, resp in pairs], "'response'", path)
+    return pairs
 
 
 @dataclass(frozen=True)
@@ -67,30 +137,34 @@ class ChoiceItem:
     label: int
 
 
+def _choice_item(r: dict[str, Any], where: str, path: str | Path) -> ChoiceItem:
+    choices, label = r["choices"], r["label"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise DataFormatError(f"{where}: 'choices' must be a list of at least 2 non-empty strings", path)
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise DataFormatError(f"{where}: 'label' must be a whole number (the index of the right choice), "
+                              f"not {_json_type(label)}", path)
+    if not 0 <= label < len(choices):
+        raise DataFormatError(f"{where}: label {label} out of range for {len(choices)} choices", path)
+    return ChoiceItem(_string(r["context"], "context", where, path),
+                      [_string(c, "choices", where, path) for c in choices], label)
+
+
 def read_choices(path: str | Path, limit: int | None = None) -> list[ChoiceItem]:
-    items = []
-    for i, r in enumerate(read_jsonl(path, ("context", "choices", "label"), limit)):
-        choices = r["choices"]
-        if not isinstance(choices, list) or len(choices) < 2:
-            raise DataFormatError(f"{path}: row {i + 1}: 'choices' must be a list of at least 2 strings")
-        label = int(r["label"])
-        if not 0 <= label < len(choices):
-            raise DataFormatError(f"{path}: row {i + 1}: label {label} out of range for {len(choices)} choices")
-        items.append(ChoiceItem(str(r["context"]), [str(c) for c in choices], label))
-    return items
+    return [_choice_item(r, where, path) for where, r in _read_rows(path, ("context", "choices", "label"), limit)]
 
 
 def read_calibration_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Calibration text from a text JSONL or an instruction JSONL (prompt + response joined)."""
-    rows = read_jsonl(path, (), limit)
     out = []
-    for i, r in enumerate(rows):
+    for where, r in _read_rows(path, (), limit):
         if "text" in r:
-            out.append(str(r["text"]))
+            out.append(_string(r["text"], "text", where, path))
         elif "prompt" in r and "response" in r:
-            out.append(str(r["prompt"]) + str(r["response"]))
+            out.append(_string(r["prompt"], "prompt", where, path) + _string(r["response"], "response", where, path))
         else:
-            raise DataFormatError(f"{path}: row {i + 1}: expected 'text' or 'prompt'+'response'")
+            raise DataFormatError(f"{where}: expected 'text' or 'prompt'+'response'", path)
+    _some_text(out, "text", path)
     return out
 
 
@@ -108,13 +182,55 @@ def encode_text(tokenizer: Any, text: str, max_len: int) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])[:max_len]
 
 
+def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _appended_specials(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer appends after a text: 1 for an ``add_eos_token`` tokenizer, else 0."""
+    plain, full = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return len(full) - start - len(plain)
+    return 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_continuations(tokenizer: Any, prefix: str, suffixes: Sequence[str]) -> list[tuple[list[int], int]]:
+    """For each suffix: ids of ``prefix + suffix`` tokenised as one text, and how many leading ids are the prefix's.
+
+    Tokenising a suffix on its own is wrong for SentencePiece tokenizers that prepend "▁" (Llama-1/2,
+    Mistral v0.1): " yes" alone is "▁", "▁yes". So the joined text is tokenised once (special tokens as for
+    any text) and the boundary is where it stops agreeing with the prefix's own ids; a last prefix token that
+    merges with the suffix's first characters thus counts as suffix. Special tokens appended after a text (an
+    ``add_eos_token`` tokenizer's EOS) are dropped, so the suffix is scored as it would be without them.
+    """
+    tail = _appended_specials(tokenizer)
+    alone = _ids(tokenizer, prefix, True)
+    alone = alone[: len(alone) - tail]
+    out = []
+    for suffix in suffixes:
+        joint = _ids(tokenizer, prefix + suffix, True)
+        joint = joint[: len(joint) - tail]
+        out.append((joint, _common_prefix(alone, joint)))
+    return out
+
+
+def encode_joined(tokenizer: Any, prefix: str, suffix: str) -> tuple[list[int], int]:
+    """Ids of ``prefix + suffix`` tokenised once, and the number of leading prefix ids (``encode_continuations``)."""
+    return encode_continuations(tokenizer, prefix, [suffix])[0]
+
+
 def encode_pair(tokenizer: Any, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) for prompt + response; labels are -100 on the prompt. Truncates the response end."""
-    p = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    r = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    ids = (p + r)[:max_len]
-    labels = ([IGNORE] * len(p) + r)[:max_len]
-    return ids, labels
+    ids, n_prompt = encode_joined(tokenizer, prompt, response)
+    return ids[:max_len], ([IGNORE] * n_prompt + ids[n_prompt:])[:max_len]
 
 
 @dataclass

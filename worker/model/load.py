@@ -12,13 +12,24 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
 from app.schemas import JobSpec
-from worker.errors import ModelNotFoundError, SpecError, TransientError, UnsupportedModelError
+from worker.errors import (
+    MISSING,
+    ModelNotFoundError,
+    SpecError,
+    TransientError,
+    UnsupportedModelError,
+    is_out_of_memory,
+    path_problem,
+)
 from worker.model.arch import ArchInfo, UnsupportedArchitectureError, arch_info, check_nm_fits
 from worker.model.data import ensure_pad_token
 
@@ -34,7 +45,8 @@ class ModelSource:
     """Where a model lives. ``path`` is a directory (``hf_dir``) or the ``.gguf`` file itself (``gguf``).
 
     For a hub id, ``path`` is the snapshot directory in the local Hugging Face cache (weights may
-    still be missing there until ``load_model`` fetches them) and ``repo_id`` is set.
+    still be missing there until ``load_model`` fetches them) and ``repo_id`` is set. ``field`` is the spec
+    field it came from ("model.id" or "model.dense"), named by every failure to read or load it.
     """
 
     model_id: str
@@ -42,6 +54,7 @@ class ModelSource:
     path: Path
     repo_id: str | None = None
     revision: str | None = None
+    field: str = dataclass_field(default="model.id", compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -69,34 +82,39 @@ def _offline() -> bool:
     return flag in ("1", "true", "yes", "on") or bool(constants.HF_HUB_OFFLINE)
 
 
-def _local_source(model_id: str, path: Path, gguf_file: str | None, repo_id: str | None = None,
-                  revision: str | None = None) -> ModelSource:
+def _local_source(model_id: str, path: Path, gguf_file: str | None, field: str) -> ModelSource:
+    """The model in ``path``, which exists and is a regular file or a directory."""
+    gguf_field = "model.gguf_file" if field == "model.id" else field  # model.gguf_file applies to model.id only
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ModelNotFoundError(f"model file {model_id} is not a .gguf file", field="model.id")
-        return ModelSource(model_id, "gguf", path, repo_id, revision)
+            raise ModelNotFoundError(f"model file {model_id} is not a .gguf file", field=field)
+        return ModelSource(model_id, "gguf", path, field=field)
     if gguf_file:
         f = path / gguf_file
-        if not f.is_file():
-            raise ModelNotFoundError(f"GGUF file {gguf_file} not found in {model_id}", field="model.gguf_file")
-        return ModelSource(model_id, "gguf", f, repo_id, revision)
-    if (path / "config.json").is_file():
-        return ModelSource(model_id, "hf_dir", path, repo_id, revision)
-    ggufs = sorted(path.glob("*.gguf"))
+        problem = path_problem(f, "file")
+        if problem:
+            raise ModelNotFoundError(f"GGUF file {gguf_file} in {model_id} {problem}", field=gguf_field)
+        return ModelSource(model_id, "gguf", f, field=field)
+    problem = path_problem(path / "config.json", "file")
+    if problem is None:
+        return ModelSource(model_id, "hf_dir", path, field=field)
+    if problem != MISSING:
+        raise ModelNotFoundError(f"config.json in {model_id} {problem}", field=field)
+    ggufs = [g for g in sorted(path.glob("*.gguf")) if path_problem(g, "file") is None]  # never open a FIFO
     if len(ggufs) == 1:
-        return ModelSource(model_id, "gguf", ggufs[0], repo_id, revision)
+        return ModelSource(model_id, "gguf", ggufs[0], field=field)
     if ggufs:
         names = ", ".join(g.name for g in ggufs[:5])
         raise ModelNotFoundError(
-            f"{model_id} holds several .gguf files ({names}); name one with model.gguf_file", field="model.gguf_file"
+            f"{model_id} holds several .gguf files ({names}); name one with model.gguf_file", field=gguf_field
         )
     raise ModelNotFoundError(
-        f"{model_id} is a directory with neither config.json nor a .gguf file", field="model.id"
+        f"{model_id} is a directory with neither config.json nor a .gguf file", field=field
     )
 
 
 def _hub_source(repo_id: str, revision: str | None, gguf_file: str | None,
-                cache_dir: str | Path | None) -> ModelSource:
+                cache_dir: str | Path | None, field: str = "model.id") -> ModelSource:
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -108,55 +126,67 @@ def _hub_source(repo_id: str, revision: str | None, gguf_file: str | None,
     )
 
     filename = gguf_file or "config.json"
+    name_field = "model.gguf_file" if gguf_file else field
     try:
         cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision)
     except HFValidationError as exc:
         raise ModelNotFoundError(
-            f"model {repo_id} is neither an existing local path nor a valid hub id ({exc})", field="model.id"
+            f"model {repo_id} is neither an existing local path nor a valid hub id ({exc})", field=field
         ) from exc
+    except ValueError as exc:  # a file name the hub refuses, such as "../x.gguf"
+        raise ModelNotFoundError(f"{filename} is not a valid file name in {repo_id} ({exc})", name_field) from exc
     if isinstance(cached, str):
-        return _hub_file_source(repo_id, Path(cached), gguf_file, revision)
+        return _hub_file_source(repo_id, Path(cached), gguf_file, revision, field)
     if _offline():
         what = f"{repo_id} ({gguf_file})" if gguf_file else repo_id
+        if revision and isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str):
+            raise ModelNotFoundError(
+                f"revision {revision} of {what} is not in the local Hugging Face cache (other revisions are) and "
+                "HF_HUB_OFFLINE is set", field="model.revision"
+            )
         raise ModelNotFoundError(
-            f"model {what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set", field="model.id"
+            f"model {what} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set", field=field
         )
     try:
         got = hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir)
     except GatedRepoError as exc:
-        raise ModelNotFoundError(f"model {repo_id} is gated: log in and accept its licence", "model.id") from exc
+        raise ModelNotFoundError(f"model {repo_id} is gated: log in and accept its licence", field) from exc
     except RepositoryNotFoundError as exc:
-        raise ModelNotFoundError(f"model {repo_id} not found on the Hugging Face Hub", "model.id") from exc
+        raise ModelNotFoundError(f"model {repo_id} not found on the Hugging Face Hub", field) from exc
     except RevisionNotFoundError as exc:
         raise ModelNotFoundError(f"revision {revision} of {repo_id} not found", "model.revision") from exc
     except EntryNotFoundError as exc:
-        field = "model.gguf_file" if gguf_file else "model.id"
-        raise ModelNotFoundError(f"{repo_id} has no {filename}", field) from exc
+        raise ModelNotFoundError(f"{repo_id} has no {filename}", name_field) from exc
     except (LocalEntryNotFoundError, OSError) as exc:
         raise TransientError(f"could not reach the Hugging Face Hub for {repo_id}: {exc}") from exc
-    return _hub_file_source(repo_id, Path(got), gguf_file, revision)
+    except ValueError as exc:  # a repo id, revision or file name the hub client refuses
+        raise ModelNotFoundError(f"{repo_id}: {exc}", name_field) from exc
+    return _hub_file_source(repo_id, Path(got), gguf_file, revision, field)
 
 
-def _hub_file_source(repo_id: str, file: Path, gguf_file: str | None, revision: str | None) -> ModelSource:
+def _hub_file_source(repo_id: str, file: Path, gguf_file: str | None, revision: str | None,
+                     field: str = "model.id") -> ModelSource:
     if gguf_file:
-        return ModelSource(repo_id, "gguf", file, repo_id, revision)
-    return ModelSource(repo_id, "hf_dir", file.parent, repo_id, revision)
+        return ModelSource(repo_id, "gguf", file, repo_id, revision, field=field)
+    return ModelSource(repo_id, "hf_dir", file.parent, repo_id, revision, field=field)
 
 
 def resolve_source(model_id: str, revision: str | None = None, gguf_file: str | None = None,
-                   cache_dir: str | Path | None = None) -> ModelSource:
-    """Where ``model_id`` lives, without loading weights. Raises ModelNotFoundError naming the id or path.
+                   cache_dir: str | Path | None = None, field: str = "model.id") -> ModelSource:
+    """Where ``model_id`` lives, without loading weights. Raises ModelNotFoundError naming the id or path,
+    and ``field`` (the spec field ``model_id`` came from), or model.gguf_file / model.revision when at fault.
 
     A hub id is looked up in the local Hugging Face cache first; only ``config.json`` (or the named
     GGUF file) is fetched here, the weights are fetched by ``load_model``.
     """
     model_id = model_id.strip()
     if _looks_like_path(model_id):
-        path = Path(model_id).expanduser()
-        if not path.exists():
-            raise ModelNotFoundError(f"model path {model_id} does not exist", field="model.id")
-        return _local_source(model_id, path, gguf_file)
-    return _hub_source(model_id, revision, gguf_file, cache_dir)
+        path = Path(os.path.expanduser(model_id))  # unlike Path.expanduser, leaves "~nobody/x" as it is
+        problem = path_problem(path, "any")
+        if problem:
+            raise ModelNotFoundError(f"model path {model_id} {problem}", field=field)
+        return _local_source(model_id, path, gguf_file, field)
+    return _hub_source(model_id, revision, gguf_file, cache_dir, field)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,58 +197,77 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _SMALL_ARRAY = 256  # longer arrays (vocabularies, merges) are returned as their length only
 
 
-def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+class _CorruptHeader(Exception):
+    """A GGUF header that does not parse: cut short, or with lengths that run past the end of the file."""
+
+
+def read_gguf_header(path: str | Path, field: str = "model.id") -> tuple[dict[str, Any], list[str]]:
     """(metadata, tensor names) of a GGUF file, reading only its header.
 
     Long arrays such as the vocabulary are skipped and reported as their length, which keeps this
-    around ten milliseconds even for a 50k-token vocabulary.
+    around ten milliseconds even for a 50k-token vocabulary. A file that cannot be read or is no GGUF
+    raises ModelNotFoundError; a truncated or corrupt header UnsupportedModelError (both naming ``field``).
     """
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != b"GGUF":
-            raise ModelNotFoundError(f"{path} is not a GGUF file (bad magic bytes)", field="model.id")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        pos = 24
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+            if magic != b"GGUF":
+                why = "it is empty" if not magic else "bad magic bytes"
+                raise ModelNotFoundError(f"{path} is not a GGUF file ({why})", field=field)
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                return _parse_gguf_header(buf, path, field)
+    except OSError as exc:
+        raise ModelNotFoundError(f"{path} cannot be read: {(exc.strerror or str(exc)).lower()}", field) from exc
+    except (_CorruptHeader, struct.error, OverflowError, RecursionError) as exc:
+        raise UnsupportedModelError(f"{path}: truncated or corrupt GGUF header ({exc})", field) from exc
 
-        def string(pos: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            pos += 8
-            return buf[pos : pos + n].decode("utf-8", "replace"), pos + n
 
-        def value(kind: int, pos: int) -> tuple[Any, int]:
-            if kind in _GGUF_FIXED:
-                fmt = _GGUF_FIXED[kind]
-                return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-            if kind == _GGUF_STRING:
-                return string(pos)
-            if kind == _GGUF_ARRAY:
-                item, n = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if n > _SMALL_ARRAY:
-                    if item in _GGUF_FIXED:
-                        return n, pos + n * struct.calcsize(_GGUF_FIXED[item])
-                    for _ in range(n):
-                        _, pos = value(item, pos)
-                    return n, pos
-                out = []
+def _parse_gguf_header(buf: mmap.mmap, path: str | Path, field: str) -> tuple[dict[str, Any], list[str]]:
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 or 3)", field)
+    pos = 24
+
+    def string(pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8
+        if pos + n > len(buf):
+            raise _CorruptHeader(f"a string of {n} bytes at byte {pos} runs past the end of the file")
+        return buf[pos : pos + n].decode("utf-8", "replace"), pos + n
+
+    def value(kind: int, pos: int) -> tuple[Any, int]:
+        if kind in _GGUF_FIXED:
+            fmt = _GGUF_FIXED[kind]
+            return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+        if kind == _GGUF_STRING:
+            return string(pos)
+        if kind == _GGUF_ARRAY:
+            item, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if n > _SMALL_ARRAY:
+                if item in _GGUF_FIXED:
+                    return n, pos + n * struct.calcsize(_GGUF_FIXED[item])
                 for _ in range(n):
-                    v, pos = value(item, pos)
-                    out.append(v)
-                return out, pos
-            raise UnsupportedModelError(f"{path}: unknown GGUF value type {kind}")
+                    _, pos = value(item, pos)
+                return n, pos
+            out = []
+            for _ in range(n):
+                v, pos = value(item, pos)
+                out.append(v)
+            return out, pos
+        raise UnsupportedModelError(f"{path}: unknown GGUF value type {kind}", field)
 
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key, pos = string(pos)
-            (kind,) = struct.unpack_from("<I", buf, pos)
-            meta[key], pos = value(kind, pos + 4)
-        names = []
-        for _ in range(n_tensors):
-            name, pos = string(pos)
-            (dims,) = struct.unpack_from("<I", buf, pos)
-            pos += 4 + 8 * dims + 12
-            names.append(name)
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        meta[key], pos = value(kind, pos + 4)
+    names = []
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (dims,) = struct.unpack_from("<I", buf, pos)
+        pos += 4 + 8 * dims + 12
+        names.append(name)
     return meta, names
 
 
@@ -233,15 +282,34 @@ _GGUF_MODEL_TYPES = {
 }
 
 
-def gguf_config(path: str | Path) -> Any:
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for config values it refuses (a strict-dataclass error in recent versions)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return (TypeError, ValueError)
+    return (TypeError, ValueError, StrictDataclassError)
+
+
+def _transformers_config(model_type: str, fields: dict[str, Any]) -> Any:
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+    if isinstance(fields.get("num_key_value_heads"), list):  # per-layer counts in some files
+        fields["num_key_value_heads"] = max(fields["num_key_value_heads"])
+    if model_type in CONFIG_MAPPING:
+        return AutoConfig.for_model(model_type, **fields)
+    config = PretrainedConfig(**fields)  # a model_type transformers does not know: still report it by name
+    config.model_type = model_type
+    return config
+
+
+def gguf_config(path: str | Path, field: str = "model.id") -> Any:
     """A transformers config with the model's geometry, from the GGUF header alone.
 
     Enough for the architecture and N:M checks; ``load_model`` returns the complete config that
     transformers builds from the file (which parses the whole vocabulary and takes seconds).
     """
-    from transformers import AutoConfig, PretrainedConfig
-
-    meta, tensors = read_gguf_header(path)
+    meta, tensors = read_gguf_header(path, field)
     arch = str(meta.get("general.architecture", "unknown"))
     model_type = _GGUF_MODEL_TYPES.get(arch, arch)
     if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
@@ -268,13 +336,11 @@ def gguf_config(path: str | Path) -> Any:
     if vocab:
         fields["vocab_size"] = vocab
     fields = {k: v for k, v in fields.items() if v is not None}
-    if isinstance(fields.get("num_key_value_heads"), list):  # per-layer counts in some files
-        fields["num_key_value_heads"] = max(fields["num_key_value_heads"])
     try:
-        config = AutoConfig.for_model(model_type, **fields)
-    except ValueError:  # a model_type transformers does not know: still report it by name
-        config = PretrainedConfig(**fields)
-        config.model_type = model_type
+        config = _transformers_config(model_type, fields)
+    except _config_errors() as exc:
+        raise UnsupportedModelError(f"{path}: the GGUF metadata is not a valid {model_type} geometry "
+                                    f"({_first_lines(exc)})", field) from exc
     if model_type not in _GGUF_MODEL_TYPES.values():
         config.architectures = [f"{arch} (GGUF)"]
     return config
@@ -287,15 +353,19 @@ def gguf_config(path: str | Path) -> Any:
 def load_config(source: ModelSource) -> Any:
     """The model's transformers config, without weights (for GGUF: the geometry from the header)."""
     if source.kind == "gguf":
-        return gguf_config(source.path)
+        return gguf_config(source.path, source.field)
     # config.json read directly: the geometry is all preflight needs, and importing transformers would
     # cost seconds before a bad spec or an unsupported model could be refused.
     try:
-        raw = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UnsupportedModelError(f"cannot read the config of {source.model_id}: {exc}") from exc
+        data = (Path(source.path) / "config.json").read_bytes()
+    except OSError as exc:
+        raise ModelNotFoundError(f"the config.json of {source.model_id} cannot be read: {exc}", source.field) from exc
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        raise UnsupportedModelError(f"cannot read the config of {source.model_id}: {exc}", source.field) from exc
     if not isinstance(raw, dict):
-        raise UnsupportedModelError(f"cannot read the config of {source.model_id}: not a JSON object")
+        raise UnsupportedModelError(f"cannot read the config of {source.model_id}: not a JSON object", source.field)
     return SimpleNamespace(**raw)
 
 
@@ -305,7 +375,12 @@ def preflight(source: ModelSource, spec: JobSpec) -> ArchInfo:
     try:
         info = arch_info(config)
     except UnsupportedArchitectureError as exc:
-        raise UnsupportedModelError(f"{source.model_id}: {exc}", field="model.id") from exc
+        raise UnsupportedModelError(f"{source.model_id}: {exc}", field=source.field) from exc
+    except (AttributeError, TypeError, ValueError, ArithmeticError) as exc:  # keys missing, or of the wrong type
+        raise UnsupportedModelError(
+            f"{source.model_id}: the config's geometry is missing or invalid ({type(exc).__name__}: {exc})",
+            field=source.field,
+        ) from exc
     nm = spec.pruning.nm
     if nm is not None and spec.pruning.method != "none":
         try:
@@ -344,13 +419,13 @@ def _ensure_hub_weights(source: ModelSource) -> Path:
         if offline:
             raise ModelNotFoundError(
                 f"the weights of {source.repo_id} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
-                field="model.id",
+                field=source.field,
             ) from exc
         raise TransientError(f"could not fetch {source.repo_id} from the Hugging Face Hub: {exc}") from exc
     return got
 
 
-def _plain_model(model: Any) -> Any:
+def _plain_model(model: Any, field: str = "model.id") -> Any:
     """A model that ``save_pretrained`` accepts and ``from_pretrained`` reloads with no GGUF file.
 
     transformers refuses to save a model that still carries its GGUF quantizer ("The model is
@@ -365,7 +440,7 @@ def _plain_model(model: Any) -> Any:
         return model
     packed = [n for n, m in model.named_modules() if "gguf" in type(m).__name__.lower()]
     if packed:
-        raise UnsupportedModelError(f"GGUF weights were left packed ({packed[0]}, ...); cannot dequantize")
+        raise UnsupportedModelError(f"GGUF weights were left packed ({packed[0]}, ...); cannot dequantize", field)
     clean = config.__class__.from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     state = model.state_dict()
     with torch.device("meta"):
@@ -384,10 +459,43 @@ def _plain_model(model: Any) -> Any:
     return fresh
 
 
+def _load_errors() -> tuple[type[Exception], ...]:
+    """What reading a model's files raises when they are corrupt, truncated or inconsistent (besides OSError)."""
+    errors: tuple[type[Exception], ...] = (*_config_errors(), RuntimeError, struct.error, EOFError)
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        return errors
+    return (*errors, SafetensorError)
+
+
+@contextmanager
+def _reading(source: ModelSource, what: str) -> Iterator[None]:
+    """transformers reading the user's files for ``what`` ("weights", "tokenizer"): a file it cannot open is
+    ModelNotFoundError, one it cannot use UnsupportedModelError, both naming the source's field. Running out
+    of memory stays out of memory, and other exceptions (bugs, here or in transformers) stay internal."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelNotFoundError(f"{source.model_id}: cannot read its {what}: {_first_lines(exc)}",
+                                 source.field) from exc
+    except _load_errors() as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise UnsupportedModelError(f"{source.model_id}: cannot load its {what}: {type(exc).__name__}: "
+                                    f"{_first_lines(exc)}", source.field) from exc
+
+
+def _first_lines(exc: BaseException, limit: int = 600) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer): model in eval mode with ``use_cache`` off; tokenizer with a pad token.
 
     ``dtype='auto'`` keeps a checkpoint's own dtype; a GGUF is dequantized to float32 for 'auto'.
+    Files that cannot be read or used fail as ModelNotFoundError / UnsupportedModelError naming ``source.field``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -400,13 +508,17 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
         except ImportError:  # older transformers always dequantize
             pass
         torch_dtype = _torch_dtype("float32" if dtype == "auto" else dtype)
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent, dtype=torch_dtype, **kwargs)
-        model = _plain_model(model)
-        tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        with _reading(source, "weights"):
+            model = AutoModelForCausalLM.from_pretrained(source.path.parent, dtype=torch_dtype, **kwargs)
+        model = _plain_model(model, source.field)
+        with _reading(source, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
     else:
         path = _ensure_hub_weights(source) if source.repo_id else source.path
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _reading(source, "weights"):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype))
+        with _reading(source, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.use_cache = False
     model.to(device).eval()
     ensure_pad_token(tokenizer)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.errors import DataError
 from worker.model.arch import DecoderAdapter
 from worker.model.data import IGNORE, Batch, chunks, encode_pair, ensure_pad_token, pad_batch
 
@@ -87,6 +88,8 @@ class ProbeInputs:
 
 def _prompt_and_full(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     ids, labels = encode_pair(tokenizer, prompt, response, max_len)
+    if not ids:
+        raise DataError(f"a probe pair encodes to no tokens: {prompt[:60]!r} + {response[:60]!r}", field="data.train")
     n_prompt = sum(1 for v in labels if v == IGNORE)
     # A prompt that fills max_len leaves no response token: both sequences are then the prompt.
     return ids[: max(1, n_prompt)], ids
