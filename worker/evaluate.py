@@ -20,8 +20,8 @@ from app.schemas import EvaluationSpec
 from worker.errors import DataError
 from worker.model.data import (
     ChoiceItem,
-    DataFormatError,
     chunks,
+    encode_continuations,
     encode_pair,
     encode_text,
     ensure_pad_token,
@@ -100,27 +100,44 @@ def response_perplexity(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, s
     )
 
 
+def _joined_choices(tokenizer: Any, item: ChoiceItem) -> list[tuple[list[int], int]]:
+    """Each choice as (ids of context + choice tokenised as one text, number of leading context ids)."""
+    out = encode_continuations(tokenizer, item.context, item.choices)
+    for choice, (ids, n_ctx) in zip(item.choices, out, strict=True):
+        if len(ids) == n_ctx:
+            raise DataError(f"choice {choice!r} encodes to no tokens after its context")
+    return out
+
+
+def _shared_context(joined: Sequence[tuple[list[int], int]]) -> list[int] | None:
+    """The common context ids when every choice is one token after the same context ids, else None."""
+    ids0, n0 = joined[0]
+    one_token = all(len(ids) == n + 1 for ids, n in joined)
+    if n0 < 1 or not one_token or any(ids[:n] != ids0[:n0] for ids, n in joined):
+        return None
+    return ids0[:n0]
+
+
 def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int
                  ) -> list[tuple[list[int], list[int], bool]]:
     """Rows to run, as (token ids, scored choice token ids, shared), items in order.
 
-    An item whose choices are all one token (BoolQ's " no"/" yes") becomes one row: its context, scored
-    for every choice at the last position. Other items get a row per choice (context + choice tokens).
+    Context and choice are tokenised as one text; a choice's tokens are those after the context's
+    (``encode_continuations``). An item whose choices are all one token after the same context ids (BoolQ's
+    " no"/" yes") becomes one row: its context, scored for every choice at the last position. Other items
+    get a row per choice (context + choice tokens).
     """
     rows = []
     for item in items:
-        ctx = list(tokenizer(item.context, add_special_tokens=True)["input_ids"])
-        conts = [list(tokenizer(choice, add_special_tokens=False)["input_ids"]) for choice in item.choices]
-        for choice, cont in zip(item.choices, conts, strict=True):
-            if not cont:
-                raise DataError(f"choice {choice!r} encodes to no tokens")
-        if all(len(c) == 1 for c in conts):
+        joined = _joined_choices(tokenizer, item)
+        ctx = _shared_context(joined)
+        if ctx is not None:
             ids = ctx[-(max_len - 1):] if max_len > 1 else ctx[-1:]
-            rows.append((ids, [c[0] for c in conts], True))
+            rows.append((ids, [j[-1] for j, _ in joined], True))
             continue
-        for choice, cont in zip(item.choices, conts, strict=True):
-            ids = (ctx + cont)[-max_len:]  # keep the choice, cut the context's start if too long
-            n = min(len(cont), len(ids) - 1)
+        for choice, (joint, n_ctx) in zip(item.choices, joined, strict=True):
+            ids = joint[-max_len:]  # keep the choice, cut the context's start if too long
+            n = min(len(joint) - n_ctx, len(ids) - 1)
             if n < 1:
                 raise DataError(f"max_len {max_len} leaves no context before choice {choice!r}")
             rows.append((ids, ids[len(ids) - n:], False))
@@ -223,8 +240,8 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                 else:
                     results[name] = multiple_choice(model, tokenizer, read_choices(path, limit), bs, max_len)
                     accs.append(results[name]["acc"])
-            except DataFormatError as exc:
-                raise DataError(str(exc), field=f"evaluation.{_field(kind)}") from exc
+            except DataError as exc:  # a DataFormatError too: the file, or what its rows encode to
+                raise DataError(exc.message, field=f"evaluation.{_field(kind)}") from exc
     finally:
         model.train(was_training)
     if accs:
