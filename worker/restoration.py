@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from app.schemas import JobSpec
-from worker.errors import DataError, JobFailure, SpecError
+from worker.errors import DataError, SpecError
 from worker.reporting import checkpoint
 
 
@@ -237,6 +237,7 @@ def _merge_offsets(state, check) -> None:
     from worker.model.arch import DecoderAdapter
     from worker.restore.heads import inject
     from worker.restore.merge import (
+        MergeCheckError,
         capture_o_proj_inputs,
         check_merge,
         logit_differences,
@@ -262,7 +263,7 @@ def _merge_offsets(state, check) -> None:
     checks.update(merge_bias_max_rel_err=result.bias_max_rel_err, merge_o_proj_max_rel_err=result.output_max_rel_err,
                   merge_rel_tolerance=result.tolerance)
     if not token_rel <= tol:
-        raise JobFailure(f"internal check failed: merged logits differ from hooked ones by {token_rel:.3g} of a "
+        raise MergeCheckError(f"internal check failed: merged logits differ from hooked ones by {token_rel:.3g} of a "
                          f"token's largest logit (allowed {tol:.3g}; max abs difference {max_abs:.3g})")
 
 

@@ -181,6 +181,8 @@ TOKEN_EPS_FLOAT32 = 128  # … and of float32
 class MergeCheckError(JobFailure):
     """The merged model does not compute what the hooked one did (a bug, never the user's input)."""
 
+    code = "merge_check_failed"
+
 
 @dataclass(frozen=True)
 class LayerReference:
