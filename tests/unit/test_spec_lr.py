@@ -27,3 +27,19 @@ def test_directions_are_a_fraction_or_a_whole_count():
     for bad in (0, 2.5, -1):
         with pytest.raises(ValueError, match="directions"):
             RestorationSpec(directions=bad)
+
+
+def test_the_default_run_is_the_measured_setting():
+    """heads, directions, lr, steps and batching together: the setting search's winner (docs/search.md)."""
+    r = RestorationSpec()
+    assert (r.heads, r.directions, r.lr, r.lr_schedule) == (0.8, 0.66, 3e-3, "constant")
+    assert (r.max_steps, r.batch_size, r.group_by_length) == (50, 8, True)
+
+
+def test_epochs_alone_are_run_in_full_and_survive_a_round_trip():
+    assert RestorationSpec(epochs=3).max_steps is None  # not cut short by the default step budget
+    assert RestorationSpec(epochs=3, max_steps=10).max_steps == 10  # both given: max_steps wins, as documented
+    assert RestorationSpec(max_steps=None).max_steps is None
+    for r in (RestorationSpec(epochs=3), RestorationSpec(), RestorationSpec(epochs=2, max_steps=7)):
+        again = RestorationSpec.model_validate(r.model_dump(mode="json"))  # as the worker reads a stored spec
+        assert (again.epochs, again.max_steps) == (r.epochs, r.max_steps)
