@@ -203,6 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.store.db import make_engine, upgrade
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin and migration lines say nothing useful
     settings = _settings_from_args(args)
     if settings.embedded:
         settings = prepare_embedded(settings)
@@ -277,6 +278,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from app.store.db import make_engine, upgrade
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin and migration lines say nothing useful
     if args.queue:
         os.environ["RESTORELCC_QUEUE"] = args.queue
     settings = Settings()

