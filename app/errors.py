@@ -107,7 +107,7 @@ def validation_error(errors: list[dict[str, Any]], strip_body: bool = True) -> A
         return ApiError(422, "invalid_request", "request body is required")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ApiError(422, "invalid_spec" if etype != "missing" or field else "invalid_request",
-                    f"{field + ': ' if field else ''}{msg}{more}", field)
+                    f"{field + ': ' if field and not msg.startswith(field) else ''}{msg}{more}", field)
 
 
 def install_handlers(app: FastAPI) -> None:

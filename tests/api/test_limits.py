@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
+from app.fields import MAX_EVAL_FILES, MAX_LIMITS, MAX_LORA_TARGETS, MAX_NAME_CHARS, PATH_MAX_BYTES
 from app.limits import BodyLimitMiddleware
 from app.main import create_app
-from app.schemas import MAX_EVAL_FILES, MAX_LIMITS, MAX_LORA_TARGETS, MAX_NAME_CHARS, PATH_MAX_BYTES
 from tests.conftest import api_settings, serve_in_thread
 
 CAP = 4096
@@ -120,9 +120,9 @@ def test_the_body_cap_is_a_setting_with_a_1_mib_default(monkeypatch):
         ("evaluation", {"response_perplexity": ["/d/t.jsonl"] * 350_000}, "evaluation.response_perplexity"),
         ("evaluation", {"limits": {f"s{i}": 1 for i in range(MAX_LIMITS + 1)}}, "evaluation.limits"),
         ("evaluation", {"limits": {"s" * (MAX_NAME_CHARS + 1): 1}}, "evaluation.limits"),
-        ("restoration", {"method": "none", "lora_targets": ["q_proj"] * (MAX_LORA_TARGETS + 1)},
+        ("restoration", {"method": "lora", "lora_targets": ["q_proj"] * (MAX_LORA_TARGETS + 1)},
          "restoration.lora_targets"),
-        ("restoration", {"method": "none", "lora_targets": ["q" * (MAX_NAME_CHARS + 1)]},
+        ("restoration", {"method": "lora", "lora_targets": ["q" * (MAX_NAME_CHARS + 1)]},
          "restoration.lora_targets.0"),
         ("model", {"id": "/m", "revision": "r" * (MAX_NAME_CHARS + 1)}, "model.revision"),
         ("model", {"id": "/" + "m" * PATH_MAX_BYTES}, "model.id"),

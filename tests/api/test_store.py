@@ -8,11 +8,11 @@ from datetime import timedelta
 
 import pytest
 
-from app.schemas import JobStatus, Stage
+from app.schemas import JobSpec, JobStatus, Stage
 from app.store.db import current_revision, head_revision, make_engine, upgrade
 from app.store.jobs import JobNotFinished, JobStore, stale_cutoff
 from app.store.models import utcnow
-from worker.store_reporter import StoreReporter, jsonable
+from worker.service.store_reporter import StoreReporter, jsonable
 
 
 @pytest.fixture
@@ -27,7 +27,28 @@ def test_upgrade_head_is_idempotent(db_url):
     engine = make_engine(db_url)
     upgrade(engine)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
+    engine.dispose()
+
+
+def test_stored_specs_keep_only_their_methods_restoration_settings(db_url):
+    """Specs stored before restoration became per-method (one flat section holding every method's settings) are
+    cut down to their method's own, so the worker can validate them again."""
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    flat = {"heads": 0.8, "head_selection": "probe", "probe_samples": 256, "negatives": "minilm", "directions": 0.66,
+            "max_steps": 50, "lr": 0.003, "lora_r": 8, "lora_alpha": 16.0, "lora_targets": ["q_proj", "v_proj"]}
+    base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
+    stored = JobStore(engine)
+    ids = {m: stored.create("t", {**base, "restoration": {**flat, "method": m}})[0].id
+           for m in ("restorelcc", "bias", "lora", "none")}
+    upgrade(engine)
+    specs = {m: JobSpec.model_validate(stored.get(i).spec) for m, i in ids.items()}
+    assert specs["restorelcc"].restoration.directions == 0.66 and specs["restorelcc"].restoration.lr == 0.003
+    assert "lora_r" not in stored.get(ids["restorelcc"]).spec["restoration"]
+    assert "directions" not in stored.get(ids["bias"]).spec["restoration"]
+    assert specs["lora"].restoration.lora_r == 8 and "heads" not in stored.get(ids["lora"]).spec["restoration"]
+    assert stored.get(ids["none"]).spec["restoration"] == {"method": "none"}
     engine.dispose()
 
 

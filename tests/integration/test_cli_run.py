@@ -154,7 +154,7 @@ def test_spec_with_unknown_field_is_rejected_without_torch(tmp_path):
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps({"model": {"id": "x"}, "restoration": {"method": "none"}, "extra": 1}))
     code = (
-        "import sys; from worker.cli import main\n"
+        "import sys; from worker.cli.main import main\n"
         "try:\n    main(['run', sys.argv[1], '--out', sys.argv[2]])\n"
         "except SystemExit as e:\n    print(e)\n"
         "print('torch' in sys.modules)"
@@ -176,9 +176,9 @@ def test_exported_logits_match_in_memory(tmp_path, data_dir):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["sparsity"]["nm_ok"] is True and abs(report["sparsity"]["overall"] - 0.5) < 1e-9
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model").eval()
-    from worker.evaluate import perplexity
     from worker.model.data import read_texts
     from worker.model.load import load_model, resolve_source
+    from worker.run.evaluate import perplexity
 
     _, tok = load_model(resolve_source(str(tmp_path / "out" / "model")), "float32")
     texts = read_texts(data_dir / "text.jsonl", limit=8)
@@ -192,10 +192,10 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind, directions):
     """The whole pipeline: the exported model equals pruned + restoration file, keeps every zero, loads plainly."""
     from app.schemas import JobSpec
     from worker.model.arch import DecoderAdapter
-    from worker.pipeline import run_pipeline
     from worker.reporting import NullReporter
-    from worker.restore.heads import inject
-    from worker.restore.merge import load_restoration
+    from worker.restore.offsets.heads import inject
+    from worker.restore.offsets.merge import load_restoration
+    from worker.run.pipeline import run_pipeline
 
     model_dir = save_tiny(kind, tmp_path / "model")
     spec = make_spec(str(model_dir), data_dir, restoration={
@@ -240,8 +240,8 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind, directions):
 
 def test_already_pruned_model_restored_with_random_head_bias_needs_no_dense(tmp_path, data_dir):
     from app.schemas import JobSpec
-    from worker.pipeline import run_pipeline
     from worker.reporting import NullReporter
+    from worker.run.pipeline import run_pipeline
 
     model_dir = save_tiny("llama", tmp_path / "model")
     spec = make_spec(str(model_dir), data_dir, pruning={"method": "none"}, restoration={

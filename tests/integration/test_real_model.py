@@ -12,9 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from app.schemas import RestorationSpec
+from app.methods import restoration_config
 from tests.tiny import instruction_rows, text_rows, write_jsonl
-from worker.restore.restorelcc import direction_count
+from worker.restore.restorelcc.steps import direction_count
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -34,9 +34,9 @@ def data(tmp_path_factory) -> dict[str, str]:
 
 def _run(tmp_path: Path, data: dict[str, str], restoration: dict) -> tuple[dict, Path]:
     from app.schemas import JobSpec
-    from worker.assets import demo_model_dir
-    from worker.pipeline import run_pipeline
+    from worker.assets.models import demo_model_dir
     from worker.reporting import NullReporter
+    from worker.run.pipeline import run_pipeline
 
     spec = JobSpec.model_validate({
         "model": {"id": str(demo_model_dir()), "dtype": "float32"},
@@ -50,9 +50,9 @@ def _run(tmp_path: Path, data: dict[str, str], restoration: dict) -> tuple[dict,
 
 
 def _ppl_of_export(out: Path, text_path: str) -> float:
-    from worker.evaluate import perplexity
     from worker.model.data import read_texts
     from worker.model.load import load_model, resolve_source
+    from worker.run.evaluate import perplexity
 
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()  # plain transformers
     _, tok = load_model(resolve_source(str(out / "model")), "float32")
@@ -74,7 +74,7 @@ def test_restored_smollm2_reloads_merged_and_exact(tmp_path, data):
     })
     assert report["checks"]["zeros_identical"] is True
     assert report["checks"]["merged_vs_hooked_max_abs_diff"] <= 1e-4
-    top = direction_count(RestorationSpec().directions, 64)  # the default: β over each head's top directions
+    top = direction_count(restoration_config({}).directions, 64)  # the default: β over each head's top directions
     assert report["restoration"]["trainable_params"] == 27 * ((top or 64) + 64)
     name = Path(data["text"]).stem
     assert _ppl_of_export(out, data["text"]) == pytest.approx(report["metrics"]["restored"][name]["ppl"], rel=1e-6)

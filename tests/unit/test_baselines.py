@@ -10,12 +10,12 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from app.schemas import RestorationSpec
+from app.methods import AdapterConfig, restoration_config
 from tests.tiny import instruction_batches, make_model, prune_half_at_random
 from worker.errors import Cancelled, SpecError
 from worker.model.arch import DecoderAdapter
 from worker.prune.measure import zero_masks
-from worker.restore.baselines import detach_adapter, merge_adapter, save_adapter, train_adapter
+from worker.restore.adapters.peft import detach_adapter, merge_adapter, save_adapter, train_adapter
 from worker.restore.train import response_loss_sum
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -41,9 +41,9 @@ class _Source:
         return len(self.batches)
 
 
-def _spec(method: str, **kw) -> RestorationSpec:
+def _spec(method: str, **kw) -> AdapterConfig:
     base = dict(method=method, lora_r=4, lora_alpha=8, lora_targets=TARGETS, lr=1e-2, max_steps=8)
-    return RestorationSpec(**{**base, **kw})
+    return restoration_config({**base, **kw})
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.schemas import JobSpec
-from worker.demo import HEADLINE, demo_spec, forward_log, is_service_info, read_gap, reading
+from worker.cli.demo import HEADLINE, demo_spec, forward_log, is_service_info, read_gap, reading
 
 
 def _metrics(rows: dict[str, tuple[float, float, float]], n: int | None = None) -> dict[str, dict]:

@@ -21,7 +21,7 @@ import pytest
 from app.schemas import JobSpec, Stage
 from tests.tiny import instruction_rows, save_tiny, write_jsonl
 from worker.errors import DataError, JobFailure
-from worker.pipeline import check_job
+from worker.run.pipeline import check_job
 
 Build = Callable[[Path, Path], dict[str, Any]]  # (tmp dir, a good tiny model dir) → spec sections to replace
 
@@ -458,7 +458,7 @@ class Spoiler:
 
 
 def test_files_spoiled_after_the_check_fail_with_the_field_they_belong_to(tmp_path, tiny, train):
-    from worker.pipeline import run_pipeline
+    from worker.run.pipeline import run_pipeline
 
     d = Path(model_dir(tmp_path, tiny))
     calibration = write_jsonl(tmp_path / "calibration.jsonl", [{"text": "Some text to calibrate on."}] * 4)

@@ -10,14 +10,14 @@ import torch
 from app.schemas import EvaluationSpec
 from tests.tiny import choice_rows, instruction_rows, make_model, make_tokenizer, text_rows, write_jsonl
 from worker.errors import DataError
-from worker.evaluate import (
+from worker.model.data import ChoiceItem
+from worker.run.evaluate import (
     choice_logliks,
     evaluate_spec,
     multiple_choice,
     perplexity,
     response_perplexity,
 )
-from worker.model.data import ChoiceItem
 
 TEXTS = [r["text"] for r in text_rows(7)] + ["Short.", "A somewhat longer sentence about pruning and heads."]
 
@@ -207,7 +207,7 @@ def test_evaluate_spec_per_set_limits_override(mt, tmp_path):
 def test_one_token_choices_share_one_context_row(mt):
     """Items whose choices are one token each (BoolQ's " no"/" yes") run once per item,
     and score exactly as one row per choice would."""
-    from worker.evaluate import _choice_rows
+    from worker.run.evaluate import _choice_rows
 
     model, tok = mt
     items = [ChoiceItem(f"Passage {i} about water.\nQuestion: is it wet?\nAnswer:", ["A", "B"], 1)

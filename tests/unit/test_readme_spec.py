@@ -22,8 +22,9 @@ def readme_spec() -> dict:
 def test_readme_spec_block_shows_the_defaults():
     shown = readme_spec()
     # field defaults as declared (lr: null means "the method's default", filled in by a validator)
-    defaults = {name: {key: f.get_default(call_default_factory=True)
-                       for key, f in JobSpec.model_fields[name].annotation.model_fields.items()} for name in SECTIONS}
+    models = {name: JobSpec.model_fields[name].get_default(call_default_factory=True) for name in SECTIONS}
+    defaults = {name: {key: f.get_default(call_default_factory=True) for key, f in type(m).model_fields.items()}
+                for name, m in models.items()}  # restoration: the default method's (RestoreLCC's) settings
     defaults["seed"] = JobSpec.model_fields["seed"].default
     compared = 0
     for section in SECTIONS:

@@ -10,9 +10,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from tests.tiny import instruction_rows, make_model, make_tokenizer
 from worker.model.arch import DecoderAdapter
 from worker.model.data import encode_pair, pad_batch
-from worker.restore.capture import build_probe_inputs, capture_head_outputs
-from worker.restore.extract import lost_activations
-from worker.restore.heads import HeadOffsets, inject
+from worker.restore.offsets.heads import HeadOffsets, inject
+from worker.restore.restorelcc.capture import build_probe_inputs, capture_head_outputs
+from worker.restore.restorelcc.extract import lost_activations
 
 LAYERS, HEADS, D = 3, 5, 16
 TARGET = (1, 3)  # the only query head whose weights differ

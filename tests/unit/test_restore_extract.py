@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from worker.restore import extract
-from worker.restore.extract import lost_activations, lost_components, summary_component
+from worker.restore.restorelcc import extract
+from worker.restore.restorelcc.extract import lost_activations, lost_components, summary_component
 
 
 def _orthonormal_rows(v: torch.Tensor, atol: float = 1e-5) -> bool:

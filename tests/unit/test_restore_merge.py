@@ -12,8 +12,8 @@ from tests.tiny import make_config, make_model
 from worker.errors import UnsupportedModelError
 from worker.model.arch import DecoderAdapter
 from worker.model.data import pad_batch
-from worker.restore.heads import HeadOffsets, inject
-from worker.restore.merge import (
+from worker.restore.offsets.heads import HeadOffsets, inject
+from worker.restore.offsets.merge import (
     check_mergeable,
     load_restoration,
     merge_into_o_proj,

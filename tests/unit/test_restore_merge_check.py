@@ -14,13 +14,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from app.methods import restoration_config
 from tests.tiny import instruction_rows, make_config, make_tokenizer, write_jsonl
 from tests.unit.test_restore_merge import _batch, prune_randomly, random_offsets, with_random_biases
 from worker.errors import JobFailure
 from worker.model.arch import DecoderAdapter
-from worker.restore import merge as merge_module
-from worker.restore.heads import HeadOffsets, inject
-from worker.restore.merge import (
+from worker.restore.method import check_batch
+from worker.restore.offsets import merge as merge_module
+from worker.restore.offsets.heads import HeadOffsets, inject
+from worker.restore.offsets.merge import (
     MergeCheckError,
     capture_o_proj_inputs,
     check_merge,
@@ -29,12 +31,13 @@ from worker.restore.merge import (
     merge_reference,
     token_rel_tolerance,
 )
+from worker.restore.restorelcc.method import RestoreLCC
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def old_merge_tolerance(dtype: torch.dtype, logits: torch.Tensor) -> float:
-    """The logit tolerance this check replaced (worker/restoration.py before): 16 eps of the largest |logit|."""
+    """The logit tolerance this check replaced (worker/run/restoration.py before): 16 eps of the largest |logit|."""
     scale = float(logits.abs().max())
     return max(1e-4, 16 * torch.finfo(dtype).eps * scale) if dtype != torch.float32 else max(1e-4, 1e-6 * scale)
 
@@ -176,25 +179,27 @@ def test_logit_differences_are_per_token_and_skip_padding():
     assert rel == pytest.approx(0.02)  # token 2 (scale 1), not token 1 (0.5 of 100), not the padding
 
 
-# ── through worker.restoration.merge ─────────────────────────────────────────────────────────────
+# ── through the method's merge step (worker.restore.offsets.method) ─────────────────────────────────────────
 
 
 def _state(tmp_path, dtype: torch.dtype) -> SimpleNamespace:
-    from worker.restoration import RestoreState
-
     model = tiny_model("llama", dtype)
     adapter = DecoderAdapter(model)
     train = write_jsonl(tmp_path / "train.jsonl", instruction_rows(4))
+    method = RestoreLCC(restoration_config({}), seed=0)
+    method.offsets = small_offsets(adapter)
     return SimpleNamespace(
         spec=SimpleNamespace(data=SimpleNamespace(train=str(train))), tokenizer=make_tokenizer(), model=model,
-        adapter=adapter, restoration=RestoreState(method="restorelcc", offsets=small_offsets(adapter)), report={},
+        adapter=adapter, method=method, report={},
     )
+
+
+def merge(state, progress, _reporter) -> None:
+    state.method.merge(state, check_batch(state.tokenizer, state.spec.data.train), progress)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_merge_stage_reports_both_checks(tmp_path, dtype):
-    from worker.restoration import merge
-
     state = _state(tmp_path, dtype)
     merge(state, lambda *_: None, None)
     checks = state.report["checks"]
@@ -207,8 +212,6 @@ def test_merge_stage_reports_both_checks(tmp_path, dtype):
 
 
 def test_merge_stage_fails_the_job_on_a_corrupted_merge_in_bfloat16(tmp_path, monkeypatch):
-    from worker.restoration import merge
-
     real = merge_module.merge_into_o_proj
 
     def corrupted(model, adapter, offsets):
@@ -219,7 +222,7 @@ def test_merge_stage_fails_the_job_on_a_corrupted_merge_in_bfloat16(tmp_path, mo
 
     monkeypatch.setattr(merge_module, "merge_into_o_proj", corrupted)
     state = _state(tmp_path, torch.bfloat16)
-    layer = state.restoration.offsets.layers[-1]
+    layer = state.method.offsets.layers[-1]
     with pytest.raises(JobFailure, match=rf"internal check failed: layer {layer}: the merged o_proj bias"):
         merge(state, lambda *_: None, None)
     checks = state.report["checks"]

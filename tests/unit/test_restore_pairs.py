@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from worker.errors import EmbeddingModelError
-from worker.restore.pairs import choose_negatives, most_similar_other
+from worker.restore.restorelcc.pairs import choose_negatives, most_similar_other
 
 RESPONSES = [
     "The cat sat on the warm mat by the door.",

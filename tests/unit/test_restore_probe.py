@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.restore.probe import (
-    head_count,
-    probe_features,
-    rank_heads,
-    select_heads,
-    split_pairs,
-    train_probes,
-)
+from worker.restore.offsets.selection import head_count, rank_heads, select_heads
+from worker.restore.restorelcc.probe import probe_features, split_pairs, train_probes
 
 CHOSEN = [(0, 2), (1, 1), (2, 3)]
 

@@ -11,11 +11,12 @@ from tests.tiny import instruction_batches, instruction_rows, make_model, make_t
 from worker.errors import Cancelled
 from worker.model.arch import DecoderAdapter
 from worker.model.data import encode_pair, pad_batch
-from worker.restore.capture import build_probe_inputs
-from worker.restore.heads import inject
-from worker.restore.merge import merge_into_o_proj
-from worker.restore.pairs import choose_negatives
-from worker.restore.restorelcc import (
+from worker.restore.offsets.heads import inject
+from worker.restore.offsets.merge import merge_into_o_proj
+from worker.restore.offsets.train import train_offsets
+from worker.restore.restorelcc.capture import build_probe_inputs
+from worker.restore.restorelcc.pairs import choose_negatives
+from worker.restore.restorelcc.steps import (
     capture_dense,
     capture_pruned,
     choose_heads,
@@ -23,7 +24,7 @@ from worker.restore.restorelcc import (
     make_offsets,
     score_heads,
 )
-from worker.restore.train import lr_scheduler, response_loss_sum, train_offsets
+from worker.restore.train import lr_scheduler, response_loss_sum
 
 
 def _prune(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

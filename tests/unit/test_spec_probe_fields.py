@@ -8,8 +8,9 @@ import torch
 from pydantic import ValidationError
 
 from app.errors import validation_error
-from app.schemas import JobSpec, RestorationSpec
-from worker.restore.probe import probe_features, train_probes
+from app.methods import RestoreLCCConfig, restoration_config
+from app.schemas import JobSpec
+from worker.restore.restorelcc.probe import probe_features, train_probes
 
 
 def _spec(**restoration) -> dict:
@@ -17,8 +18,8 @@ def _spec(**restoration) -> dict:
 
 
 def test_negatives_default_to_the_embedding_model_and_tfidf_is_opt_in():
-    assert RestorationSpec().negatives == "minilm"
-    assert RestorationSpec(negatives="tfidf").negatives == "tfidf"
+    assert restoration_config({}).negatives == "minilm"
+    assert restoration_config({"negatives": "tfidf"}).negatives == "tfidf"
     with pytest.raises(ValidationError) as err:
         JobSpec.model_validate(_spec(negatives="auto"))
     api = validation_error(err.value.errors())
@@ -32,7 +33,7 @@ def test_a_spec_naming_components_is_refused_with_the_reason():
     assert api.status == 422 and api.code == "invalid_spec"
     assert api.field == "restoration.components"
     assert "cancels the summary component" in api.message and "drop the field" in api.message
-    assert "components" not in RestorationSpec.model_fields
+    assert "components" not in RestoreLCCConfig.model_fields
 
 
 def test_the_summary_component_cannot_change_head_scores():

@@ -19,9 +19,9 @@ import torch
 
 from tests.tiny import choice_rows, instruction_rows, make_config, make_tokenizer, write_jsonl
 from worker.errors import DataError
-from worker.evaluate import _choice_rows, _shared_context, choice_logliks, response_perplexity
 from worker.model.data import IGNORE, ChoiceItem, encode_joined, encode_pair
-from worker.restore.capture import build_probe_inputs
+from worker.restore.restorelcc.capture import build_probe_inputs
+from worker.run.evaluate import _choice_rows, _shared_context, choice_logliks, response_perplexity
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -158,14 +158,11 @@ def test_encode_pair_truncates_the_response_end(tok):
 
 
 def test_training_batches_use_joint_tokens(tok, tmp_path):
-    from worker.restoration import _train_batches
+    from worker.restore.batches import training_batches
 
     data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS])
-    spec = SimpleNamespace(
-        seed=0, data=SimpleNamespace(train=str(data)),
-        restoration=SimpleNamespace(train_samples=None, max_seq_len=128, batch_size=8, group_by_length=False),
-    )
-    (batch,) = list(_train_batches(SimpleNamespace(spec=spec, tokenizer=tok))(0))
+    config = SimpleNamespace(train_samples=None, max_seq_len=128, batch_size=8, group_by_length=False)
+    (batch,) = list(training_batches(tok, str(data), config, seed=0)(0))
     got = {}
     for row_ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels, strict=True):
         n = int(mask.sum())

@@ -371,6 +371,11 @@ def load_config(source: ModelSource) -> Any:
 
 def preflight(source: ModelSource, spec: JobSpec) -> ArchInfo:
     """Check the architecture and the pruning pattern against the config only (no weights)."""
+    return checked_config(source, spec)[0]
+
+
+def checked_config(source: ModelSource, spec: JobSpec) -> tuple[ArchInfo, Any]:
+    """:func:`preflight`'s checks; returns the geometry and the transformers config they were read from."""
     config = load_config(source)
     try:
         info = arch_info(config)
@@ -387,7 +392,7 @@ def preflight(source: ModelSource, spec: JobSpec) -> ArchInfo:
             check_nm_fits(info, nm[1])
         except ValueError as exc:
             raise SpecError(str(exc), field="pruning.pattern") from exc
-    return info
+    return info, config
 
 
 # ---------------------------------------------------------------------------------------------

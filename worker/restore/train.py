@@ -1,7 +1,7 @@
 """Learn restoration parameters: completion-only next-token loss, AdamW on those parameters alone.
 
-:func:`train_parameters` is the loop shared by the head offsets (:func:`train_offsets`) and the LoRA/DoRA
-baselines (worker.restore.baselines). Every model weight is frozen (``requires_grad`` False, restored
+:func:`train_parameters` is the loop shared by the head offsets (worker.restore.offsets.train) and the LoRA/DoRA
+baselines (worker.restore.adapters.peft). Every model weight is frozen (``requires_grad`` False, restored
 afterwards) and the model runs in eval mode (no dropout); only the trained parameters receive gradients.
 Token losses of the micro-batches of one optimizer step are summed and divided by the step's
 response-token count, so gradient accumulation is exact. The learning rate follows a schedule
@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.schemas import SCHEDULES
+from app.methods import SCHEDULES
 from worker.errors import Cancelled
-from worker.model.arch import DecoderAdapter
 from worker.model.data import IGNORE, Batch
-from worker.restore.heads import HeadOffsets, inject
 
 TrainProgress = Callable[[int, int, float], None]  # (step, total steps or 0 when unknown, step loss)
 BatchSource = Sequence[Batch] | Callable[[int], Iterable[Batch]]  # a list, or epoch → batches
@@ -195,43 +193,3 @@ def train_parameters(
         "tokens": tokens,
         "trainable_params": sum(p.numel() for p in params),
     }
-
-
-def train_offsets(
-    model: nn.Module,
-    adapter: DecoderAdapter,
-    offsets: HeadOffsets,
-    batches: BatchSource,
-    *,
-    lr: float = 1e-2,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    grad_accum: int = 1,
-    seed: int = 0,
-    progress: TrainProgress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    checkpoint_every: int = 5,
-) -> dict[str, Any]:
-    """Train ``offsets`` in place (see :func:`train_parameters` for ``batches`` and the result).
-
-    Every model weight stays frozen; the offsets act through hooks on ``o_proj``, removed afterwards.
-    Raises Cancelled when ``should_stop()``.
-    """
-    offsets.to(next(model.parameters()).device)
-    params = [p for p in offsets.parameters() if p.requires_grad]
-    with frozen(model), inject(adapter, offsets):
-        offsets.train()
-        try:
-            stats = train_parameters(
-                model, params, batches, lr=lr, schedule=schedule, warmup_steps=warmup_steps,
-                weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
-                grad_accum=grad_accum, seed=seed, progress=progress, should_stop=should_stop,
-                checkpoint_every=checkpoint_every,
-            )
-        finally:
-            offsets.eval()
-    stats["trainable_params"] = offsets.num_trainable()
-    return stats

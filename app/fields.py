@@ -1,0 +1,54 @@
+"""Field types and caps of the public contract: printable text, OS-valid paths, strict models.
+
+Caps on what a spec may hold keep validating the largest accepted spec to milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# Caps on what a spec may hold. Paths follow the OS (Linux PATH_MAX counts the final NUL; NAME_MAX per name);
+# the list caps are far above any real job and keep validating the largest accepted spec to milliseconds.
+PATH_MAX_BYTES = 4095
+NAME_MAX_BYTES = 255
+MAX_EVAL_FILES = 32  # per evaluation list
+MAX_LIMITS = 96
+MAX_LORA_TARGETS = 64
+MAX_NAME_CHARS = 255  # revisions, module names, evaluation-set stems
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_MAYBE_LONG_NAME = re.compile(f"[^/]{{{NAME_MAX_BYTES // 4 + 1},}}")  # shorter names fit in UTF-8's 4 bytes a char
+
+
+def _text(v: str) -> str:
+    """Printable Unicode only: a NUL, newline or unpaired surrogate breaks paths, logs and the job store."""
+    if not v.isprintable() and _CONTROL.search(v):  # isprintable: a fast pass for almost every string
+        raise ValueError("must not contain control characters (NUL, newline, tab, ...)")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from None
+    return v
+
+
+def check_path(v: str) -> str:
+    """A path (or hub id) the OS can take: at most PATH_MAX bytes, each name at most NAME_MAX bytes."""
+    _text(v)
+    size = len(v.encode("utf-8"))
+    if size > PATH_MAX_BYTES:
+        raise ValueError(f"path is {size} bytes long; the limit is {PATH_MAX_BYTES} bytes")
+    for name in _MAYBE_LONG_NAME.findall(v):
+        if (n := len(name.encode("utf-8"))) > NAME_MAX_BYTES:
+            raise ValueError(f"a name in the path is {n} bytes long; the limit is {NAME_MAX_BYTES} bytes per name")
+    return v
+
+
+Text = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_text)]
+PathText = Annotated[str, Field(min_length=1, max_length=PATH_MAX_BYTES), AfterValidator(check_path)]
+
+
+class Strict(BaseModel):
+    # No inf/nan (JSON's 1e999): stored as JSON they would come back as null.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)

@@ -1,0 +1,47 @@
+"""Every benchmark, one entry point (run from the repository root; data from ../shared/data or
+$RESTORELCC_SHARED_DATA):
+
+    python -m bench prune    magnitude vs Wanda vs SparseGPT, 50% and 2:4            docs/pruning.md
+    python -m bench restore  one RestoreLCC run after Wanda 50% (--model)           docs/restoration[-MODEL].md
+    python -m bench compare  RestoreLCC vs LoRA / DoRA / bias, Wanda 50%, 2:4       docs/results.md, results.png
+    python -m bench search   RestoreLCC's setting on rows never evaluated          docs/search.md
+    python -m bench speed    capture, SVD + probing, a training step, tokens/s      docs/speed.md
+
+Each runs what its stored results (JSON under bench/results/, each with the fingerprint of what made it) do not
+hold yet, then renders its page from the stored results; --render-only runs nothing. The targets a page checks
+are data: bench/targets.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Benchmark name -> module with add_args(parser) and main(args, argv). A new benchmark (scaling) is one more line.
+BENCHMARKS = {
+    "prune": "bench.prune",
+    "restore": "bench.restore",
+    "compare": "bench.compare",
+    "search": "bench.search",
+    "speed": "bench.speed",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    raw = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=raw)
+    sub = ap.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    modules = {name: importlib.import_module(path) for name, path in BENCHMARKS.items()}
+    for name, mod in modules.items():
+        first = mod.__doc__.splitlines()[0].replace("%", "%%")
+        p = sub.add_parser(name, help=first, description=mod.__doc__, formatter_class=raw)
+        p.add_argument("--render-only", action="store_true", help="run nothing: rewrite the page from stored results")
+        mod.add_args(p)
+    args = ap.parse_args(argv)
+    return modules[args.benchmark].main(args, argv[argv.index(args.benchmark) + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

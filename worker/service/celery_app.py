@@ -1,0 +1,107 @@
+"""The Celery app (Redis broker) and the thin ``restorelcc.run_job`` task.
+
+Reliability: late acks, prefetch 1, a task whose worker process dies is rejected back to the queue,
+soft/hard time limits from settings, broker visibility timeout longer than the hard limit. The job store,
+not Celery's result backend, holds job state. On start (and every ``sweep_interval_s``) the worker fails
+jobs whose heartbeat went stale (``worker_lost``) and re-sends queued jobs whose broker message was lost.
+
+Run with ``restorelcc worker`` (or ``celery -A worker.service.celery_app worker``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Celery, signals
+
+from app.config import Settings, get_settings
+from app.service import TASK_NAME
+
+log = logging.getLogger("restorelcc.worker")
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("restorelcc", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
+        task_soft_time_limit=settings.soft_time_limit_s,
+        task_time_limit=settings.hard_time_limit_s,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        task_default_queue=settings.queue,
+        task_routes={TASK_NAME: {"queue": settings.queue}},
+        task_ignore_result=True,
+        result_backend=None,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        task_serializer="json",
+        accept_content=["json"],
+    )
+    return app
+
+
+app = make_celery()
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_job_task(self: Any, job_id: str) -> str:
+    from worker.service.tasks import Outcome, run_job
+
+    result = run_job(job_id)
+    if result.outcome is Outcome.retry:
+        raise self.retry(countdown=result.retry_in or 0, max_retries=None)
+    return result.outcome.value
+
+
+_sweeper_stop = threading.Event()
+
+
+def resend_lost_messages() -> list[str]:
+    """Queued jobs whose broker message is gone, sent again (see worker.service.requeue)."""
+    from datetime import timedelta
+
+    from app.store.models import utcnow
+    from worker.service.requeue import broker_messages, resend_lost
+    from worker.service.tasks import get_context
+
+    ctx = get_context()
+    queue = ctx.settings.queue
+
+    def held() -> str:
+        with app.connection_for_write() as conn:
+            return broker_messages(conn.default_channel.client, queue)
+
+    def send(job_id: str) -> None:
+        app.send_task(TASK_NAME, args=[job_id], queue=queue)
+
+    return resend_lost(ctx.jobs, held, send, utcnow() - timedelta(seconds=ctx.settings.requeue_after_s))
+
+
+def _sweep_loop(interval: float) -> None:
+    from worker.service.tasks import sweep
+
+    while True:
+        for name, step in (("lost-job sweep", sweep), ("lost-message sweep", resend_lost_messages)):
+            try:
+                step()
+            except Exception:
+                log.warning("%s failed", name, exc_info=True)
+        if _sweeper_stop.wait(interval):
+            return
+
+
+@signals.worker_ready.connect
+def _on_worker_ready(**_: Any) -> None:
+    threading.Thread(target=_sweep_loop, args=(get_settings().sweep_interval_s,), daemon=True,
+                     name="restorelcc-sweeper").start()
+
+
+@signals.worker_shutting_down.connect
+def _on_shutdown(**_: Any) -> None:
+    _sweeper_stop.set()

@@ -1,0 +1,386 @@
+"""``run_job(job_id)``: the one task, shared by the Celery worker and the embedded local worker.
+
+Thin and idempotent: it reloads the job record and decides from its status.
+- finished (or deleted) → nothing to do;
+- queued → claimed atomically (queued→running), then run;
+- running on arrival (a redelivery after a worker crash) → taken over and re-run from the start once its
+  heartbeat is stale; while another live worker keeps the heartbeat fresh, nothing is done; after
+  ``max_attempts`` runs the job is failed with ``worker_lost``.
+Deterministic failures (JobFailure, out of memory) end the job ``failed`` and are never retried; a
+TransientError puts it back to ``queued`` with a back-off, at most ``transient_retries`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from app.config import Settings, get_settings
+from app.paths import PathRefused, check_spec_paths
+from app.schemas import JobSpec, JobStatus
+from app.store.artifacts import ArtifactStore, attempt_prefix, job_key, job_prefix, make_store
+from app.store.db import make_engine
+from app.store.jobs import JobStore, stale_cutoff
+from app.store.models import Job, utcnow
+from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError, is_out_of_memory
+from worker.service.store_reporter import StoreReporter, jsonable
+
+log = logging.getLogger("restorelcc.worker")
+
+
+class Outcome(StrEnum):
+    noop = "noop"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    retry = "retry"
+
+
+@dataclass(frozen=True)
+class Result:
+    outcome: Outcome
+    retry_in: float | None = None
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    jobs: JobStore
+    artifacts: ArtifactStore
+    name: str
+    pid: int
+
+
+_ctx: WorkerContext | None = None
+_ctx_lock = threading.Lock()
+
+
+def make_context(settings: Settings | None = None) -> WorkerContext:
+    settings = settings or get_settings()
+    return WorkerContext(
+        settings=settings,
+        jobs=JobStore(make_engine(settings.db_url)),
+        artifacts=make_store(settings),
+        name=f"{socket.gethostname()}:{os.getpid()}",
+        pid=os.getpid(),
+    )
+
+
+def get_context() -> WorkerContext:
+    """This process's context (rebuilt after a fork: connections are never shared between processes)."""
+    global _ctx
+    with _ctx_lock:
+        if _ctx is None or _ctx.pid != os.getpid():
+            if _ctx is not None:
+                _ctx.jobs.engine.dispose(close=False)  # the parent's connections: leave them to the parent
+            _ctx = make_context()
+        return _ctx
+
+
+def set_context(ctx: WorkerContext | None) -> None:
+    global _ctx
+    with _ctx_lock:
+        _ctx = ctx
+
+
+# The task ------------------------------------------------------------------------------------------------
+def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
+    ctx = ctx or get_context()
+    job = ctx.jobs.get(job_id)
+    if job is None or JobStatus(job.status).finished:
+        return Result(Outcome.noop)
+    status = JobStatus(job.status)
+    if status is JobStatus.queued:
+        if not ctx.jobs.claim(job_id, ctx.name):
+            again = ctx.jobs.get(job_id)
+            if again is not None and again.status == JobStatus.queued.value and again.run_after is not None:
+                return Result(Outcome.retry, max(0.0, (again.run_after - utcnow()).total_seconds()))
+            return Result(Outcome.noop)
+    elif status is JobStatus.cancelling:
+        # Its worker was asked to stop; if that worker is gone, finish the cancellation here.
+        stale = _heartbeat_stale(job, ctx.settings)
+        if stale and ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
+            return Result(Outcome.cancelled)
+        return Result(Outcome.noop)
+    elif not _take_over(ctx, job):
+        return Result(Outcome.noop)
+    elif _hit_hard_limit(job, ctx.settings):
+        # The last run was killed by the hard time limit (its process dies, so Celery redelivers the task):
+        # running it again would only hit the limit again.
+        ctx.jobs.finish(job_id, JobStatus.failed, (
+            "time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s} s"),
+            allowed=(JobStatus.running.value,))
+        return Result(Outcome.failed)
+
+    job = ctx.jobs.get(job_id)
+    if job is None:
+        return Result(Outcome.noop)
+    if job.attempts > ctx.settings.max_attempts:
+        ctx.jobs.finish(job_id, JobStatus.failed, (
+            "worker_lost", f"worker lost {job.attempts - 1} times while running this job; giving up"))
+        return Result(Outcome.failed)
+    return _execute(ctx, job)
+
+
+def _hit_hard_limit(job: Job, settings: Settings) -> bool:
+    """Whether the run that lost this job had been running for (about) the hard time limit when it died."""
+    if job.started_at is None or job.heartbeat_at is None:
+        return False
+    ran = (job.heartbeat_at - job.started_at).total_seconds()
+    return ran >= settings.hard_time_limit_s - 2 * settings.heartbeat_s
+
+
+def _heartbeat_stale(job: Job, settings: Settings) -> bool:
+    return job.heartbeat_at is None or job.heartbeat_at < stale_cutoff(settings.stale_after_s)
+
+
+def _take_over(ctx: WorkerContext, job: Job) -> bool:
+    """A redelivered job found ``running``: wait for its heartbeat to go stale (its worker is gone) and take
+    it over; give up at once if the heartbeat moves (a live worker has it)."""
+    s = ctx.settings
+    first_beat = job.heartbeat_at
+    deadline = time.monotonic() + s.stale_after_s + 2 * s.heartbeat_s
+    while True:
+        if ctx.jobs.take_over(job.id, ctx.name, stale_cutoff(s.stale_after_s)):
+            log.warning("job %s: worker lost; re-running from the start", job.id)
+            return True
+        now = ctx.jobs.get(job.id)
+        if now is None or now.status != JobStatus.running.value or now.heartbeat_at != first_beat:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(min(s.heartbeat_s, 1.0))
+
+
+class _Heartbeat:
+    """Keeps ``heartbeat_at`` fresh while the pipeline runs, even through long silent steps."""
+
+    def __init__(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None = None):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(jobs, job_id, interval, attempt), daemon=True,
+                                        name=f"heartbeat-{job_id[:8]}")
+
+    def _run(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None) -> None:
+        while not self._stop.wait(interval):
+            try:
+                jobs.heartbeat(job_id, attempt)
+            except Exception:  # a database hiccup must not kill the job; the next beat may succeed
+                log.warning("heartbeat failed for %s", job_id, exc_info=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _execute(ctx: WorkerContext, job: Job) -> Result:
+    s = ctx.settings
+    jobs = ctx.jobs
+    job_id = job.id
+    attempt = job.attempts  # this run's fence: every write below is refused once another run owns the job
+    try:
+        spec = JobSpec.model_validate(job.spec)
+        check_spec_paths(spec, s)  # again here: the filesystem may have changed since the job was accepted
+    except ValidationError as e:
+        return _fail(ctx, job_id, "invalid_spec", str(e)[:2000], _error_field(e), attempt)
+    except PathRefused as e:
+        return _fail(ctx, job_id, getattr(e, "code", "path_not_allowed"), e.message, e.field, attempt)
+    except Exception as e:  # a bug in the checks: fail the job here rather than leave it running
+        return _internal_error(ctx, job_id, e, attempt)
+
+    out_dir = s.work_path / job_id
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reporter = StoreReporter(
+        jobs, job_id, progress_interval_s=s.progress_interval_s, cancel_poll_s=s.cancel_poll_s,
+        deadline=time.monotonic() + s.soft_time_limit_s, attempt=attempt,
+    )
+    try:
+        with _Heartbeat(jobs, job_id, s.heartbeat_s, attempt):
+            try:
+                if reporter.cancel_requested(force=True):
+                    raise Cancelled("cancelled before start")
+                from worker.run.pipeline import run_pipeline  # torch is imported here, never earlier
+
+                report = run_pipeline(spec, out_dir, reporter)
+                reporter.flush()
+                if reporter.cancel_requested(force=True):
+                    raise Cancelled("cancelled after the last stage")
+                _upload(ctx, job_id, out_dir, attempt)
+                metrics = dict(reporter.metrics_seen)
+                if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
+                    metrics.update(report["metrics"])
+                metrics = jsonable(metrics)
+                if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,),
+                               attempt=attempt):
+                    return Result(Outcome.succeeded)
+                raise Cancelled("cancelled while uploading")
+            except Cancelled:
+                reporter.flush()
+                if reporter.check_superseded():
+                    # Another worker took the job over while this one looked lost: its run owns the job and
+                    # its artifacts now, so leave both alone.
+                    log.warning("job %s: taken over by another worker; this run (attempt %d) stops", job_id,
+                                attempt)
+                    return Result(Outcome.noop)
+                if reporter.timed_out:
+                    jobs.finish(job_id, JobStatus.failed, (
+                        "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"),
+                        attempt=attempt)
+                    return Result(Outcome.failed)
+                try:
+                    _discard_artifacts(ctx, job_id, attempt)
+                except Exception:
+                    log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
+                if jobs.finish(job_id, JobStatus.cancelled, attempt=attempt):
+                    return Result(Outcome.cancelled)
+                return Result(Outcome.noop)
+            except JobFailure as e:
+                return _fail(ctx, job_id, e.code, e.message, e.field, attempt)
+            except TransientError as e:
+                return _transient(ctx, job, e)
+            except Exception as e:
+                if type(e).__name__ == "SoftTimeLimitExceeded":
+                    return _fail(ctx, job_id, "time_limit", f"the job ran past its time limit of "
+                                                            f"{s.soft_time_limit_s} s", attempt=attempt)
+                if is_out_of_memory(e):
+                    oom = OutOfMemoryFailure(f"out of memory: {e}"[:2000])
+                    return _fail(ctx, job_id, oom.code, oom.message, attempt=attempt)
+                return _internal_error(ctx, job_id, e, attempt)
+    finally:
+        if not s.keep_work_dirs:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _error_field(e: ValidationError) -> str | None:
+    """The spec field of a validation error's first problem ("model.id"), if it names one."""
+    errors = e.errors()
+    loc = errors[0].get("loc", ()) if errors else ()
+    return ".".join(str(x) for x in loc) or None
+
+
+def _internal_error(ctx: WorkerContext, job_id: str, e: Exception, attempt: int | None) -> Result:
+    """A bug, not a bad input: the job fails ``internal_error`` with its traceback in the event log."""
+    log.exception("job %s failed unexpectedly", job_id)
+    ctx.jobs.add_event(job_id, "traceback", {"traceback": traceback.format_exc()[-8000:]})
+    return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000], attempt=attempt)
+
+
+def _storable(text: str) -> str:
+    """``text`` as the job store can hold it: a message quoting user input may carry a NUL or an unpaired
+    surrogate (a file name that is not UTF-8), which PostgreSQL refuses; they are written as escapes."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str | None = None,
+          attempt: int | None = None) -> Result:
+    message, field = _storable(message), field and _storable(field)
+    if field:
+        ctx.jobs.add_event(job_id, "error", {"code": code, "message": message, "field": field})
+    if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,),
+                       attempt=attempt):
+        return Result(Outcome.failed)
+    # Asked to cancel meanwhile: honour that rather than report the failure.
+    if ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,), attempt=attempt):
+        return Result(Outcome.cancelled)
+    return Result(Outcome.noop)  # taken over by another run, or already finished
+
+
+def _transient(ctx: WorkerContext, job: Job, e: Exception) -> Result:
+    s = ctx.settings
+    if job.retries >= s.transient_retries:
+        return _fail(ctx, job.id, "transient_error", f"gave up after {job.retries} retries: {e}"[:2000],
+                     attempt=job.attempts)
+    delay = s.retry_backoff_s * (2 ** job.retries)
+    from datetime import timedelta
+
+    if ctx.jobs.requeue(job.id, utcnow() + timedelta(seconds=delay), str(e)[:500], attempt=job.attempts):
+        return Result(Outcome.retry, delay)
+    return _fail(ctx, job.id, "transient_error", str(e)[:2000], attempt=job.attempts)
+
+
+def _discard_artifacts(ctx: WorkerContext, job_id: str, attempt: int | None = None) -> bool:
+    """Forget the job's artifacts and delete their files. With ``attempt``, only while that run owns the
+    job (False otherwise), and only the files of runs 1..attempt: a later run's files are never touched."""
+    if not ctx.jobs.clear_artifacts(job_id, attempt=attempt):
+        return False
+    if attempt is None:
+        ctx.artifacts.delete_prefix(job_prefix(job_id))
+    else:
+        for k in range(1, attempt + 1):
+            ctx.artifacts.delete_prefix(attempt_prefix(job_id, k))
+    return True
+
+
+def result_files(out_dir: Path) -> list[tuple[str, Path]]:
+    """(artifact name, file) for every regular file under ``out_dir``; names are POSIX paths relative to it."""
+    files = []
+    for p in sorted(out_dir.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            files.append((p.relative_to(out_dir).as_posix(), p))
+    return files
+
+
+def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None = None, tries: int = 3) -> None:
+    """Upload every result file and record it (name, size, sha256 computed while uploading); stops with
+    :class:`Cancelled` if another run takes the job over meanwhile."""
+    try:
+        owned = _discard_artifacts(ctx, job_id, attempt)  # leftovers of this or an earlier attempt
+    except Exception as e:
+        raise TransientError(f"artifact store unavailable for upload: {e}") from e
+    if not owned:
+        raise Cancelled("taken over by another worker before uploading")
+    files = result_files(out_dir)
+    done = 0
+    for name, path in files:
+        for k in range(tries):
+            try:
+                stored = ctx.artifacts.put_file(job_key(job_id, name, attempt), path)
+                break
+            except Exception as e:
+                if k == tries - 1:
+                    raise TransientError(f"artifact upload failed for {name}: {e}") from e
+                time.sleep(2 ** k)
+        if not ctx.jobs.add_artifact(job_id, name, stored.size, stored.sha256, stored.key, attempt=attempt):
+            _drop_unrecorded(ctx, job_id, stored.key, attempt)
+            raise Cancelled("taken over by another worker while uploading")
+        done += stored.size
+    ctx.jobs.add_event(job_id, "artifacts", {"count": len(files), "bytes": done})
+
+
+def _drop_unrecorded(ctx: WorkerContext, job_id: str, key: str, attempt: int | None) -> None:
+    """Delete what this run wrote after it lost the job (taken over, failed by the sweep, or deleted), so no
+    file outlives its record. Only this attempt's folder: no other run ever writes there."""
+    try:
+        ctx.artifacts.delete_prefix(attempt_prefix(job_id, attempt) if attempt is not None else key)
+    except Exception:  # best effort: the run is being cancelled either way
+        log.warning("could not delete unrecorded artifacts of job %s attempt %s", job_id, attempt, exc_info=True)
+
+
+def sweep(ctx: WorkerContext | None = None) -> list[str]:
+    """Recovery: jobs active with no heartbeat for twice ``stale_after_s`` lost their worker → failed
+    ``worker_lost`` (cancelling ones → cancelled). Twice, so that a redelivered task (which takes a job
+    over once it is ``stale_after_s`` stale) gets the first chance to re-run it."""
+    ctx = ctx or get_context()
+    lost = ctx.jobs.sweep_lost(stale_cutoff(2 * ctx.settings.stale_after_s))
+    for job_id in lost:
+        log.warning("job %s: worker lost (stale heartbeat); marked failed", job_id)
+    return lost
+
+
+def describe(result: Result) -> dict[str, Any]:
+    return {"outcome": result.outcome.value, "retry_in": result.retry_in}
