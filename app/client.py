@@ -146,6 +146,29 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout_s}s")
             time.sleep(poll_s)
 
+    def submit(
+        self,
+        spec: JobSpec | dict[str, Any],
+        *,
+        wait: bool = False,
+        download: str | os.PathLike[str] | None = None,
+        poll_s: float = 1.0,
+        idempotency_key: str | None = None,
+        on_created: Callable[[JobPublic], None] | None = None,
+        on_update: Callable[[JobPublic], None] | None = None,
+    ) -> tuple[JobPublic, list[Path]]:
+        """Create a job; with ``wait`` or ``download``, poll until it has finished; with ``download``, fetch every
+        artifact of a job that succeeded into that directory (sha256-checked). Returns the job's last state and
+        the files downloaded."""
+        job = self.create(spec, idempotency_key=idempotency_key)
+        if on_created is not None:
+            on_created(job)
+        if not (wait or download is not None):
+            return job, []
+        job = self.wait(job.id, poll_s=poll_s, on_update=on_update)
+        files = self.download_all(job.id, download) if download is not None and job.status.value == "succeeded" else []
+        return job, files
+
     # Artifacts --------------------------------------------------------------------------------------
     def artifacts(self, job_id: str) -> list[ArtifactPublic]:
         r = self.http.get(f"/v1/jobs/{job_id}/artifacts")

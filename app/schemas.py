@@ -7,6 +7,7 @@ and validated here, so a bad spec is refused with a message naming the field bef
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
@@ -203,15 +204,41 @@ class JobSpec(Strict):
 
     def data_paths(self) -> dict[str, str]:
         """Every local data path in the spec, keyed by its field name (for path-root checks)."""
-        out: dict[str, str] = {}
-        if self.data.train:
-            out["data.train"] = self.data.train
-        if self.data.calibration:
-            out["data.calibration"] = self.data.calibration
-        for key in ("perplexity", "response_perplexity", "tasks"):
-            for i, p in enumerate(getattr(self.evaluation, key)):
-                out[f"evaluation.{key}.{i}"] = p
-        return out
+        return {fld: p for fld, p in local_paths(self.model_dump()).items() if not fld.startswith("model.")}
+
+
+# The spec's fields that may name a local path (``[]``: a list of them). model.id and model.dense may also be hub ids.
+PATH_FIELDS = ("model.id", "model.dense", "data.train", "data.calibration", "evaluation.perplexity[]",
+               "evaluation.response_perplexity[]", "evaluation.tasks[]")
+
+
+def local_paths(spec: dict[str, Any]) -> dict[str, str]:
+    """The path fields that are set in a spec's JSON (validated or not), keyed by field name
+    (``evaluation.tasks.0`` for list items)."""
+    out: dict[str, str] = {}
+    for fld in PATH_FIELDS:
+        section, key = fld.removesuffix("[]").split(".")
+        part = spec.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if fld.endswith("[]"):
+            if isinstance(value, list):
+                out.update({f"{section}.{key}.{i}": v for i, v in enumerate(value) if isinstance(v, str) and v})
+        elif isinstance(value, str) and value:
+            out[fld] = value
+    return out
+
+
+def map_local_paths(spec: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of a spec's JSON with ``fn`` applied to every path field that is set."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in spec.items()}
+    for fld, value in local_paths(spec).items():
+        section, key, *index = fld.split(".")
+        if index:
+            items = out[section][key] = list(out[section][key])
+            items[int(index[0])] = fn(value)
+        else:
+            out[section][key] = fn(value)
+    return out
 
 
 class JobStatus(StrEnum):

@@ -236,6 +236,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _through_the_service(spec: dict[str, Any], cache: Path, out: Path, port: int) -> dict[str, Any]:
     from app.client import Client
+    from worker.cli.service import progress_line
 
     service_dir = cache / "demo-service"
     env = {
@@ -258,26 +259,23 @@ def _through_the_service(spec: dict[str, Any], cache: Path, out: Path, port: int
     try:
         _wait_healthy(url, proc)
         key = (service_dir / "local.key").read_text(encoding="utf-8").strip()
+        last = [""]
+
+        def show(j) -> None:
+            line = progress_line(j)
+            if line != last[0]:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                last[0] = line
+
         with Client(url, api_key=key) as client:
-            job = client.create(spec)
-            print(f"submitted job {job.id}", file=sys.stderr)
-            last = [""]
-
-            def show(j) -> None:
-                line = f"\r  {j.status.value:<10} {j.stage.value if j.stage else '':<11} " \
-                       f"{100 * j.progress.fraction:5.1f}%  {j.progress.message[:60]:<60}"
-                if line != last[0]:
-                    sys.stderr.write(line)
-                    sys.stderr.flush()
-                    last[0] = line
-
-            job = client.wait(job.id, poll_s=1.0, on_update=show)
-            sys.stderr.write("\n")
-            if job.status.value != "succeeded":
-                err = job.error.message if job.error else ""
-                raise SystemExit(f"error: job {job.id} ended {job.status.value}: {err}")
-            files = client.download_all(job.id, out)
-            print(f"downloaded {len(files)} files (sha256 verified) into {out}", file=sys.stderr)
+            job, files = client.submit(spec, download=out, on_update=show,
+                                       on_created=lambda j: print(f"submitted job {j.id}", file=sys.stderr))
+        sys.stderr.write("\n")
+        if job.status.value != "succeeded":
+            err = job.error.message if job.error else ""
+            raise SystemExit(f"error: job {job.id} ended {job.status.value}: {err}")
+        print(f"downloaded {len(files)} files (sha256 verified) into {out}", file=sys.stderr)
     finally:
         proc.terminate()
         try:

@@ -50,28 +50,15 @@ def _fail(message: str, code: int = 2) -> int:
 # submit / status / download ---------------------------------------------------------------------------
 def absolutize_paths(spec: dict[str, Any]) -> dict[str, Any]:
     """Relative local paths that exist here become absolute (the service accepts absolute paths only)."""
+    from app.schemas import map_local_paths
 
-    def fix(v: Any) -> Any:
-        if isinstance(v, str) and v and not os.path.isabs(v) and os.path.exists(v):
-            return str(Path(v).resolve())
-        return v
+    def fix(v: str) -> str:
+        return str(Path(v).resolve()) if not os.path.isabs(v) and os.path.exists(v) else v
 
-    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
-    for k in ("id", "dense"):
-        if k in model:
-            model[k] = fix(model[k])
-    data = spec.get("data") if isinstance(spec.get("data"), dict) else {}
-    for k in ("train", "calibration"):
-        if k in data:
-            data[k] = fix(data[k])
-    ev = spec.get("evaluation") if isinstance(spec.get("evaluation"), dict) else {}
-    for k in ("perplexity", "response_perplexity", "tasks"):
-        if isinstance(ev.get(k), list):
-            ev[k] = [fix(x) for x in ev[k]]
-    return spec
+    return map_local_paths(spec, fix)
 
 
-def _progress_line(job: Any) -> str:
+def progress_line(job: Any) -> str:
     stage = job.stage.value if job.stage else "-"
     pct = 100 * job.progress.fraction
     return f"\r[{job.status.value:<10}] {stage:<10} {pct:5.1f}%  {job.progress.message[:60]:<60}"
@@ -91,30 +78,29 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except ValidationError as e:
         return _fail(f"invalid spec: {e}")
     spec = absolutize_paths(raw)
+    interactive = sys.stderr.isatty() or args.progress
+
+    def show(j: Any) -> None:
+        if interactive:
+            sys.stderr.write(progress_line(j))
+            sys.stderr.flush()
+
     with _client(args) as c:
         try:
-            job = c.create(spec, idempotency_key=args.idempotency_key)
+            job, files = c.submit(spec, wait=args.wait, download=args.download, poll_s=args.poll,
+                                  idempotency_key=args.idempotency_key, on_created=lambda j: print(j.id, flush=True),
+                                  on_update=show)
         except ApiClientError as e:
             return _fail(f"{e.message}" + (f" (field {e.field})" if e.field else ""))
-        print(job.id)
-        if not (args.wait or args.download):
-            return 0
-        interactive = sys.stderr.isatty() or args.progress
-
-        def show(j: Any) -> None:
-            if interactive:
-                sys.stderr.write(_progress_line(j))
-                sys.stderr.flush()
-
-        job = c.wait(job.id, poll_s=args.poll, on_update=show)
-        if interactive:
-            sys.stderr.write("\n")
-        print(json.dumps(job.model_dump(mode="json", exclude={"spec"}), indent=2))
-        if job.status.value != "succeeded":
-            return 1
-        if args.download:
-            files = c.download_all(job.id, args.download)
-            print(f"downloaded {len(files)} files to {args.download}", file=sys.stderr)
+    if not (args.wait or args.download):
+        return 0
+    if interactive:
+        sys.stderr.write("\n")
+    print(json.dumps(job.model_dump(mode="json", exclude={"spec"}), indent=2))
+    if job.status.value != "succeeded":
+        return 1
+    if args.download:
+        print(f"downloaded {len(files)} files to {args.download}", file=sys.stderr)
     return 0
 
 
