@@ -21,7 +21,7 @@ import pytest
 from app.schemas import JobSpec, Stage
 from tests.tiny import instruction_rows, save_tiny, write_jsonl
 from worker.errors import DataError, JobFailure
-from worker.run.pipeline import check_job
+from worker.run.check import check_job
 
 Build = Callable[[Path, Path], dict[str, Any]]  # (tmp dir, a good tiny model dir) → spec sections to replace
 

@@ -20,6 +20,7 @@ from app.methods import PRUNING_METHODS, restoration_method
 from app.schemas import JobSpec, Stage
 from worker.errors import DataError, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
+from worker.run.check import check_job, data_field
 from worker.run.stagemeter import StageMeter
 
 # Rough share of a job's time per stage, for the overall progress fraction.
@@ -101,7 +102,7 @@ class RunState:
 
 def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, Any]:
     """Run one job; write ``out_dir/{model/, report.json, ...}``; return the report."""
-    checked = check_job(spec)  # before the heavy imports: a bad job is refused in seconds
+    checked = check_job(spec)  # worker.run.check; before the heavy imports: a bad job is refused in seconds
     import torch
     import transformers
 
@@ -140,7 +141,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
     except MemoryError as exc:
         raise OutOfMemoryFailure(f"out of host memory during {progress._current}") from exc
     except DataFormatError as exc:  # a data file that changed after check_job: name its field
-        raise DataError(exc.message, field=exc.field or _data_field(spec, exc.path)) from exc
+        raise DataError(exc.message, field=exc.field or data_field(spec, exc.path)) from exc
     state.report["seconds_total"] = round(time.perf_counter() - t0, 3)
     _write_report(state)
     progress.done()
@@ -205,38 +206,6 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
         _prepare(state, state.model, state.tokenizer, state.adapter, progress)
 
 
-@dataclass(frozen=True)
-class CheckedJob:
-    source: Any  # ModelSource
-    info: Any  # ArchInfo
-    dense_source: Any  # ModelSource of model.dense, when restoring an already-pruned model
-    method: Any  # the job's RestoreMethod, preflighted
-
-
-def check_job(spec: JobSpec) -> CheckedJob:
-    """Everything that can be checked without weights: data files, the model's location and architecture,
-    N:M fit, the dense reference's shape, the restoration method's own checks. Raises a JobFailure naming the
-    field."""
-    from worker.model.load import checked_config, preflight, resolve_source
-
-    rows = _check_data_files(spec)
-    source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
-    info, config = checked_config(source, spec)
-    dense_source = None
-    if spec.pruning.method == "none" and spec.model.dense and restoration_method(spec.restoration.method).trains:
-        dense_source = resolve_source(spec.model.dense, field="model.dense")
-        dense_info = preflight(dense_source, spec)
-        if dense_info != info:
-            raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
-                            field="model.dense")
-    from worker.restore.method import Preflight  # torch: only once the cheap checks have passed
-    from worker.restore.registry import method_for
-
-    method = method_for(spec)
-    method.preflight(Preflight(info, config, rows.get("data.train")))
-    return CheckedJob(source, info, dense_source, method)
-
-
 def _adapter(model, field: str = "model.id"):
     from worker.errors import UnsupportedModelError
     from worker.model.arch import DecoderAdapter, UnsupportedArchitectureError
@@ -245,35 +214,6 @@ def _adapter(model, field: str = "model.id"):
         return DecoderAdapter(model)
     except UnsupportedArchitectureError as exc:
         raise UnsupportedModelError(str(exc), field=field) from exc
-
-
-def _check_data_files(spec: JobSpec) -> dict[str, int]:
-    """Every data file exists and parses in its format, before any weights load; rows per field."""
-    from worker.model.data import (
-        DataFormatError,
-        read_calibration_texts,
-        read_choices,
-        read_instructions,
-        read_texts,
-    )
-
-    readers = {"data.train": read_instructions, "data.calibration": read_calibration_texts,
-               "evaluation.perplexity": read_texts, "evaluation.response_perplexity": read_instructions,
-               "evaluation.tasks": read_choices}
-    counts: dict[str, int] = {}
-    for fld, path in spec.data_paths().items():
-        try:  # the readers refuse a path that is no regular file before opening it (a FIFO would block)
-            counts[fld] = len(readers[fld.rsplit(".", 1)[0] if fld.startswith("evaluation.") else fld](path))
-        except DataFormatError as exc:
-            raise DataError(f"{fld}: {exc.message}", field=fld) from exc
-    return counts
-
-
-def _data_field(spec: JobSpec, path: str | None) -> str | None:
-    """The spec field that names data file ``path`` (the first, if several do)."""
-    if path is None:
-        return None
-    return next((fld for fld, p in spec.data_paths().items() if Path(p) == Path(path)), None)
 
 
 def _measure_dense(state: RunState, model, tokenizer, adapter, progress: StageProgress, reporter) -> None:

@@ -1,0 +1,75 @@
+"""Everything about a job that can be checked before any weight loads: its data files parse, its model is where the
+spec says and of a supported shape, N:M fits, a dense reference matches, and the restoration method's preflight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.methods import restoration_method
+from app.schemas import JobSpec
+from worker.errors import DataError, SpecError
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    source: Any  # ModelSource
+    info: Any  # ArchInfo
+    dense_source: Any  # ModelSource of model.dense, when restoring an already-pruned model
+    method: Any  # the job's RestoreMethod, preflighted
+
+
+def check_job(spec: JobSpec) -> CheckedJob:
+    """Everything that can be checked without weights: data files, the model's location and architecture,
+    N:M fit, the dense reference's shape, the restoration method's own checks. Raises a JobFailure naming the
+    field."""
+    from worker.model.load import checked_config, preflight, resolve_source
+
+    rows = check_data_files(spec)
+    source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
+    info, config = checked_config(source, spec)
+    dense_source = None
+    if spec.pruning.method == "none" and spec.model.dense and restoration_method(spec.restoration.method).trains:
+        dense_source = resolve_source(spec.model.dense, field="model.dense")
+        dense_info = preflight(dense_source, spec)
+        if dense_info != info:
+            raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
+                            field="model.dense")
+    from worker.restore.method import Preflight  # torch: only once the cheap checks have passed
+    from worker.restore.registry import method_for
+
+    method = method_for(spec)
+    method.preflight(Preflight(info, config, rows.get("data.train")))
+    return CheckedJob(source, info, dense_source, method)
+
+
+def check_data_files(spec: JobSpec) -> dict[str, int]:
+    """Every data file exists and parses in its format, before any weights load; rows per field."""
+    from worker.model.data import (
+        DataFormatError,
+        read_calibration_texts,
+        read_choices,
+        read_instructions,
+        read_texts,
+    )
+
+    readers = {"data.train": read_instructions, "data.calibration": read_calibration_texts,
+               "evaluation.perplexity": read_texts, "evaluation.response_perplexity": read_instructions,
+               "evaluation.tasks": read_choices}
+    counts: dict[str, int] = {}
+    for fld, path in spec.data_paths().items():
+        try:  # the readers refuse a path that is no regular file before opening it (a FIFO would block)
+            counts[fld] = len(readers[fld.rsplit(".", 1)[0] if fld.startswith("evaluation.") else fld](path))
+        except DataFormatError as exc:
+            raise DataError(f"{fld}: {exc.message}", field=fld) from exc
+    return counts
+
+
+def data_field(spec: JobSpec, path: str | None) -> str | None:
+    """The spec field that names data file ``path`` (the first, if several do)."""
+    if path is None:
+        return None
+    return next((fld for fld, p in spec.data_paths().items() if Path(p) == Path(path)), None)
+
+
