@@ -96,7 +96,7 @@ def validation_error(errors: list[dict[str, Any]], strip_body: bool = True) -> A
     field = _loc_to_field(loc, strip_body)
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if etype == "value_error":
-        # A rule over several fields ("data.train is required unless ...", on the whole spec or one section):
+        # A rule over several fields ("data.train is required: ...", on the whole spec or one section):
         # name the field the message names, when it lies inside the validated part.
         m = _DOTTED.search(msg)
         if m and (field is None or m.group(0).startswith(field + ".")):

@@ -20,7 +20,6 @@ from app.methods import (
     PRUNING_METHODS,
     PruningName,
     RestorationConfig,
-    RestoreLCCConfig,
     restoration_config,
     restoration_method,
 )
@@ -172,7 +171,7 @@ class JobSpec(Strict):
     model: ModelSpec
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     restoration: Restoration = Field(
-        default_factory=RestoreLCCConfig,
+        default_factory=lambda: restoration_config({}),
         description="How to restore: one method's settings, picked by restoration.method (default 'restorelcc'); "
         "a setting of another method is refused.",
     )

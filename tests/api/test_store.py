@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 
+from app.methods import restoration_config
 from app.schemas import JobSpec, JobStatus, Stage
 from app.store.db import current_revision, head_revision, make_engine, upgrade
 from app.store.jobs import JobNotFinished, JobStore, stale_cutoff
@@ -31,23 +32,37 @@ def test_upgrade_head_is_idempotent(db_url):
     engine.dispose()
 
 
+def _flat_dump(base: dict, method: str) -> dict:
+    """What the API stored for a job before restoration became per-method: the whole spec, its restoration section
+    one flat set of every method's settings (their defaults; lr the method's own, none for 'none')."""
+    every = {**restoration_config({}).model_dump(mode="json"), **restoration_config({"method": "lora"}).model_dump(
+        mode="json")}
+    spec = JobSpec.model_validate({**base, "restoration": {"method": method}}).model_dump(mode="json")
+    spec["restoration"] = {**every, "method": method, "lr": spec["restoration"].get("lr")}
+    return spec
+
+
 def test_stored_specs_keep_only_their_methods_restoration_settings(db_url):
     """Specs stored before restoration became per-method (one flat section holding every method's settings) are
-    cut down to their method's own, so the worker can validate them again."""
+    cut down to their method's own, so the worker can validate them again, and a request retried with the same
+    Idempotency-Key after the upgrade still finds its job."""
     engine = make_engine(db_url)
     upgrade(engine, "0001")
-    flat = {"heads": 0.8, "head_selection": "probe", "probe_samples": 256, "negatives": "minilm", "directions": 0.66,
-            "max_steps": 50, "lr": 0.003, "lora_r": 8, "lora_alpha": 16.0, "lora_targets": ["q_proj", "v_proj"]}
     base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
     stored = JobStore(engine)
-    ids = {m: stored.create("t", {**base, "restoration": {**flat, "method": m}})[0].id
+    ids = {m: stored.create("t", _flat_dump(base, m), idempotency_key=m)[0].id
            for m in ("restorelcc", "bias", "lora", "none")}
+    assert "lora_r" in stored.get(ids["restorelcc"]).spec["restoration"]  # the old form
     upgrade(engine)
-    specs = {m: JobSpec.model_validate(stored.get(i).spec) for m, i in ids.items()}
-    assert specs["restorelcc"].restoration.directions == 0.66 and specs["restorelcc"].restoration.lr == 0.003
+    for m, job_id in ids.items():
+        spec = stored.get(job_id).spec
+        assert spec["restoration"] == JobSpec.model_validate(spec).restoration.model_dump(mode="json")
+        retry = JobSpec.model_validate({**base, "restoration": {"method": m}}).model_dump(mode="json")
+        job, created = stored.create("t", retry, idempotency_key=m)
+        assert (job.id, created) == (job_id, False), m
     assert "lora_r" not in stored.get(ids["restorelcc"]).spec["restoration"]
     assert "directions" not in stored.get(ids["bias"]).spec["restoration"]
-    assert specs["lora"].restoration.lora_r == 8 and "heads" not in stored.get(ids["lora"]).spec["restoration"]
+    assert "heads" not in stored.get(ids["lora"]).spec["restoration"]
     assert stored.get(ids["none"]).spec["restoration"] == {"method": "none"}
     engine.dispose()
 

@@ -18,9 +18,7 @@ ROOMS: list[tuple[str, int, tuple[str, ...]]] = [
     ("prune", 2, ("worker.prune",)),
     ("restore", 2, ("worker.restore", "worker.restore.method", "worker.restore.train", "worker.restore.batches")),
     ("restore.offsets", 3, ("worker.restore.offsets",)),
-    ("restore.restorelcc", 4, ("worker.restore.restorelcc",)),
-    ("restore.adapters", 4, ("worker.restore.adapters",)),
-    ("restore.bias", 5, ("worker.restore.bias",)),
+    ("restore.bias", 5, ("worker.restore.bias",)),  # RestoreLCC without directions: builds on restorelcc/
     ("restore.registry", 6, ("worker.restore.registry",)),
     ("run", 7, ("worker.run",)),
     ("assets", 7, ("worker.assets",)),
@@ -50,7 +48,15 @@ def imports(path: Path) -> set[str]:
     return out
 
 
+METHOD_FLOOR = 4  # any other folder under worker/restore/ is a method's own room (restorelcc/, adapters/, a new one)
+
+
 def room_of(module: str) -> tuple[str, int] | None:
+    parts = module.split(".")
+    listed = [p for _, _, prefixes in ROOMS for p in prefixes if p.count(".") >= 2]
+    if (module.startswith("worker.restore.") and (ROOT / "worker" / "restore" / parts[2]).is_dir()
+            and not any(module == p or module.startswith(p + ".") for p in listed)):
+        return f"restore.{parts[2]}", METHOD_FLOOR
     best: tuple[int, str, int] | None = None
     for name, floor, prefixes in ROOMS:
         for p in prefixes:

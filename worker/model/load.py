@@ -369,6 +369,19 @@ def load_config(source: ModelSource) -> Any:
     return SimpleNamespace(**raw)
 
 
+def transformers_config(config: Any) -> Any:
+    """``config`` as transformers builds it, with the defaults its class fills in (a config.json read directly lacks
+    them: a Mistral file without ``sliding_window`` has transformers' 4096)."""
+    if not isinstance(config, SimpleNamespace):
+        return config
+    fields = {k: v for k, v in vars(config).items() if k != "model_type"}
+    try:
+        return _transformers_config(config.model_type, fields)
+    except _config_errors() as exc:
+        raise UnsupportedModelError(f"the model's config is not a valid {config.model_type} config "
+                                    f"({_first_lines(exc)})") from exc
+
+
 def preflight(source: ModelSource, spec: JobSpec) -> ArchInfo:
     """Check the architecture and the pruning pattern against the config only (no weights)."""
     return checked_config(source, spec)[0]

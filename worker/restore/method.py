@@ -29,7 +29,7 @@ from worker.model.arch import ArchInfo, DecoderAdapter
 from worker.model.data import Batch, encode_text, ensure_pad_token, pad_batch, read_instructions
 
 Progress = Callable[[float, str], None]  # (fraction of the stage, message)
-TrainStats = dict[str, Any]  # worker.restore.train.train_parameters' result
+TrainStats = dict[str, Any]  # worker.restore.train.train_parameters' result; "report": the method's own fields
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Preflight:
     """What is known before any weight loads."""
 
     info: ArchInfo
-    model_config: Any  # the checkpoint's transformers config
+    model_config: Any  # the checkpoint's config (as read: worker.model.load.transformers_config completes it)
     train_rows: int | None  # rows of data.train (None: no training data)
 
 

@@ -1,7 +1,7 @@
 """The job runner: load → prune → probe → extract → train → merge → evaluate → export.
 
 Each stage measures the model it produced: the loading stage also measures the dense baseline (and, when
-restoring, captures the dense activations RestoreLCC needs), so the dense and the pruned model are never in
+restoring, lets the method take what it needs from the dense model), so the dense and the pruned model are never in
 memory at once. Stages that a spec does not need are skipped; the rest are reported in this order, with
 overall progress rising monotonically and a cancellation checkpoint between stages (and inside long ones).
 """
@@ -345,6 +345,7 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         train_tokens=stats["tokens"],
         train_seconds=round(stats["seconds"], 3),
     )
+    method.report.update(stats.get("report", {}))
     reporter.metrics({"trainable_params": stats["trainable_params"], "train_steps": stats["steps"]})
 
 

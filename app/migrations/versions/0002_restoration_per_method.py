@@ -10,6 +10,8 @@ Revises: 0001
 Create Date: 2026-11-29
 """
 
+import hashlib
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -28,7 +30,13 @@ OWN_SETTINGS: dict[str, set[str]] = {
     "restorelcc": _HEADS | {"directions"}, "bias": _HEADS, "lora": _ADAPTER, "dora": _ADAPTER, "none": {"method"},
 }
 
-jobs = sa.table("jobs", sa.column("seq", sa.Integer), sa.column("spec", sa.JSON))
+jobs = sa.table("jobs", sa.column("seq", sa.Integer), sa.column("id", sa.String), sa.column("spec", sa.JSON))
+idempotency = sa.table("idempotency", sa.column("job_id", sa.String), sa.column("request_hash", sa.String))
+
+
+def request_hash(spec: Any) -> str:
+    """The idempotency hash of a stored spec (as app.store.jobs computes it at this revision)."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def own_settings(spec: Any) -> Any:
@@ -44,10 +52,12 @@ def own_settings(spec: Any) -> Any:
 
 def upgrade() -> None:
     conn = op.get_bind()
-    for seq, spec in conn.execute(sa.select(jobs.c.seq, jobs.c.spec)).all():
+    for seq, job_id, spec in conn.execute(sa.select(jobs.c.seq, jobs.c.id, jobs.c.spec)).all():
         new = own_settings(spec)
-        if new != spec:
+        if new != spec:  # a retried request with the same Idempotency-Key must still find its job
             conn.execute(jobs.update().where(jobs.c.seq == seq).values(spec=new))
+            conn.execute(idempotency.update().where(idempotency.c.job_id == job_id)
+                         .values(request_hash=request_hash(new)))
 
 
 def downgrade() -> None:

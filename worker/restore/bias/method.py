@@ -18,7 +18,7 @@ class Bias(RestoreLCC):
         if self.config.needs_activations():
             super().prepare(spec, model, tokenizer, adapter, progress)
         else:  # random or all heads: known now
-            self.choose_heads(adapter.info)
+            self.choose(adapter.info)
 
     def make_offsets(self, info: ArchInfo) -> HeadOffsets:
         self.components = None

@@ -11,6 +11,7 @@ import torch
 from app.methods import HeadConfig
 from worker.model.arch import ArchInfo, DecoderAdapter
 from worker.model.data import Batch
+from worker.model.load import transformers_config
 from worker.restore.method import Job, Preflight, Progress, RestoreMethod, TrainStats, logits
 from worker.restore.offsets import merge as merging
 from worker.restore.offsets.heads import HeadOffsets, inject
@@ -24,7 +25,7 @@ from worker.restore.offsets.merge import (
     save_restoration,
     token_rel_tolerance,
 )
-from worker.restore.offsets.selection import select_heads
+from worker.restore.offsets.selection import choose_heads
 from worker.restore.offsets.train import train_offsets
 
 
@@ -40,20 +41,14 @@ class OffsetMethod(RestoreMethod):
         self.offsets: HeadOffsets | None = None
 
     def preflight(self, pre: Preflight) -> None:
-        check_mergeable(pre.model_config)  # the merged model must be exportable (UnsupportedModelError)
+        check_mergeable(transformers_config(pre.model_config))  # exportable once merged (UnsupportedModelError)
 
-    def choose_heads(self, info: ArchInfo, scores: torch.Tensor | None = None,
-                     tiebreak: torch.Tensor | None = None) -> None:
-        """The one place heads are chosen: by score (ties by ``tiebreak``), at random (seeded), or all."""
+    def choose(self, info: ArchInfo, scores: torch.Tensor | None = None, tiebreak: torch.Tensor | None = None) -> None:
+        """Choose the heads (worker.restore.offsets.selection.choose_heads) and record them in the report."""
         c = self.config
-        if c.head_selection == "probe":
-            if scores is None:
-                raise ValueError("head_selection 'probe' needs probe scores")
-            self.heads = select_heads(scores, c.heads, "probe", self.seed, tiebreak=tiebreak)
-            self.scores = scores
-        else:
-            self.heads = select_heads(torch.zeros(info.num_layers, info.num_heads), c.heads, c.head_selection,
-                                      self.seed)
+        self.heads = choose_heads(info.num_layers, info.num_heads, c.heads, c.head_selection, self.seed, scores,
+                                  tiebreak)
+        self.scores = scores if c.head_selection == "probe" else None
         rep = self.report
         rep["head_selection"] = c.head_selection
         rep["chosen_heads"] = [list(h) for h in self.heads]
@@ -74,7 +69,7 @@ class OffsetMethod(RestoreMethod):
             grad_accum=r.grad_accum, seed=self.seed, progress=progress, should_stop=should_stop,
         )
         if self.offsets.directions is not None:  # β's length per head (head_dim: all)
-            self.report["directions_per_head"] = int(self.offsets.directions.shape[1])
+            stats["report"] = {"directions_per_head": int(self.offsets.directions.shape[1])}
         return stats
 
     def merge(self, job: Job, check: Batch, progress: Progress) -> None:

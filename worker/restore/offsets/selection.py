@@ -50,3 +50,20 @@ def select_heads(
             raise ValueError(f"unknown head selection {selection!r}")
     return sorted((i // n_heads, i % n_heads) for i in flat)
 
+
+
+def choose_heads(
+    layers: int,
+    n_heads: int,
+    heads: float | int,
+    selection: Selection,
+    seed: int = 0,
+    scores: torch.Tensor | None = None,
+    tiebreak: torch.Tensor | None = None,
+) -> list[tuple[int, int]]:
+    """The job's heads: by ``scores`` (ties by ``tiebreak``: lower first), at random (seeded), or all."""
+    if selection == "probe":
+        if scores is None:
+            raise ValueError("head_selection 'probe' needs probe scores")
+        return select_heads(scores, heads, "probe", seed, tiebreak=tiebreak)
+    return select_heads(torch.zeros(layers, n_heads), heads, selection, seed)

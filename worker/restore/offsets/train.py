@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from worker.model.arch import DecoderAdapter
 from worker.restore.offsets.heads import HeadOffsets, inject
-from worker.restore.train import BatchSource, TrainProgress, frozen, train_parameters
+from worker.restore.train import BatchSource, frozen, train_parameters
 
 
 def train_offsets(
@@ -19,18 +18,10 @@ def train_offsets(
     batches: BatchSource,
     *,
     lr: float = 1e-2,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    grad_accum: int = 1,
-    seed: int = 0,
-    progress: TrainProgress | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    checkpoint_every: int = 5,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Train ``offsets`` in place (see :func:`train_parameters` for ``batches`` and the result).
+    """Train ``offsets`` in place; ``options`` are :func:`train_parameters`' (schedule, warmup_steps, weight_decay,
+    epochs, max_steps, grad_accum, seed, progress, should_stop, checkpoint_every), as is the result.
 
     Every model weight stays frozen; the offsets act through hooks on ``o_proj``, removed afterwards.
     Raises Cancelled when ``should_stop()``.
@@ -40,12 +31,7 @@ def train_offsets(
     with frozen(model), inject(adapter, offsets):
         offsets.train()
         try:
-            stats = train_parameters(
-                model, params, batches, lr=lr, schedule=schedule, warmup_steps=warmup_steps,
-                weight_decay=weight_decay, epochs=epochs, max_steps=max_steps,
-                grad_accum=grad_accum, seed=seed, progress=progress, should_stop=should_stop,
-                checkpoint_every=checkpoint_every,
-            )
+            stats = train_parameters(model, params, batches, lr=lr, **options)
         finally:
             offsets.eval()
     stats["trainable_params"] = offsets.num_trainable()

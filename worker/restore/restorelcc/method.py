@@ -73,7 +73,7 @@ class RestoreLCC(OffsetMethod):
             progress(0.3, "probing heads")
             result = score_heads(self.dense, self.pruned, self.components, seed=self.seed)
             scores, tiebreak = result.accuracy, result.val_loss
-        self.choose_heads(job.adapter.info, scores, tiebreak)
+        self.choose(job.adapter.info, scores, tiebreak)
         self.dense = self.pruned = self.probe_inputs = None  # no longer needed
 
     def make_offsets(self, info: ArchInfo) -> HeadOffsets:

@@ -1,21 +1,16 @@
-"""RestoreLCC in small steps the pipeline can report between.
+"""RestoreLCC's steps on tensors, in the order its method (restorelcc/method.py) calls them::
 
-Call order (``pairs``: probe (prompt, response) pairs; ``spec``: RestorationSpec)::
-
-    check_mergeable(model.config)                                   # fail early (merge.py)
-    negatives, backend = choose_negatives([r for _, r in pairs], spec.negatives)  # "probe" only
+    negatives, backend = choose_negatives([r for _, r in pairs], negatives_backend)  # probed heads only (pairs.py)
     probe = build_probe_inputs(tokenizer, pairs, max_len, batch_size, negatives)
-    dense = capture_dense(model, adapter, probe)                    # dense model, BEFORE pruning
+    dense = capture_dense(model, adapter, probe)                    # dense model, before pruning
     ... prune the model in place ...
     pruned = capture_pruned(model, adapter, probe)                  # (N, L, H, d) at the prompt's last token
     components = extract_components(dense, pruned)                  # lost directions per head (one SVD call)
-    result = score_heads(dense, pruned, components, seed=seed)     # "probe" only
-    heads = choose_heads(result, adapter.info, spec.heads, spec.head_selection, seed)
-    offsets = make_offsets(heads, adapter.info, components, seed=seed)   # components=None → bias only; directions=K
-    stats = train_offsets(model, adapter, offsets, train_batches, lr=..., ...)        # train.py
-    save_restoration(out / "restoration.safetensors", offsets, result.accuracy, {"model_type": ...})
-    merged = merge_into_o_proj(model, adapter, offsets)             # save merged.save_pretrained(dir)
+    result = score_heads(dense, pruned, components, seed=seed)     # probed heads only
+    heads = choose_heads(result, adapter.info, heads, selection, seed)
+    offsets = make_offsets(heads, adapter.info, components, seed=seed, directions=K)  # components=None: bias only
 
+then ``worker.restore.offsets``: train_offsets (train.py), merge_into_o_proj and save_restoration (merge.py).
 ``dense`` holds three captures (prompt, prompt + response, prompt + negative response); with
 ``negatives=None`` only the prompt is captured (enough for "random"/"all" selection).
 """
@@ -28,7 +23,8 @@ import torch
 
 from worker.model.arch import ArchInfo, DecoderAdapter
 from worker.restore.offsets.heads import HeadOffsets
-from worker.restore.offsets.selection import Selection, select_heads
+from worker.restore.offsets.selection import Selection
+from worker.restore.offsets.selection import choose_heads as select
 from worker.restore.restorelcc.capture import ProbeInputs, Progress, build_probe_inputs, capture_head_outputs
 from worker.restore.restorelcc.extract import LostComponents, lost_activations, lost_components, summary_component
 from worker.restore.restorelcc.probe import ProbeResult, probe_features, train_probes
@@ -106,11 +102,8 @@ def choose_heads(
     seed: int = 0,
 ) -> list[tuple[int, int]]:
     """Chosen (layer, head) pairs: by probe score (ties by held-out loss), at random, or all."""
-    if selection == "probe":
-        if result is None:
-            raise ValueError("head_selection 'probe' needs probe scores")
-        return select_heads(result.accuracy, heads, "probe", seed, tiebreak=result.val_loss)
-    return select_heads(torch.zeros(info.num_layers, info.num_heads), heads, selection, seed)
+    scores, tiebreak = (result.accuracy, result.val_loss) if result is not None else (None, None)
+    return select(info.num_layers, info.num_heads, heads, selection, seed, scores, tiebreak)
 
 
 def direction_count(directions: float | None, head_dim: int) -> int | None:

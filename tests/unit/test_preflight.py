@@ -1,0 +1,71 @@
+"""The restoration method's own checks run in the job check, before any weight loads: an architecture whose merged
+model could not be exported, more directions than a head has, too few rows to probe — each a failure naming what
+is wrong, while methods that need none of it are not refused for it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.schemas import JobSpec
+from tests.tiny import instruction_rows, save_tiny, write_jsonl
+from worker.errors import JobFailure
+from worker.run.check import check_job
+
+
+def spec(model: Path, train: Path, **restoration: Any) -> JobSpec:
+    return JobSpec.model_validate({"model": {"id": str(model)}, "pruning": {"method": "magnitude"},
+                                   "restoration": restoration, "data": {"train": str(train)}})
+
+
+@pytest.fixture(scope="module")
+def train(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", instruction_rows(8))
+
+
+def without_key(src: Path, dst: Path, key: str, **changes: Any) -> Path:
+    """A copy of a model directory whose config.json lacks ``key`` (so transformers' default applies)."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).symlink_to(f)
+    (dst / "config.json").unlink()
+    config = json.loads((src / "config.json").read_text())
+    config.pop(key)
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_sliding_window_the_config_leaves_to_transformers_is_refused_before_loading(tmp_path, train):
+    """Mistral's config class defaults sliding_window to 4096: a config.json without the key has an active window,
+    which the exported Llama model could not express."""
+    mistral = without_key(save_tiny("mistral", tmp_path / "m"), tmp_path / "m-default-window", "sliding_window",
+                          max_position_embeddings=32768)
+    with pytest.raises(JobFailure) as err:
+        check_job(spec(mistral, train, method="restorelcc", negatives="tfidf"))
+    assert err.value.code == "unsupported_model" and "sliding window (4096 tokens)" in err.value.message
+    assert check_job(spec(mistral, train, method="lora")).method is not None  # LoRA merges into the weights
+
+
+def test_too_few_rows_to_probe_fail_only_the_methods_that_probe(tmp_path):
+    model = save_tiny("llama", tmp_path / "m")
+    three = write_jsonl(tmp_path / "three.jsonl", instruction_rows(3))
+    for restoration in ({"method": "restorelcc"}, {"method": "bias", "head_selection": "probe"}):
+        with pytest.raises(JobFailure) as err:
+            check_job(spec(model, three, **restoration))
+        assert (err.value.code, err.value.field) == ("invalid_data", "data.train")
+        assert "contrastive probing needs at least 4" in err.value.message
+    for restoration in ({"method": "lora"}, {"method": "bias", "head_selection": "all"},
+                        {"method": "restorelcc", "head_selection": "random"}):
+        assert check_job(spec(model, three, **restoration)).method.config.method == restoration["method"]
+
+
+def test_more_directions_than_a_head_has_are_refused_naming_the_field(tmp_path, train):
+    model = save_tiny("llama", tmp_path / "m")  # head_dim 16
+    with pytest.raises(JobFailure) as err:
+        check_job(spec(model, train, method="restorelcc", directions=17))
+    assert (err.value.code, err.value.field) == ("invalid_spec", "restoration.directions")
+    assert check_job(spec(model, train, method="restorelcc", directions=16)).method.config.directions == 16
