@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 
@@ -15,7 +16,7 @@ from app.service import TASK_NAME
 from app.store.db import make_engine, upgrade
 from app.store.jobs import JobStore
 from app.store.models import utcnow
-from worker.service.requeue import UNACKED_KEY, broker_messages, resend_lost
+from worker.service.requeue import UNACKED_INDEX_KEY, UNACKED_KEY, broker_messages, resend_lost
 
 REDIS_DB = "redis://127.0.0.1:6379/13"  # a database of its own: the test owns its `unacked` hash
 
@@ -82,3 +83,25 @@ def test_resend_lost_sends_only_old_queued_jobs_without_a_message(broker, jobs):
     # later: the young job has waited long enough; the lost one is not sent twice (its message is there)
     assert resend_lost(jobs, held, send, utcnow() + timedelta(seconds=1)) == [young]
     assert sent == [ids["lost"], young]
+
+
+def test_a_message_delivered_to_a_worker_that_died_before_claiming_is_sent_again(broker, jobs):
+    """Redis moved the message to its unacknowledged hash when a worker took it; the worker died before marking
+    the job running. Long after delivery the job is still queued: it is sent again (not after the visibility
+    timeout), while a message delivered a moment ago still counts as in hand."""
+    app, client, queue = broker
+    stale, fresh = (jobs.create("alice", {"model": {"id": "/m"}, "n": n})[0].id for n in ("stale", "fresh"))
+    now = time.time()
+    for tag, job_id, delivered_at in (("tag-stale", stale, now - 600), ("tag-fresh", fresh, now - 1)):
+        app.send_task(TASK_NAME, args=[job_id], queue=queue)
+        raw = client.rpop(queue)  # what the worker took
+        client.hset(UNACKED_KEY, tag, json.dumps([json.loads(raw), "", queue]))
+        client.zadd(UNACKED_INDEX_KEY, {tag: delivered_at})
+    assert stale in broker_messages(client, queue)  # without a cut-off both look in hand, as before
+    sent: list[str] = []
+
+    def held() -> str:
+        return broker_messages(client, queue, delivered_after=now - 60)
+
+    assert resend_lost(jobs, held, sent.append, utcnow() + timedelta(seconds=1)) == [stale] == sent
+    assert [e.kind for e in jobs.events(stale)][-1] == "requeued"

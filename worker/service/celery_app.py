@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from celery import Celery, signals
@@ -75,7 +76,8 @@ def resend_lost_messages() -> list[str]:
 
     def held() -> str:
         with app.connection_for_write() as conn:
-            return broker_messages(conn.default_channel.client, queue)
+            return broker_messages(conn.default_channel.client, queue,
+                                   delivered_after=time.time() - ctx.settings.requeue_after_s)
 
     def send(job_id: str) -> None:
         app.send_task(TASK_NAME, args=[job_id], queue=queue)
