@@ -103,6 +103,8 @@ class Settings(BaseSettings):
             raise ValueError("hard_time_limit_s must exceed soft_time_limit_s")
         if self.visibility_timeout_s is not None and self.visibility_timeout_s <= self.hard_time_limit_s:
             raise ValueError("visibility_timeout_s must exceed hard_time_limit_s")
+        if self.heartbeat_s >= self.stale_after_s:
+            raise ValueError("heartbeat_s must be less than stale_after_s, or a running job looks lost between beats")
         return self
 
     # Derived values -------------------------------------------------------------------------------------

@@ -257,21 +257,42 @@ class JobStore:
                 s.add(Event(job_id=job_id, kind="retry", data={"reason": reason, "run_after": run_after.isoformat()}))
             return ok
 
-    def sweep_lost(self, stale_before: datetime, reason: str = "worker lost") -> list[str]:
-        """Jobs active with a heartbeat older than ``stale_before``: running → failed (``worker_lost``),
-        cancelling → cancelled. Returns the ids changed."""
-        changed: list[str] = []
+    def recover_lost(self, stale_before: datetime, max_attempts: int) -> tuple[list[str], list[str]]:
+        """Active jobs with a heartbeat older than ``stale_before`` lost their worker. A running job that has runs
+        left goes back to ``queued`` to run again (the caller sends it to the broker); one that has had
+        ``max_attempts`` runs → failed (``worker_lost``); cancelling → cancelled. Returns (requeued, ended)."""
         with self.session() as s:
-            ids = list(s.scalars(
-                select(Job.id).where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
-            ))
-        for job_id in ids:
-            if self.finish(job_id, JobStatus.failed, ("worker_lost", f"{reason}: no heartbeat since "
-                                                                     f"{stale_before.isoformat()}"),
-                           allowed=(JobStatus.running.value,)) or \
+            lost = list(s.execute(
+                select(Job.id, Job.attempts).where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
+            ).all())
+        requeued: list[str] = []
+        ended: list[str] = []
+        for job_id, attempts in lost:
+            if attempts < max_attempts and self._requeue_lost(job_id, stale_before, attempts):
+                requeued.append(job_id)
+            elif self.finish(job_id, JobStatus.failed, (
+                    "worker_lost", f"worker lost {attempts} time{'s' if attempts != 1 else ''} while running this "
+                                   f"job (the limit is {max_attempts} runs); no heartbeat since "
+                                   f"{stale_before.isoformat()}"), allowed=(JobStatus.running.value,)) or \
                     self.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
-                changed.append(job_id)
-        return changed
+                ended.append(job_id)
+        return requeued, ended
+
+    def _requeue_lost(self, job_id: str, stale_before: datetime, attempts: int) -> bool:
+        """running with a stale heartbeat → queued, to be run again from the start."""
+        with self.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.attempts == attempts)
+                .where(Job.heartbeat_at < stale_before)
+                .values(status=JobStatus.queued.value, run_after=None, stage=None, progress=0.0, metrics={},
+                        progress_message="worker lost; queued to run again", updated_at=utcnow())
+            )
+            ok = res.rowcount == 1
+            if ok:
+                s.add(Event(job_id=job_id, kind="status", data={"status": "queued", "reason": "worker lost",
+                                                                 "runs": attempts}))
+            return ok
 
     def next_queued(self) -> str | None:
         """The oldest queued job that is due (embedded worker)."""

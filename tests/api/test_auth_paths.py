@@ -98,6 +98,8 @@ def test_unsafe_settings_are_refused(tmp_path):
     Settings(data_dir=tmp_path, dev_open=True).check_safe()
     with pytest.raises(ValueError):
         Settings(soft_time_limit_s=100, hard_time_limit_s=50)
+    with pytest.raises(ValueError, match="heartbeat_s must be less than stale_after_s"):
+        Settings(stale_after_s=1)  # the default heartbeat (10 s) would make every running job look lost
 
 
 def test_dev_open_serves_without_a_key(tmp_path):

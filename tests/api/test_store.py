@@ -7,12 +7,13 @@ import time
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 
 from app.methods import restoration_config
 from app.schemas import JobSpec, JobStatus, Stage
 from app.store.db import current_revision, head_revision, make_engine, upgrade
 from app.store.jobs import JobNotFinished, JobStore, stale_cutoff
-from app.store.models import utcnow
+from app.store.models import Job, utcnow
 from worker.service.store_reporter import StoreReporter, jsonable
 
 
@@ -102,21 +103,32 @@ def test_finished_jobs_are_immutable(store):
     assert (row.status, row.error_code, row.error_message) == ("failed", "boom", "it broke")
 
 
-def test_sweep_fails_running_jobs_with_a_stale_heartbeat(store):
+def test_the_sweep_requeues_lost_jobs_with_runs_left_and_fails_the_rest(store):
     fresh, _ = store.create("t", {})
     stale, _ = store.create("t", {})
+    spent, _ = store.create("t", {})
     cancelling, _ = store.create("t", {})
     queued, _ = store.create("t", {})
-    for j in (fresh, stale, cancelling):
+    for j in (fresh, stale, spent, cancelling):
         store.claim(j.id, "w")
+    with store.session() as s:  # the spent job has already been run twice
+        s.execute(update(Job).where(Job.id == spent.id).values(attempts=2))
     store.request_cancel(cancelling.id)
     time.sleep(0.05)
     store.heartbeat(fresh.id)
     cutoff = utcnow() - timedelta(milliseconds=20)
-    assert sorted(store.sweep_lost(cutoff)) == sorted([stale.id, cancelling.id])
-    assert store.get(stale.id).status == "failed" and store.get(stale.id).error_code == "worker_lost"
+    requeued, ended = store.recover_lost(cutoff, max_attempts=2)
+    assert requeued == [stale.id] and sorted(ended) == sorted([spent.id, cancelling.id])
+    again = store.get(stale.id)
+    assert (again.status, again.attempts, again.stage, again.progress) == ("queued", 1, None, 0.0)
+    assert store.events(stale.id)[-1].data == {"status": "queued", "reason": "worker lost", "runs": 1}
+    assert not store.heartbeat(stale.id, attempt=1)  # the lost run's writes are refused now
+    assert store.claim(stale.id, "w2") and store.get(stale.id).attempts == 2
+    assert store.get(spent.id).status == "failed" and store.get(spent.id).error_code == "worker_lost"
+    assert "2 times" in store.get(spent.id).error_message
     assert store.get(cancelling.id).status == "cancelled"
     assert store.get(fresh.id).status == "running" and store.get(queued.id).status == "queued"
+    assert store.recover_lost(cutoff, max_attempts=2) == ([], [])
 
 
 def test_take_over_only_when_stale_and_requeue_respects_run_after(store):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from app.client import Client
+from app.schemas import JobStatus
 from tests.conftest import check_downloaded_model, free_port
 
 ROOT = Path(__file__).parents[2]
@@ -30,7 +31,7 @@ def embedded(tmp_path_factory, tiny_assets):
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
     env.update({
         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-        "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "1",
+        "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "1", "RESTORELCC_HEARTBEAT_S": "0.2",
         "RESTORELCC_SWEEP_INTERVAL_S": "0.5", "RESTORELCC_POLL_INTERVAL_S": "0.2",
     })
     log = data_dir / "serve.log"
@@ -101,11 +102,14 @@ def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets
     assert (embedded["data_dir"] / "jobs.db").is_file()
 
 
-def test_a_job_left_running_by_a_dead_worker_is_failed_worker_lost(embedded):
-    """Recovery policy: a running job whose heartbeat is older than twice stale_after_s is failed with
-    code worker_lost by the worker's sweep. The local worker is killed first: `serve` restarts it."""
+def test_a_job_left_running_by_a_dead_worker_runs_again_or_ends_worker_lost(embedded, tiny_assets):
+    """Recovery policy: a running job whose heartbeat is older than twice stale_after_s lost its worker. The
+    worker's sweep queues it to run again while it has runs left (fewer than max_attempts, 2), and the local worker
+    runs it to the end; a job that has had its runs is failed worker_lost. The local worker is killed first:
+    `serve` restarts it."""
     import re
 
+    from app.schemas import JobSpec
     from app.store.db import make_engine
 
     pids = [int(p) for p in re.findall(r"Embedded worker started \(pid (\d+)\)", embedded["log"].read_text())]
@@ -116,17 +120,23 @@ def test_a_job_left_running_by_a_dead_worker_is_failed_worker_lost(embedded):
     engine = make_engine(f"sqlite:///{embedded['data_dir'] / 'jobs.db'}")
     store = JobStore(engine)
     old = utcnow() - timedelta(minutes=5)
+    spec = JobSpec.model_validate(tiny_assets.spec()).model_dump(mode="json")
+    ghosts = {"ghost0000000000000000000000000001": 2, "ghost0000000000000000000000000002": 1}  # id → runs so far
     with store.session() as s:
-        s.add(Job(id="ghost0000000000000000000000000001", tenant="local", status="running", stage="training",
-                  progress=0.4, progress_message="", spec={}, metrics={}, attempts=1, retries=0,
-                  worker="gone:1", heartbeat_at=old, created_at=old, started_at=old, updated_at=old))
+        for job_id, runs in ghosts.items():
+            s.add(Job(id=job_id, tenant="local", status="running", stage="training", progress=0.4,
+                      progress_message="", spec=spec, metrics={}, attempts=runs, retries=0, worker="gone:1",
+                      heartbeat_at=old, created_at=old, started_at=old, updated_at=old))
     try:
-        deadline = time.monotonic() + 30
-        while store.get("ghost0000000000000000000000000001").status == "running":
-            assert time.monotonic() < deadline, "the sweep did not fail the lost job"
+        deadline = time.monotonic() + 120
+        while not all(JobStatus(store.get(j).status).finished for j in ghosts):
+            assert time.monotonic() < deadline, [store.get(j).status for j in ghosts]
             time.sleep(0.2)
-        job = store.get("ghost0000000000000000000000000001")
-        assert job.status == "failed" and job.error_code == "worker_lost"
+        spent, again = (store.get(j) for j in ghosts)
+        assert spent.status == "failed" and spent.error_code == "worker_lost"
+        assert again.status == "succeeded" and again.attempts == 2
+        requeue = [e.data for e in store.events(again.id) if e.data.get("reason") == "worker lost"]
+        assert requeue == [{"status": "queued", "reason": "worker lost", "runs": 1}]
         restarted = re.findall(r"Embedded worker started \(pid (\d+)\)", embedded["log"].read_text())
         assert len(restarted) == len(pids) + 1
     finally:

@@ -170,7 +170,7 @@ def test_a_run_that_loses_its_job_while_uploading_leaves_no_files_behind(tmp_pat
 
     def lose_the_job_then_put(key: str, path: Path):
         if ctx.jobs.artifacts(job_id):  # one file recorded: the sweep and the user strike during the next put
-            assert ctx.jobs.sweep_lost(utcnow()) == [job_id] and ctx.jobs.delete(job_id)
+            assert ctx.jobs.recover_lost(utcnow(), max_attempts=1) == ([], [job_id]) and ctx.jobs.delete(job_id)
             ctx.artifacts.delete_prefix(job_prefix(job_id))  # what the API's delete does
         return put_file(key, path)
 
@@ -232,3 +232,23 @@ def test_more_directions_than_the_models_head_width_fail_naming_the_field(tmp_pa
     assert failed.error_code == "invalid_spec" and "restoration.directions 4096 exceeds" in failed.error_message
     stages = [e.data["stage"] for e in ctx.jobs.events(job.id) if e.kind == "stage"]
     assert stages == []
+
+
+def test_a_redelivered_job_with_no_runs_left_ends_worker_lost_without_a_restart(tmp_path, tiny_assets):
+    """A job that has had max_attempts runs and whose worker is gone: the redelivered task ends it worker_lost
+    once the heartbeat is stale, and records no take-over ("restarted") it would not do."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.store.models import Job
+
+    ctx = _ctx(tmp_path, tiny_assets, heartbeat_s=0.05, stale_after_s=0.2, max_attempts=2)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "gone:1")
+    with ctx.jobs.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(attempts=2, heartbeat_at=utcnow() - timedelta(1)))
+    assert run_job(job_id, ctx).outcome is Outcome.failed
+    job = ctx.jobs.get(job_id)
+    assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost", 2)
+    assert not [e for e in ctx.jobs.events(job_id) if e.data.get("restarted")]

@@ -85,11 +85,17 @@ def resend_lost_messages() -> list[str]:
     return resend_lost(ctx.jobs, held, send, utcnow() - timedelta(seconds=ctx.settings.requeue_after_s))
 
 
-def _sweep_loop(interval: float) -> None:
-    from worker.service.tasks import sweep
+def recover_lost_jobs() -> list[str]:
+    """Jobs whose worker was lost: those with runs left are queued and sent again (see worker.service.tasks.sweep)."""
+    from worker.service.tasks import get_context, sweep
 
+    queue = get_context().settings.queue
+    return sweep(send=lambda job_id: app.send_task(TASK_NAME, args=[job_id], queue=queue))
+
+
+def _sweep_loop(interval: float) -> None:
     while True:
-        for name, step in (("lost-job sweep", sweep), ("lost-message sweep", resend_lost_messages)):
+        for name, step in (("lost-job sweep", recover_lost_jobs), ("lost-message sweep", resend_lost_messages)):
             try:
                 step()
             except Exception:

@@ -26,11 +26,14 @@ class LocalWorker:
         self.ctx = ctx or make_context(settings)
         self.settings = self.ctx.settings
         self.stop = threading.Event()
-        self._last_sweep = 0.0
+        self._last_sweep = -float("inf")
+        self._sweep_lock = threading.Lock()
 
     def maybe_sweep(self) -> None:
         now = time.monotonic()
-        if now - self._last_sweep >= self.settings.sweep_interval_s:
+        with self._sweep_lock:
+            if now - self._last_sweep < self.settings.sweep_interval_s:
+                return
             self._last_sweep = now
             try:
                 sweep(self.ctx)
@@ -47,9 +50,22 @@ class LocalWorker:
         log.info("job %s: %s", job_id, result.outcome.value)
         return True
 
+    def sweep_forever(self) -> threading.Thread:
+        """Sweep every ``sweep_interval_s`` in the background, so that a job lost by an earlier worker is queued
+        again (or ended) while this one runs a long job, not only between jobs."""
+
+        def loop() -> None:
+            while not self.stop.wait(self.settings.sweep_interval_s):
+                self.maybe_sweep()
+
+        thread = threading.Thread(target=loop, daemon=True, name="restorelcc-sweeper")
+        thread.start()
+        return thread
+
     def run_forever(self) -> None:
         set_context(self.ctx)
         log.info("embedded worker polling %s", self.settings.db_url.split("@")[-1])
+        self.sweep_forever()
         while not self.stop.is_set():
             try:
                 found = self.run_once()

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -113,6 +114,15 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
         if stale and ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
             return Result(Outcome.cancelled)
         return Result(Outcome.noop)
+    elif job.attempts >= ctx.settings.max_attempts:
+        # No runs left: once its worker is surely gone, end it rather than take it over and start again.
+        error = (("time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s} s")
+                 if _hit_hard_limit(job, ctx.settings) else
+                 ("worker_lost", f"worker lost {job.attempts} times while running this job; giving up"))
+        if _wait_stale(ctx, job) and ctx.jobs.finish(job_id, JobStatus.failed, error,
+                                                     allowed=(JobStatus.running.value,)):
+            return Result(Outcome.failed)
+        return Result(Outcome.noop)
     elif not _take_over(ctx, job):
         return Result(Outcome.noop)
     elif _hit_hard_limit(job, ctx.settings):
@@ -148,12 +158,22 @@ def _heartbeat_stale(job: Job, settings: Settings) -> bool:
 def _take_over(ctx: WorkerContext, job: Job) -> bool:
     """A redelivered job found ``running``: wait for its heartbeat to go stale (its worker is gone) and take
     it over; give up at once if the heartbeat moves (a live worker has it)."""
+    if _wait_stale(ctx, job, lambda: ctx.jobs.take_over(job.id, ctx.name, stale_cutoff(ctx.settings.stale_after_s))):
+        log.warning("job %s: worker lost; re-running from the start", job.id)
+        return True
+    return False
+
+
+def _wait_stale(ctx: WorkerContext, job: Job, act: Callable[[], bool] | None = None) -> bool:
+    """Wait until the running job's heartbeat is ``stale_after_s`` old, then ``act()`` (True when it is stale,
+    without ``act``); False at once if the heartbeat moves or the job leaves ``running``, or after the wait."""
     s = ctx.settings
     first_beat = job.heartbeat_at
     deadline = time.monotonic() + s.stale_after_s + 2 * s.heartbeat_s
     while True:
-        if ctx.jobs.take_over(job.id, ctx.name, stale_cutoff(s.stale_after_s)):
-            log.warning("job %s: worker lost; re-running from the start", job.id)
+        current = ctx.jobs.get(job.id)
+        if current is not None and current.status == JobStatus.running.value and _heartbeat_stale(current, s) \
+                and (act() if act is not None else True):
             return True
         now = ctx.jobs.get(job.id)
         if now is None or now.status != JobStatus.running.value or now.heartbeat_at != first_beat:
@@ -371,15 +391,21 @@ def _drop_unrecorded(ctx: WorkerContext, job_id: str, key: str, attempt: int | N
         log.warning("could not delete unrecorded artifacts of job %s attempt %s", job_id, attempt, exc_info=True)
 
 
-def sweep(ctx: WorkerContext | None = None) -> list[str]:
-    """Recovery: jobs active with no heartbeat for twice ``stale_after_s`` lost their worker → failed
-    ``worker_lost`` (cancelling ones → cancelled). Twice, so that a redelivered task (which takes a job
-    over once it is ``stale_after_s`` stale) gets the first chance to re-run it."""
+def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None = None) -> list[str]:
+    """Recovery: jobs active with no heartbeat for twice ``stale_after_s`` lost their worker. One with runs left
+    (fewer than ``max_attempts``) goes back to ``queued`` and, with ``send``, to the broker: it runs again even
+    when other jobs wait ahead of its redelivered message; the others are failed ``worker_lost`` (cancelling
+    ones → cancelled). Twice, so that a redelivered task (which takes a job over once it is ``stale_after_s``
+    stale) gets the first chance to re-run it. Returns the ids changed."""
     ctx = ctx or get_context()
-    lost = ctx.jobs.sweep_lost(stale_cutoff(2 * ctx.settings.stale_after_s))
-    for job_id in lost:
-        log.warning("job %s: worker lost (stale heartbeat); marked failed", job_id)
-    return lost
+    requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts)
+    for job_id in requeued:
+        log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)
+        if send is not None:
+            send(job_id)
+    for job_id in ended:
+        log.warning("job %s: worker lost (stale heartbeat) and no runs left; ended", job_id)
+    return requeued + ended
 
 
 def describe(result: Result) -> dict[str, Any]:
