@@ -197,3 +197,46 @@ def test_stopping_serve_leaves_no_orphan_worker(tmp_path, tiny_assets, sig):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_one_local_worker_per_data_directory(tmp_path, tiny_assets):
+    """While a worker holds the data directory's slot (an orphan finishing its job after its service was killed),
+    a second local worker waits instead of running a job beside it, and runs it once the slot is free."""
+    import fcntl
+
+    from app.schemas import JobSpec
+    from app.store.db import make_engine, upgrade
+    from app.store.jobs import JobStore
+    from worker.service.embedded import WORKER_LOCK
+
+    data_dir = tmp_path / "state"
+    data_dir.mkdir()
+    engine = make_engine(f"sqlite:///{data_dir / 'jobs.db'}")
+    upgrade(engine)
+    store = JobStore(engine)
+    job, _ = store.create("local", JobSpec.model_validate(tiny_assets.spec()).model_dump(mode="json"))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
+           and not k.startswith("RESTORELCC_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+                "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_POLL_INTERVAL_S": "0.1",
+                "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
+                "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data")})
+    log = tmp_path / "worker.log"
+    with open(data_dir / WORKER_LOCK, "w") as held, open(log, "w") as log_f:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the orphan's slot
+        proc = subprocess.Popen([sys.executable, "-m", "worker.service.embedded"], env=env, cwd=ROOT,
+                                stdout=log_f, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while "another local worker holds" not in log.read_text():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            assert store.get(job.id).status == "queued"  # it waits; the job is not run beside the orphan's
+            fcntl.flock(held, fcntl.LOCK_UN)
+            while store.get(job.id).status != "succeeded":
+                assert proc.poll() is None and time.monotonic() < deadline + 120, log.read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            engine.dispose()

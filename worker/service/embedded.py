@@ -8,17 +8,22 @@ or a crash never takes the API down; ``restorelcc worker --embedded`` runs it in
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from app.config import Settings, get_settings
 from app.store.db import upgrade
 from worker.service.tasks import WorkerContext, make_context, run_job, set_context, sweep
 
 log = logging.getLogger("restorelcc.worker")
+WORKER_LOCK = "worker.lock"  # in the data directory: held by the one local worker that runs its jobs
 
 
 class LocalWorker:
@@ -76,6 +81,33 @@ class LocalWorker:
                 self.stop.wait(self.settings.poll_interval_s)
 
 
+@contextmanager
+def worker_slot(lock: Path, stop: threading.Event, poll_s: float) -> Iterator[bool]:
+    """The one local-worker slot of a data directory: an exclusive lock on ``lock``, waited for until ``stop``.
+    Yields whether it is held. A worker whose service was killed (an orphan finishing its current job) keeps the
+    slot until it exits, so the restarted service's worker never runs a second job beside it."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log.warning("another local worker holds %s (one finishing its job?); waiting for it", lock)
+                    waiting = True
+                if stop.wait(poll_s):
+                    yield False
+                    return
+        if waiting:
+            log.info("local-worker slot %s is free; starting", lock)
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def watch_parent(parent: int, stop: threading.Event, interval_s: float = 1.0) -> threading.Thread:
     """Set ``stop`` once ``parent`` is no longer our parent (it died, even by SIGKILL): no orphan workers."""
 
@@ -103,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_migrate:
         upgrade(worker.ctx.jobs.engine)
     if args.once:
-        worker.run_once()
+        with worker_slot(settings.data_dir / WORKER_LOCK, worker.stop, settings.poll_interval_s) as held:
+            if held:
+                worker.run_once()
         return 0
 
     def _stop(*_: object) -> None:
@@ -113,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     if args.parent is not None:
         watch_parent(args.parent, worker.stop)
-    worker.run_forever()
+    with worker_slot(settings.data_dir / WORKER_LOCK, worker.stop, settings.poll_interval_s) as held:
+        if held:
+            worker.run_forever()
     return 0
 
 

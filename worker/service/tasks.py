@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from app.config import Settings, get_settings
 from app.paths import PathRefused, check_spec_paths
 from app.schemas import JobSpec, JobStatus
+from app.service import is_job_id
 from app.store.artifacts import ArtifactStore, attempt_prefix, job_key, job_prefix, make_store
 from app.store.db import make_engine
 from app.store.jobs import JobStore, stale_cutoff
@@ -398,6 +399,7 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     ones → cancelled). Twice, so that a redelivered task (which takes a job over once it is ``stale_after_s``
     stale) gets the first chance to re-run it. Returns the ids changed."""
     ctx = ctx or get_context()
+    clean_scratch(ctx)
     requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts)
     for job_id in requeued:
         log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)
@@ -406,6 +408,26 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     for job_id in ended:
         log.warning("job %s: worker lost (stale heartbeat) and no runs left; ended", job_id)
     return requeued + ended
+
+
+def clean_scratch(ctx: WorkerContext) -> list[str]:
+    """Remove the scratch folders (work_dir/<job id>) that a killed run left behind: those of jobs that are no
+    longer running (finished, deleted, or queued to run again, which starts from an empty folder). A job
+    running here or on another worker of this host keeps its folder. Returns the job ids cleaned."""
+    root = ctx.settings.work_path
+    if ctx.settings.keep_work_dirs or not root.is_dir():
+        return []
+    cleaned = []
+    for folder in root.iterdir():
+        if not (folder.is_dir() and is_job_id(folder.name)):
+            continue
+        job = ctx.jobs.get(folder.name)
+        if job is None or job.status not in (JobStatus.running.value, JobStatus.cancelling.value):
+            shutil.rmtree(folder, ignore_errors=True)
+            cleaned.append(folder.name)
+    if cleaned:
+        log.info("removed the scratch folders of %d jobs no longer running here", len(cleaned))
+    return cleaned
 
 
 def describe(result: Result) -> dict[str, Any]:
