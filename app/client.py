@@ -98,6 +98,13 @@ class Client:
         _raise_for(r)
         return JobPublic.model_validate(r.json())
 
+    def retry(self, job_id: str, idempotency_key: str | None = None) -> JobPublic:
+        """A new job with the spec of a failed or cancelled one (``retry_of`` names it)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        r = self.http.post(f"/v1/jobs/{job_id}/retry", headers=headers)
+        _raise_for(r)
+        return JobPublic.model_validate(r.json())
+
     def delete(self, job_id: str) -> None:
         _raise_for(self.http.delete(f"/v1/jobs/{job_id}"))
 

@@ -289,6 +289,7 @@ class JobPublic(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime | None = None
+    retry_of: str | None = Field(None, description="The failed or cancelled job this one retries.")
 
 
 class JobList(BaseModel):

@@ -12,6 +12,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from app.config import Settings
 from app.errors import ApiError, not_found
 from app.paths import PathRefused, check_spec_files, check_spec_paths
@@ -96,14 +98,15 @@ class JobService:
         self.artifacts = artifacts
         self.enqueuer = enqueuer
 
-    def create(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None) -> Created:
+    def create(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None,
+               retry_of: str | None = None) -> Created:
         try:
             check_spec_files(spec, check_spec_paths(spec, self.settings))
         except PathRefused as e:
             raise ApiError(422, e.code, e.message, e.field) from e
         body: dict[str, Any] = spec.model_dump(mode="json")
         try:
-            job, created = self.jobs.create(tenant, body, idempotency_key)
+            job, created = self.jobs.create(tenant, body, idempotency_key, retry_of)
         except IdempotencyConflict as e:
             raise ApiError(
                 409, "idempotency_conflict",
@@ -125,6 +128,20 @@ class JobService:
         if job is None:
             raise not_found()
         return job
+
+    def retry(self, tenant: str, job_id: str, idempotency_key: str | None = None) -> Created:
+        """A new job with the spec of a failed or cancelled one, linked to it (``retry_of``); it runs from the start.
+        The spec is validated and its paths checked again, as at submit."""
+        job = self.get(tenant, job_id)
+        if job.status not in (JobStatus.failed.value, JobStatus.cancelled.value):
+            raise ApiError(409, "job_not_retryable", f"job is {job.status}; only a failed or cancelled job can be "
+                                                     "retried")
+        try:
+            spec = JobSpec.model_validate(job.spec)
+        except ValidationError as e:  # stored under an older contract that no longer holds
+            raise ApiError(409, "job_not_retryable", f"the job's spec is no longer valid: {e.errors()[0]['msg']}"
+                           ) from e
+        return self.create(tenant, spec, idempotency_key, retry_of=job.id)
 
     def cancel(self, tenant: str, job_id: str) -> CancelResult:
         res = self.jobs.request_cancel(job_id, tenant) if is_job_id(job_id) else None

@@ -35,6 +35,7 @@ def to_public(job: Job) -> JobPublic:
         started_at=job.started_at,
         finished_at=job.finished_at,
         updated_at=job.updated_at,
+        retry_of=job.retry_of,
     )
 
 
@@ -106,6 +107,33 @@ def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, res
             raise ApiError(409, "job_finished", f"job already {res.status.value}")
         response.status_code = 200
     return to_public(service.get(principal.tenant, job_id))
+
+
+@router.post(
+    "/{job_id}/retry", status_code=202, response_model=JobPublic,
+    responses={202: {"description": "The new job, queued (or the earlier one, replayed)", "headers": _LOCATION},
+               **error_responses(401, 404, 409, 413, 422, 503)},
+)
+def retry_job(
+    job_id: str,
+    principal: PrincipalDep,
+    service: JobServiceDep,
+    services: ServicesDep,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                           description="Repeat a request safely: one job per key and tenant.")
+    ] = None,
+) -> JobPublic:
+    """Run a failed or cancelled job again: a new job with its spec and `retry_of` naming it (409 for a job that
+    is queued, running or succeeded). It runs from the start."""
+    res = service.retry(principal.tenant, job_id, idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{res.job.id}"
+    if res.created:
+        services.metrics.jobs_created.labels(principal.tenant).inc()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return to_public(res.job)
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(401, 404, 409))

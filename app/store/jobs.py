@@ -71,11 +71,12 @@ class JobStore:
 
     # Creation and reading -----------------------------------------------------------------------------
     def create(
-        self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None
+        self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None, retry_of: str | None = None
     ) -> tuple[Job, bool]:
-        """Record a queued job. With an idempotency key, the first request wins and later ones get its job
-        (``created`` False); a different body under the same key raises :class:`IdempotencyConflict`."""
-        digest = request_hash(spec)
+        """Record a queued job (``retry_of``: the job it retries). With an idempotency key, the first request wins
+        and later ones get its job (``created`` False); a different body under the same key raises
+        :class:`IdempotencyConflict`."""
+        digest = request_hash(spec if retry_of is None else {"retry_of": retry_of, "spec": spec})
         if idempotency_key is not None:
             existing = self._by_idempotency(tenant, idempotency_key, digest)
             if existing is not None:
@@ -83,7 +84,7 @@ class JobStore:
         now = utcnow()
         job = Job(
             id=new_job_id(), tenant=tenant, status=JobStatus.queued.value, progress=0.0, progress_message="queued",
-            spec=spec, metrics={}, attempts=0, retries=0, created_at=now, updated_at=now,
+            spec=spec, metrics={}, attempts=0, retries=0, created_at=now, updated_at=now, retry_of=retry_of,
         )
         try:
             with self.session() as s:
@@ -91,7 +92,9 @@ class JobStore:
                 s.flush()
                 if idempotency_key is not None:
                     s.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest, job_id=job.id))
-                s.add(Event(job_id=job.id, kind="status", data={"status": "queued"}, created_at=now))
+                data: dict[str, Any] = {"status": "queued"} if retry_of is None else {"status": "queued",
+                                                                                      "retry_of": retry_of}
+                s.add(Event(job_id=job.id, kind="status", data=data, created_at=now))
         except IntegrityError:
             if idempotency_key is None:
                 raise

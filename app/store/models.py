@@ -62,6 +62,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    retry_of: Mapped[str | None] = mapped_column(String(36), index=True)  # the job this one retries
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),

@@ -65,6 +65,30 @@ def test_cancel_running_goes_through_cancelling_and_succeeded_gives_409(api):
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
 
 
+def test_retry_makes_a_linked_job_of_a_failed_or_cancelled_one(api):
+    jobs = api.services.jobs
+    failed, cancelled, running = api.create()["id"], api.create()["id"], api.create()["id"]
+    assert jobs.claim(failed, "w") and jobs.finish(failed, JobStatus.failed, ("worker_lost", "gone"))
+    api.client.post(f"/v1/jobs/{cancelled}/cancel", headers=api.h())
+    assert jobs.claim(running, "w")
+    for old in (failed, cancelled):
+        r = api.client.post(f"/v1/jobs/{old}/retry", headers={**api.h(), "Idempotency-Key": f"retry-{old}"})
+        assert r.status_code == 202, r.text
+        new = r.json()
+        assert new["retry_of"] == old and new["status"] == "queued" and new["id"] != old
+        assert new["spec"] == api.client.get(f"/v1/jobs/{old}", headers=api.h()).json()["spec"]
+        assert r.headers["Location"] == f"/v1/jobs/{new['id']}"
+        again = api.client.post(f"/v1/jobs/{old}/retry", headers={**api.h(), "Idempotency-Key": f"retry-{old}"})
+        assert again.json()["id"] == new["id"] and again.headers["Idempotent-Replayed"] == "true"
+        assert api.client.get(f"/v1/jobs/{new['id']}", headers=api.h()).json()["retry_of"] == old
+    for active in (running, api.create()["id"]):  # running, queued
+        r = api.client.post(f"/v1/jobs/{active}/retry", headers=api.h())
+        assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_retryable", r.text
+    assert api.client.post(f"/v1/jobs/{failed}/retry", headers=api.h("bob")).status_code == 404  # not bob's
+    assert api.client.post("/v1/jobs/nope/retry", headers=api.h()).status_code == 404
+    assert api.client.get(f"/v1/jobs/{failed}", headers=api.h()).json()["retry_of"] is None
+
+
 def test_delete_only_finished_jobs(api):
     jobs = api.services.jobs
     job = api.create()["id"]

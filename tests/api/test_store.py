@@ -7,12 +7,13 @@ import time
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import update
 
 from app.methods import restoration_config
 from app.schemas import JobSpec, JobStatus, Stage
 from app.store.db import current_revision, head_revision, make_engine, upgrade
-from app.store.jobs import JobNotFinished, JobStore, stale_cutoff
+from app.store.jobs import JobNotFinished, JobStore, request_hash, stale_cutoff
 from app.store.models import Job, utcnow
 from worker.service.store_reporter import StoreReporter, jsonable
 
@@ -29,7 +30,7 @@ def test_upgrade_head_is_idempotent(db_url):
     engine = make_engine(db_url)
     upgrade(engine)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     engine.dispose()
 
 
@@ -50,11 +51,22 @@ def test_stored_specs_keep_only_their_methods_restoration_settings(db_url):
     engine = make_engine(db_url)
     upgrade(engine, "0001")
     base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
-    stored = JobStore(engine)
-    ids = {m: stored.create("t", _flat_dump(base, m), idempotency_key=m)[0].id
-           for m in ("restorelcc", "bias", "lora", "none")}
-    assert "lora_r" in stored.get(ids["restorelcc"]).spec["restoration"]  # the old form
+    jobs = sa.table("jobs", *(sa.column(c) for c in ("id", "tenant", "status", "progress", "progress_message",
+                                                      "attempts", "retries")),
+                    sa.column("spec", sa.JSON), sa.column("metrics", sa.JSON), sa.column("created_at", sa.DateTime))
+    idempotency = sa.table("idempotency", *(sa.column(c) for c in ("tenant", "key", "request_hash", "job_id")),
+                           sa.column("created_at", sa.DateTime))
+    ids = {m: f"{m:0<32}" for m in ("restorelcc", "bias", "lora", "none")}
+    with engine.begin() as conn:  # rows as revision 0001 stored them (today's models have later columns)
+        for m, job_id in ids.items():
+            old = _flat_dump(base, m)
+            conn.execute(jobs.insert().values(id=job_id, tenant="t", status="queued", progress=0.0,
+                                              progress_message="queued", metrics={}, attempts=0, retries=0,
+                                              created_at=utcnow(), spec=old))
+            conn.execute(idempotency.insert().values(tenant="t", key=m, request_hash=request_hash(old),
+                                                     job_id=job_id, created_at=utcnow()))
     upgrade(engine)
+    stored = JobStore(engine)
     for m, job_id in ids.items():
         spec = stored.get(job_id).spec
         assert spec["restoration"] == JobSpec.model_validate(spec).restoration.model_dump(mode="json")
