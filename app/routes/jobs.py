@@ -5,21 +5,26 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import JobServiceDep, PrincipalDep, ServicesDep
+from app.auth import Principal
+from app.deps import JobServiceDep, PrincipalDep, Services, ServicesDep
 from app.errors import ApiError, error_body, error_responses
 from app.schemas import EventPublic, JobError, JobList, JobPublic, JobSpec, JobStatus, Progress
-from app.service import is_job_id
+from app.service import Created, is_job_id
 from app.store.models import Event, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _LOCATION = {"Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}}}
+IdempotencyKey = Annotated[
+    str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
+                       description="Repeat a request safely: one job per key and tenant.")
+]
 
 
 def to_public(job: Job) -> JobPublic:
@@ -43,24 +48,24 @@ def event_public(e: Event) -> EventPublic:
     return EventPublic(seq=e.seq, kind=e.kind, stage=e.stage, data=e.data or {}, created_at=e.created_at)
 
 
-@router.post(
-    "", status_code=202, response_model=JobPublic,
-    responses={202: {"description": "The job, queued (or the earlier one, replayed)", "headers": _LOCATION},
-               **error_responses(400, 401, 409, 413, 422, 503)},
-)
+def _creates(*errors: int) -> dict[str, Any]:
+    """A POST that records a job: 202 with the job (or the replayed one) and its Location."""
+    return {"status_code": 202, "response_model": JobPublic, "responses": {
+        202: {"description": "The job, queued (or the earlier one, replayed)", "headers": _LOCATION},
+        **error_responses(*errors)}}
+
+
+@router.post("", **_creates(400, 401, 409, 413, 422, 503))
 def create_job(
-    spec: JobSpec,
-    principal: PrincipalDep,
-    service: JobServiceDep,
-    services: ServicesDep,
-    response: Response,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
-                           description="Repeat a request safely: one job per key and tenant.")
-    ] = None,
+    spec: JobSpec, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep, response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Validate a job spec, record it and enqueue it. Returns 202 with the job and its `Location`."""
-    res = service.create(principal.tenant, spec, idempotency_key)
+    return _created(service.create(principal.tenant, spec, idempotency_key), principal, services, response)
+
+
+def _created(res: Created, principal: Principal, services: Services, response: Response) -> JobPublic:
+    """A created (or replayed) job's answer: its `Location`, the replay header, the creation metric."""
     response.headers["Location"] = f"/v1/jobs/{res.job.id}"
     if res.created:
         services.metrics.jobs_created.labels(principal.tenant).inc()
@@ -109,31 +114,14 @@ def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, res
     return to_public(service.get(principal.tenant, job_id))
 
 
-@router.post(
-    "/{job_id}/retry", status_code=202, response_model=JobPublic,
-    responses={202: {"description": "The new job, queued (or the earlier one, replayed)", "headers": _LOCATION},
-               **error_responses(401, 404, 409, 413, 422, 503)},
-)
+@router.post("/{job_id}/retry", **_creates(401, 404, 409, 413, 422, 503))
 def retry_job(
-    job_id: str,
-    principal: PrincipalDep,
-    service: JobServiceDep,
-    services: ServicesDep,
-    response: Response,
-    idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
-                           description="Repeat a request safely: one job per key and tenant.")
-    ] = None,
+    job_id: str, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep, response: Response,
+    idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Run a failed or cancelled job again: a new job with its spec and `retry_of` naming it (409 for a job that
     is queued, running or succeeded). It runs from the start."""
-    res = service.retry(principal.tenant, job_id, idempotency_key)
-    response.headers["Location"] = f"/v1/jobs/{res.job.id}"
-    if res.created:
-        services.metrics.jobs_created.labels(principal.tenant).inc()
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
-    return to_public(res.job)
+    return _created(service.retry(principal.tenant, job_id, idempotency_key), principal, services, response)
 
 
 @router.delete("/{job_id}", status_code=204, responses=error_responses(401, 404, 409))
