@@ -256,17 +256,24 @@ def test_a_redelivered_job_with_no_runs_left_ends_worker_lost_without_a_restart(
 
 def test_the_sweep_removes_scratch_folders_runs_left_behind(tmp_path, tiny_assets):
     """A killed run leaves work_dir/<job id>; the sweep removes it once the job is not running (finished,
-    deleted, or queued to start again from an empty folder) and keeps a running job's folder."""
+    deleted, or queued to start again from an empty folder) and keeps a running job's folder, and one a run is
+    starting in (made moments ago)."""
+    import os
+    import time
+
     from worker.service.tasks import sweep
 
     ctx = _ctx(tmp_path, tiny_assets)
     running, finished, queued = (_submit(ctx, tiny_assets.spec()) for _ in range(3))
     assert ctx.jobs.claim(running, "here:1") and ctx.jobs.claim(finished, "gone:1")
     assert ctx.jobs.finish(finished, JobStatus.failed, ("worker_lost", "gone"))
-    deleted = "0" * 32
-    for job_id in (running, finished, queued, deleted):
+    deleted, starting = "0" * 32, _submit(ctx, tiny_assets.spec())
+    old = time.time() - 2 * ctx.settings.stale_after_s
+    for job_id in (running, finished, queued, deleted, starting):
         (ctx.settings.work_path / job_id / "model").mkdir(parents=True)
+        if job_id != starting:
+            os.utime(ctx.settings.work_path / job_id, (old, old))
     (ctx.settings.work_path / "notes.txt").write_text("not a job's")
     sweep(ctx)
     left = sorted(p.name for p in ctx.settings.work_path.iterdir())
-    assert left == sorted([running, "notes.txt"])
+    assert left == sorted([running, starting, "notes.txt"])

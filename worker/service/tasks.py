@@ -412,14 +412,16 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
 
 def clean_scratch(ctx: WorkerContext) -> list[str]:
     """Remove the scratch folders (work_dir/<job id>) that a killed run left behind: those of jobs that are no
-    longer running (finished, deleted, or queued to run again, which starts from an empty folder). A job
-    running here or on another worker of this host keeps its folder. Returns the job ids cleaned."""
+    longer running (finished, deleted, or queued to run again, which starts from an empty folder) and that were
+    not touched for ``stale_after_s`` (a run starting right now has just made its folder). A job running here or
+    on another worker of this host keeps its folder. Returns the job ids cleaned."""
     root = ctx.settings.work_path
     if ctx.settings.keep_work_dirs or not root.is_dir():
         return []
     cleaned = []
+    before = time.time() - ctx.settings.stale_after_s
     for folder in root.iterdir():
-        if not (folder.is_dir() and is_job_id(folder.name)):
+        if not (folder.is_dir() and is_job_id(folder.name)) or folder.stat().st_mtime > before:
             continue
         job = ctx.jobs.get(folder.name)
         if job is None or job.status not in (JobStatus.running.value, JobStatus.cancelling.value):
