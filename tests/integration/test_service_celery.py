@@ -210,5 +210,9 @@ def test_a_queued_job_whose_broker_message_was_lost_is_sent_again(service, tiny_
     assert done.status.value == "succeeded", done.error
     events = service.client.events(job.id)
     kinds = [e.kind for e in events]
-    assert kinds.count("requeued") == 1 and kinds.index("requeued") < kinds.index("stage")
+    # Sent again before it ran. With this test's 2 s requeue_after_s, a message a busy or just-restarted pool
+    # process took but had not claimed yet may be sent once more: harmless, only one delivery claims the job.
+    assert 1 <= kinds.count("requeued") <= 2 and kinds.index("requeued") < kinds.index("stage")
     assert "lost" in next(e.data["reason"] for e in events if e.kind == "requeued")
+    runs = [e for e in events if e.kind == "status" and e.data["status"] == "running"]
+    assert len(runs) == 1  # and it ran once
