@@ -31,7 +31,7 @@ def embedded(tmp_path_factory, tiny_assets):
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
     env.update({
         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-        "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "1", "RESTORELCC_HEARTBEAT_S": "0.2",
+        "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "5", "RESTORELCC_HEARTBEAT_S": "0.2",
         "RESTORELCC_SWEEP_INTERVAL_S": "0.5", "RESTORELCC_POLL_INTERVAL_S": "0.2",
     })
     log = data_dir / "serve.log"
