@@ -260,6 +260,19 @@ class JobStore:
                 s.add(Event(job_id=job_id, kind="retry", data={"reason": reason, "run_after": run_after.isoformat()}))
             return ok
 
+    def release(self, job_id: str, attempt: int, reason: str) -> bool:
+        """running → queued, handing the run back (its worker is being stopped): it does not count as one of the
+        job's runs. Only while run ``attempt`` owns the job; its later writes are refused (the job is not active)."""
+        with self.session() as s:
+            ok = self._update(
+                s, job_id, (JobStatus.running.value,), attempt, status=JobStatus.queued.value, run_after=None,
+                attempts=Job.attempts - 1, stage=None, progress=0.0, metrics={},
+                progress_message=f"{reason}; queued to run again",
+            )
+            if ok:
+                s.add(Event(job_id=job_id, kind="status", data={"status": "queued", "reason": reason}))
+            return ok
+
     def recover_lost(self, stale_before: datetime, max_attempts: int) -> tuple[list[str], list[str]]:
         """Active jobs with a heartbeat older than ``stale_before`` lost their worker. A running job that has runs
         left goes back to ``queued`` to run again (the caller sends it to the broker); one that has had

@@ -23,11 +23,12 @@ REDIS = "redis://127.0.0.1:6379/0"
 
 
 class Service:
-    def __init__(self, client: Client, log: Path, worker: subprocess.Popen, jobs):
+    def __init__(self, client: Client, log: Path, worker: subprocess.Popen, jobs, start_worker):
         self.client = client
         self.jobs = jobs  # the job store, read directly where the API does not show a detail
         self.log = log
         self.worker = worker
+        self.start_worker = start_worker  # () -> a new worker process (the fixture stops whichever runs last)
 
     def wait_status(self, job_id: str, statuses: set[str], timeout: float = 120.0):
         deadline = time.monotonic() + timeout
@@ -62,20 +63,26 @@ def service(tmp_path_factory, tiny_assets):
         }
         log = tmp / "worker.log"
         with serve_in_thread(app) as url, open(log, "w") as log_f:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "worker", "--queue", queue, "--concurrency", "1"],
-                env=env, cwd=ROOT, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            def start_worker() -> subprocess.Popen:
+                return subprocess.Popen(
+                    [sys.executable, "-m", "worker.cli", "worker", "--queue", queue, "--concurrency", "1"],
+                    env=env, cwd=ROOT, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+
+            service = None
             try:
                 with Client(url, api_key=KEYS["alice"], timeout=60) as client:
-                    yield Service(client, log, worker, app.state.services.jobs)
+                    service = Service(client, log, start_worker(), app.state.services.jobs, start_worker)
+                    yield service
             finally:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait()
+                worker = service.worker if service is not None else None
+                if worker is not None and worker.poll() is None:
+                    os.killpg(worker.pid, signal.SIGTERM)
+                    try:
+                        worker.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(worker.pid, signal.SIGKILL)
+                        worker.wait()
                 r = redis.Redis.from_url(REDIS)
                 r.delete(queue, *r.keys(f"_kombu.binding.{queue}*"))
         app.state.services.jobs.engine.dispose()
@@ -216,3 +223,21 @@ def test_a_queued_job_whose_broker_message_was_lost_is_sent_again(service, tiny_
     assert "lost" in next(e.data["reason"] for e in events if e.kind == "requeued")
     runs = [e for e in events if e.kind == "status" and e.data["status"] == "running"]
     assert len(runs) == 1  # and it ran once
+
+
+def test_a_stopped_worker_gives_its_job_back_and_the_next_worker_runs_it(service, tiny_assets):
+    """SIGTERM to the worker (a spot instance reclaimed, a pod evicted): its pool process stops the job at the next
+    checkpoint and gives it back to the queue, not counted as a run, and the worker exits; the next worker runs it.
+    Runs last in this module: it replaces the module's worker."""
+    c = service.client
+    job = c.create(tiny_assets.spec(slow=True))
+    service.wait_status(job.id, {"running"})
+    os.kill(service.worker.pid, signal.SIGTERM)  # the main process only, as `docker stop` does
+    assert service.worker.wait(timeout=60) == 0, service.log.read_text()[-3000:]
+    stopped = service.jobs.get(job.id)
+    assert (stopped.status, stopped.attempts) == ("queued", 0), (stopped.error_code, stopped.error_message)
+    assert [e.data for e in c.events(job.id) if e.data.get("reason")] == [{"status": "queued", "reason": "preempted"}]
+    service.worker = service.start_worker()
+    final = service.wait_status(job.id, {"succeeded", "failed", "cancelled"}, timeout=180)
+    assert final.status.value == "succeeded", final.error
+    assert service.jobs.get(job.id).attempts == 1

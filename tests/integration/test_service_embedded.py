@@ -240,3 +240,55 @@ def test_one_local_worker_per_data_directory(tmp_path, tiny_assets):
             proc.terminate()
             proc.wait(timeout=30)
             engine.dispose()
+
+
+def test_a_stopped_local_worker_gives_its_job_back(tmp_path, tiny_assets):
+    """SIGTERM to the local worker: its job stops at the next checkpoint and goes back to the queue, not counted
+    as a run, and the worker exits; the next local worker runs it to the end."""
+    from app.schemas import JobSpec
+    from app.store.db import make_engine, upgrade
+    from app.store.jobs import JobStore
+
+    data_dir = tmp_path / "state"
+    data_dir.mkdir()
+    engine = make_engine(f"sqlite:///{data_dir / 'jobs.db'}")
+    upgrade(engine)
+    store = JobStore(engine)
+    job, _ = store.create("local", JobSpec.model_validate(tiny_assets.spec(slow=True)).model_dump(mode="json"))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
+           and not k.startswith("RESTORELCC_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+                "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_POLL_INTERVAL_S": "0.1",
+                "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
+                "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data")})
+
+    def start(log: Path) -> subprocess.Popen:
+        with open(log, "w") as log_f:
+            return subprocess.Popen([sys.executable, "-m", "worker.service.embedded"], env=env, cwd=ROOT,
+                                    stdout=log_f, stderr=subprocess.STDOUT)
+
+    first = start(tmp_path / "first.log")
+    try:
+        deadline = time.monotonic() + 120
+        while store.get(job.id).stage is None:  # running, past the claim
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+            time.sleep(0.1)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    stopped = store.get(job.id)
+    assert (stopped.status, stopped.attempts) == ("queued", 0), (tmp_path / "first.log").read_text()[-3000:]
+    assert [e.data for e in store.events(job.id) if e.data.get("reason")] == [
+        {"status": "queued", "reason": "preempted"}]
+    second = start(tmp_path / "second.log")
+    try:
+        while store.get(job.id).status != "succeeded":
+            assert second.poll() is None and time.monotonic() < deadline + 120, (tmp_path / "second.log").read_text()
+            time.sleep(0.2)
+        assert store.get(job.id).attempts == 1
+    finally:
+        second.terminate()
+        second.wait(timeout=60)
+        engine.dispose()

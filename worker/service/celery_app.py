@@ -57,6 +57,8 @@ def run_job_task(self: Any, job_id: str) -> str:
     result = run_job(job_id)
     if result.outcome is Outcome.retry:
         raise self.retry(countdown=result.retry_in or 0, max_retries=None)
+    if result.outcome is Outcome.preempted:  # for the next worker
+        app.send_task(TASK_NAME, args=[job_id], queue=get_settings().queue)
     return result.outcome.value
 
 
@@ -110,6 +112,24 @@ def _on_worker_ready(**_: Any) -> None:
                      name="restorelcc-sweeper").start()
 
 
+@signals.worker_process_init.connect
+def _in_pool_process(**_: Any) -> None:
+    from worker.service import preemption
+
+    preemption.on_signal()  # SIGUSR2 from the main process below
+
+
 @signals.worker_shutting_down.connect
 def _on_shutdown(**_: Any) -> None:
+    """Warm shutdown (SIGTERM): tell the pool processes to stop their jobs at the next checkpoint and give them
+    back to the queue, so the worker exits within seconds instead of at the end of a job hours long."""
+    import contextlib
+    import os
+    import signal
+
+    from billiard.process import active_children
+
     _sweeper_stop.set()
+    for child in active_children():
+        with contextlib.suppress(ProcessLookupError, TypeError):  # gone already, or not started yet
+            os.kill(child.pid, signal.SIGUSR2)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from app.config import Settings, get_settings
 from app.store.db import upgrade
+from worker.service import preemption
 from worker.service.tasks import WorkerContext, make_context, run_job, set_context, sweep
 
 log = logging.getLogger("restorelcc.worker")
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def _stop(*_: object) -> None:
         worker.stop.set()
+        preemption.request()  # the running job stops at its next checkpoint and goes back to the queue
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.schemas import JobStatus, Stage
 from app.store.jobs import JobStore
 from app.store.models import Job
+from worker.service import preemption
 
 
 def jsonable(obj: Any) -> Any:
@@ -54,6 +55,7 @@ class StoreReporter:
         self.job_id = job_id
         self.attempt = attempt  # the run this reporter writes for; writes stop counting once another run owns it
         self.superseded = False
+        self.preempted = False  # stopped because this worker is being stopped (worker.service.preemption)
         self.progress_interval_s = progress_interval_s
         self.cancel_poll_s = cancel_poll_s
         self.event_step = event_step
@@ -117,6 +119,9 @@ class StoreReporter:
 
     def cancel_requested(self, force: bool = False) -> bool:
         if self._cancel:
+            return True
+        if preemption.requested():  # this worker is being stopped: give the job back at this checkpoint
+            self.preempted = self._cancel = True
             return True
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.timed_out = True

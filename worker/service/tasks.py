@@ -47,6 +47,7 @@ class Outcome(StrEnum):
     failed = "failed"
     cancelled = "cancelled"
     retry = "retry"
+    preempted = "preempted"  # given back to the queue: the caller sends it to the broker again
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,11 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                     log.warning("job %s: taken over by another worker; this run (attempt %d) stops", job_id,
                                 attempt)
                     return Result(Outcome.noop)
+                if reporter.preempted:
+                    _discard_artifacts(ctx, job_id, attempt)
+                    if jobs.release(job_id, attempt, "preempted"):
+                        log.warning("job %s: this worker is stopping; job queued to run again", job_id)
+                        return Result(Outcome.preempted)
                 if reporter.timed_out:
                     jobs.finish(job_id, JobStatus.failed, (
                         "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"),
