@@ -6,7 +6,10 @@ running (the CI script starts them). Every PostgreSQL-backed test gets a fresh s
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,3 +190,13 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM a process started in its own session (and its children), SIGKILL after ``timeout``; wait for it."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -15,7 +15,7 @@ import pytest
 
 from app.client import Client
 from app.main import create_app
-from tests.conftest import KEYS, api_settings, check_downloaded_model, pg_schema, serve_in_thread
+from tests.conftest import KEYS, api_settings, check_downloaded_model, pg_schema, serve_in_thread, stop_group
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).parents[2]
@@ -75,14 +75,8 @@ def service(tmp_path_factory, tiny_assets):
                     service = Service(client, log, start_worker(), app.state.services.jobs, start_worker)
                     yield service
             finally:
-                worker = service.worker if service is not None else None
-                if worker is not None and worker.poll() is None:
-                    os.killpg(worker.pid, signal.SIGTERM)
-                    try:
-                        worker.wait(timeout=20)
-                    except subprocess.TimeoutExpired:
-                        os.killpg(worker.pid, signal.SIGKILL)
-                        worker.wait()
+                if service is not None and service.worker.poll() is None:
+                    stop_group(service.worker)
                 r = redis.Redis.from_url(REDIS)
                 r.delete(queue, *r.keys(f"_kombu.binding.{queue}*"))
         app.state.services.jobs.engine.dispose()
@@ -233,10 +227,13 @@ def test_a_stopped_worker_gives_its_job_back_and_the_next_worker_runs_it(service
     job = c.create(tiny_assets.spec(slow=True))
     service.wait_status(job.id, {"running"})
     os.kill(service.worker.pid, signal.SIGTERM)  # the main process only, as `docker stop` does
-    assert service.worker.wait(timeout=60) == 0, service.log.read_text()[-3000:]
+    rc = service.worker.wait(timeout=60)
     stopped = service.jobs.get(job.id)
-    assert (stopped.status, stopped.attempts) == ("queued", 0), (stopped.error_code, stopped.error_message)
-    assert [e.data for e in c.events(job.id) if e.data.get("reason")] == [{"status": "queued", "reason": "preempted"}]
+    events = [(e.kind, e.data) for e in c.events(job.id)]
+    assert rc == 0 and (stopped.status, stopped.attempts) == ("queued", 0), (rc, stopped.error_code, events)
+    # (a "requeued" event may come first: with this module's 2 s requeue_after_s, a message the busy worker held
+    # but had not claimed yet is sent once more)
+    assert [d for k, d in events if k == "status" and d.get("reason")] == [{"status": "queued", "reason": "preempted"}]
     service.worker = service.start_worker()
     final = service.wait_status(job.id, {"succeeded", "failed", "cancelled"}, timeout=180)
     assert final.status.value == "succeeded", final.error

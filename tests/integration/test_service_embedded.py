@@ -12,13 +12,14 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from app.client import Client
 from app.schemas import JobStatus
-from tests.conftest import check_downloaded_model, free_port
+from tests.conftest import check_downloaded_model, free_port, stop_group
 
 ROOT = Path(__file__).parents[2]
 
@@ -54,12 +55,7 @@ def embedded(tmp_path_factory, tiny_assets):
             time.sleep(0.2)
         yield {"url": url, "env": env, "data_dir": data_dir, "log": log}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def test_first_start_creates_a_local_key_and_requires_it(embedded):
@@ -204,25 +200,11 @@ def test_one_local_worker_per_data_directory(tmp_path, tiny_assets):
     a second local worker waits instead of running a job beside it, and runs it once the slot is free."""
     import fcntl
 
-    from app.schemas import JobSpec
-    from app.store.db import make_engine, upgrade
-    from app.store.jobs import JobStore
     from worker.service.embedded import WORKER_LOCK
 
-    data_dir = tmp_path / "state"
-    data_dir.mkdir()
-    engine = make_engine(f"sqlite:///{data_dir / 'jobs.db'}")
-    upgrade(engine)
-    store = JobStore(engine)
-    job, _ = store.create("local", JobSpec.model_validate(tiny_assets.spec()).model_dump(mode="json"))
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
-           and not k.startswith("RESTORELCC_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-                "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_POLL_INTERVAL_S": "0.1",
-                "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
-                "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data")})
+    engine, store, job, env = local_worker_setup(tmp_path, tiny_assets, tiny_assets.spec())
     log = tmp_path / "worker.log"
-    with open(data_dir / WORKER_LOCK, "w") as held, open(log, "w") as log_f:
+    with open(tmp_path / "state" / WORKER_LOCK, "w") as held, open(log, "w") as log_f:
         fcntl.flock(held, fcntl.LOCK_EX)  # the orphan's slot
         proc = subprocess.Popen([sys.executable, "-m", "worker.service.embedded"], env=env, cwd=ROOT,
                                 stdout=log_f, stderr=subprocess.STDOUT)
@@ -245,22 +227,7 @@ def test_one_local_worker_per_data_directory(tmp_path, tiny_assets):
 def test_a_stopped_local_worker_gives_its_job_back(tmp_path, tiny_assets):
     """SIGTERM to the local worker: its job stops at the next checkpoint and goes back to the queue, not counted
     as a run, and the worker exits; the next local worker runs it to the end."""
-    from app.schemas import JobSpec
-    from app.store.db import make_engine, upgrade
-    from app.store.jobs import JobStore
-
-    data_dir = tmp_path / "state"
-    data_dir.mkdir()
-    engine = make_engine(f"sqlite:///{data_dir / 'jobs.db'}")
-    upgrade(engine)
-    store = JobStore(engine)
-    job, _ = store.create("local", JobSpec.model_validate(tiny_assets.spec(slow=True)).model_dump(mode="json"))
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
-           and not k.startswith("RESTORELCC_")}
-    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-                "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_POLL_INTERVAL_S": "0.1",
-                "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
-                "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data")})
+    engine, store, job, env = local_worker_setup(tmp_path, tiny_assets, tiny_assets.spec(slow=True))
 
     def start(log: Path) -> subprocess.Popen:
         with open(log, "w") as log_f:
@@ -292,3 +259,25 @@ def test_a_stopped_local_worker_gives_its_job_back(tmp_path, tiny_assets):
         second.terminate()
         second.wait(timeout=60)
         engine.dispose()
+
+
+def local_worker_setup(tmp_path: Path, tiny_assets, spec: dict) -> tuple[Any, Any, Any, dict[str, str]]:
+    """A data directory with a job store holding one queued job, and the environment of a local worker for it:
+    (engine, store, job, env)."""
+    from app.schemas import JobSpec
+    from app.store.db import make_engine, upgrade
+    from app.store.jobs import JobStore
+
+    data_dir = tmp_path / "state"
+    data_dir.mkdir()
+    engine = make_engine(f"sqlite:///{data_dir / 'jobs.db'}")
+    upgrade(engine)
+    store = JobStore(engine)
+    job, _ = store.create("local", JobSpec.model_validate(spec).model_dump(mode="json"))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")
+           and not k.startswith("RESTORELCC_")}
+    env.update({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
+                "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_POLL_INTERVAL_S": "0.1",
+                "RESTORELCC_MODEL_ROOTS": str(tiny_assets.root / "models"),
+                "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data")})
+    return engine, store, job, env
