@@ -10,8 +10,10 @@ import os
 import signal
 import socket
 import subprocess
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,3 +202,16 @@ def stop_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: Callable[[], Any] = lambda: "",
+               alive: subprocess.Popen | None = None, poll_s: float = 0.1) -> Any:
+    """Wait until ``condition()`` is true (polled every ``poll_s``) and return its value; fail the test after
+    ``timeout`` seconds, or at once if the process ``alive`` exits first, with ``what()`` as the message."""
+    deadline = time.monotonic() + timeout
+    stop = threading.Event()
+    while not (value := condition()):
+        assert alive is None or alive.poll() is None, what()
+        assert time.monotonic() < deadline, what()
+        stop.wait(poll_s)
+    return value

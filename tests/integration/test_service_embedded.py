@@ -19,7 +19,7 @@ import pytest
 
 from app.client import Client
 from app.schemas import JobStatus
-from tests.conftest import check_downloaded_model, free_port, stop_group
+from tests.conftest import check_downloaded_model, free_port, stop_group, wait_until
 
 ROOT = Path(__file__).parents[2]
 
@@ -209,15 +209,11 @@ def test_one_local_worker_per_data_directory(tmp_path, tiny_assets):
         proc = subprocess.Popen([sys.executable, "-m", "worker.service.embedded"], env=env, cwd=ROOT,
                                 stdout=log_f, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + 60
-            while "another local worker holds" not in log.read_text():
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
+            wait_until(lambda: "another local worker holds" in log.read_text(), 60, log.read_text, alive=proc)
             assert store.get(job.id).status == "queued"  # it waits; the job is not run beside the orphan's
             fcntl.flock(held, fcntl.LOCK_UN)
-            while store.get(job.id).status != "succeeded":
-                assert proc.poll() is None and time.monotonic() < deadline + 120, log.read_text()[-3000:]
-                time.sleep(0.2)
+            wait_until(lambda: store.get(job.id).status == "succeeded", 180, lambda: log.read_text()[-3000:],
+                       alive=proc)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -235,11 +231,8 @@ def test_a_stopped_local_worker_gives_its_job_back(tmp_path, tiny_assets):
                                     stdout=log_f, stderr=subprocess.STDOUT)
 
     first = start(tmp_path / "first.log")
-    try:
-        deadline = time.monotonic() + 120
-        while store.get(job.id).stage is None:  # running, past the claim
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
-            time.sleep(0.1)
+    try:  # running, past the claim
+        wait_until(lambda: store.get(job.id).stage, 120, (tmp_path / "first.log").read_text, alive=first)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
     finally:
@@ -251,9 +244,8 @@ def test_a_stopped_local_worker_gives_its_job_back(tmp_path, tiny_assets):
         {"status": "queued", "reason": "preempted"}]
     second = start(tmp_path / "second.log")
     try:
-        while store.get(job.id).status != "succeeded":
-            assert second.poll() is None and time.monotonic() < deadline + 120, (tmp_path / "second.log").read_text()
-            time.sleep(0.2)
+        wait_until(lambda: store.get(job.id).status == "succeeded", 180, (tmp_path / "second.log").read_text,
+                   alive=second)
         assert store.get(job.id).attempts == 1
     finally:
         second.terminate()

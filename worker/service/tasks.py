@@ -173,13 +173,11 @@ def _wait_stale(ctx: WorkerContext, job: Job, act: Callable[[], bool] | None = N
     first_beat = job.heartbeat_at
     deadline = time.monotonic() + s.stale_after_s + 2 * s.heartbeat_s
     while True:
-        current = ctx.jobs.get(job.id)
-        if current is not None and current.status == JobStatus.running.value and _heartbeat_stale(current, s) \
-                and (act() if act is not None else True):
-            return True
-        now = ctx.jobs.get(job.id)
-        if now is None or now.status != JobStatus.running.value or now.heartbeat_at != first_beat:
+        current = ctx.jobs.get(job.id)  # one read a round
+        if current is None or current.status != JobStatus.running.value or current.heartbeat_at != first_beat:
             return False
+        if _heartbeat_stale(current, s) and (act() if act is not None else True):
+            return True
         if time.monotonic() > deadline:
             return False
         time.sleep(min(s.heartbeat_s, 1.0))
