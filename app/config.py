@@ -84,7 +84,14 @@ class Settings(BaseSettings):
     requeue_after_s: float = Field(
         300.0, gt=0, description="A job queued this long whose broker message is gone (e.g. Redis restarted) "
                                  "is sent again by the worker's sweep.")
-    max_attempts: int = Field(2, ge=1, description="Runs of one job (redeliveries after a worker crash).")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job (redeliveries after a worker crash); a job lost "
+                                                   "this many times fails with worker_lost.")
+    checkpoint_every_steps: int = Field(50, ge=1, description="Training steps between two checkpoints.")
+    checkpoint_every_s: float = Field(600.0, gt=0, description="Longest time between two training checkpoints.")
+    checkpoint_keep_s: float = Field(7 * 86400, ge=0, description="How long a failed job keeps its checkpoints for "
+                                                                  "a retry to resume from.")
+    preempt_grace_s: float = Field(30.0, gt=0, description="On SIGTERM: time a worker gives its job to reach a "
+                                                           "checkpoint before it hands the job back anyway and exits.")
     transient_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(30.0, ge=0)
     progress_interval_s: float = Field(0.5, ge=0, description="Least time between two progress writes.")

@@ -37,7 +37,7 @@ def build_services(settings: Settings) -> Services:
         artifacts=make_store(settings),
         enqueuer=make_enqueuer(settings),
         keys=KeyRing.from_settings(settings),
-        metrics=Metrics(store.counts_by_status),
+        metrics=Metrics(store.counts_by_status, store.checkpoint_bytes),
     )
 
 

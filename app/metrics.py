@@ -1,4 +1,5 @@
-"""Prometheus metrics: HTTP request counts and latency, jobs created, jobs by status (read from the store)."""
+"""Prometheus metrics: HTTP request counts and latency, jobs created, jobs by status and checkpoint storage (read
+from the store)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from app.schemas import JobStatus
 
 
 class JobStatusCollector(Collector):
-    """``restorelcc_jobs{status}``: how many jobs the store holds in each status, at scrape time."""
+    """``restorelcc_jobs{status}``: how many jobs the store holds in each status, and
+    ``restorelcc_checkpoint_bytes``: what their checkpoints hold in the artifact store, at scrape time."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]):
+    def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None):
         self._counts = counts
+        self._checkpoint_bytes = checkpoint_bytes
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         g = GaugeMetricFamily("restorelcc_jobs", "Jobs in the job store by status", labels=["status"])
@@ -28,10 +31,17 @@ class JobStatusCollector(Collector):
         for status in JobStatus:
             g.add_metric([status.value], counts.get(status.value, 0))
         yield g
+        if self._checkpoint_bytes is not None:
+            c = GaugeMetricFamily("restorelcc_checkpoint_bytes", "Bytes held by job checkpoints in the artifact store")
+            try:
+                c.add_metric([], self._checkpoint_bytes())
+            except Exception:
+                return
+            yield c
 
 
 class Metrics:
-    def __init__(self, counts: Callable[[], dict[str, int]]):
+    def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "restorelcc_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -43,7 +53,7 @@ class Metrics:
         self.jobs_created = Counter(
             "restorelcc_jobs_created", "Jobs created through the API", ["tenant"], registry=self.registry
         )
-        self.registry.register(JobStatusCollector(counts))
+        self.registry.register(JobStatusCollector(counts, checkpoint_bytes))
 
 
 class MetricsMiddleware:

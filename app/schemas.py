@@ -290,6 +290,9 @@ class JobPublic(BaseModel):
     finished_at: datetime | None = None
     updated_at: datetime | None = None
     retry_of: str | None = Field(None, description="The failed or cancelled job this one retries.")
+    checkpoint_bytes: int = Field(0, description="Bytes this job's checkpoints hold in the artifact store: kept "
+                                             "while it may resume (running, queued again, failed), deleted when "
+                                             "it succeeds, is cancelled or deleted.")
 
 
 class JobList(BaseModel):

@@ -130,7 +130,8 @@ class JobService:
         return job
 
     def retry(self, tenant: str, job_id: str, idempotency_key: str | None = None) -> Created:
-        """A new job with the spec of a failed or cancelled one, linked to it (``retry_of``); it runs from the start.
+        """A new job with the spec of a failed or cancelled one, linked to it (``retry_of``); its worker resumes from
+        the checkpoints the failed job kept (worker.service.tasks.job_checkpoints), else it runs from the start.
         The spec is validated and its paths checked again, as at submit."""
         job = self.get(tenant, job_id)
         if job.status not in (JobStatus.failed.value, JobStatus.cancelled.value):

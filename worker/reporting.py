@@ -73,6 +73,9 @@ class ConsoleReporter:
     def event(self, kind: str, data: dict[str, Any]) -> None:
         if kind in ("warning", "info") and "message" in data:
             self._write(f"\n  {kind}: {data['message']}\n")
+        elif kind == "resumed":
+            step = f", step {data['step']}" if data.get("step") is not None else ""
+            self._write(f"\n  resuming from the checkpoint taken at {data['checkpoint']} ({data['stage']}{step})\n")
 
     def cancel_requested(self) -> bool:
         return False

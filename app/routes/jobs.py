@@ -41,6 +41,7 @@ def to_public(job: Job) -> JobPublic:
         finished_at=job.finished_at,
         updated_at=job.updated_at,
         retry_of=job.retry_of,
+        checkpoint_bytes=job.checkpoint_bytes or 0,
     )
 
 
@@ -120,7 +121,7 @@ def retry_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Run a failed or cancelled job again: a new job with its spec and `retry_of` naming it (409 for a job that
-    is queued, running or succeeded). It runs from the start."""
+    is queued, running or succeeded). It resumes from the checkpoints the failed job kept, else runs from the start."""
     return _created(service.retry(principal.tenant, job_id, idempotency_key), principal, services, response)
 
 

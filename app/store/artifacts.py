@@ -45,6 +45,11 @@ def attempt_prefix(job_id: str, attempt: int) -> str:
     return f"jobs/{job_id}/attempt-{int(attempt)}/"
 
 
+def checkpoint_prefix(job_id: str) -> str:
+    """A job's checkpoints: scratch space of its runs, never listed as artifacts, deleted with the job."""
+    return f"jobs/{job_id}/checkpoints/"
+
+
 def safe_name(name: str) -> str:
     """A relative POSIX artifact name with no empty, '.' or '..' parts (refuses anything else)."""
     p = PurePosixPath(name)
@@ -64,8 +69,9 @@ def sha256_file(path: Path) -> tuple[int, str]:
 
 
 class ArtifactStore(Protocol):
-    def put_file(self, key: str, path: Path) -> Stored:
-        """Upload ``path`` under ``key``; returns its size and sha256 (computed while uploading)."""
+    def put_file(self, key: str, path: Path, move: bool = False) -> Stored:
+        """Upload ``path`` under ``key``; returns its size and sha256 (computed while uploading). ``move``: the
+        caller no longer needs ``path`` (a local store may rename it into place instead of copying it)."""
 
     def open_range(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         """Stream bytes ``start..end`` (inclusive end; None = to the end)."""
@@ -74,6 +80,9 @@ class ArtifactStore(Protocol):
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under ``prefix``; returns how many."""
+
+    def list_prefix(self, prefix: str) -> list[tuple[str, int]]:
+        """(key, size) of every object under ``prefix`` (a folder: ends with '/')."""
 
     def check(self) -> None:
         """Raise if the store is unusable (readiness)."""
@@ -98,9 +107,13 @@ class LocalStore:
             raise ValueError(f"key escapes the store: {key!r}")
         return p
 
-    def put_file(self, key: str, path: Path) -> Stored:
+    def put_file(self, key: str, path: Path, move: bool = False) -> Stored:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        if move and os.stat(path).st_dev == os.stat(dest.parent).st_dev:
+            size, digest = sha256_file(Path(path))
+            os.replace(path, dest)  # atomic, and no second copy of a large checkpoint
+            return Stored(key, size, digest)
         h = hashlib.sha256()
         size = 0
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".upload-")
@@ -153,6 +166,13 @@ class LocalStore:
             d.unlink()
         return n
 
+    def list_prefix(self, prefix: str) -> list[tuple[str, int]]:
+        d = self._path(prefix.rstrip("/"))
+        if not d.is_dir():
+            return []
+        return sorted((p.relative_to(self.root).as_posix(), p.stat().st_size) for p in d.rglob("*")
+                      if p.is_file() and not p.name.startswith(".upload-"))
+
     def check(self) -> None:
         probe = self.root / ".ready"
         probe.write_bytes(b"ok")
@@ -202,7 +222,7 @@ class S3Store:
     def _k(self, key: str) -> str:
         return self.prefix + safe_name(key)
 
-    def put_file(self, key: str, path: Path) -> Stored:
+    def put_file(self, key: str, path: Path, move: bool = False) -> Stored:
         from boto3.s3.transfer import TransferConfig
 
         # One sequential pass: the hash covers exactly the bytes sent.
@@ -248,6 +268,13 @@ class S3Store:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": objs, "Quiet": True})
                 n += len(objs)
         return n
+
+    def list_prefix(self, prefix: str) -> list[tuple[str, int]]:
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self.prefix + prefix):
+            out += [(o["Key"][len(self.prefix):], int(o["Size"])) for o in page.get("Contents", [])]
+        return sorted(out)
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

@@ -149,6 +149,21 @@ class JobStore:
         rows = rows[:limit]
         return rows, (rows[-1].id if more and rows else None)
 
+    def checkpoint_bytes(self) -> int:
+        """Bytes held by every job's checkpoints (``/metrics``)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(Job.checkpoint_bytes), 0))) or 0)
+
+    def set_checkpoint_bytes(self, job_id: str, size: int) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(checkpoint_bytes=int(size)))
+
+    def expired_checkpoints(self, finished_before: datetime) -> list[str]:
+        """Finished jobs that still hold checkpoints and finished before ``finished_before`` (housekeeping)."""
+        with self.session() as s:
+            return list(s.scalars(select(Job.id).where(
+                Job.status.in_(FINISHED), Job.checkpoint_bytes > 0, Job.finished_at < finished_before)))
+
     def counts_by_status(self) -> dict[str, int]:
         with self.session() as s:
             return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
@@ -183,7 +198,7 @@ class JobStore:
             return ok
 
     def take_over(self, job_id: str, worker: str, stale_before: datetime) -> bool:
-        """running (worker lost: heartbeat older than ``stale_before``) → running again, from the start."""
+        """running (worker lost: heartbeat older than ``stale_before``) → running again (from its newest checkpoint)."""
         now = utcnow()
         with self.session() as s:
             res = s.execute(
@@ -279,23 +294,24 @@ class JobStore:
         ``max_attempts`` runs → failed (``worker_lost``); cancelling → cancelled. Returns (requeued, ended)."""
         with self.session() as s:
             lost = list(s.execute(
-                select(Job.id, Job.attempts).where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
+                select(Job.id, Job.attempts, Job.stage).where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
             ).all())
         requeued: list[str] = []
         ended: list[str] = []
-        for job_id, attempts in lost:
+        for job_id, attempts, stage in lost:
+            where = f", the last time during {stage}" if stage else ""
             if attempts < max_attempts and self._requeue_lost(job_id, stale_before, attempts):
                 requeued.append(job_id)
             elif self.finish(job_id, JobStatus.failed, (
                     "worker_lost", f"worker lost {attempts} time{'s' if attempts != 1 else ''} while running this "
-                                   f"job (the limit is {max_attempts} runs); no heartbeat since "
+                                   f"job{where} (the limit is {max_attempts} runs); no heartbeat since "
                                    f"{stale_before.isoformat()}"), allowed=(JobStatus.running.value,)) or \
                     self.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
                 ended.append(job_id)
         return requeued, ended
 
     def _requeue_lost(self, job_id: str, stale_before: datetime, attempts: int) -> bool:
-        """running with a stale heartbeat → queued, to be run again from the start."""
+        """running with a stale heartbeat → queued, to be run again (from its newest checkpoint)."""
         with self.session() as s:
             res = s.execute(
                 update(Job)

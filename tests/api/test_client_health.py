@@ -41,7 +41,10 @@ def test_health_ready_and_metrics(api):
     job = api.create()["id"]
     api.client.post(f"/v1/jobs/{job}/cancel", headers=api.h())
     api.client.get("/v1/jobs/nope", headers=api.h())
+    api.services.jobs.set_checkpoint_bytes(job, 123_456)  # what a worker records as it writes the job's checkpoints
+    assert api.client.get(f"/v1/jobs/{job}", headers=api.h()).json()["checkpoint_bytes"] == 123_456
     text = api.client.get("/metrics").text
+    assert "restorelcc_checkpoint_bytes 123456.0" in text
     assert 'restorelcc_jobs_created_total{tenant="alice"} 2.0' in text
     assert 'restorelcc_jobs{status="queued"} 1.0' in text and 'restorelcc_jobs{status="cancelled"} 1.0' in text
     assert 'restorelcc_http_requests_total{method="POST",route="/v1/jobs",status="202"} 2.0' in text

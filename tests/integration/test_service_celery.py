@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,9 @@ REDIS = "redis://127.0.0.1:6379/0"
 
 
 class Service:
-    def __init__(self, client: Client, log: Path, worker: subprocess.Popen, jobs, start_worker):
+    def __init__(self, client: Client, log: Path, worker: subprocess.Popen, jobs, start_worker, data_dir: Path):
         self.client = client
+        self.data_dir = data_dir
         self.jobs = jobs  # the job store, read directly where the API does not show a detail
         self.log = log
         self.worker = worker
@@ -44,9 +47,15 @@ class Service:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, tiny_assets):
+    with running_service(tmp_path_factory.mktemp("celery"), tiny_assets) as service:
+        yield service
+
+
+@contextmanager
+def running_service(tmp: Path, tiny_assets, **env_overrides: str) -> Iterator[Service]:
+    """The API in a thread and one Celery worker process on a queue of its own; ``env_overrides`` for the worker."""
     import redis
 
-    tmp = tmp_path_factory.mktemp("celery")
     queue = f"restorelcc-test-{uuid.uuid4().hex[:10]}"
     with pg_schema() as db_url:
         settings = api_settings(tmp, db_url, redis_url=REDIS, queue=queue,
@@ -60,6 +69,7 @@ def service(tmp_path_factory, tiny_assets):
             "RESTORELCC_DATA_ROOTS": str(tiny_assets.root / "data"),
             "RESTORELCC_HEARTBEAT_S": "0.5", "RESTORELCC_STALE_AFTER_S": "3", "RESTORELCC_PROGRESS_INTERVAL_S": "0",
             "RESTORELCC_CANCEL_POLL_S": "0.2", "RESTORELCC_REQUEUE_AFTER_S": "2", "RESTORELCC_SWEEP_INTERVAL_S": "0.5",
+            **env_overrides,
         }
         log = tmp / "worker.log"
         with serve_in_thread(app) as url, open(log, "w") as log_f:
@@ -72,7 +82,8 @@ def service(tmp_path_factory, tiny_assets):
             service = None
             try:
                 with Client(url, api_key=KEYS["alice"], timeout=60) as client:
-                    service = Service(client, log, start_worker(), app.state.services.jobs, start_worker)
+                    service = Service(client, log, start_worker(), app.state.services.jobs, start_worker,
+                                      settings.data_dir)
                     yield service
             finally:
                 if service is not None and service.worker.poll() is None:

@@ -100,7 +100,7 @@ def test_submit_wait_download_through_the_embedded_default(embedded, tiny_assets
 
 def test_a_job_left_running_by_a_dead_worker_runs_again_or_ends_worker_lost(embedded, tiny_assets):
     """Recovery policy: a running job whose heartbeat is older than twice stale_after_s lost its worker. The
-    worker's sweep queues it to run again while it has runs left (fewer than max_attempts, 2), and the local worker
+    worker's sweep queues it to run again while it has runs left (fewer than max_attempts, 3), and the local worker
     runs it to the end; a job that has had its runs is failed worker_lost. The local worker is killed first:
     `serve` restarts it."""
     import re
@@ -117,7 +117,7 @@ def test_a_job_left_running_by_a_dead_worker_runs_again_or_ends_worker_lost(embe
     store = JobStore(engine)
     old = utcnow() - timedelta(minutes=5)
     spec = JobSpec.model_validate(tiny_assets.spec()).model_dump(mode="json")
-    ghosts = {"ghost0000000000000000000000000001": 2, "ghost0000000000000000000000000002": 1}  # id → runs so far
+    ghosts = {"ghost0000000000000000000000000001": 3, "ghost0000000000000000000000000002": 2}  # id → runs so far
     with store.session() as s:
         for job_id, runs in ghosts.items():
             s.add(Job(id=job_id, tenant="local", status="running", stage="training", progress=0.4,
@@ -130,9 +130,9 @@ def test_a_job_left_running_by_a_dead_worker_runs_again_or_ends_worker_lost(embe
             time.sleep(0.2)
         spent, again = (store.get(j) for j in ghosts)
         assert spent.status == "failed" and spent.error_code == "worker_lost"
-        assert again.status == "succeeded" and again.attempts == 2
+        assert again.status == "succeeded" and again.attempts == 3
         requeue = [e.data for e in store.events(again.id) if e.data.get("reason") == "worker lost"]
-        assert requeue == [{"status": "queued", "reason": "worker lost", "runs": 1}]
+        assert requeue == [{"status": "queued", "reason": "worker lost", "runs": 2}]
         restarted = re.findall(r"Embedded worker started \(pid (\d+)\)", embedded["log"].read_text())
         assert len(restarted) == len(pids) + 1
     finally:

@@ -49,7 +49,9 @@ def test_results_upload_to_s3_with_sha256(tmp_path, tiny_assets, s3_endpoint):
     assert run_job("no-such-job", ctx).outcome is Outcome.noop
 
 
-def test_failed_upload_is_transient_and_requeued_with_backoff(tmp_path, tiny_assets, s3_endpoint):
+def test_an_unreachable_artifact_store_is_transient_and_requeued_with_backoff(tmp_path, tiny_assets, s3_endpoint):
+    """The bucket is missing: reading the job's checkpoints (first) and uploading (last) both fail; either way the
+    job is queued again with a back-off, then failed ``transient_error`` once out of retries."""
     ctx = _ctx(tmp_path, tiny_assets, retry_backoff_s=120, transient_retries=1)
     ctx.artifacts = _s3(s3_endpoint, "no-such-bucket", create=False)
     job_id = _submit(ctx, tiny_assets.spec())
@@ -69,7 +71,7 @@ def test_failed_upload_is_transient_and_requeued_with_backoff(tmp_path, tiny_ass
         s.execute(update(Job).where(Job.id == job_id).values(run_after=utcnow()))
     assert run_job(job_id, ctx).outcome is Outcome.failed
     job = ctx.jobs.get(job_id)
-    assert job.status == "failed" and job.error_code == "transient_error" and "upload" in job.error_message
+    assert job.status == "failed" and job.error_code == "transient_error" and "artifact store" in job.error_message
 
 
 def test_soft_time_limit_fails_the_job_at_a_checkpoint(tmp_path, tiny_assets):
@@ -277,3 +279,86 @@ def test_the_sweep_removes_scratch_folders_runs_left_behind(tmp_path, tiny_asset
     sweep(ctx)
     left = sorted(p.name for p in ctx.settings.work_path.iterdir())
     assert left == sorted([running, starting, "notes.txt"])
+
+
+class _UploadsFail(S3Store):
+    """S3 (moto's server) where result uploads fail while ``failing`` is set; checkpoints are written as usual."""
+
+    failing = True
+
+    def put_file(self, key, path, move=False):
+        if self.failing and "/attempt-" in key:
+            raise OSError("injected: the artifact store refused the upload")
+        return super().put_file(key, path, move)
+
+
+def test_a_job_that_failed_after_its_checkpoints_resumes_on_retry_and_its_checkpoints_go(
+        tmp_path, tiny_assets, s3_endpoint):
+    """Checkpoints in S3: a run that fails after its last checkpoint (its upload refused, no retries left) keeps
+    them; a retry (a new job, ``retry_of``) resumes from them and exports what an uninterrupted run exports; a
+    succeeded job's checkpoints are gone, the failed one's expire after ``checkpoint_keep_s``."""
+    from app.store.artifacts import checkpoint_prefix
+    from worker.service.tasks import expire_checkpoints
+
+    ctx = _ctx(tmp_path, tiny_assets, transient_retries=0, checkpoint_keep_s=3600)
+    store = _UploadsFail("ckpt", endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
+    store.ensure_bucket()
+    ctx.artifacts = store
+    spec = tiny_assets.spec(restore=True)
+    first = _submit(ctx, spec)
+    assert run_job(first, ctx).outcome is Outcome.failed
+    failed = ctx.jobs.get(first)
+    assert failed.error_code == "transient_error" and failed.checkpoint_bytes > 0
+    kept = store.list_prefix(checkpoint_prefix(first))
+    assert sum(size for key, size in kept if key.endswith(".safetensors")) == failed.checkpoint_bytes
+
+    store.failing = False
+    retry, _ = ctx.jobs.create("t", failed.spec, retry_of=first)
+    assert run_job(retry.id, ctx).outcome is Outcome.succeeded
+    resumed = [e.data for e in ctx.jobs.events(retry.id) if e.kind == "resumed"]
+    assert resumed == [{"checkpoint": "evaluated", "stage": "evaluating", "step": None, "attempt": 2}]
+    fresh = _submit(ctx, spec)  # the same spec, never interrupted
+    assert run_job(fresh, ctx).outcome is Outcome.succeeded
+
+    def model_sha(job_id):
+        return {a.name: a.sha256 for a in ctx.jobs.artifacts(job_id)}["model/model.safetensors"]
+
+    assert model_sha(retry.id) == model_sha(fresh)
+    for done in (retry.id, fresh):
+        assert store.list_prefix(checkpoint_prefix(done)) == [] and ctx.jobs.get(done).checkpoint_bytes == 0
+    assert expire_checkpoints(ctx) == []  # the failed job keeps its checkpoints for checkpoint_keep_s
+    ctx.settings = ctx.settings.model_copy(update={"checkpoint_keep_s": 0})
+    assert expire_checkpoints(ctx) == [first]
+    assert store.list_prefix(checkpoint_prefix(first)) == [] and ctx.jobs.get(first).checkpoint_bytes == 0
+
+
+GRACE_SCRIPT = """
+import sys, time
+from app.store.db import make_engine
+from app.store.jobs import JobStore
+from worker.service import preemption
+from worker.service.tasks import _Heartbeat
+
+jobs = JobStore(make_engine(sys.argv[1]))
+preemption.request()  # SIGTERM arrived; the job below never reaches a safe point
+with _Heartbeat(jobs, sys.argv[2], interval=0.05, attempt=1, grace_s=0.2):
+    while True:
+        time.sleep(1)  # a step that never ends
+"""
+
+
+def test_a_job_that_reaches_no_safe_point_in_the_grace_period_is_handed_back_and_the_worker_exits(
+        tmp_path, tiny_assets):
+    import subprocess
+    import sys
+
+    ctx = _ctx(tmp_path, tiny_assets)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "w")
+    proc = subprocess.run([sys.executable, "-c", GRACE_SCRIPT, str(ctx.jobs.engine.url), job_id],
+                          cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = ctx.jobs.get(job_id)
+    assert (job.status, job.attempts) == ("queued", 0)
+    reasons = [e.data.get("reason") for e in ctx.jobs.events(job_id) if e.kind == "status"]
+    assert reasons[-1] == "preempted; no checkpoint within the 0.2 s grace period"

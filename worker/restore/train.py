@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -109,6 +110,45 @@ def lr_scheduler(opt: torch.optim.Optimizer, schedule: str, warmup_steps: int, t
     return get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
 
 
+@dataclass
+class TrainState:
+    """Everything a training run needs to continue exactly where it stopped, at an optimizer-step boundary:
+    the trained values, AdamW's and the schedule's state, the random states and the position in the data."""
+
+    step: int  # optimizer steps taken
+    epoch: int  # the epoch in progress
+    groups_done: int  # step groups of that epoch already consumed (those without response tokens included)
+    curve: list[float]
+    tokens: int
+    seconds: float  # training time so far, over every run
+    params: list[torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    epoch_generator: torch.Tensor  # the shuffling generator's state at the start of ``epoch``
+    rng: torch.Tensor  # torch's global CPU random state
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)
+    finished: bool = False  # the run's last step: resuming from here trains no more
+
+
+@dataclass
+class TrainControl:
+    """How the runner steers a method's training: progress, stop requests, and checkpoints to resume from and to
+    offer (:func:`train_parameters`' keyword arguments of the same names)."""
+
+    progress: TrainProgress | None = None
+    should_stop: Callable[[], bool] | None = None
+    resume: TrainState | None = None
+    save: SaveHook | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"progress": self.progress, "should_stop": self.should_stop, "resume": self.resume, "save": self.save}
+
+
+# Called after every optimizer step with a way to take the state (and again with force=True when the run stops or
+# ends): the caller decides whether this step is worth a checkpoint.
+SaveHook = Callable[[int, Callable[[], TrainState], bool], None]
+
+
 def train_parameters(
     model: nn.Module,
     params: Sequence[nn.Parameter],
@@ -124,7 +164,9 @@ def train_parameters(
     seed: int = 0,
     progress: TrainProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
-    checkpoint_every: int = 5,
+    checkpoint_every: int = 1,
+    resume: TrainState | None = None,
+    save: SaveHook | None = None,
 ) -> dict[str, Any]:
     """The shared loop: AdamW on ``params`` against the completion-only loss of ``model``.
 
@@ -134,8 +176,13 @@ def train_parameters(
     epoch → iterable of Batch (its ``len``, when it has one, sizes the progress total). With
     ``max_steps`` epochs repeat until that many optimizer steps.
 
+    ``resume`` (a :class:`TrainState` taken by ``save``) continues a run exactly: the same parameters, optimizer
+    steps and batches follow as if it had never stopped. ``save`` is offered the state after every step.
+    ``should_stop()`` is asked every ``checkpoint_every`` steps; when it answers True the state is offered to
+    ``save`` (forced) and Cancelled is raised.
+
     Returns ``{"loss_curve", "steps", "epochs", "seconds", "tokens", "trainable_params"}``; the loss curve
-    holds the mean response-token loss of every optimizer step. Raises Cancelled when ``should_stop()``.
+    holds the mean response-token loss of every optimizer step.
     """
     if grad_accum < 1 or epochs < 1:
         raise ValueError("epochs and grad_accum must be at least 1")
@@ -147,16 +194,24 @@ def train_parameters(
     gen = torch.Generator().manual_seed(seed)
     total = _total_steps(batches, epochs, grad_accum, max_steps)
     sched = lr_scheduler(opt, schedule, warmup_steps, total)
-    curve: list[float] = []
-    tokens = 0
-    epoch = 0
-    t0 = time.monotonic()
+    run = _Run(params, opt, sched, gen)
+    if resume is not None:
+        run.load(resume)
+    t0 = time.monotonic() - run.seconds
+    steps_before = len(run.curve)
+
+    def state() -> TrainState:
+        return run.state(time.monotonic() - t0)
+
     try:
         with torch.enable_grad():
-            done = False
-            while not done:
-                before = len(curve)
-                for group in _steps(batches, epoch, gen, grad_accum):
+            while not run.finished:
+                before, resumed_at = len(run.curve), run.groups_done
+                gen.set_state(run.epoch_generator)
+                for k, group in enumerate(_steps(batches, run.epoch, gen, grad_accum)):
+                    if k < run.groups_done:  # consumed before the run stopped
+                        continue
+                    run.groups_done = k + 1
                     group = [b.to(device) for b in group]
                     n_tok = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in group)
                     if n_tok == 0:
@@ -169,27 +224,92 @@ def train_parameters(
                         step_loss += float(loss_sum.detach()) / n_tok
                     opt.step()
                     sched.step()
-                    tokens += n_tok
-                    curve.append(step_loss)
+                    run.tokens += n_tok
+                    run.curve.append(step_loss)
                     if progress is not None:
-                        progress(len(curve), total, step_loss)
-                    if should_stop is not None and len(curve) % max(1, checkpoint_every) == 0 and should_stop():
-                        raise Cancelled("cancelled during training")
-                    if max_steps is not None and len(curve) >= max_steps:
-                        done = True
+                        progress(len(run.curve), total, step_loss)
+                    if max_steps is not None and len(run.curve) >= max_steps:
+                        run.finished = True
                         break
-                epoch += 1
-                if len(curve) == before and not done:
+                    if save is not None:
+                        save(len(run.curve), state, False)
+                    if should_stop is not None and len(run.curve) % max(1, checkpoint_every) == 0 and should_stop():
+                        if save is not None:
+                            save(len(run.curve), state, True)
+                        raise Cancelled("cancelled during training")
+                if run.finished:
+                    break
+                if len(run.curve) == before and resumed_at == 0:
                     raise ValueError("no training batches with response tokens")
-                if max_steps is None and epoch >= epochs:
-                    done = True
+                run.next_epoch()
+                if max_steps is None and run.epoch >= epochs:
+                    run.finished = True
+            if save is not None and len(run.curve) > steps_before:  # nothing new when resumed from the end
+                save(len(run.curve), state, True)
     finally:
         opt.zero_grad(set_to_none=True)
     return {
-        "loss_curve": curve,
-        "steps": len(curve),
-        "epochs": epoch,
+        "loss_curve": run.curve,
+        "steps": len(run.curve),
+        "epochs": run.epoch + (1 if max_steps is not None else 0),
         "seconds": time.monotonic() - t0,
-        "tokens": tokens,
+        "tokens": run.tokens,
         "trainable_params": sum(p.numel() for p in params),
     }
+
+
+class _Run:
+    """The loop's position and what it has produced so far; taken and restored as a :class:`TrainState`."""
+
+    def __init__(self, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator):
+        self.params, self.opt, self.sched, self.gen = params, opt, sched, gen
+        self.epoch = 0
+        self.groups_done = 0
+        self.curve: list[float] = []
+        self.tokens = 0
+        self.seconds = 0.0
+        self.finished = False
+        self.epoch_generator = gen.get_state()
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.groups_done = 0
+        self.epoch_generator = self.gen.get_state()
+
+    def state(self, seconds: float) -> TrainState:
+        return TrainState(
+            step=len(self.curve), epoch=self.epoch, groups_done=self.groups_done, curve=list(self.curve),
+            tokens=self.tokens, seconds=seconds, params=[p.detach().cpu().clone() for p in self.params],
+            optimizer=_cpu(self.opt.state_dict()), scheduler=dict(self.sched.state_dict()),
+            epoch_generator=self.epoch_generator.clone(), rng=torch.get_rng_state(),
+            cuda_rng=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+            finished=self.finished,
+        )
+
+    @torch.no_grad()
+    def load(self, s: TrainState) -> None:
+        if len(s.params) != len(self.params) or any(a.shape != b.shape for a, b in zip(s.params, self.params,
+                                                                                       strict=True)):
+            raise ValueError("the checkpoint's trained parameters do not match this run's")
+        for p, saved in zip(self.params, s.params, strict=True):
+            p.copy_(saved.to(p.device, p.dtype))
+        self.opt.load_state_dict(s.optimizer)
+        self.sched.load_state_dict(s.scheduler)
+        self.epoch, self.groups_done, self.curve = s.epoch, s.groups_done, list(s.curve)
+        self.tokens, self.seconds, self.finished = s.tokens, s.seconds, s.finished
+        self.epoch_generator = s.epoch_generator.clone()
+        torch.set_rng_state(s.rng)
+        if s.cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s.cuda_rng)
+
+
+def _cpu(obj: Any) -> Any:
+    """A copy of an optimizer state dict with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj

@@ -208,12 +208,15 @@ def _set_name(path: str, taken: dict[str, Any]) -> str:
     return name
 
 
-def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progress: Progress | None = None
+def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progress: Progress | None = None,
+                  done: dict[str, Any] | None = None, on_set: Callable[[dict[str, Any]], None] | None = None
                   ) -> dict[str, Any]:
     """Every set in ``evaluation``, keyed by file stem; ``mean_acc`` over the multiple-choice tasks.
 
     ``{"wikitext_sentences": {"ppl", "nll", "tokens"}, "valid": {"response_ppl", "nll", "tokens"},
     "boolq": {"acc", "acc_norm", "n"}, "mean_acc": ...}``. ``limit`` takes a fixed prefix of each set.
+    Sets already in ``done`` (an interrupted evaluation's results) are not evaluated again; ``on_set(results)``
+    hears the results so far after every set.
     """
     jobs: list[tuple[str, str]] = (
         [("ppl", p) for p in evaluation.perplexity]
@@ -229,6 +232,11 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
         for k, (kind, path) in enumerate(jobs):
             name = _set_name(path, results)
             limit = evaluation.limits.get(Path(path).stem, evaluation.limit)
+            if done and name in done:
+                results[name] = done[name]
+                if kind == "choice":
+                    accs.append(results[name]["acc"])
+                continue
             if progress:
                 progress(k / len(jobs), f"evaluating {name}")
             try:
@@ -242,6 +250,8 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                     accs.append(results[name]["acc"])
             except DataError as exc:  # a DataFormatError too: the file, or what its rows encode to
                 raise DataError(exc.message, field=f"evaluation.{_field(kind)}") from exc
+            if on_set is not None:
+                on_set(results)
     finally:
         model.train(was_training)
     if accs:

@@ -4,6 +4,8 @@ Each stage measures the model it produced: the loading stage also measures the d
 restoring, lets the method take what it needs from the dense model), so the dense and the pruned model are never in
 memory at once. Stages that a spec does not need are skipped; the rest are reported in this order, with
 overall progress rising monotonically and a cancellation checkpoint between stages (and inside long ones).
+With a :class:`~worker.run.resume.Resumer` the runner saves checkpoints at stage boundaries and during training,
+and a run that finds one continues from it (stages before it are skipped, their results taken back).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from app.schemas import JobSpec, Stage
 from worker.errors import DataError, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
 from worker.run.check import check_job, data_field
+from worker.run.resume import Resumer
 from worker.run.stagemeter import StageMeter
 
 # Rough share of a job's time per stage, for the overall progress fraction.
@@ -98,10 +101,12 @@ class RunState:
     method: Any = None  # the job's RestoreMethod (worker.restore.method)
     prepared: bool = False  # the method has seen the dense model
     zero_masks: dict[str, Any] | None = None
+    resumer: Resumer = field(default_factory=Resumer)
 
 
-def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, Any]:
-    """Run one job; write ``out_dir/{model/, report.json, ...}``; return the report."""
+def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resumer | None = None) -> dict[str, Any]:
+    """Run one job; write ``out_dir/{model/, report.json, ...}``; return the report. With ``resumer``, save
+    checkpoints and continue from the one it finds."""
     checked = check_job(spec)  # worker.run.check; before the heavy imports: a bad job is refused in seconds
     import torch
     import transformers
@@ -114,9 +119,8 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
     stages = planned_stages(spec)
     progress = StageProgress(reporter, stages)
     meter = StageMeter()
-    state = RunState(spec=spec, out_dir=out_dir, checked=checked, method=checked.method)
-    state.report = _new_report(spec)
-    state.report["stages"] = meter.stages
+    state = RunState(spec=spec, out_dir=out_dir, checked=checked, method=checked.method,
+                     resumer=resumer or Resumer())
 
     runners: dict[Stage, Callable[[RunState, StageProgress, Reporter], None]] = {
         Stage.loading: _stage_loading,
@@ -129,6 +133,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
         Stage.exporting: _stage_exporting,
     }
     torch.manual_seed(spec.seed)
+    _start_report(state, meter, reporter)
     t0 = time.perf_counter()
     try:
         for stage in stages:
@@ -142,7 +147,10 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter) -> dict[str, 
         raise OutOfMemoryFailure(f"out of host memory during {progress._current}") from exc
     except DataFormatError as exc:  # a data file that changed after check_job: name its field
         raise DataError(exc.message, field=exc.field or data_field(spec, exc.path)) from exc
+    finally:
+        state.resumer.close()
     state.report["seconds_total"] = round(time.perf_counter() - t0, 3)
+    state.report["attempts"][-1]["checkpoints"] = state.resumer.writes
     _write_report(state)
     progress.done()
     return state.report
@@ -167,6 +175,28 @@ def _new_report(spec: JobSpec) -> dict[str, Any]:
     }
 
 
+def _start_report(state: RunState, meter: StageMeter, reporter: Reporter) -> None:
+    """A new report, or the one saved with the checkpoint this run resumes from (its metrics reported again);
+    either way this run is listed under ``attempts`` with where it started."""
+    saved = state.resumer.load(reporter)
+    state.report = saved if saved is not None else _new_report(state.spec)
+    if saved is not None:
+        if saved.get("attempts"):  # the stage times of the run that wrote the checkpoint, up to it
+            saved["attempts"][-1]["stages"] = saved.get("stages", {})
+        metrics = {k: v for k, v in saved.get("metrics", {}).items() if v}
+        if "sparsity" in saved:
+            metrics["sparsity"] = saved["sparsity"]["overall"]
+        if metrics:
+            reporter.metrics(metrics)
+    state.report["stages"] = meter.stages
+    state.report.setdefault("attempts", []).append(
+        {"attempt": state.resumer.attempt, "resumed_from": state.resumer.resumed_from()})
+
+
+def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = ()) -> None:
+    state.resumer.save(point, state.report, parts, copy=copy)
+
+
 def _write_report(state: RunState) -> None:
     path = state.out_dir / "report.json"
     path.write_text(json.dumps(state.report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -188,6 +218,9 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
     source, info, dense_source = state.checked.source, state.checked.info, state.checked.dense_source
     state.report["model"] = {"id": spec.model.id, "source": str(source), "arch": info.__dict__}
     checkpoint(reporter)
+    if state.resumer.reached("prepared"):
+        _resume_model(state, source, progress)
+        return
 
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
@@ -204,6 +237,24 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
         _measure_dense(state, state.model, state.tokenizer, state.adapter, progress, reporter)
     elif not state.prepared:  # already pruned, and the method needs nothing from a dense model
         _prepare(state, state.model, state.tokenizer, state.adapter, progress)
+    _save(state, "prepared", {"method": state.method.state()})
+
+
+def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None:
+    """The model as the checkpoint left it: loaded, its pruned weights put back, the method's state taken back."""
+    from worker.model.load import load_model
+
+    progress(0.4, "loading the model to resume")
+    state.model, state.tokenizer = load_model(source, state.spec.model.dtype, device=_device())
+    state.adapter = _adapter(state.model)
+    state.source = source
+    if state.resumer.reached("pruned") and state.spec.pruning.method != "none":
+        progress(0.8, "putting back the pruned weights")
+        state.resumer.apply_weights(dict(state.adapter.named_prunable_linears()))
+    saved = state.resumer.method_state()
+    if saved is not None:
+        state.method.load_state(saved)
+    state.prepared = True
 
 
 def _adapter(model, field: str = "model.id"):
@@ -237,10 +288,25 @@ def _has_evaluation(spec: JobSpec) -> bool:
     return bool(ev.perplexity or ev.response_perplexity or ev.tasks)
 
 
-def _evaluate(model, tokenizer, spec: JobSpec, progress: Callable[[float, str], None]) -> dict[str, Any]:
+def _evaluate(model, tokenizer, spec: JobSpec, progress: Callable[[float, str], None],
+              state: RunState | None = None, key: str = "") -> dict[str, Any]:
+    """The spec's evaluation. With ``state``, each finished set is noted in the checkpoint (under
+    ``report["partial_metrics"][key]``), so a resumed run evaluates only the sets that were not finished."""
     from worker.run.evaluate import evaluate_spec
 
-    return evaluate_spec(model, tokenizer, spec.evaluation, progress=progress)
+    if state is None:
+        return evaluate_spec(model, tokenizer, spec.evaluation, progress=progress)
+    partial = state.report.setdefault("partial_metrics", {})
+
+    def note(results: dict[str, Any]) -> None:
+        partial[key] = dict(results)
+        state.resumer.note(state.report)
+
+    metrics = evaluate_spec(model, tokenizer, spec.evaluation, progress=progress, done=partial.get(key), on_set=note)
+    partial.pop(key, None)
+    if not partial:
+        del state.report["partial_metrics"]
+    return metrics
 
 
 def _free_memory() -> None:
@@ -261,6 +327,9 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
     from worker.prune.runner import build_calibration_batches, prune_model
 
     spec = state.spec
+    if state.resumer.reached("pruned"):  # the weights came back with the model
+        _after_pruned(state, progress, reporter)
+        return
     calibration = None
     if PRUNING_METHODS[spec.pruning.method].needs_calibration:
         path = spec.data.calibration or spec.data.train
@@ -286,6 +355,8 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         should_stop=reporter.cancel_requested,
     )
     state.report["pruning"] = summary
+    _save(state, "pruned", {"weights": {n: lin.weight for n, lin in state.adapter.named_prunable_linears()}},
+          copy=("weights",))
     _after_pruned(state, progress, reporter)
 
 
@@ -297,12 +368,14 @@ def _after_pruned(state: RunState, progress: StageProgress, reporter: Reporter) 
     state.zero_masks = zero_masks(state.adapter)
     reporter.metrics({"sparsity": state.report["sparsity"]["overall"]})
     checkpoint(reporter)
+    if state.resumer.reached("pruned-evaluated"):  # its metrics came back with the report
+        return
     if _has_evaluation(state.spec):
-        metrics = _evaluate(
-            state.model, state.tokenizer, state.spec, lambda f, m: progress(0.75 + 0.25 * f, f"pruned: {m}")
-        )
+        metrics = _evaluate(state.model, state.tokenizer, state.spec,
+                            lambda f, m: progress(0.75 + 0.25 * f, f"pruned: {m}"), state, "pruned")
         state.report["metrics"]["pruned"] = metrics
         reporter.metrics({"pruned": metrics})
+    _save(state, "pruned-evaluated")
 
 
 # ── restoration (probe, extract, train, merge) ───────────────────────────────────────────────────────
@@ -319,15 +392,24 @@ def _restoration_stage(step: Callable[[RunState, StageProgress, Reporter], None]
 
 
 def _probe(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
+    if state.resumer.reached("probed"):
+        progress(1.0, "probed before the job resumed")
+        return
     state.method.probe(state, progress)
+    _save(state, "probed", {"method": state.method.state()})
 
 
 def _select(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
+    if state.resumer.reached("selected"):
+        progress(1.0, "extracted before the job resumed")
+        return
     state.method.select(state, progress, lambda: checkpoint(reporter))
+    _save(state, "selected", {"method": state.method.state()})
 
 
 def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
     from worker.restore.batches import training_batches
+    from worker.restore.train import TrainControl
 
     spec, method = state.spec, state.method
     assert spec.data.train is not None
@@ -336,7 +418,9 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         progress(step / total if total else 0.0, f"step {step}/{total or '?'} · loss {loss:.4f}")
 
     batches = training_batches(state.tokenizer, spec.data.train, spec.restoration, spec.seed)
-    stats = method.train(state, batches, step_progress, reporter.cancel_requested)
+    control = TrainControl(progress=step_progress, should_stop=reporter.cancel_requested,
+                           resume=state.resumer.train_state(), save=state.resumer.train_saver(lambda: state.report))
+    stats = method.train(state, batches, control)
     method.report.update(
         method=spec.restoration.method,
         trainable_params=stats["trainable_params"],
@@ -369,9 +453,14 @@ def _stage_evaluating(state: RunState, progress: StageProgress, reporter: Report
     if not restoration_method(spec.restoration.method).trains or not _has_evaluation(spec):
         progress(1.0, "nothing more to evaluate")
         return
-    metrics = _evaluate(state.model, state.tokenizer, spec, lambda f, m: progress(f, f"restored: {m}"))
+    if state.resumer.reached("evaluated"):  # its metrics came back with the report
+        progress(1.0, "evaluated before the job resumed")
+        return
+    metrics = _evaluate(state.model, state.tokenizer, spec, lambda f, m: progress(f, f"restored: {m}"), state,
+                        "restored")
     state.report["metrics"]["restored"] = metrics
     reporter.metrics({"restored": metrics})
+    _save(state, "evaluated")
 
 
 def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporter) -> None:

@@ -3,9 +3,11 @@
 Thin and idempotent: it reloads the job record and decides from its status.
 - finished (or deleted) → nothing to do;
 - queued → claimed atomically (queued→running), then run;
-- running on arrival (a redelivery after a worker crash) → taken over and re-run from the start once its
-  heartbeat is stale; while another live worker keeps the heartbeat fresh, nothing is done; after
-  ``max_attempts`` runs the job is failed with ``worker_lost``.
+- running on arrival (a redelivery after a worker crash) → taken over once its heartbeat is stale, and run again
+  from its newest checkpoint (worker.run.resume); while another live worker keeps the heartbeat fresh, nothing is
+  done; after ``max_attempts`` runs the job is failed with ``worker_lost``.
+Checkpoints live in the artifact store under the job's ``checkpoints/`` prefix: deleted when the job succeeds or is
+cancelled, kept ``checkpoint_keep_s`` after a failure so that a retry (a new job, ``retry_of``) resumes from them.
 Deterministic failures (JobFailure, out of memory) end the job ``failed`` and are never retried; a
 TransientError puts it back to ``queued`` with a back-off, at most ``transient_retries`` times.
 """
@@ -31,11 +33,13 @@ from app.config import Settings, get_settings
 from app.paths import PathRefused, check_spec_paths
 from app.schemas import JobSpec, JobStatus
 from app.service import is_job_id
-from app.store.artifacts import ArtifactStore, attempt_prefix, job_key, job_prefix, make_store
+from app.store.artifacts import ArtifactStore, attempt_prefix, checkpoint_prefix, job_key, job_prefix, make_store
 from app.store.db import make_engine
 from app.store.jobs import JobStore, stale_cutoff
 from app.store.models import Job, utcnow
 from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError, is_out_of_memory
+from worker.run.checkpoints import CheckpointStore
+from worker.service import preemption
 from worker.service.store_reporter import StoreReporter, jsonable
 
 log = logging.getLogger("restorelcc.worker")
@@ -120,7 +124,8 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
         # No runs left: once its worker is surely gone, end it rather than take it over and start again.
         error = (("time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s} s")
                  if _hit_hard_limit(job, ctx.settings) else
-                 ("worker_lost", f"worker lost {job.attempts} times while running this job; giving up"))
+                 ("worker_lost", f"worker lost {job.attempts} times while running this job"
+                                 f"{f', the last time during {job.stage}' if job.stage else ''}; giving up"))
         if _wait_stale(ctx, job) and ctx.jobs.finish(job_id, JobStatus.failed, error,
                                                      allowed=(JobStatus.running.value,)):
             return Result(Outcome.failed)
@@ -161,7 +166,7 @@ def _take_over(ctx: WorkerContext, job: Job) -> bool:
     """A redelivered job found ``running``: wait for its heartbeat to go stale (its worker is gone) and take
     it over; give up at once if the heartbeat moves (a live worker has it)."""
     if _wait_stale(ctx, job, lambda: ctx.jobs.take_over(job.id, ctx.name, stale_cutoff(ctx.settings.stale_after_s))):
-        log.warning("job %s: worker lost; re-running from the start", job.id)
+        log.warning("job %s: worker lost; running it again from its newest checkpoint", job.id)
         return True
     return False
 
@@ -186,17 +191,31 @@ def _wait_stale(ctx: WorkerContext, job: Job, act: Callable[[], bool] | None = N
 class _Heartbeat:
     """Keeps ``heartbeat_at`` fresh while the pipeline runs, even through long silent steps."""
 
-    def __init__(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None = None):
+    def __init__(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None = None,
+                 grace_s: float = 30.0):
         self._stop = threading.Event()
+        self.grace_s = grace_s
         self._thread = threading.Thread(target=self._run, args=(jobs, job_id, interval, attempt), daemon=True,
                                         name=f"heartbeat-{job_id[:8]}")
 
     def _run(self, jobs: JobStore, job_id: str, interval: float, attempt: int | None) -> None:
-        while not self._stop.wait(interval):
+        while not self._stop.wait(min(interval, 1.0) if preemption.requested() else interval):
+            if preemption.overdue(self.grace_s) and attempt is not None:
+                self._hand_back(jobs, job_id, attempt)
             try:
                 jobs.heartbeat(job_id, attempt)
             except Exception:  # a database hiccup must not kill the job; the next beat may succeed
                 log.warning("heartbeat failed for %s", job_id, exc_info=True)
+
+    def _hand_back(self, jobs: JobStore, job_id: str, attempt: int) -> None:
+        """The worker is being stopped and the job found no safe point within the grace period: give it back to the
+        queue (it resumes from its newest checkpoint) and exit now, before the machine goes."""
+        try:
+            jobs.release(job_id, attempt, f"preempted; no checkpoint within the {self.grace_s:g} s grace period")
+        finally:
+            log.warning("job %s: grace period over; handed back, exiting", job_id)
+            logging.shutdown()
+            os._exit(0)
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -222,21 +241,25 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
     except Exception as e:  # a bug in the checks: fail the job here rather than leave it running
         return _internal_error(ctx, job_id, e, attempt)
 
-    out_dir = s.work_path / job_id
-    shutil.rmtree(out_dir, ignore_errors=True)
+    job_dir = s.work_path / job_id  # scratch: result/ (what is uploaded) and checkpoint/ (checkpoint files in transit)
+    shutil.rmtree(job_dir, ignore_errors=True)
+    out_dir = job_dir / "result"
     out_dir.mkdir(parents=True, exist_ok=True)
     reporter = StoreReporter(
         jobs, job_id, progress_interval_s=s.progress_interval_s, cancel_poll_s=s.cancel_poll_s,
         deadline=time.monotonic() + s.soft_time_limit_s, attempt=attempt,
     )
+    checkpoints = job_checkpoints(ctx, job, spec, job_dir / "checkpoint", reporter)
     try:
-        with _Heartbeat(jobs, job_id, s.heartbeat_s, attempt):
+        with _Heartbeat(jobs, job_id, s.heartbeat_s, attempt, s.preempt_grace_s):
             try:
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled before start")
                 from worker.run.pipeline import run_pipeline  # torch is imported here, never earlier
+                from worker.run.resume import CheckpointPolicy, Resumer
 
-                report = run_pipeline(spec, out_dir, reporter)
+                policy = CheckpointPolicy(every_steps=s.checkpoint_every_steps, every_s=s.checkpoint_every_s)
+                report = run_pipeline(spec, out_dir, reporter, Resumer(checkpoints, policy))
                 reporter.flush()
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled after the last stage")
@@ -247,6 +270,7 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 metrics = jsonable(metrics)
                 if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,),
                                attempt=attempt):
+                    _drop_checkpoints(ctx, job_id)
                     return Result(Outcome.succeeded)
                 raise Cancelled("cancelled while uploading")
             except Cancelled:
@@ -272,6 +296,7 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 except Exception:
                     log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
                 if jobs.finish(job_id, JobStatus.cancelled, attempt=attempt):
+                    _drop_checkpoints(ctx, job_id)
                     return Result(Outcome.cancelled)
                 return Result(Outcome.noop)
             except JobFailure as e:
@@ -288,7 +313,30 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 return _internal_error(ctx, job_id, e, attempt)
     finally:
         if not s.keep_work_dirs:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def job_checkpoints(ctx: WorkerContext, job: Job, spec: JobSpec, scratch: Path, reporter: StoreReporter
+                    ) -> CheckpointStore:
+    """The job's checkpoints in the artifact store; a retry also looks at the checkpoints of the job it retries.
+    Written only while this run owns the job; their size is recorded on the job."""
+    from worker.run.checkpoints import spec_fingerprint
+
+    return CheckpointStore(
+        ctx.artifacts, checkpoint_prefix(job.id), spec_fingerprint(spec.model_dump(mode="json")), scratch,
+        sources=(checkpoint_prefix(job.retry_of),) if job.retry_of else (),
+        may_write=lambda: not reporter.check_superseded(),
+        on_usage=lambda size: ctx.jobs.set_checkpoint_bytes(job.id, size),
+    )
+
+
+def _drop_checkpoints(ctx: WorkerContext, job_id: str) -> None:
+    """A finished job no longer resumes: its checkpoints go (a failure to delete leaves them to housekeeping)."""
+    try:
+        ctx.artifacts.delete_prefix(checkpoint_prefix(job_id))
+        ctx.jobs.set_checkpoint_bytes(job_id, 0)
+    except Exception:
+        log.warning("job %s: could not delete its checkpoints", job_id, exc_info=True)
 
 
 def _error_field(e: ValidationError) -> str | None:
@@ -404,6 +452,7 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     stale) gets the first chance to re-run it. Returns the ids changed."""
     ctx = ctx or get_context()
     clean_scratch(ctx)
+    expire_checkpoints(ctx)
     requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts)
     for job_id in requeued:
         log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)
@@ -412,6 +461,17 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     for job_id in ended:
         log.warning("job %s: worker lost (stale heartbeat) and no runs left; ended", job_id)
     return requeued + ended
+
+
+def expire_checkpoints(ctx: WorkerContext) -> list[str]:
+    """Delete the checkpoints of jobs that finished more than ``checkpoint_keep_s`` ago (failed ones keep theirs that
+    long for a retry to resume from). Returns the job ids."""
+    from datetime import timedelta
+
+    expired = ctx.jobs.expired_checkpoints(utcnow() - timedelta(seconds=ctx.settings.checkpoint_keep_s))
+    for job_id in expired:
+        _drop_checkpoints(ctx, job_id)
+    return expired
 
 
 def clean_scratch(ctx: WorkerContext) -> list[str]:

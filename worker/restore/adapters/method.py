@@ -10,6 +10,7 @@ from app.methods import AdapterConfig
 from worker.model.data import Batch
 from worker.restore.adapters.peft import AdapterBaseline, merge_adapter, save_adapter, train_adapter
 from worker.restore.method import Job, Progress, RestoreMethod, TrainStats, logits
+from worker.restore.train import TrainControl
 
 
 class Adapter(RestoreMethod):
@@ -19,9 +20,8 @@ class Adapter(RestoreMethod):
         super().__init__(config, seed)
         self.baseline: AdapterBaseline | None = None
 
-    def train(self, job: Job, batches: Any, progress: Any, should_stop: Any) -> TrainStats:
-        self.baseline, stats = train_adapter(job.model, batches, self.config, seed=self.seed,
-                                             progress=progress, should_stop=should_stop)
+    def train(self, job: Job, batches: Any, control: TrainControl) -> TrainStats:
+        self.baseline, stats = train_adapter(job.model, batches, self.config, seed=self.seed, **control.options())
         return stats
 
     def merge(self, job: Job, check: Batch, progress: Progress) -> None:

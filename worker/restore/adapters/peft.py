@@ -27,7 +27,7 @@ from torch import nn
 
 from app.methods import AdapterConfig
 from worker.errors import SpecError
-from worker.restore.train import BatchSource, TrainProgress, frozen, train_parameters
+from worker.restore.train import BatchSource, SaveHook, TrainProgress, TrainState, frozen, train_parameters
 
 ADAPTER_NAME = "default"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -177,14 +177,16 @@ def train_adapter(
     seed: int = 0,
     progress: TrainProgress | None = None,
     should_stop: Callable[[], bool] | None = None,
-    checkpoint_every: int = 5,
+    checkpoint_every: int = 1,
+    resume: TrainState | None = None,
+    save: SaveHook | None = None,
 ) -> tuple[AdapterBaseline, dict[str, Any]]:
     """Attach a LoRA (``r.method == "lora"``) or DoRA adapter to ``model`` and train it; base weights frozen.
 
     Hyper-parameters come from ``r`` (lora_r, lora_alpha, lora_targets, lr, lr_schedule, warmup_steps,
-    weight_decay, epochs, max_steps, grad_accum). The adapter stays in the model (unmerged) for
-    :func:`merge_adapter`; on any failure, Cancelled included, it is removed again. Returns the baseline
-    and the stats of worker.restore.train.train_parameters.
+    weight_decay, epochs, max_steps, grad_accum); ``resume`` and ``save`` as train_parameters'. The adapter
+    stays in the model (unmerged) for :func:`merge_adapter`; on any failure, Cancelled included, it is removed
+    again. Returns the baseline and the stats of worker.restore.train.train_parameters.
     """
     with frozen(model):  # restores the base weights' requires_grad and the train/eval mode afterwards
         baseline = attach_adapter(model, r, seed)
@@ -194,7 +196,7 @@ def train_adapter(
                 model, params, batches, lr=r.lr, schedule=r.lr_schedule, warmup_steps=r.warmup_steps,
                 weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps, grad_accum=r.grad_accum,
                 seed=seed, progress=progress,
-                should_stop=should_stop, checkpoint_every=checkpoint_every,
+                should_stop=should_stop, checkpoint_every=checkpoint_every, resume=resume, save=save,
             )
         except BaseException:
             detach_adapter(baseline)

@@ -27,6 +27,7 @@ from worker.restore.offsets.merge import (
 )
 from worker.restore.offsets.selection import choose_heads
 from worker.restore.offsets.train import train_offsets
+from worker.restore.train import TrainControl
 
 
 class OffsetMethod(RestoreMethod):
@@ -59,14 +60,14 @@ class OffsetMethod(RestoreMethod):
     def make_offsets(self, info: ArchInfo) -> HeadOffsets:
         raise NotImplementedError
 
-    def train(self, job: Job, batches: Any, progress: Any, should_stop: Any) -> TrainStats:
+    def train(self, job: Job, batches: Any, control: TrainControl) -> TrainStats:
         r = self.config
         self.offsets = self.make_offsets(job.adapter.info)
         stats = train_offsets(
             job.model, job.adapter, self.offsets, batches,
             lr=r.lr, schedule=r.lr_schedule, warmup_steps=r.warmup_steps,
             weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps,
-            grad_accum=r.grad_accum, seed=self.seed, progress=progress, should_stop=should_stop,
+            grad_accum=r.grad_accum, seed=self.seed, **control.options(),
         )
         if self.offsets.directions is not None:  # β's length per head (head_dim: all)
             stats["report"] = {"directions_per_head": int(self.offsets.directions.shape[1])}

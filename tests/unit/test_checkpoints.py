@@ -1,0 +1,77 @@
+"""A job's checkpoint store on a real local artifact store: parts accumulate, replaced files go, and a checkpoint
+that is half-written, corrupted or made for another spec is never read."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from app.store.artifacts import LocalStore
+from worker.run.checkpoints import MANIFEST, CheckpointStore
+
+PREFIX = "jobs/j1/checkpoints/"
+
+
+def _store(tmp_path, fingerprint="fp", prefix=PREFIX, **kw):
+    return CheckpointStore(LocalStore(tmp_path / "artifacts"), prefix, fingerprint, tmp_path / "scratch", **kw)
+
+
+def _keys(tmp_path, prefix=PREFIX):
+    return [k for k, _ in LocalStore(tmp_path / "artifacts").list_prefix(prefix)]
+
+
+def test_parts_accumulate_and_replaced_files_are_deleted(tmp_path):
+    usage = []
+    ck = _store(tmp_path, on_usage=usage.append)
+    weights = {"layers.0.q": torch.randn(4, 4)}
+    assert ck.save("pruned", {"report": {"a": 1}}, {"weights": weights, "method": {"heads": [(0, 1)]}},
+                   copy=("weights",))
+    assert ck.save("selected", {"report": {"a": 2}}, {"method": {"heads": [(1, 2)]}})
+    assert sorted(_keys(tmp_path)) == [PREFIX + MANIFEST, PREFIX + "method-00002.safetensors",
+                                       PREFIX + "weights-00001.safetensors"]
+    assert usage[-1] == ck.usage() == sum(s for k, s in LocalStore(tmp_path / "artifacts").list_prefix(PREFIX)
+                                          if not k.endswith(MANIFEST))
+    back = _store(tmp_path).load()
+    assert back.point == "selected" and back.meta == {"report": {"a": 2}}
+    assert torch.equal(back.part("weights")["layers.0.q"], weights["layers.0.q"])
+    assert back.part("method") == {"heads": [(1, 2)]}
+    assert _store(tmp_path).clear() == 3 and _keys(tmp_path) == []
+
+
+def test_another_spec_or_a_corrupt_part_is_never_read(tmp_path):
+    ck = _store(tmp_path)
+    ck.save("pruned", {"report": {}}, {"weights": {"w": torch.ones(3)}})
+    other = _store(tmp_path, fingerprint="other")
+    assert other.load() is None and "another spec" in other.ignored[0]
+    part = tmp_path / "artifacts" / PREFIX / "weights-00001.safetensors"
+    part.write_bytes(part.read_bytes()[:-1] + b"\x00")
+    reader = _store(tmp_path)
+    assert reader.load() is None and "sha256" in reader.ignored[0]
+
+
+def test_a_part_written_without_its_manifest_is_never_read_and_is_cleaned_up(tmp_path):
+    ck = _store(tmp_path)
+    ck.save("pruned", {"report": {"n": 1}}, {"weights": {"w": torch.ones(3)}})
+    # a run killed after writing a new part but before the manifest naming it
+    (tmp_path / "artifacts" / PREFIX / "method-00002.safetensors").write_bytes(b"half")
+    back = _store(tmp_path).load()
+    assert back.point == "pruned" and set(back.files) == {"weights"}
+    assert PREFIX + "method-00002.safetensors" not in _keys(tmp_path)
+
+
+def test_a_retry_resumes_from_its_predecessor_and_copies_what_it_read(tmp_path):
+    _store(tmp_path, prefix="jobs/old/checkpoints/").save("training", {"report": {}, "step": 40},
+                                                          {"train": {"x": torch.arange(3)}})
+    retry = _store(tmp_path, prefix="jobs/new/checkpoints/", sources=("jobs/old/checkpoints/",))
+    back = retry.load()
+    assert back.point == "training" and back.meta["step"] == 40 and back.source == "jobs/old/checkpoints/"
+    manifest = json.loads((tmp_path / "artifacts" / "jobs/new/checkpoints" / MANIFEST).read_text())
+    assert all(p["key"].startswith("jobs/new/") for p in manifest["parts"].values())
+    assert _store(tmp_path, prefix="jobs/new/checkpoints/").load().meta["step"] == 40  # readable on its own
+
+
+def test_a_run_that_lost_its_job_writes_nothing(tmp_path):
+    ck = _store(tmp_path, may_write=lambda: False)
+    assert not ck.save("pruned", {"report": {}}, {"weights": {"w": torch.ones(3)}})
+    assert _keys(tmp_path) == []

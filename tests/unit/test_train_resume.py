@@ -1,0 +1,119 @@
+"""The training loop stopped at any step and resumed from its saved state ends exactly where an uninterrupted run
+ends: the same trained values, loss curve and optimizer state, for lists and epoch sources, with accumulation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from worker.errors import Cancelled
+from worker.model.data import Batch
+from worker.restore.batches import EpochSource
+from worker.restore.train import TrainState, train_parameters
+from worker.run.snapshot import pack, unpack
+
+
+class Tiny(torch.nn.Module):
+    """A next-token model small enough to train in milliseconds; ``scale`` is the trained parameter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(11, 8)
+        self.out = torch.nn.Linear(8, 11)
+        self.scale = torch.nn.Parameter(torch.ones(8))
+        self.dropout = torch.nn.Dropout(0.5)  # random: resumes must restore the random state too
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, logits_to_keep=None):
+        h = self.dropout(self.emb(input_ids) * self.scale)
+        logits = self.out(h)
+        if logits_to_keep is not None:
+            logits = logits[:, logits_to_keep]
+        return type("Out", (), {"logits": logits})()
+
+
+def _batches(n: int = 7) -> list[Batch]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 11, (2, 6), generator=g)
+        labels = ids.clone()
+        labels[:, :2] = -100
+        out.append(Batch(ids, torch.ones_like(ids), labels))
+    return out
+
+
+def _source(kind: str):
+    batches = _batches()
+    if kind == "list":
+        return batches
+    return EpochSource(lambda epoch: iter(batches[epoch % 2:] + batches[:epoch % 2]), len(batches) * 2, 2)
+
+
+def _train(source, stop_at: int | None = None, resume: TrainState | None = None, **kw):
+    model = Tiny()
+    model.train()  # dropout on: the global random state matters
+    saved: list[TrainState] = []
+
+    def save(step, state, force):
+        if force:
+            saved.append(state())
+
+    steps = {"n": 0}
+
+    def should_stop():
+        steps["n"] += 1
+        return stop_at is not None and steps["n"] >= stop_at
+
+    torch.manual_seed(5)
+    options = dict(lr=0.05, schedule="cosine", warmup_steps=2, max_steps=9, grad_accum=2, seed=3)
+    options.update(kw)
+    stats = None
+    with contextlib.suppress(Cancelled):  # stopped: the state of that step was offered to save
+        stats = train_parameters(model, [model.scale], source, save=save, should_stop=should_stop, resume=resume,
+                                 **options)
+    return model, stats, saved
+
+
+@pytest.mark.parametrize("kind", ["list", "epochs"])
+@pytest.mark.parametrize("stop_at", [1, 4, 8])
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, kind, stop_at):
+    ref_model, ref, _ = _train(_source(kind))
+    _, none, saved = _train(_source(kind), stop_at=stop_at)
+    assert none is None and saved[-1].step == stop_at  # stopped, with the state of that step saved
+    tensors, skeleton = pack(saved[-1])  # through a checkpoint's packing, as a worker would read it back
+    state = unpack(tensors, skeleton)
+    model, stats, _ = _train(_source(kind), resume=state)
+    assert torch.equal(model.scale, ref_model.scale)
+    assert stats["loss_curve"] == ref["loss_curve"] and stats["tokens"] == ref["tokens"]
+    assert stats["steps"] == ref["steps"] == 9 and stats["epochs"] == ref["epochs"]
+
+
+def test_resuming_from_the_end_trains_no_more_and_saves_nothing_new():
+    ref_model, ref, saved = _train(_source("list"))
+    assert saved[-1].finished and saved[-1].step == 9
+    again = []
+    model = Tiny()
+    stats = train_parameters(model, [model.scale], _source("list"), lr=0.05, max_steps=9, grad_accum=2, seed=3,
+                             resume=saved[-1], save=lambda s, st, f: again.append(s),
+                             schedule="cosine", warmup_steps=2)
+    assert again == [] and stats["loss_curve"] == ref["loss_curve"]
+    assert torch.equal(model.scale, ref_model.scale)
+
+
+def test_epochs_without_max_steps_resume_mid_epoch():
+    ref_model, ref, _ = _train(_source("list"), max_steps=None, epochs=3)
+    _, _, saved = _train(_source("list"), stop_at=5, max_steps=None, epochs=3)
+    assert saved[-1].epoch == 1 and saved[-1].groups_done == 1  # 4 steps an epoch: stopped inside the second
+    model, stats, _ = _train(_source("list"), resume=saved[-1], max_steps=None, epochs=3)
+    assert torch.equal(model.scale, ref_model.scale) and stats["loss_curve"] == ref["loss_curve"]
+    assert stats["epochs"] == ref["epochs"] == 3
+
+
+def test_a_state_for_other_parameters_is_refused():
+    _, _, saved = _train(_source("list"), stop_at=2)
+    model = Tiny()
+    with pytest.raises(ValueError, match="do not match"):
+        train_parameters(model, [model.out.weight], _source("list"), lr=0.1, max_steps=3, resume=saved[-1])

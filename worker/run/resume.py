@@ -1,0 +1,151 @@
+"""Where a job can resume, what each resume point saves, and how a resumed run takes it back.
+
+Resume points, in pipeline order (each includes everything before it):
+
+- ``prepared``: end of loading — the dense metrics and what the method took from the dense model;
+- ``pruned``: the pruned Linears' weights (only those) and the pruning summary;
+- ``pruned-evaluated``: the pruned model's sparsity and metrics;
+- ``probed``, ``selected``: the method's state after probing and after choosing what to restore;
+- ``training``: every ``every_steps`` optimizer steps or ``every_s`` seconds, at a stop request and at the end —
+  the training loop's whole state (worker.restore.train.TrainState);
+- ``evaluated``: the restored model's metrics.
+
+Merging and exporting are redone from the last checkpoint: both are deterministic and cheap. A resumed run gives
+the same bytes as an uninterrupted one because every saved value is exact (safetensors, JSON floats) and the
+random states are saved with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.schemas import JobSpec, Stage
+from worker.reporting import Reporter
+from worker.restore.train import SaveHook, TrainState
+from worker.run.checkpoints import Checkpoint, CheckpointStore
+
+POINTS: tuple[str, ...] = ("prepared", "pruned", "pruned-evaluated", "probed", "selected", "training", "evaluated")
+POINT_STAGE: dict[str, Stage] = {
+    "prepared": Stage.loading, "pruned": Stage.pruning, "pruned-evaluated": Stage.pruning, "probed": Stage.probing,
+    "selected": Stage.extracting, "training": Stage.training, "evaluated": Stage.evaluating,
+}
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    every_steps: int = 50  # training: a checkpoint every this many optimizer steps ...
+    every_s: float = 600.0  # ... and at least this often
+
+
+class Resumer:
+    """The pipeline's side of checkpoints. Without a store it saves nothing and resumes nothing."""
+
+    def __init__(self, store: CheckpointStore | None = None, policy: CheckpointPolicy = CheckpointPolicy()):
+        self.store = store
+        self.policy = policy
+        self.attempt = 1  # this run's number: one more than the runs the checkpoint's report lists
+        self.checkpoint: Checkpoint | None = None
+        self.writes: list[dict[str, Any]] = []  # {"point", "bytes", "seconds"} of every checkpoint written
+        self._last: tuple[str, int | None] | None = None  # the point and step of the newest checkpoint
+
+    def load(self, reporter: Reporter) -> dict[str, Any] | None:
+        """Read the job's checkpoint; returns the report saved with it (None: start from the beginning)."""
+        if self.store is None:
+            return None
+        self.checkpoint = self.store.load()
+        for reason in getattr(self.store, "ignored", []):
+            reporter.event("warning", {"message": f"checkpoint not used, starting over: {reason}"})
+        if self.checkpoint is None:
+            return None
+        ck = self.checkpoint
+        self.attempt = len(ck.meta["report"].get("attempts", [])) + 1
+        step = ck.meta.get("step")
+        reporter.event("resumed", {"checkpoint": ck.point, "stage": POINT_STAGE[ck.point].value, "step": step,
+                                   "attempt": self.attempt})
+        if ck.has("rng"):
+            torch.set_rng_state(ck.part("rng"))
+        self._last = (ck.point, step)
+        return ck.meta["report"]
+
+    def close(self) -> None:
+        """Remove the local copies of the checkpoint read (the checkpoints themselves stay in the store)."""
+        if self.store is not None:
+            self.store.discard_local()
+
+    def reached(self, point: str) -> bool:
+        """Whether the checkpoint resumed from was taken at or after ``point``."""
+        return self.checkpoint is not None and POINTS.index(self.checkpoint.point) >= POINTS.index(point)
+
+    def resumed_from(self) -> dict[str, Any] | None:
+        ck = self.checkpoint
+        if ck is None:
+            return None
+        return {"checkpoint": ck.point, "stage": POINT_STAGE[ck.point].value, "step": ck.meta.get("step")}
+
+    def save(self, point: str, report: dict[str, Any], parts: dict[str, Any] | None = None,
+             copy: tuple[str, ...] = (), step: int | None = None) -> None:
+        if self.store is None or (self.checkpoint is not None and not self.reached(point)):
+            return  # never behind the checkpoint this run resumed from
+        parts = {**(parts or {}), "rng": torch.get_rng_state()}
+        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy):
+            self.writes.append(dict(self.store.last_write))
+            self._last = (point, step)
+
+    def note(self, report: dict[str, Any]) -> None:
+        """Record progress made since the newest checkpoint (a finished evaluation set) in its report, without a
+        new resume point; nothing before the first checkpoint."""
+        if self.store is not None and self._last is not None:
+            point, step = self._last
+            self.store.save(point, {"report": report, "step": step})
+
+    # what a resumed run takes back -----------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any] | None:
+        ck = self.checkpoint
+        return ck.part("method") if ck is not None and ck.has("method") else None
+
+    def train_state(self) -> TrainState | None:
+        ck = self.checkpoint
+        return ck.part("train") if ck is not None and self.reached("training") and ck.has("train") else None
+
+    @torch.no_grad()
+    def apply_weights(self, linears: dict[str, torch.nn.Linear]) -> None:
+        """Copy the checkpoint's pruned weights into the model's Linears, one tensor at a time."""
+        from safetensors import safe_open
+
+        ck = self.checkpoint
+        assert ck is not None and ck.has("weights")
+        with safe_open(str(ck.files["weights"]), framework="pt") as fh:
+            for name_skel, ref in ck.skeletons["weights"]["d"]:
+                linears[name_skel].weight.copy_(fh.get_tensor(ref["t"]))
+
+    def train_saver(self, report: Callable[[], dict[str, Any]]) -> SaveHook | None:
+        """The training loop's save hook: a checkpoint every ``every_steps`` steps or ``every_s`` seconds, and
+        whenever the loop forces one (stopping, or done)."""
+        if self.store is None:
+            return None
+        last = time.monotonic()
+
+        def save(step: int, state: Callable[[], TrainState], force: bool) -> None:
+            nonlocal last
+            if force or step % max(1, self.policy.every_steps) == 0 or time.monotonic() - last >= self.policy.every_s:
+                self.save("training", report(), {"train": state()}, step=step)
+                last = time.monotonic()
+
+        return save
+
+
+def local_resumer(directory: Path, spec: JobSpec, policy: CheckpointPolicy = CheckpointPolicy()) -> Resumer:
+    """Checkpoints in a local directory (``restorelcc run --checkpoints DIR``), one folder per spec."""
+    from app.store.artifacts import LocalStore
+    from worker.run.checkpoints import spec_fingerprint
+
+    fingerprint = spec_fingerprint(spec.model_dump(mode="json"))
+    store = CheckpointStore(LocalStore(directory), f"{fingerprint[:16]}/", fingerprint,
+                            Path(directory) / f".scratch-{fingerprint[:16]}")
+    return Resumer(store, policy)
