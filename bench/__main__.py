@@ -6,6 +6,7 @@ $RESTORELCC_SHARED_DATA):
     python -m bench compare  RestoreLCC vs LoRA / DoRA / bias, Wanda 50%, 2:4       docs/results.md, results.png
     python -m bench search   RestoreLCC's setting on rows never evaluated          docs/search.md
     python -m bench speed    capture, SVD + probing, a training step, tokens/s      docs/speed.md
+    python -m bench service  checkpoint writes per stage, polling under 16 clients  docs/speed.md (below)
 
 Each runs what its stored results (JSON under bench/results/, each with the fingerprint of what made it) do not
 hold yet, then renders its page from the stored results; --render-only runs nothing. The targets a page checks
@@ -25,6 +26,7 @@ BENCHMARKS = {
     "compare": "bench.compare",
     "search": "bench.search",
     "speed": "bench.speed",
+    "service": "bench.service",
 }
 
 

@@ -1,7 +1,7 @@
 """What every benchmark shares: where the data and the results are, the runner (pipeline runs and evaluations,
 each result kept as one JSON with its fingerprint and reused while the fingerprint matches), and the renderer's
 pieces (markdown tables, the command a page names, writing a page). bench imports app/ and worker/ only here,
-in plan.contract() and in speed.measure(), inside the functions that need them.
+in plan.contract(), in speed.measure() and in service's measurements, inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -221,6 +221,26 @@ def write_page(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     say(f"wrote {path}")
+
+
+_PART = "<!-- the part below is written by python -m bench {} -->"
+_PART_RE = re.compile(r"^<!-- the part below is written by python -m bench (\w+) -->\n", re.MULTILINE)
+
+
+def write_part(path: Path, benchmark: str | None, text: str) -> None:
+    """Write one benchmark's part of a page that several write: ``None`` is the page's top; a named part follows it,
+    after a marker line naming its benchmark, and runs to the next part. The other parts are kept as they are."""
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    pieces = _PART_RE.split(old)  # [top, name, body, name, body, ...]
+    top, parts = pieces[0], dict(zip(pieces[1::2], pieces[2::2], strict=True))
+    if benchmark is None:
+        top = text
+    else:
+        parts[benchmark] = text
+    out = top.rstrip("\n") + "\n"
+    for name, body in parts.items():
+        out += "\n" + _PART.format(name) + "\n" + body.strip("\n") + "\n"
+    write_page(path, out)
 
 
 def relative(path: Path) -> str:

@@ -213,17 +213,26 @@ Reading the rows:
 
 def main(args: argparse.Namespace, argv: list[str]) -> int:
     settings = {k: getattr(args, k) for k in SETTINGS}
-    if args.render_only:
-        saved = harness.Store(PATH.parent).read(PATH)
-        if saved is None:
-            raise SystemExit(f"{PATH}: nothing measured yet")
-    else:
+    if not args.render_only:
         if args.again:
             PATH.unlink(missing_ok=True)
         model = harness.model_path(harness.models()[0])
-        saved = harness.Store(PATH.parent).get(PATH, {"settings": settings}, lambda: measure(settings, model), "speed")
-    flags = [f"--{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')}={v}"
-             for k, v in saved["settings"].items() if v is not None]
-    text = page(saved, harness.page_command("speed", flags), harness.TARGETS["speed"], harness.relative(PATH))
-    harness.write_page(harness.DOCS / "speed.md", text)
+        harness.Store(PATH.parent).get(PATH, {"settings": settings}, lambda: measure(settings, model), "speed")
+    return render()
+
+
+def _flags(settings: dict[str, Any]) -> list[str]:
+    return [f"--{k.replace('_', '-')}={v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')}={v}"
+            for k, v in settings.items() if v is not None]
+
+
+def render() -> int:
+    """docs/speed.md's speed rows from the stored measurement; what follows them on the page (the service's costs,
+    bench/service.py) is kept."""
+    saved = harness.Store(PATH.parent).read(PATH)
+    if saved is None:
+        raise SystemExit(f"{PATH}: nothing measured yet")
+    text = page(saved, harness.page_command("speed", _flags(saved["settings"])), harness.TARGETS["speed"],
+                harness.relative(PATH))
+    harness.write_part(harness.DOCS / "speed.md", None, text)
     return 0

@@ -92,7 +92,7 @@ def test_targets_are_data_the_pages_read() -> None:
     loose = "\n".join(compare.verdict(rows, {**TARGETS, "ratio_vs_lora": 1.2, "params_vs_lora": 0.2}))
     assert "(target ≤ 1.05×: not met)" in strict and "(target ≤ 1.2×: met)" in loose
     assert "(target ≤ 20%: met)" in loose
-    assert set(harness.TARGETS) == {"prune", "restore", "compare", "speed"}
+    assert set(harness.TARGETS) == {"prune", "restore", "compare", "speed", "service"}
 
 
 # ── the plan ─────────────────────────────────────────────────────────────────────────────────────────────
@@ -553,11 +553,42 @@ def test_the_speed_page_is_rendered_from_the_stored_measurement() -> None:
     assert "0.1 of the heads, chosen by this run's probe; earliest chosen layer 11" in text
 
 
+def test_benchmarks_sharing_a_page_each_rewrite_only_their_part(tmp_path: Path) -> None:
+    page = tmp_path / "speed.md"
+    page.write_text("# Speed\n\nold rows\n")
+    harness.write_part(page, "service", "## The service\n\nfirst\n")
+    harness.write_part(page, None, "# Speed\n\nnew rows\n")
+    assert "new rows" in page.read_text() and "old rows" not in page.read_text()
+    assert page.read_text().endswith("bench service -->\n## The service\n\nfirst\n")
+    harness.write_part(page, "service", "## The service\n\nsecond\n")
+    text = page.read_text()
+    assert text.startswith("# Speed\n\nnew rows\n") and "first" not in text and text.count("## The service") == 1
+
+
+def test_the_service_section_is_rendered_from_the_stored_measurements() -> None:
+    from bench import service
+
+    machine = {"threads": 2, "cpus": 2}
+    checkpoints = {"settings": {"samples": 64, "eval_limit": 32}, "steps": 50, "machine": machine, "date": "d",
+                   "stages": {"pruning": {"writes": 2, "bytes": 3 * 2**20, "seconds": 0.5, "stage_seconds": 20.0},
+                              "training": {"writes": 1, "bytes": 2**20, "seconds": 0.3, "stage_seconds": 3.0}}}
+    polling = {"settings": {"seconds": 20, "pollers": 16}, "machine": machine, "date": "d",
+               "job": {"per_s": 812.0, "median_ms": 18.0, "p99_ms": 61.0, "errors": 0},
+               "healthz": {"per_s": 1500.0, "median_ms": 9.0, "p99_ms": 30.0, "errors": 0},
+               "write_quiet": {"median_ms": 2.0, "p99_ms": 4.0}, "write_polled": {"median_ms": 3.0, "p99_ms": 9.0}}
+    text = service.section(checkpoints, polling, "python -m bench service")
+    assert "| pruning | 2 | 3.0 MiB | 0.50 s | 20.0 s | 2.50 % | yes |" in text
+    assert "| training | 1 | 1.0 MiB | 0.30 s | 3.0 s | 10.00 % | **no** |" in text
+    assert "| GET /v1/jobs/{id} | 812 | 18.0 ms | 61.0 ms | 0 | **no** |" in text and "at 0.54× its rate" in text
+    assert "median 2.00 ms without pollers, 3.00 ms under them (1.50×" in text
+    assert "not measured yet" in service.section(None, None, "c")
+
+
 # ── one entry point, imports in one place ────────────────────────────────────────────────────────────────
 
 
 def test_one_entry_point_for_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
-    assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed"}
+    assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service"}
     for name in BENCHMARKS:
         with pytest.raises(SystemExit) as exit_:
             bench_main([name, "--help"])
