@@ -8,7 +8,8 @@
    each stage, as a fraction of that stage's time;
 2. polling: one API process (`restorelcc serve`, PostgreSQL) and 16 pollers of GET /v1/jobs/{id} on one job,
    requests per second and latency percentiles, /healthz beside it; and the time of a running job's progress write
-   with and without the pollers (polling must never slow a job's progress writes).
+   (from a process of its own, as a worker's) with and without the pollers (polling must never slow a job's
+   progress writes).
 
 Both land in docs/speed.md as its part "The service's own costs" (bench/speed.py writes the rows above it).
 Measurements are kept as bench/results/service-*.json and reused while their settings match; --again measures
@@ -23,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -118,9 +118,9 @@ def _poll_service(a: dict[str, Any], db_url: str) -> dict[str, Any]:
         try:
             _wait_ready(url, proc)
             headers = {"Authorization": "Bearer bench-key"}
-            quiet_write = _progress_writes(jobs, job.id, a["seconds"] / 2)
+            quiet_write = _load_free_writes(db_url, job.id, a["seconds"] / 2)
             job_poll = _load(f"{url}/v1/jobs/{job.id}", headers, a["pollers"], a["seconds"],
-                             lambda: _progress_writes(jobs, job.id, a["seconds"]))
+                             (_progress_writes, (db_url, job.id, a["seconds"])))
             health = _load(f"{url}/healthz", {}, a["pollers"], a["seconds"] / 2)
         finally:
             proc.terminate()
@@ -154,8 +154,23 @@ def _wait_ready(url: str, proc: subprocess.Popen) -> None:
     raise SystemExit("the API did not become ready")
 
 
-def _progress_writes(jobs: Any, job_id: str, seconds: float) -> dict[str, float]:
-    """A worker's progress writes (every 50 ms, as a job reports): median and p99 milliseconds per write."""
+def _load_free_writes(db_url: str, job_id: str, seconds: float) -> dict[str, float]:
+    """:func:`_progress_writes` in a process of its own, nothing else running."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_progress_writes, (db_url, job_id, seconds))
+
+
+def _progress_writes(db_url: str, job_id: str, seconds: float) -> dict[str, float]:
+    """A worker's progress writes (every 50 ms, as a job reports), from a process of its own as a worker's are:
+    median and p99 milliseconds per write."""
+    from app.store.db import make_engine
+    from app.store.jobs import JobStore
+
+    engine = make_engine(db_url)
+    jobs = JobStore(engine)
+    jobs.set_progress(job_id, 0.0, "warm-up")
     times = []
     end = time.monotonic() + seconds
     k = 0
@@ -165,6 +180,7 @@ def _progress_writes(jobs: Any, job_id: str, seconds: float) -> dict[str, float]
         times.append(time.perf_counter() - t0)
         k += 1
         time.sleep(0.05)
+    engine.dispose()
     return _summary(times)
 
 
@@ -175,40 +191,53 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 
 def _load(url: str, headers: dict[str, str], pollers: int, seconds: float, beside: Any = None) -> dict[str, Any]:
-    """``pollers`` concurrent clients (asyncio, keep-alive) for ``seconds``; ``beside()`` runs meanwhile in a
-    thread and its result is returned as ``during``."""
+    """``pollers`` concurrent keep-alive connections sending GET ``url`` for ``seconds``; ``beside()`` runs meanwhile
+    in another process and its result is returned as ``during``.
+
+    The client is a minimal HTTP/1.1 one on asyncio streams (a request written, the head read, the body read by its
+    Content-Length), so that the load generator takes as little as it can of the CPU it shares with the API.
+    """
     import asyncio
+    import multiprocessing
+    from urllib.parse import urlsplit
 
-    import httpx
-
+    parts = urlsplit(url)
+    request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
     latencies: list[float] = []
     errors = 0
 
-    async def poller(client: httpx.AsyncClient, end: float) -> None:
+    async def poller(end: float) -> None:
         nonlocal errors
-        while time.monotonic() < end:
-            t0 = time.perf_counter()
-            r = await client.get(url, headers=headers)
-            latencies.append(time.perf_counter() - t0)
-            errors += r.status_code != 200
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        try:
+            while time.monotonic() < end:
+                t0 = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:")))
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - t0)
+                errors += head[9:12] != b"200"
+        finally:
+            writer.close()
 
     async def run() -> float:
-        limits = httpx.Limits(max_connections=pollers, max_keepalive_connections=pollers)
-        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-            await client.get(url, headers=headers)
-            t0 = time.monotonic()
-            end = t0 + seconds
-            await asyncio.gather(*(poller(client, end) for _ in range(pollers)))
-            return time.monotonic() - t0
+        t0 = time.monotonic()
+        await asyncio.gather(*(poller(t0 + seconds) for _ in range(pollers)))
+        return time.monotonic() - t0
 
     during: dict[str, Any] = {}
-    thread = None
+    pool = None
     if beside is not None:
-        thread = threading.Thread(target=lambda: during.update(beside()), daemon=True)
-        thread.start()
+        pool = multiprocessing.get_context("spawn").Pool(1)
+        pending = pool.apply_async(beside[0], beside[1])
     elapsed = asyncio.run(run())
-    if thread is not None:
-        thread.join()
+    if pool is not None:
+        during = pending.get()
+        pool.close()
+        pool.join()
     load = {"requests": len(latencies), "errors": errors, "per_s": len(latencies) / elapsed, **_summary(latencies)}
     return {"load": load, "during": during}
 

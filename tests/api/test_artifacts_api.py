@@ -91,12 +91,18 @@ def test_unknown_artifact_and_traversal_are_404(api, finished):
         assert r.status_code == 404, name
 
 
-def test_delete_removes_artifacts_from_the_store(api, finished):
+def test_delete_removes_artifacts_and_checkpoints_from_the_store(api, finished, tmp_path):
+    from app.store.artifacts import checkpoint_prefix
+
     job, _ = finished
     key = job_key(job, "report.json")
     assert api.services.artifacts.size(key) > 0
+    kept = tmp_path / "part.safetensors"  # what a failed run keeps for a retry to resume from
+    kept.write_bytes(b"checkpoint")
+    api.services.artifacts.put_file(checkpoint_prefix(job) + "weights-00001.safetensors", kept)
     assert api.client.delete(f"/v1/jobs/{job}", headers=api.h()).status_code == 204
     assert not (api.services.settings.artifacts_path / "jobs" / job).exists()
+    assert api.services.artifacts.list_prefix(checkpoint_prefix(job)) == []
 
 
 def test_client_downloads_everything_and_checks_sha256(api, finished, tmp_path):
