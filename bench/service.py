@@ -289,9 +289,12 @@ def section(checkpoints: dict[str, Any] | None, polling: dict[str, Any] | None, 
                      h["errors"], "—"],
                 ]), "",
                 f"`/healthz` touches neither the database nor the key ring; a job's status runs at "
-                f"{j['per_s'] / h['per_s']:.2f}× its rate: most of a status request's cost is the HTTP stack of one "
-                "Python process (sharing its cores with the load generator and PostgreSQL here); the key check, the "
-                "job lookup and its JSON add the rest.",
+                f"{j['per_s'] / h['per_s']:.2f}× its rate, so " + (
+                    "most of a status request's cost is its read of the job store (a pooled connection's liveness "
+                    "check, the transaction and the query: round trips to a PostgreSQL that shares the cores here)."
+                    if j["per_s"] < 0.5 * h["per_s"] else
+                    "most of a status request's cost is the HTTP stack of one Python process; the key check, the job "
+                    "lookup and its JSON add the rest."),
                 "",
                 f"A worker's progress write (one UPDATE, every 50 ms): median {p['write_quiet']['median_ms']:.2f} ms "
                 f"without pollers, {p['write_polled']['median_ms']:.2f} ms under them ({slow:.2f}×; p99 "
