@@ -107,7 +107,9 @@ def _poll_service(a: dict[str, Any], db_url: str) -> dict[str, Any]:
     spec = JobSpec.model_validate({"model": {"id": "bench/model"}, "data": {"train": "train.jsonl"}})
     job, _ = jobs.create("bench", spec.model_dump(mode="json"))
     jobs.claim(job.id, "bench")  # running: the job whose progress a worker would write
-    port = _free_port()
+    from worker.cli.demo import free_port, wait_healthy
+
+    port = free_port()
     env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": "redis://127.0.0.1:6379/0",
            "RESTORELCC_API_KEYS": "bench:bench-key", "RESTORELCC_PORT": str(port)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,7 @@ def _poll_service(a: dict[str, Any], db_url: str) -> dict[str, Any]:
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, proc)
+            wait_healthy(url, proc)
             headers = {"Authorization": "Bearer bench-key"}
             quiet_write = _load_free_writes(db_url, job.id, a["seconds"] / 2)
             job_poll = _load(f"{url}/v1/jobs/{job.id}", headers, a["pollers"], a["seconds"],
@@ -128,30 +130,6 @@ def _poll_service(a: dict[str, Any], db_url: str) -> dict[str, Any]:
     engine.dispose()
     return {"settings": a, "job": job_poll["load"], "healthz": health["load"], "write_quiet": quiet_write,
             "write_polled": job_poll["during"], "machine": harness.machine(), "date": time.strftime("%Y-%m-%d")}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit("the API process exited")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the API did not become ready")
 
 
 def _load_free_writes(db_url: str, job_id: str, seconds: float) -> dict[str, float]:

@@ -8,16 +8,14 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import httpx
 import pytest
 
 from app.client import Client
 from app.store.artifacts import S3Store, checkpoint_prefix
-from tests.conftest import free_port, stop_group, wait_until
+from tests.conftest import wait_until
+from tests.integration.test_service_embedded import serving
 
 ROOT = Path(__file__).parents[2]
 BUCKET = "restorelcc-resume"
@@ -31,35 +29,11 @@ def embedded(tmp_path_factory, tiny_assets, s3_endpoint):
           "RESTORELCC_S3_ACCESS_KEY_ID": "test", "RESTORELCC_S3_SECRET_ACCESS_KEY": "test"}
     store = S3Store(BUCKET, endpoint_url=s3_endpoint, access_key_id="test", secret_access_key="test")
     store.ensure_bucket()
-    port = free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
-    env.update({
-        "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
-        "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "3", "RESTORELCC_HEARTBEAT_S": "0.2",
-        "RESTORELCC_SWEEP_INTERVAL_S": "0.5", "RESTORELCC_POLL_INTERVAL_S": "0.2",
-        "RESTORELCC_PROGRESS_INTERVAL_S": "0", "RESTORELCC_CHECKPOINT_EVERY_STEPS": "10", **s3,
-    })
-    log = data_dir / "serve.log"
-    with open(log, "w") as log_f:
-        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--port", str(port)], env=env,
-                                cwd=tiny_assets.root, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert proc.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait_until(ready, timeout=60, what=lambda: log.read_text()[-2000:])
+    with serving(data_dir, tiny_assets.root, RESTORELCC_STALE_AFTER_S="3", RESTORELCC_PROGRESS_INTERVAL_S="0",
+                 RESTORELCC_CHECKPOINT_EVERY_STEPS="10", **s3) as service:
         key = (data_dir / "local.key").read_text().strip()
-        with Client(url, api_key=key, timeout=60) as client:
-            yield {"client": client, "store": store, "log": log}
-    finally:
-        stop_group(proc)
+        with Client(service["url"], api_key=key, timeout=60) as client:
+            yield {"client": client, "store": store, "log": service["log"]}
 
 
 def _spec(tiny_assets) -> dict:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,38 +25,46 @@ from tests.conftest import check_downloaded_model, free_port, stop_group, wait_u
 ROOT = Path(__file__).parents[2]
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory, tiny_assets):
-    data_dir = tmp_path_factory.mktemp("embedded")
+@contextlib.contextmanager
+def serving(data_dir: Path, cwd: Path, **settings: str) -> Iterator[dict[str, Any]]:
+    """`restorelcc serve` in the embedded default (no Redis, no DATABASE_URL), started in ``cwd`` (its allowed root)
+    with the timers shortened for tests and ``settings`` (environment variables) on top; ready when it yields
+    ``{"url", "env", "data_dir", "log"}``."""
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
     env.update({
         "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT),
         "RESTORELCC_DATA_DIR": str(data_dir), "RESTORELCC_STALE_AFTER_S": "5", "RESTORELCC_HEARTBEAT_S": "0.2",
-        "RESTORELCC_SWEEP_INTERVAL_S": "0.5", "RESTORELCC_POLL_INTERVAL_S": "0.2",
+        "RESTORELCC_SWEEP_INTERVAL_S": "0.5", "RESTORELCC_POLL_INTERVAL_S": "0.2", **settings,
     })
     log = data_dir / "serve.log"
     with open(log, "w") as log_f:
-        # Run from the assets directory: the embedded default accepts paths under the current directory.
         proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "serve", "--port", str(port)],
-            env=env, cwd=tiny_assets.root, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, cwd=cwd, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_until(ready, timeout=60, what=lambda: log.read_text()[-2000:])
         yield {"url": url, "env": env, "data_dir": data_dir, "log": log}
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory, tiny_assets):
+    # Run from the assets directory: the embedded default accepts paths under the current directory.
+    with serving(tmp_path_factory.mktemp("embedded"), tiny_assets.root) as service:
+        yield service
 
 
 def test_first_start_creates_a_local_key_and_requires_it(embedded):

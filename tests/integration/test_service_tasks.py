@@ -333,7 +333,7 @@ def test_a_job_that_failed_after_its_checkpoints_resumes_on_retry_and_its_checkp
 
 
 GRACE_SCRIPT = """
-import sys, time
+import sys, threading
 from app.store.db import make_engine
 from app.store.jobs import JobStore
 from worker.service import preemption
@@ -342,8 +342,7 @@ from worker.service.tasks import _Heartbeat
 jobs = JobStore(make_engine(sys.argv[1]))
 preemption.request()  # SIGTERM arrived; the job below never reaches a safe point
 with _Heartbeat(jobs, sys.argv[2], interval=0.05, attempt=1, grace_s=0.2):
-    while True:
-        time.sleep(1)  # a step that never ends
+    threading.Event().wait()  # a step that never ends
 """
 
 

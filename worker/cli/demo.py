@@ -187,13 +187,14 @@ def forward_log(src: IO[bytes], dst: IO[str]) -> None:
             dst.flush()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``url/healthz`` answers; SystemExit when ``proc`` (the service) exits or after ``timeout``."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -225,7 +226,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
         report = run_pipeline(JobSpec.model_validate(spec), out, ConsoleReporter())
     else:
-        report = _through_the_service(spec, cache_dir(), out, args.port or _free_port())
+        report = _through_the_service(spec, cache_dir(), out, args.port or free_port())
     print("\n" + format_summary(report))
     print("\nReading (the share of what pruning lost that the restoration won back):")
     print("\n".join(reading(report.get("metrics") or {})))
@@ -257,7 +258,7 @@ def _through_the_service(spec: dict[str, Any], cache: Path, out: Path, port: int
     assert proc.stderr is not None
     threading.Thread(target=forward_log, args=(proc.stderr, sys.stderr), daemon=True).start()
     try:
-        _wait_healthy(url, proc)
+        wait_healthy(url, proc)
         key = (service_dir / "local.key").read_text(encoding="utf-8").strip()
         last = [""]
 

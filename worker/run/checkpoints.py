@@ -87,6 +87,7 @@ class CheckpointStore:
         self.on_usage = on_usage
         self._parts: dict[str, dict[str, Any]] = {}  # part → {"key", "size", "sha256", "skeleton"}
         self._seq = 0
+        self.ignored: list[str] = []  # why the checkpoints the last load found were not used
         self.last_write: dict[str, Any] = {}  # what the last save cost: {"point", "bytes", "seconds"}
 
     # writing ---------------------------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class CheckpointStore:
     def load(self) -> Checkpoint | None:
         """The job's checkpoint, verified, or None (none kept, or none readable: the reason is logged and given
         in ``self.ignored``). Files a killed run left beside it are deleted."""
-        self.ignored: list[str] = []
+        self.ignored = []
         for prefix in (self.prefix, *self.sources):
             try:
                 found = self._read(prefix)

@@ -59,7 +59,7 @@ class Resumer:
         if self.store is None:
             return None
         self.checkpoint = self.store.load()
-        for reason in getattr(self.store, "ignored", []):
+        for reason in self.store.ignored:
             reporter.event("warning", {"message": f"checkpoint not used, starting over: {reason}"})
         if self.checkpoint is None:
             return None
