@@ -12,12 +12,29 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class UnsafeSettingsError(ValueError):
     """The configuration would run the service in an unsafe way."""
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(v: object) -> object:
+    """'40GiB', '512 MiB', '2e9' or a number → bytes (int); anything else is left for validation to refuse."""
+    if not isinstance(v, str):
+        return v
+    text = v.strip().lower().replace(" ", "")
+    number = text.rstrip("kmgtib")
+    unit = text[len(number):]
+    try:
+        return int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"not a size: {v!r} (use bytes or a unit such as '40GiB')") from None
 
 
 def _split_paths(v: object) -> object:
@@ -92,6 +109,12 @@ class Settings(BaseSettings):
                                                                   "a retry to resume from.")
     preempt_grace_s: float = Field(30.0, gt=0, description="On SIGTERM: time a worker gives its job to reach a "
                                                            "checkpoint before it hands the job back anyway and exits.")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$",
+                               description="Where a worker computes: 'cpu', 'cuda' or 'cuda:N'; default: CUDA when "
+                                           "present.")
+    max_device_memory: Annotated[int | None, BeforeValidator(parse_size)] = Field(
+        None, gt=0, description="Most device memory a job may plan to use (bytes, or '40GiB'); default: the device's "
+                                "(on the CPU: the host's available memory).")
     transient_retries: int = Field(3, ge=0)
     retry_backoff_s: float = Field(30.0, ge=0)
     progress_interval_s: float = Field(0.5, ge=0, description="Least time between two progress writes.")

@@ -293,6 +293,10 @@ class JobPublic(BaseModel):
     checkpoint_bytes: int = Field(0, description="Bytes this job's checkpoints hold in the artifact store: kept "
                                              "while it may resume (running, queued again, failed), deleted when "
                                              "it succeeds, is cancelled or deleted.")
+    plan: dict[str, Any] | None = Field(
+        None, description="The memory plan: peak device and host bytes per stage, bytes read and written. At submit "
+                          "(source 'submit', for both device kinds) when the API can read the model's config; "
+                          "replaced by the plan the worker checked before loading weights (source 'worker').")
 
 
 class JobList(BaseModel):

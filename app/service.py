@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from app.config import Settings
 from app.errors import ApiError, not_found
 from app.paths import PathRefused, check_spec_files, check_spec_paths
+from app.plan import submit_plan
 from app.schemas import JobSpec, JobStatus
 from app.store.artifacts import ArtifactStore, job_prefix
 from app.store.jobs import CancelResult, IdempotencyConflict, JobNotFinished, JobStore
@@ -101,12 +102,14 @@ class JobService:
     def create(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None,
                retry_of: str | None = None) -> Created:
         try:
-            check_spec_files(spec, check_spec_paths(spec, self.settings))
+            local = check_spec_paths(spec, self.settings)
+            check_spec_files(spec, local)
         except PathRefused as e:
             raise ApiError(422, e.code, e.message, e.field) from e
         body: dict[str, Any] = spec.model_dump(mode="json")
         try:
-            job, created = self.jobs.create(tenant, body, idempotency_key, retry_of)
+            job, created = self.jobs.create(tenant, body, idempotency_key, retry_of,
+                                            plan=submit_plan(spec, local.get("model.id")))
         except IdempotencyConflict as e:
             raise ApiError(
                 409, "idempotency_conflict",

@@ -7,6 +7,8 @@ $RESTORELCC_SHARED_DATA):
     python -m bench search   RestoreLCC's setting on rows never evaluated          docs/search.md
     python -m bench speed    capture, SVD + probing, a training step, tokens/s      docs/speed.md
     python -m bench service  checkpoint writes per stage, polling under 16 clients  docs/speed.md (below)
+    python -m bench scaling  time and memory against model size, the memory plan   docs/scaling.md
+    python -m bench precision  bfloat16 against float32 on SmolLM2, over seeds      docs/scaling.md (below)
 
 Each runs what its stored results (JSON under bench/results/, each with the fingerprint of what made it) do not
 hold yet, then renders its page from the stored results; --render-only runs nothing. The targets a page checks
@@ -19,7 +21,7 @@ import argparse
 import importlib
 import sys
 
-# Benchmark name -> module with add_args(parser) and main(args, argv). A new benchmark (scaling) is one more line.
+# Benchmark name -> module with add_args(parser) and main(args, argv). A new benchmark is one more line.
 BENCHMARKS = {
     "prune": "bench.prune",
     "restore": "bench.restore",
@@ -27,6 +29,8 @@ BENCHMARKS = {
     "search": "bench.search",
     "speed": "bench.speed",
     "service": "bench.service",
+    "scaling": "bench.scaling",
+    "precision": "bench.precision",
 }
 
 

@@ -56,6 +56,18 @@ class OutOfMemoryFailure(JobFailure):
     code = "out_of_memory"
 
 
+class InsufficientMemoryFailure(JobFailure):
+    """The job's memory plan does not fit this worker's device or host; refused before any weight loads."""
+
+    code = "insufficient_memory"
+
+
+class DeviceUnavailableError(JobFailure):
+    """The worker was configured for a device it does not have (RESTORELCC_DEVICE=cuda without a GPU)."""
+
+    code = "device_unavailable"
+
+
 class Cancelled(Exception):
     """Raised at a checkpoint when the job was asked to stop."""
 

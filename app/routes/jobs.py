@@ -42,6 +42,7 @@ def to_public(job: Job) -> JobPublic:
         updated_at=job.updated_at,
         retry_of=job.retry_of,
         checkpoint_bytes=job.checkpoint_bytes or 0,
+        plan=job.plan,
     )
 
 

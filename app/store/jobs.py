@@ -71,7 +71,8 @@ class JobStore:
 
     # Creation and reading -----------------------------------------------------------------------------
     def create(
-        self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None, retry_of: str | None = None
+        self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None, retry_of: str | None = None,
+        plan: dict[str, Any] | None = None,
     ) -> tuple[Job, bool]:
         """Record a queued job (``retry_of``: the job it retries). With an idempotency key, the first request wins
         and later ones get its job (``created`` False); a different body under the same key raises
@@ -85,6 +86,7 @@ class JobStore:
         job = Job(
             id=new_job_id(), tenant=tenant, status=JobStatus.queued.value, progress=0.0, progress_message="queued",
             spec=spec, metrics={}, attempts=0, retries=0, created_at=now, updated_at=now, retry_of=retry_of,
+            plan=plan,
         )
         try:
             with self.session() as s:
@@ -153,6 +155,10 @@ class JobStore:
         """Bytes held by every job's checkpoints (``/metrics``)."""
         with self.session() as s:
             return int(s.scalar(select(func.coalesce(func.sum(Job.checkpoint_bytes), 0))) or 0)
+
+    def set_plan(self, job_id: str, plan: dict[str, Any]) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(plan=plan))
 
     def set_checkpoint_bytes(self, job_id: str, size: int) -> None:
         with self.session() as s:

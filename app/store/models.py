@@ -64,6 +64,7 @@ class Job(Base):
     updated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     retry_of: Mapped[str | None] = mapped_column(String(36), index=True)  # the job this one retries
     checkpoint_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # kept to resume from
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # memory plan (app.plan): submit, then worker
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),

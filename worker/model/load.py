@@ -534,7 +534,10 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
     else:
         path = _ensure_hub_weights(source) if source.repo_id else source.path
         with _reading(source, "weights"):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype))
+            # On an accelerator the weights go straight there: the host never holds a second copy.
+            placed = {} if device == "cpu" else {"device_map": device}
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype),
+                                                         **placed)
         with _reading(source, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.use_cache = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +48,57 @@ def measure_sparsity(adapter: DecoderAdapter, nm: tuple[int, int] | None = None)
     return out
 
 
-def zero_masks(adapter: DecoderAdapter) -> dict[str, torch.Tensor]:
-    """The zero pattern (bool, True = zero, on the CPU) of every pruned Linear's weight, by full name."""
-    return {name: (lin.weight.detach() == 0).cpu() for name, lin in adapter.named_prunable_linears()}
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, eight elements a byte (flattened, zero-padded to a multiple of 8), on the CPU."""
+    flat = mask.detach().reshape(-1).cpu()
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _BITS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= d
+    return (packed.unsqueeze(1) & _BITS).ne(0).reshape(-1)[:n].reshape(shape)
+
+
+class ZeroMasks(Mapping[str, torch.Tensor]):
+    """The zero pattern of every pruned Linear, kept as packed bits: an eighth of a bool tensor's memory (a 7B model's
+    masks take 0.8 GB instead of 6.5 GB while the job runs). Reading a name unpacks that one module's mask."""
+
+    def __init__(self, packed: dict[str, tuple[torch.Tensor, torch.Size]]):
+        self._packed = packed
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        bits, shape = self._packed[name]
+        return unpack_bits(bits, shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+    def nbytes(self) -> int:
+        return sum(bits.numel() for bits, _ in self._packed.values())
+
+    def differs(self, adapter: DecoderAdapter) -> list[str]:
+        """Names of the pruned Linears whose zeros are no longer exactly these (one module unpacked at a time)."""
+        now = dict(adapter.named_prunable_linears())
+        out = [name for name in self._packed if name not in now]
+        for name, lin in now.items():
+            bits, shape = self._packed.get(name, (None, None))
+            if bits is None or lin.weight.shape != shape or not torch.equal(pack_bits(lin.weight == 0), bits):
+                out.append(name)
+        return out
+
+
+def zero_masks(adapter: DecoderAdapter) -> ZeroMasks:
+    """The zero pattern (True = zero) of every pruned Linear's weight, by full name."""
+    return ZeroMasks({name: (pack_bits(lin.weight.detach() == 0), lin.weight.shape)
+                      for name, lin in adapter.named_prunable_linears()})

@@ -16,7 +16,7 @@ from its implementation, registered in worker.restore.registry.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,7 +50,7 @@ class Job(Protocol):
     tokenizer: Any
     adapter: DecoderAdapter  # (merge may replace it)
     report: dict[str, Any]  # the job's report.json
-    zero_masks: dict[str, torch.Tensor] | None  # pruned zeros per Linear (True = pruned)
+    zero_masks: Mapping[str, torch.Tensor] | None  # pruned zeros per Linear (True = pruned), packed: ZeroMasks
 
 
 class RestoreMethod:

@@ -18,6 +18,7 @@ class CheckedJob:
     info: Any  # ArchInfo
     dense_source: Any  # ModelSource of model.dense, when restoring an already-pruned model
     method: Any  # the job's RestoreMethod, preflighted
+    config: Any = None  # the model's transformers config (what the memory plan reads)
 
 
 def check_job(spec: JobSpec) -> CheckedJob:
@@ -41,7 +42,7 @@ def check_job(spec: JobSpec) -> CheckedJob:
 
     method = method_for(spec)
     method.preflight(Preflight(info, config, rows.get("data.train")))
-    return CheckedJob(source, info, dense_source, method)
+    return CheckedJob(source, info, dense_source, method, config)
 
 
 def check_data_files(spec: JobSpec) -> dict[str, int]:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import PRUNING_METHODS, restoration_method
+from app.plan import planned_stages
 from app.schemas import JobSpec, Stage
 from worker.errors import DataError, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
 from worker.run.check import check_job, data_field
 from worker.run.resume import Resumer
-from worker.run.stagemeter import StageMeter
+from worker.run.stagemeter import StageMeter, return_large_frees
 
 # Rough share of a job's time per stage, for the overall progress fraction.
 STAGE_WEIGHTS: dict[Stage, float] = {
@@ -39,19 +40,6 @@ STAGE_WEIGHTS: dict[Stage, float] = {
 }
 
 REPORT_VERSION = 1
-
-
-def planned_stages(spec: JobSpec) -> list[Stage]:
-    """The stages this spec runs, in order."""
-    stages = [Stage.loading]
-    if spec.pruning.method != "none":
-        stages.append(Stage.pruning)
-    if spec.restoration.needs_activations():
-        stages += [Stage.probing, Stage.extracting]
-    if restoration_method(spec.restoration.method).trains:
-        stages += [Stage.training, Stage.merging]
-    stages += [Stage.evaluating, Stage.exporting]
-    return stages
 
 
 class StageProgress:
@@ -100,8 +88,9 @@ class RunState:
     checked: Any = None  # CheckedJob: resolved sources and geometry
     method: Any = None  # the job's RestoreMethod (worker.restore.method)
     prepared: bool = False  # the method has seen the dense model
-    zero_masks: dict[str, Any] | None = None
+    zero_masks: Any = None  # ZeroMasks of the pruned model (worker.prune.measure)
     resumer: Resumer = field(default_factory=Resumer)
+    device: str = "cpu"
 
 
 def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resumer | None = None) -> dict[str, Any]:
@@ -114,6 +103,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     from worker.model.data import DataFormatError
 
     transformers.utils.logging.disable_progress_bar()  # the reporter shows progress
+    return_large_frees()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = planned_stages(spec)
@@ -136,6 +126,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     _start_report(state, meter, reporter)
     t0 = time.perf_counter()
     try:
+        _check_memory(state, reporter)  # before any weight loads
         for stage in stages:
             checkpoint(reporter)
             progress.enter(stage)
@@ -167,7 +158,6 @@ def _new_report(spec: JobSpec) -> dict[str, Any]:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
         },
@@ -202,10 +192,20 @@ def _write_report(state: RunState) -> None:
     path.write_text(json.dumps(state.report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _device() -> str:
-    import torch
+def _check_memory(state: RunState, reporter: Reporter) -> None:
+    """Pick the device, plan the job's memory and refuse it at once when the plan does not fit."""
+    from worker.run.device import budget, check_plan, job_device, plan_job
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    state.device = job_device()
+    available = budget(state.device)
+    plan = plan_job(state.spec, state.checked.source, state.checked.config, state.device)
+    state.report["plan"] = plan.to_dict()
+    state.report["environment"].update(device=state.device, device_name=available.name,
+                                       device_memory_bytes=available.device_bytes)
+    reporter.event("plan", {"source": "worker", "device": state.device, "device_name": available.name,
+                            "available_bytes": {"device": available.device_bytes, "host": available.host_bytes},
+                            "devices": {plan.device: state.report["plan"]}})
+    check_plan(plan, available)
 
 
 # ── loading ──────────────────────────────────────────────────────────────────────────────────────────
@@ -224,13 +224,13 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
 
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
-        model, tokenizer = load_model(dense_source, spec.model.dtype, device=_device())
+        model, tokenizer = load_model(dense_source, spec.model.dtype, device=state.device)
         _measure_dense(state, model, tokenizer, _adapter(model, "model.dense"), progress, reporter)
         del model
         _free_memory()
 
     progress(0.4, "loading the model")
-    state.model, state.tokenizer = load_model(source, spec.model.dtype, device=_device())
+    state.model, state.tokenizer = load_model(source, spec.model.dtype, device=state.device)
     state.adapter = _adapter(state.model)
     state.source = source
     if dense_source is None and spec.pruning.method != "none":
@@ -245,7 +245,7 @@ def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None
     from worker.model.load import load_model
 
     progress(0.4, "loading the model to resume")
-    state.model, state.tokenizer = load_model(source, state.spec.model.dtype, device=_device())
+    state.model, state.tokenizer = load_model(source, state.spec.model.dtype, device=state.device)
     state.adapter = _adapter(state.model)
     state.source = source
     if state.resumer.reached("pruned") and state.spec.pruning.method != "none":
@@ -464,14 +464,10 @@ def _stage_evaluating(state: RunState, progress: StageProgress, reporter: Report
 
 
 def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
-    from worker.prune.measure import zero_masks
     from worker.run.export import export_model, write_plots
 
     progress(0.1, "checking sparsity")
-    after = zero_masks(state.adapter)
-    identical = state.zero_masks is not None and all(
-        bool((after[name] == mask).all()) for name, mask in state.zero_masks.items()
-    )
+    identical = state.zero_masks is not None and not state.zero_masks.differs(state.adapter)
     state.report.setdefault("checks", {})["zeros_identical"] = identical
     if not identical:
         raise JobFailure("internal check failed: the restored model lost pruned zeros")
@@ -480,7 +476,7 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
     if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero: check what was written
         progress(0.6, "checking the saved weights' zeros")
-        if not _saved_zeros_match(state.out_dir / "model", after):
+        if not _saved_zeros_match(state.out_dir / "model", state.zero_masks):
             raise SpecError(f"output.dtype {state.spec.output.dtype} turns kept weights into zeros; "
                             "export in a wider dtype", field="output.dtype")
     state.method.export(state, state.out_dir)

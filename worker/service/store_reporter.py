@@ -115,6 +115,8 @@ class StoreReporter:
                                 attempt=self.attempt)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "plan":  # the plan this worker checked replaces the one made at submit
+            self.jobs.set_plan(self.job_id, jsonable(data))
         self.jobs.add_event(self.job_id, kind, jsonable(data), self.current_stage.value if self.current_stage else None)
 
     def cancel_requested(self, force: bool = False) -> bool:

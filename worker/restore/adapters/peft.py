@@ -220,7 +220,7 @@ def merge_adapter(
         raise ValueError("the adapter is already merged")
     if baseline.model is not model:
         raise ValueError("the adapter belongs to another model")
-    masks = dict(zero_masks or {})
+    masks: Mapping[str, torch.Tensor] = zero_masks if zero_masks is not None else {}
     baseline.saved_state = baseline.adapter_state_dict()
     baseline.saved_config = copy.deepcopy(baseline.config)
     overhead = inference_overhead(

@@ -1,0 +1,262 @@
+"""A job's memory plan, from the model's config and the spec alone: no weights, no torch.
+
+For every stage the plan predicts the peak memory on the compute device and on the host, and the bytes the worker
+reads and writes. The API makes one at submit when it can read the model's config (a local directory), the worker
+makes one before any weight loads and refuses a job whose plan does not fit (``insufficient_memory``).
+
+Each stage's peak is what stays resident (runtime, weights, what the method keeps) plus that stage's largest
+transient, and each transient is a count of tensors of a known shape:
+
+- evaluation: the logits of one batch in float32 (a quarter more for the loss taken from them);
+- pruning: per weight matrix, the float32 scores and a stable sort's values and int64 indices (≈18 bytes an
+  element); SparseGPT also holds the layer's Hessian and its inverse Cholesky factor (≈5 copies of in² in float64
+  on the CPU, float32 on a GPU);
+- training: autograd's saved activations per token and layer (four intermediate-width and eight hidden-width
+  tensors in the compute dtype) and the logits with their gradient;
+- probing: forward passes over probe batches, no gradients (a few intermediate-width activations);
+- merging: the merge check's logits and o_proj's weights in float64;
+- exporting: the safetensors writer's buffers.
+
+The constants below were read off the code and checked against measured peaks of Llama-shaped models from 135M to
+7B parameters (bench: ``python -m bench scaling``, docs/scaling.md), where each stage's prediction and measurement
+stand side by side.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from app.methods import PRUNING_METHODS, restoration_method
+from app.schemas import JobSpec, Stage
+
+MiB = 2**20
+GiB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+# Resident before any weight loads: Python, torch, transformers and the worker (measured on CPU).
+RUNTIME_HOST = 380 * MiB
+# Extra host memory of a process that has initialised CUDA (context, kernels' host side).
+RUNTIME_HOST_CUDA = 1200 * MiB
+# The CUDA context and allocator slack on the device.
+RUNTIME_DEVICE_CUDA = 600 * MiB
+# Tokenizer, data rows, captured activations and the method's state while a job runs.
+JOB_STATE = 120 * MiB
+# The sentence-embedding model contrastive probing loads for its negatives (restoration.negatives "minilm").
+EMBEDDING_MODEL = 130 * MiB
+EVAL_LOGIT_COPIES = 1.25  # float32 logits of one evaluation batch, scored in place
+PRUNE_BYTES_PER_ELEMENT = 18  # float32 scores, sort values + int64 indices, masks
+HESSIAN_COPIES = 5
+TRAIN_INTERMEDIATE_COPIES = 4
+TRAIN_HIDDEN_COPIES = 8
+TRAIN_LOGIT_BYTES = 16  # per logit: compute-dtype logits, float32 upcast, log-softmax, gradient
+
+
+EXPORT_BUFFER_SHARE = 16  # the safetensors writer's buffers: about 1/16 of the weights
+
+
+def eval_logits(batch: int, seq: int, vocab: int) -> int:
+    """Bytes of one batch's logits in float32."""
+    return batch * seq * vocab * 4
+
+
+class PlanError(ValueError):
+    """The config lacks what the plan needs."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the plan needs from a decoder-only config."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    dtype: str  # the checkpoint's own dtype
+    qkv_bias: bool = False  # Qwen2's q/k/v biases
+    norms_per_layer: int = 2  # Gemma's four
+    qk_norm: bool = False  # Qwen3's and Gemma 3's per-head q/k norms
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Shapes:
+        text = config.get("text_config") or config
+        try:
+            hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
+            kind = str(text.get("model_type", ""))
+            head_dim = int(text.get("head_dim") or hidden // heads)
+            return cls(
+                layers=int(text["num_hidden_layers"]), hidden=hidden, heads=heads,
+                kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim,
+                intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
+                tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings",
+                                                                    "gemma" in str(text.get("model_type"))))),
+                dtype=str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or "float32"),
+                qkv_bias=bool(text.get("attention_bias", False)) or kind == "qwen2",
+                norms_per_layer=4 if kind.startswith("gemma") else 2,
+                qk_norm=kind in ("qwen3", "gemma3_text", "gemma3"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"the model's config lacks a usable {exc}") from exc
+
+    @property
+    def attn(self) -> int:
+        return self.heads * self.head_dim
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of the prunable Linears of one layer."""
+        h, a, kv, i = self.hidden, self.attn, self.kv_heads * self.head_dim, self.intermediate
+        return [(a, h), (kv, h), (kv, h), (h, a), (i, h), (i, h), (h, i)]
+
+    def linear_params(self) -> int:
+        return self.layers * sum(o * i for o, i in self.linear_shapes())
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+        per_layer = self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        if self.qkv_bias:
+            per_layer += self.attn + 2 * self.kv_heads * self.head_dim
+        return self.linear_params() + embed + self.layers * per_layer + self.hidden
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    device_bytes: int
+    host_bytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str  # "cpu" or "cuda"
+    dtype: str
+    params: int
+    weight_bytes: int
+    stages: dict[str, StagePlan]
+    read_bytes: int
+    write_bytes: int
+
+    def peak(self, which: str = "device") -> tuple[str, int]:
+        """(stage, bytes) of the largest prediction on the device or the host."""
+        key = "device_bytes" if which == "device" else "host_bytes"
+        stage = max(self.stages, key=lambda s: getattr(self.stages[s], key))
+        return stage, getattr(self.stages[stage], key)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        dev, host = self.peak("device"), self.peak("host")
+        out["peak"] = {"device_bytes": dev[1], "device_stage": dev[0], "host_bytes": host[1], "host_stage": host[0]}
+        return out
+
+
+def planned_stages(spec: JobSpec) -> list[Stage]:
+    """The stages this spec runs, in order."""
+    stages = [Stage.loading]
+    if spec.pruning.method != "none":
+        stages.append(Stage.pruning)
+    if spec.restoration.needs_activations():
+        stages += [Stage.probing, Stage.extracting]
+    if restoration_method(spec.restoration.method).trains:
+        stages += [Stage.training, Stage.merging]
+    stages += [Stage.evaluating, Stage.exporting]
+    return stages
+
+
+def compute_dtype(spec: JobSpec, shapes: Shapes, gguf: bool = False) -> str:
+    if spec.model.dtype != "auto":
+        return spec.model.dtype
+    return "float32" if gguf or shapes.dtype not in DTYPE_BYTES else shapes.dtype
+
+
+def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = False,
+              file_bytes: int | None = None) -> Plan:
+    """The memory plan of ``spec`` on a model of ``shapes``, run on ``device`` ("cpu" or "cuda")."""
+    dtype = compute_dtype(spec, shapes, gguf)
+    b = DTYPE_BYTES[dtype]
+    cuda = device.startswith("cuda")
+    params = shapes.params()
+    weights = params * b
+    masks = shapes.linear_params() // 8 if spec.pruning.method != "none" else 0
+    ev = spec.evaluation
+    evaluates = bool(ev.perplexity or ev.response_perplexity or ev.tasks)
+    eval_t = int(EVAL_LOGIT_COPIES * eval_logits(ev.batch_size, ev.max_seq_len, shapes.vocab)) if evaluates else 0
+    r = spec.restoration
+    max_elems = max(o * i for o, i in shapes.linear_shapes())
+    max_in = max(i for _, i in shapes.linear_shapes())
+    prune_t = 0
+    method = PRUNING_METHODS[spec.pruning.method]
+    if spec.pruning.method != "none":
+        prune_t = PRUNE_BYTES_PER_ELEMENT * max_elems
+        if spec.pruning.method == "sparsegpt":
+            prune_t += HESSIAN_COPIES * max_in * max_in * (4 if cuda else 8)
+        if method.needs_calibration:  # a layer's inputs and outputs for every calibration sequence
+            prune_t += 2 * spec.pruning.calibration_samples * spec.pruning.seq_len * shapes.hidden * b
+    trains = restoration_method(r.method).trains
+    batch = getattr(r, "batch_size", 8)
+    seq = getattr(r, "max_seq_len", 256)
+    tokens = batch * seq
+    per_token_layer = (TRAIN_INTERMEDIATE_COPIES * shapes.intermediate + TRAIN_HIDDEN_COPIES * shapes.hidden) * b
+    train_t = tokens * (shapes.layers * per_token_layer + shapes.vocab * TRAIN_LOGIT_BYTES) if trains else 0
+    probe_t = 4 * batch * seq * shapes.intermediate * b if r.needs_activations() else 0
+    # the merge check: logits of a check batch, and o_proj's weights in float64, before and after
+    merge_t = int(1.5 * eval_logits(batch, seq, shapes.vocab)) + 2 * shapes.hidden * shapes.attn * 8
+
+    transient = {
+        Stage.loading: max(eval_t if ev.dense else 0, probe_t),
+        Stage.pruning: max(prune_t, eval_t),
+        Stage.probing: probe_t,
+        Stage.extracting: probe_t,
+        Stage.training: train_t,
+        Stage.merging: merge_t,
+        Stage.evaluating: eval_t,
+        Stage.exporting: weights // EXPORT_BUFFER_SHARE,
+    }
+    runtime_host = RUNTIME_HOST + (RUNTIME_HOST_CUDA if cuda else 0)
+    job_state = JOB_STATE + (EMBEDDING_MODEL if getattr(r, "negatives", None) == "minilm" else 0)
+    stages: dict[str, StagePlan] = {}
+    for stage in planned_stages(spec):
+        kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0)
+        if cuda:  # weights and transients on the device; the host keeps the runtime, the job's state and masks
+            device_b = RUNTIME_DEVICE_CUDA + weights + transient[stage]
+            host_b = runtime_host + kept + (weights if stage == Stage.exporting else 0)
+        else:
+            device_b = host_b = runtime_host + weights + kept + transient[stage]
+        stages[stage.value] = StagePlan(device_b, host_b)
+    read = file_bytes if file_bytes is not None else params * DTYPE_BYTES.get(shapes.dtype, 4)
+    out_b = DTYPE_BYTES[dtype if spec.output.dtype == "auto" else spec.output.dtype]
+    return Plan(device="cuda" if cuda else "cpu", dtype=dtype, params=params, weight_bytes=weights,
+                stages=stages, read_bytes=read, write_bytes=params * out_b)
+
+
+def read_local_config(model_dir: str) -> dict[str, Any] | None:
+    """config.json of a local Hugging Face directory; None when ``model_dir`` is no such directory."""
+    try:
+        raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def submit_plan(spec: JobSpec, model_dir: str | None) -> dict[str, Any] | None:
+    """The plan the API stores at submit, for both device kinds (it does not know which worker will run the job);
+    None when it cannot read the model's config (a hub id, a GGUF file, a config it does not understand). The
+    worker checks its own plan before loading weights either way."""
+    config = read_local_config(model_dir) if model_dir else None
+    if config is None:
+        return None
+    try:
+        shapes = Shapes.from_config(config)
+        files = [f for f in Path(model_dir).glob("*.safetensors") if f.is_file()]  # type: ignore[arg-type]
+        size = sum(f.stat().st_size for f in files) if files else None
+        return {"source": "submit", "devices": {d: make_plan(spec, shapes, d, file_bytes=size).to_dict()
+                                                for d in ("cpu", "cuda")}}
+    except (PlanError, KeyError, OSError, ArithmeticError):
+        return None
+
+
+def format_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"

@@ -1,0 +1,137 @@
+"""The memory plan (app.plan): shapes read from configs as transformers builds the models, and what each stage's
+prediction is made of; the device budget's settings; packed zero masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from app.config import Settings, parse_size
+from app.plan import GiB, PlanError, Shapes, make_plan, planned_stages, submit_plan
+from app.schemas import JobSpec
+from tests.tiny import SUPPORTED_KINDS, make_config, make_model, save_tiny
+from worker.errors import InsufficientMemoryFailure
+from worker.model.arch import DecoderAdapter
+from worker.prune.measure import ZeroMasks, pack_bits, unpack_bits, zero_masks
+from worker.run.device import DeviceBudget, check_plan
+
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 32, "intermediate_size": 11008, "vocab_size": 32000, "dtype": "bfloat16",
+            "tie_word_embeddings": False}
+
+
+def spec(**parts) -> JobSpec:
+    base = {"model": {"id": "/m"}, "data": {"train": "/t.jsonl"},
+            "evaluation": {"perplexity": ["/p.jsonl"], "batch_size": 4, "max_seq_len": 128}}
+    return JobSpec.model_validate(base | parts)
+
+
+@pytest.mark.parametrize("kind", SUPPORTED_KINDS)
+def test_parameter_count_matches_the_model_transformers_builds(kind):
+    config = make_config(kind)
+    model = make_model(kind)
+    assert Shapes.from_config(config.to_dict()).params() == sum(p.numel() for p in model.parameters())
+
+
+def test_llama_2_7b_shape_is_6_7b_parameters():
+    assert Shapes.from_config(LLAMA_7B).params() == 6_738_415_616  # Llama-2-7B's published count
+
+
+def test_a_config_without_its_geometry_is_refused_by_name():
+    with pytest.raises(PlanError, match="hidden_size"):
+        Shapes.from_config({"model_type": "llama"})
+
+
+def test_every_planned_stage_holds_the_weights_and_training_the_most():
+    plan = make_plan(spec(), Shapes.from_config(LLAMA_7B), "cpu")
+    assert list(plan.stages) == [s.value for s in planned_stages(spec())]
+    weights = 6_738_415_616 * 2
+    assert plan.weight_bytes == weights
+    assert all(s.device_bytes > weights for s in plan.stages.values())
+    assert plan.peak("device")[0] == "training"
+    assert plan.read_bytes == plan.write_bytes == weights  # bf16 in, bf16 out
+
+
+def test_on_a_gpu_the_weights_are_on_the_device_and_not_on_the_host():
+    plan = make_plan(spec(), Shapes.from_config(LLAMA_7B), "cuda")
+    assert plan.stages["pruning"].device_bytes > plan.weight_bytes
+    assert plan.stages["pruning"].host_bytes < plan.weight_bytes / 4
+
+
+def test_what_grows_each_prediction():
+    shapes = Shapes.from_config(LLAMA_7B)
+    wanda = make_plan(spec(), shapes, "cuda").stages["pruning"].device_bytes
+    sparsegpt = make_plan(spec(pruning={"method": "sparsegpt"}), shapes, "cuda").stages["pruning"].device_bytes
+    assert sparsegpt > wanda + 4 * 11008**2 * 4  # the down projection's Hessian and its inverse
+    small = make_plan(spec(restoration={"batch_size": 2}), shapes, "cuda").stages["training"].device_bytes
+    large = make_plan(spec(restoration={"batch_size": 16}), shapes, "cuda").stages["training"].device_bytes
+    assert large > 4 * (small - make_plan(spec(), shapes, "cuda").weight_bytes)
+    fp32 = make_plan(spec(model={"id": "/m", "dtype": "float32"}), shapes, "cuda")
+    assert fp32.weight_bytes == 2 * make_plan(spec(), shapes, "cuda").weight_bytes
+    none = make_plan(spec(restoration={"method": "none"}), shapes, "cpu")
+    assert "training" not in none.stages and "probing" not in none.stages
+
+
+def test_check_names_the_stage_and_the_numbers():
+    plan = make_plan(spec(), Shapes.from_config(LLAMA_7B), "cuda")
+    check_plan(plan, DeviceBudget("cuda:0", "a GPU", 80 * GiB, 200 * GiB))
+    with pytest.raises(InsufficientMemoryFailure, match=r"training stage needs about \d+\.\d\d GiB on cuda:0"):
+        check_plan(plan, DeviceBudget("cuda:0", "a GPU", 12 * GiB, 200 * GiB))
+    with pytest.raises(InsufficientMemoryFailure, match="of host memory"):
+        check_plan(plan, DeviceBudget("cuda:0", "a GPU", 80 * GiB, GiB))
+
+
+def test_submit_plan_reads_a_local_directory_and_nothing_else(tmp_path):
+    model = save_tiny("llama", tmp_path / "m")
+    made = submit_plan(spec(model={"id": str(model)}), str(model))
+    assert made is not None and made["source"] == "submit" and set(made["devices"]) == {"cpu", "cuda"}
+    assert made["devices"]["cpu"]["params"] == sum(p.numel() for p in make_model("llama").parameters())
+    assert made["devices"]["cpu"]["read_bytes"] == (model / "model.safetensors").stat().st_size
+    assert submit_plan(spec(), str(tmp_path / "missing")) is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')
+    assert submit_plan(spec(), str(tmp_path / "bad")) is None
+
+
+@pytest.mark.parametrize(("text", "value"), [("40GiB", 40 * 2**30), ("512 MiB", 512 * 2**20), ("2e9", 2 * 10**9),
+                                             ("1.5gb", 1_500_000_000), (1024, 1024)])
+def test_sizes_in_settings(text, value):
+    assert parse_size(text) == value
+
+
+def test_bad_device_settings_are_refused(monkeypatch):
+    monkeypatch.setenv("RESTORELCC_DEVICE", "tpu")
+    with pytest.raises(ValidationError, match="device"):
+        Settings()
+    monkeypatch.setenv("RESTORELCC_DEVICE", "cuda:1")
+    monkeypatch.setenv("RESTORELCC_MAX_DEVICE_MEMORY", "lots")
+    with pytest.raises(ValidationError, match="not a size"):
+        Settings()
+    monkeypatch.setenv("RESTORELCC_MAX_DEVICE_MEMORY", "8GiB")
+    assert Settings().max_device_memory == 8 * 2**30 and Settings().device == "cuda:1"
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (8, 8), (1, 1), (7, 13)])
+def test_packed_bits_round_trip(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+def test_zero_masks_are_an_eighth_and_notice_one_changed_zero():
+    model = make_model("llama")
+    adapter = DecoderAdapter(model)
+    with torch.no_grad():
+        for _, lin in adapter.named_prunable_linears():
+            lin.weight[:, ::2] = 0
+    masks = zero_masks(adapter)
+    assert isinstance(masks, ZeroMasks)
+    bools = sum(lin.weight.numel() for _, lin in adapter.named_prunable_linears())
+    assert masks.nbytes() * 8 - bools < 8 * len(masks)
+    name, lin = next(iter(adapter.named_prunable_linears()))
+    assert torch.equal(masks[name], lin.weight == 0) and masks.differs(adapter) == []
+    with torch.no_grad():
+        lin.weight[0, 0] = 1.0
+    assert masks.differs(adapter) == [name]

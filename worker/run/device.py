@@ -1,0 +1,107 @@
+"""Which device a job computes on, how much memory it may use there, and the check of a job's plan against it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from app.config import Settings
+from app.plan import Plan, Shapes, format_bytes, make_plan
+from worker.errors import DeviceUnavailableError, InsufficientMemoryFailure
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    device: str  # "cpu" or "cuda:N"
+    name: str  # what the device is, in words
+    device_bytes: int  # memory the job may use on the device (the host's, on the CPU)
+    host_bytes: int
+
+
+def job_device(settings: Settings | None = None) -> str:
+    """RESTORELCC_DEVICE, or CUDA when present, else the CPU. A CUDA device that is not there is a failure, never a
+    silent move to the CPU."""
+    import torch
+
+    wanted = (settings or Settings()).device
+    if wanted is None:
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if wanted.startswith("cuda"):
+        index = int(wanted.partition(":")[2] or 0)
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(f"RESTORELCC_DEVICE={wanted}, but this worker has "
+                                         f"{torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA "
+                                         "device(s)")
+        return f"cuda:{index}"
+    return "cpu"
+
+
+def host_available_bytes() -> int:
+    """Memory this process could still use: what the kernel calls available (or the cgroup's limit, if lower), plus
+    what the process already holds."""
+    from worker.run.stagemeter import rss_bytes
+
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
+            text = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
+            used = int(fh.read().strip())
+        if text != "max":
+            available = min(available, int(text) - used)
+    except (OSError, ValueError):
+        pass
+    return available + rss_bytes()
+
+
+def budget(device: str, settings: Settings | None = None) -> DeviceBudget:
+    import torch
+
+    settings = settings or Settings()
+    host = host_available_bytes()
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        dev_bytes, name = int(props.total_memory), props.name
+    else:
+        dev_bytes, name = host, "CPU (host memory)"
+    if settings.max_device_memory is not None:
+        dev_bytes = min(dev_bytes, settings.max_device_memory)
+        if device == "cpu":
+            host = dev_bytes
+    return DeviceBudget(device, name, dev_bytes, host)
+
+
+def check_plan(plan: Plan, available: DeviceBudget) -> None:
+    """Refuse a job whose plan does not fit, naming the stage and the numbers."""
+    stage, need = plan.peak("device")
+    if need > available.device_bytes:
+        raise InsufficientMemoryFailure(
+            f"the {stage} stage needs about {format_bytes(need)} on {available.device} ({available.name}), which "
+            f"has {format_bytes(available.device_bytes)}: {plan.params / 1e9:.2f}B parameters in {plan.dtype} are "
+            f"{format_bytes(plan.weight_bytes)} of weights alone")
+    if available.device.startswith("cuda"):
+        stage, need = plan.peak("host")
+        if need > available.host_bytes:
+            raise InsufficientMemoryFailure(
+                f"the {stage} stage needs about {format_bytes(need)} of host memory; "
+                f"{format_bytes(available.host_bytes)} is available")
+
+
+def plan_job(spec: Any, source: Any, config: Any, device: str) -> Plan:
+    """The job's memory plan (app.plan) from the model's config (as worker.model.load reads it); no weights."""
+    gguf = source.kind == "gguf"
+    path = source.path
+    files = [path] if gguf else [*path.glob("*.safetensors")] if path.is_dir() else []
+    file_bytes = sum(f.stat().st_size for f in files) if files else None
+    raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))  # transformers' or config.json's
+    return make_plan(spec, Shapes.from_config(raw), device, gguf=gguf, file_bytes=file_bytes)
