@@ -213,6 +213,7 @@ class RestorationMethod:
     trains: bool = True  # runs the training and merging stages
     mergeable: bool = True  # folds into the model's own weights (nothing extra at inference)
     default_lr: float | None = None  # AdamW lr when the spec leaves restoration.lr unset
+    streams: bool = True  # runs on a layer-streamed model (model.streaming)
 
 
 _RESTORATION: dict[str, RestorationMethod] = {}
@@ -249,8 +250,8 @@ def restoration_methods() -> dict[str, RestorationMethod]:
 for _m in (
     RestorationMethod("restorelcc", RestoreLCCConfig, "RestoreLCC", default_lr=3e-3),
     RestorationMethod("bias", BiasConfig, "a learned bias per chosen head", default_lr=3e-3),
-    RestorationMethod("lora", LoRAConfig, "LoRA, merged with the mask re-applied", default_lr=1e-3),
-    RestorationMethod("dora", DoRAConfig, "DoRA, merged with the mask re-applied", default_lr=1e-3),
+    RestorationMethod("lora", LoRAConfig, "LoRA, merged with the mask re-applied", default_lr=1e-3, streams=False),
+    RestorationMethod("dora", DoRAConfig, "DoRA, merged with the mask re-applied", default_lr=1e-3, streams=False),
     RestorationMethod("none", NoRestoration, "no restoration", trains=False),
 ):
     register_restoration(_m)

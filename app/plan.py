@@ -116,12 +116,19 @@ class Shapes:
     def linear_params(self) -> int:
         return self.layers * sum(o * i for o, i in self.linear_shapes())
 
-    def params(self) -> int:
-        embed = self.vocab * self.hidden * (1 if self.tied else 2)
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer."""
         per_layer = self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
         if self.qkv_bias:
             per_layer += self.attn + 2 * self.kv_heads * self.head_dim
-        return self.linear_params() + embed + self.layers * per_layer + self.hidden
+        return sum(o * i for o, i in self.linear_shapes()) + per_layer
+
+    def params(self) -> int:
+        return self.layers * self.layer_params() + self.resident_params()
+
+    def resident_params(self) -> int:
+        """Parameters outside the decoder layers: embeddings, LM head (unless tied), final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,7 @@ class StagePlan:
 @dataclass(frozen=True)
 class Plan:
     device: str  # "cpu" or "cuda"
+    mode: str  # "whole" (the model in memory) or "streaming" (one decoder layer at a time: model.streaming)
     dtype: str
     params: int
     weight_bytes: int
@@ -173,8 +181,9 @@ def compute_dtype(spec: JobSpec, shapes: Shapes, gguf: bool = False) -> str:
 
 
 def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = False,
-              file_bytes: int | None = None) -> Plan:
-    """The memory plan of ``spec`` on a model of ``shapes``, run on ``device`` ("cpu" or "cuda")."""
+              file_bytes: int | None = None, streaming: bool = False) -> Plan:
+    """The memory plan of ``spec`` on a model of ``shapes``, run on ``device`` ("cpu" or "cuda"), the whole model
+    in memory or (``streaming``) its decoder layers one at a time."""
     dtype = compute_dtype(spec, shapes, gguf)
     b = DTYPE_BYTES[dtype]
     cuda = device.startswith("cuda")
@@ -200,7 +209,9 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     seq = getattr(r, "max_seq_len", 256)
     tokens = batch * seq
     per_token_layer = (TRAIN_INTERMEDIATE_COPIES * shapes.intermediate + TRAIN_HIDDEN_COPIES * shapes.hidden) * b
-    train_t = tokens * (shapes.layers * per_token_layer + shapes.vocab * TRAIN_LOGIT_BYTES) if trains else 0
+    # streaming keeps each layer's input and recomputes one layer's activations at a time
+    per_token = shapes.layers * shapes.hidden * b + per_token_layer if streaming else shapes.layers * per_token_layer
+    train_t = tokens * (per_token + shapes.vocab * TRAIN_LOGIT_BYTES) if trains else 0
     probe_t = 4 * batch * seq * shapes.intermediate * b if r.needs_activations() else 0
     # the merge check: logits of a check batch, and o_proj's weights in float64, before and after
     merge_t = int(1.5 * eval_logits(batch, seq, shapes.vocab)) + 2 * shapes.hidden * shapes.attn * 8
@@ -217,19 +228,25 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     }
     runtime_host = RUNTIME_HOST + (RUNTIME_HOST_CUDA if cuda else 0)
     job_state = JOB_STATE + (EMBEDDING_MODEL if getattr(r, "negatives", None) == "minilm" else 0)
+    if streaming:  # the resident tensors and the layers in memory at once (two while training recomputes one)
+        layer_b = shapes.layer_params() * b
+        resident_b = shapes.resident_params() * b
+        held = {s: resident_b + (2 if s == Stage.training else 1) * layer_b for s in Stage}
+    else:
+        held = dict.fromkeys(Stage, weights)
     stages: dict[str, StagePlan] = {}
     for stage in planned_stages(spec):
         kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0)
         if cuda:  # weights and transients on the device; the host keeps the runtime, the job's state and masks
-            device_b = RUNTIME_DEVICE_CUDA + weights + transient[stage]
-            host_b = runtime_host + kept + (weights if stage == Stage.exporting else 0)
+            device_b = RUNTIME_DEVICE_CUDA + held[stage] + transient[stage]
+            host_b = runtime_host + kept + (held[stage] if stage == Stage.exporting else 0)
         else:
-            device_b = host_b = runtime_host + weights + kept + transient[stage]
+            device_b = host_b = runtime_host + held[stage] + kept + transient[stage]
         stages[stage.value] = StagePlan(device_b, host_b)
     read = file_bytes if file_bytes is not None else params * DTYPE_BYTES.get(shapes.dtype, 4)
     out_b = DTYPE_BYTES[dtype if spec.output.dtype == "auto" else spec.output.dtype]
-    return Plan(device="cuda" if cuda else "cpu", dtype=dtype, params=params, weight_bytes=weights,
-                stages=stages, read_bytes=read, write_bytes=params * out_b)
+    return Plan(device="cuda" if cuda else "cpu", mode="streaming" if streaming else "whole", dtype=dtype,
+                params=params, weight_bytes=weights, stages=stages, read_bytes=read, write_bytes=params * out_b)
 
 
 def read_local_config(model_dir: str) -> dict[str, Any] | None:

@@ -56,6 +56,13 @@ class ModelSpec(Strict):
         description="The dense (unpruned) reference, in the same forms as id. Needed to restore a model "
         "given already pruned (pruning.method 'none'); ignored otherwise.",
     )
+    streaming: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Layer streaming: the decoder layers stay in their safetensors files and one at a time comes "
+        "into memory, so a model larger than the device can be restored. 'auto' streams only when the memory plan "
+        "says the whole model does not fit; 'on' always; 'off' never (a job that does not fit then fails "
+        "insufficient_memory). Safetensors models only, restoration restorelcc, bias or none.",
+    )
 
     @field_validator("gguf_file")
     @classmethod

@@ -15,6 +15,7 @@ device is kept under bench/results/ (or --store) and reused while its settings m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -48,6 +49,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--store", default=str(harness.RESULTS), help="where results are kept")
     ap.add_argument("--negatives", default="minilm", choices=["minilm", "tfidf"],
                     help="how probing picks negatives (tfidf needs no embedding model: the GPU check uses it)")
+    ap.add_argument("--streaming", action="store_true",
+                    help="stream the decoder layers (model.streaming 'on'); kept beside the whole-model results")
     ap.add_argument("--build-on", default="cpu", choices=["cpu", "cuda"], help="where the random weights are drawn")
     ap.add_argument("--again", action="store_true", help="measure anew even when a result is stored")
 
@@ -58,7 +61,7 @@ def job_spec(model: Path, prune: str, a: dict[str, Any]) -> dict[str, Any]:
     if pattern:
         pruning["pattern"] = pattern
     return {
-        "model": {"id": str(model), "dtype": a["dtype"]},
+        "model": {"id": str(model), "dtype": a["dtype"], "streaming": "on" if a.get("streaming") else "off"},
         "pruning": pruning,
         "restoration": {"method": "restorelcc", "probe_samples": max(4, a["samples"]), "max_steps": a["steps"],
                         "batch_size": 4, "max_seq_len": a["seq_len"], "train_samples": 64,
@@ -82,16 +85,21 @@ def measure(shape: str, prune: str, a: dict[str, Any], tokenizer: Path, build_on
         if proc.returncode != 0:
             raise SystemExit(f"{shape} {prune}: the job failed:\n{proc.stderr[-3000:]}")
         report = json.loads((Path(tmp) / "out" / "report.json").read_text(encoding="utf-8"))
+        digest = hashlib.sha256()
+        with open(Path(tmp) / "out" / "model" / "model.safetensors", "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(block)
     tokens = {"pruning": (report.get("pruning", {}).get("calibration") or {}).get("tokens"),
               "training": (report.get("restoration") or {}).get("train_tokens")}
     return {"shape": shape, "params": SHAPES[shape].params(), "prune": prune, "stages": report["stages"],
             "tokens": {k: v for k, v in tokens.items() if v},
             "plan": report["plan"], "environment": report["environment"], "seconds": time.perf_counter() - t0,
+            "model_sha256": digest.hexdigest(), "checks": report.get("checks", {}),
             "machine": harness.machine(), "date": time.strftime("%Y-%m-%d")}
 
 
 def measured_peak(stage: dict[str, Any], device: str) -> float:
-    """Bytes: torch's peak on a GPU, the resident set on the CPU."""
+    """Bytes: torch's peak on a GPU, the resident set on the CPU (what the plan predicts)."""
     return (stage["peak_gpu_mb"] if device == "cuda" else stage["peak_rss_mb"]) * 2**20
 
 
@@ -106,8 +114,12 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
 
 
-def _path(store: Path, shape: str, prune: str, device: str, dtype: str) -> Path:
-    return store / f"scaling-{shape}-{prune.replace(':', '')}-{device}-{dtype}.json"
+def _path(store: Path, shape: str, prune: str, device: str, dtype: str, streaming: bool = False) -> Path:
+    return store / f"scaling-{shape}-{prune.replace(':', '')}-{device}-{dtype}{'-streaming' if streaming else ''}.json"
+
+
+def _streamed(r: dict[str, Any]) -> bool:
+    return r["plan"].get("mode") == "streaming"
 
 
 def _stored(store: Path) -> list[dict[str, Any]]:
@@ -165,9 +177,41 @@ def _exponents(results: list[dict[str, Any]]) -> list[str]:
             "exponent stays below 1 until the weights dominate.", "", harness.markdown_table(header, rows), ""]
 
 
+def _streaming(results: list[dict[str, Any]]) -> list[str]:
+    """Each streamed run beside the whole-model run of the same shape: peak host memory, and the exported model."""
+    whole = {(r["shape"], r["prune"], r["environment"]["device"]): r for r in results if not _streamed(r)}
+    rows, verdicts = [], []
+    for s in (r for r in results if _streamed(r)):
+        w = whole.get((s["shape"], s["prune"], s["environment"]["device"]))
+        weights = s["plan"]["weight_bytes"]
+        anon = max(m.get("peak_anon_mb", m["peak_rss_mb"]) for m in s["stages"].values()) * 2**20
+        peak = max(m["peak_rss_mb"] for m in s["stages"].values()) * 2**20
+        w_peak = max(m["peak_rss_mb"] for m in w["stages"].values()) * 2**20 if w else None
+        same = None if not w or "model_sha256" not in w else w["model_sha256"] == s["model_sha256"]
+        ok = anon <= 0.5 * weights and same is True
+        verdicts.append(ok)
+        rows.append([s["shape"], _gb(weights), "—" if w_peak is None else _gb(w_peak), _gb(peak), _gb(anon),
+                     f"{anon / weights:.2f}", {True: "yes", False: "**no**", None: "—"}[same],
+                     "yes" if ok else "**no**"])
+    if not rows:
+        return []
+    return ["## Layer streaming (CPU)", "",
+            "The same job with `model.streaming: \"on\"`: the decoder layers stay in their safetensors files and one "
+            "at a time comes into memory (two while training recomputes one). Host memory beyond the memory-mapped "
+            "files is the resident set less its file-backed pages (shared libraries' pages too, so it is a little "
+            "below what the process holds of its own); the goal is at most half the weights, with the exported model "
+            "byte for byte the whole-model run's. The stage tables below set the plan beside the whole resident set.",
+            "",
+            harness.markdown_table(["shape", "weights GiB", "whole: peak GiB", "streamed: peak GiB",
+                                    "streamed: beyond the files GiB", "÷ weights", "same model.safetensors",
+                                    "goal met"], rows), ""]
+
+
 def render(results: list[dict[str, Any]], command: str) -> str:
-    cpu = [r for r in results if r["environment"]["device"] == "cpu"]
-    gpu = [r for r in results if r["environment"]["device"] != "cpu"]
+    streamed = [r for r in results if _streamed(r)]
+    results = [r for r in results if not _streamed(r)] + streamed
+    cpu = [r for r in results if r["environment"]["device"] == "cpu" and not _streamed(r)]
+    gpu = [r for r in results if r["environment"]["device"] != "cpu" and not _streamed(r)]
     lines = ["# Scaling: time and memory against model size", "",
              f"Made by `{command}` (and `scripts/gpu_check.sh` on a GPU). Random-weight Llama-shaped models "
              "(bench/shapes.py) with SmolLM2's tokenizer, a few samples and steps: the point is how cost grows, "
@@ -176,6 +220,9 @@ def render(results: list[dict[str, Any]], command: str) -> str:
              "which a worker checks before loading any weights.", ""]
     lines += _exponents(cpu)
     lines += ["## CPU", ""] + (_section(cpu, "cpu") or ["Not measured yet.", ""])
+    lines += _streaming(results)
+    if streamed:
+        lines += ["### Streamed runs, stage by stage", ""] + _section(streamed, "cpu")
     lines += ["## GPU", ""] + (_section(gpu, "cuda") or [
         "No GPU has run `scripts/gpu_check.sh` yet: every figure above is from a CPU. Until one does, the plan's "
         "GPU predictions (weights and transients on the device, the runtime on the host) are unchecked.", ""])
@@ -187,14 +234,15 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     store = harness.Store(store_dir)
     if not args.render_only:
         a = {"dtype": args.dtype, "device": args.device, "samples": args.samples, "steps": args.steps,
-             "seq_len": args.seq_len, "work": args.work, "negatives": args.negatives}
+             "seq_len": args.seq_len, "work": args.work, "negatives": args.negatives, "streaming": args.streaming}
         tokenizer = Path(args.tokenizer) if args.tokenizer else Path(harness.model_path(harness.models()[0]))
         for prune in args.prune.split(","):
             for shape in args.shapes.split(","):
-                path = _path(store_dir, shape, prune, args.device, args.dtype)
+                path = _path(store_dir, shape, prune, args.device, args.dtype, args.streaming)
                 if args.again:
                     path.unlink(missing_ok=True)
-                fp = {k: v for k, v in a.items() if k != "work" and (k, v) != ("negatives", "minilm")}
+                fp = {k: v for k, v in a.items()
+                      if k != "work" and (k, v) not in (("negatives", "minilm"), ("streaming", False))}
                 fp |= {"shape": shape, "prune": prune}
                 store.get(path, fp, lambda s=shape, p=prune: measure(s, p, a, tokenizer, args.build_on),
                           f"{shape} {prune}")

@@ -214,8 +214,8 @@ def test_merge_stage_reports_both_checks(tmp_path, dtype):
 def test_merge_stage_fails_the_job_on_a_corrupted_merge_in_bfloat16(tmp_path, monkeypatch):
     real = merge_module.merge_into_o_proj
 
-    def corrupted(model, adapter, offsets):
-        merged = real(model, adapter, offsets)
+    def corrupted(model, adapter, offsets, **kwargs):
+        merged = real(model, adapter, offsets, **kwargs)
         with torch.no_grad():
             DecoderAdapter(merged).o_proj(offsets.layers[-1]).bias.mul_(1.05)
         return merged

@@ -67,27 +67,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from app.plan import format_bytes
     from worker.errors import JobFailure
     from worker.model.load import checked_config, resolve_source
-    from worker.run.device import budget, check_plan, job_device, plan_job
+    from worker.run.check import streaming_problem
+    from worker.run.device import budget, choose_plan, job_device, plan_job
 
     try:
         source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
         _, config = checked_config(source, spec)
-        device = args.device or job_device()
-        plan = plan_job(spec, source, config, device)
+        here = args.device is None
+        device = job_device() if here else args.device
+        streaming = spec.model.streaming == "on" and streaming_problem(spec, source, None) is None
+        plan = plan_job(spec, source, config, device, streaming=streaming)
     except JobFailure as exc:
         print(f"error [{exc.code}]{f' ({exc.field})' if exc.field else ''}: {exc.message}", file=sys.stderr)
         return 2
     fits, why = True, ""
-    if args.device is None or args.device == device:
+    if here:  # the plan this worker would run the job by, streamed or whole
         try:
-            check_plan(plan, budget(device))
+            plan = choose_plan(spec, source, config, budget(device), streaming_problem(spec, source, None))
         except JobFailure as exc:
             fits, why = False, exc.message
     out = plan.to_dict() | {"fits": fits, "why": why or None}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0 if fits else 3
-    print(f"{plan.params / 1e9:.2f}B parameters, {plan.dtype} on {plan.device}: "
+    print(f"{plan.params / 1e9:.2f}B parameters, {plan.dtype} on {plan.device}, {plan.mode} model: "
           f"weights {format_bytes(plan.weight_bytes)}; reads {format_bytes(plan.read_bytes)}, "
           f"writes {format_bytes(plan.write_bytes)}")
     print(f"{'stage':<12}{'device':>12}{'host':>12}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -187,25 +187,29 @@ def calibrate_layerwise(
     new_stats: Callable[[int, str, nn.Linear], Accumulator],
     on_layer: Callable[[int, dict[str, Accumulator]], None],
     before_layer: Callable[[int], None] | None = None,
+    layer_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> int:
     """Drive layer-by-layer calibration over every decoder layer; returns the real tokens seen per layer.
 
     ``new_stats(layer, name, linear)`` makes an accumulator for each Linear of the layer;
     ``on_layer(layer, stats)`` is called with them filled (prune there); ``before_layer(layer)`` runs first
     (raise there to stop). The layer is re-run after ``on_layer`` to produce the next layer's inputs.
+    ``layer_scope(layer)`` encloses all of that for one layer (a streamed model holds the layer in memory there
+    and saves what ``on_layer`` changed).
     """
     inputs = capture_layer_inputs(model, adapter, batches)
     with inference_state(model):
         for index in range(len(adapter.layers)):
             if before_layer is not None:
                 before_layer(index)
-            layer = adapter.layers[index]
-            linears = adapter.prunable_linears(index)
-            stats = {name: new_stats(index, name, lin) for name, lin in linears.items()}
-            collect_layer_stats(layer, inputs, index, linears, stats)
-            on_layer(index, stats)
-            if index + 1 < len(adapter.layers):
-                advance(layer, inputs, index)
+            with layer_scope(index) if layer_scope is not None else nullcontext():
+                layer = adapter.layers[index]
+                linears = adapter.prunable_linears(index)
+                stats = {name: new_stats(index, name, lin) for name, lin in linears.items()}
+                collect_layer_stats(layer, inputs, index, linears, stats)
+                on_layer(index, stats)
+                if index + 1 < len(adapter.layers):
+                    advance(layer, inputs, index)
     return inputs.tokens
 
 

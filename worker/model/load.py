@@ -544,3 +544,28 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
     model.to(device).eval()
     ensure_pad_token(tokenizer)
     return model, tokenizer
+
+
+def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scratch: Path) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, LayerStore): the model with its decoder layers left in their safetensors files, read one
+    at a time as computations need them (worker.model.streaming); changed layers go to ``scratch``."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from worker.model.streaming import load_streamed
+
+    if source.kind == "gguf":
+        raise UnsupportedModelError(f"{source.model_id}: a GGUF model cannot be streamed", source.field)
+    path = _ensure_hub_weights(source) if source.repo_id else source.path
+    if dtype == "auto":
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+        torch_dtype = getattr(torch, _DTYPES.get(name, "float32"))
+    else:
+        torch_dtype = _torch_dtype(dtype)
+    with _reading(source, "weights"):
+        model, store = load_streamed(Path(path), torch_dtype, device, scratch)
+    with _reading(source, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    ensure_pad_token(tokenizer)
+    return model, tokenizer, store

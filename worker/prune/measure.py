@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from worker.model.arch import DecoderAdapter
+
+# A streamed model's layer is in memory only inside ``layer_scope(layer)`` (worker.model.streaming).
+LayerScope = Callable[[int], AbstractContextManager[Any]]
+
+
+def each_linear(adapter: DecoderAdapter, layer_scope: LayerScope | None = None
+                ) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """(full name, Linear) of every pruned Linear, layer by layer, each layer inside ``layer_scope``."""
+    prefix = adapter._layers_prefix()
+    for idx in range(len(adapter.layers)):
+        with layer_scope(idx) if layer_scope is not None else nullcontext():
+            for name, lin in adapter.prunable_linears(idx).items():
+                yield f"{prefix}.{idx}.{name}", lin
 
 
 def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
@@ -22,12 +36,13 @@ def check_nm(weight: torch.Tensor, n: int, m: int) -> bool:
     return bool((nonzero <= n).all())
 
 
-def measure_sparsity(adapter: DecoderAdapter, nm: tuple[int, int] | None = None) -> dict[str, Any]:
+def measure_sparsity(adapter: DecoderAdapter, nm: tuple[int, int] | None = None,
+                     layer_scope: LayerScope | None = None) -> dict[str, Any]:
     """Fraction of zeros per pruned Linear (full names) and overall; with ``nm``, whether each holds it."""
     modules: dict[str, float] = {}
     zeros = total = 0
     nm_ok: dict[str, bool] = {}
-    for name, lin in adapter.named_prunable_linears():
+    for name, lin in each_linear(adapter, layer_scope):
         w = lin.weight.detach()
         z = int((w == 0).sum())
         modules[name] = z / w.numel()
@@ -87,18 +102,18 @@ class ZeroMasks(Mapping[str, torch.Tensor]):
     def nbytes(self) -> int:
         return sum(bits.numel() for bits, _ in self._packed.values())
 
-    def differs(self, adapter: DecoderAdapter) -> list[str]:
-        """Names of the pruned Linears whose zeros are no longer exactly these (one module unpacked at a time)."""
-        now = dict(adapter.named_prunable_linears())
-        out = [name for name in self._packed if name not in now]
-        for name, lin in now.items():
+    def differs(self, adapter: DecoderAdapter, layer_scope: LayerScope | None = None) -> list[str]:
+        """Names of the pruned Linears whose zeros are no longer exactly these (one module at a time)."""
+        seen, out = set(), []
+        for name, lin in each_linear(adapter, layer_scope):
+            seen.add(name)
             bits, shape = self._packed.get(name, (None, None))
             if bits is None or lin.weight.shape != shape or not torch.equal(pack_bits(lin.weight == 0), bits):
                 out.append(name)
-        return out
+        return out + [name for name in self._packed if name not in seen]
 
 
-def zero_masks(adapter: DecoderAdapter) -> ZeroMasks:
+def zero_masks(adapter: DecoderAdapter, layer_scope: LayerScope | None = None) -> ZeroMasks:
     """The zero pattern (True = zero) of every pruned Linear's weight, by full name."""
     return ZeroMasks({name: (pack_bits(lin.weight.detach() == 0), lin.weight.shape)
-                      for name, lin in adapter.named_prunable_linears()})
+                      for name, lin in each_linear(adapter, layer_scope)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from torch import nn
@@ -27,11 +28,13 @@ def prune_model(
     calibration: Sequence[Batch] | None,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
+    layer_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place as ``spec`` says; returns a summary (method, pattern, target, seconds...).
 
     ``should_stop()`` is polled before each layer; when it returns True, :class:`Cancelled` is raised
-    (layers already pruned stay pruned).
+    (layers already pruned stay pruned). ``layer_scope(layer)`` encloses each layer's work (a streamed model:
+    worker.model.streaming.LayerStore.resident with ``write=True``).
     """
     t0 = time.monotonic()
     nm = spec.nm
@@ -68,7 +71,7 @@ def prune_model(
         new_stats = method.new_stats
         assert new_stats is not None
         tokens = calibrate_layerwise(
-            model, adapter, calibration, lambda _i, _n, lin: new_stats(lin), on_layer, before_layer
+            model, adapter, calibration, lambda _i, _n, lin: new_stats(lin), on_layer, before_layer, layer_scope
         )
         summary["calibration"] = {
             "batches": len(calibration),
@@ -79,7 +82,8 @@ def prune_model(
         with inference_state(model):
             for index in range(n_layers):
                 before_layer(index)
-                on_layer(index, {})
+                with layer_scope(index) if layer_scope is not None else nullcontext():
+                    on_layer(index, {})
     summary["modules"] = len(pruned)
     summary["guarantee"] = method.guarantee
     summary["seconds"] = round(time.monotonic() - t0, 3)

@@ -51,6 +51,7 @@ class Job(Protocol):
     adapter: DecoderAdapter  # (merge may replace it)
     report: dict[str, Any]  # the job's report.json
     zero_masks: Mapping[str, torch.Tensor] | None  # pruned zeros per Linear (True = pruned), packed: ZeroMasks
+    scope: Any  # None, or for a layer-streamed model scope(layer, write) holding that layer in memory
 
 
 class RestoreMethod:

@@ -42,7 +42,26 @@ def check_job(spec: JobSpec) -> CheckedJob:
 
     method = method_for(spec)
     method.preflight(Preflight(info, config, rows.get("data.train")))
+    if spec.model.streaming == "on":
+        problem = streaming_problem(spec, source, dense_source)
+        if problem is not None:
+            raise SpecError(f"model.streaming 'on': {problem}", field="model.streaming")
     return CheckedJob(source, info, dense_source, method, config)
+
+
+def streaming_problem(spec: JobSpec, source: Any, dense_source: Any) -> str | None:
+    """Why this job cannot run layer-streamed, or None when it can."""
+    if not restoration_method(spec.restoration.method).streams:
+        return f"restoration.method '{spec.restoration.method}' does not run on a streamed model"
+    for src in (source, dense_source):
+        if src is None:
+            continue
+        if src.kind == "gguf":
+            return f"{src.field} is a GGUF file; streaming reads safetensors (convert the model first)"
+        path = src.path
+        if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+            return f"{src.field} has no safetensors weights to stream from"
+    return None
 
 
 def check_data_files(spec: JobSpec) -> dict[str, int]:

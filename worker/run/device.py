@@ -84,24 +84,55 @@ def budget(device: str, settings: Settings | None = None) -> DeviceBudget:
 def check_plan(plan: Plan, available: DeviceBudget) -> None:
     """Refuse a job whose plan does not fit, naming the stage and the numbers."""
     stage, need = plan.peak("device")
+    how = "streamed, " if plan.mode == "streaming" else ""
     if need > available.device_bytes:
         raise InsufficientMemoryFailure(
-            f"the {stage} stage needs about {format_bytes(need)} on {available.device} ({available.name}), which "
-            f"has {format_bytes(available.device_bytes)}: {plan.params / 1e9:.2f}B parameters in {plan.dtype} are "
-            f"{format_bytes(plan.weight_bytes)} of weights alone")
+            f"{how}the {stage} stage needs about {format_bytes(need)} on {available.device} ({available.name}), "
+            f"which has {format_bytes(available.device_bytes)}: {plan.params / 1e9:.2f}B parameters in {plan.dtype} "
+            f"are {format_bytes(plan.weight_bytes)} of weights")
     if available.device.startswith("cuda"):
         stage, need = plan.peak("host")
         if need > available.host_bytes:
             raise InsufficientMemoryFailure(
-                f"the {stage} stage needs about {format_bytes(need)} of host memory; "
+                f"{how}the {stage} stage needs about {format_bytes(need)} of host memory; "
                 f"{format_bytes(available.host_bytes)} is available")
 
 
-def plan_job(spec: Any, source: Any, config: Any, device: str) -> Plan:
+def fits(plan: Plan, available: DeviceBudget) -> bool:
+    try:
+        check_plan(plan, available)
+    except InsufficientMemoryFailure:
+        return False
+    return True
+
+
+def choose_plan(spec: Any, source: Any, config: Any, available: DeviceBudget, streaming_problem: str | None
+                ) -> Plan:
+    """The plan this worker runs the job by: the whole model in memory, or its layers streamed (``model.streaming``:
+    'on', 'off', or 'auto': streamed only when the whole model does not fit). Raises InsufficientMemoryFailure
+    when neither fits, with both plans' numbers."""
+    wanted = spec.model.streaming
+    whole = plan_job(spec, source, config, available.device)
+    if wanted == "off" or (wanted == "auto" and (fits(whole, available) or streaming_problem is not None)):
+        check_plan(whole, available)
+        return whole
+    streamed = plan_job(spec, source, config, available.device, streaming=True)
+    if wanted == "auto" and not fits(streamed, available):
+        stage, need = streamed.peak("device")
+        try:
+            check_plan(whole, available)
+        except InsufficientMemoryFailure as exc:
+            raise InsufficientMemoryFailure(f"{exc.message}; streamed one layer at a time, the {stage} stage "
+                                            f"would still need about {format_bytes(need)}") from None
+    check_plan(streamed, available)
+    return streamed
+
+
+def plan_job(spec: Any, source: Any, config: Any, device: str, streaming: bool = False) -> Plan:
     """The job's memory plan (app.plan) from the model's config (as worker.model.load reads it); no weights."""
     gguf = source.kind == "gguf"
     path = source.path
     files = [path] if gguf else [*path.glob("*.safetensors")] if path.is_dir() else []
     file_bytes = sum(f.stat().st_size for f in files) if files else None
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))  # transformers' or config.json's
-    return make_plan(spec, Shapes.from_config(raw), device, gguf=gguf, file_bytes=file_bytes)
+    return make_plan(spec, Shapes.from_config(raw), device, gguf=gguf, file_bytes=file_bytes, streaming=streaming)

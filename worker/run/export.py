@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,48 @@ def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto
         config.use_cache, config.dtype = saved_flags
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dtype: str = "auto",
+                    config: Any = None) -> Path:
+    """:func:`export_model` for a layer-streamed model (worker.model.streaming): the same files, tensor for tensor
+    and byte for byte, written one tensor at a time from the layers' files. ``config``: the one to save (default
+    the model's)."""
+    import torch
+
+    from worker.model.safetensors_stream import Entry, write_safetensors
+
+    directory.mkdir(parents=True, exist_ok=True)
+    original = store.dtype
+    target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else original
+    config = config if config is not None else model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
+    layer_names = {name for i in range(len(store.adapter.layers)) for name in store.names(i)}
+    entries = []
+    for name, t in model.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        cast = target if t.is_floating_point() else t.dtype
+        source = functools.partial(store.state_tensor, name) if name in layer_names else (lambda v=t: v)
+        entries.append(Entry(name, cast, tuple(t.shape), functools.partial(_cast, source, cast)))
+    write_safetensors(directory / "model.safetensors", entries, {"format": "pt"})
+    saved_flags = (config.use_cache, getattr(config, "dtype", None))
+    try:
+        config.use_cache = True
+        config.dtype = target
+        config.save_pretrained(directory)
+    finally:
+        config.use_cache, config.dtype = saved_flags
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _cast(read: Any, dtype: Any) -> Any:
+    return read().to(dtype)
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:

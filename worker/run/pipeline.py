@@ -91,6 +91,20 @@ class RunState:
     zero_masks: Any = None  # ZeroMasks of the pruned model (worker.prune.measure)
     resumer: Resumer = field(default_factory=Resumer)
     device: str = "cpu"
+    store: Any = None  # LayerStore of a layer-streamed model (worker.model.streaming), else None
+
+    def layer_scope(self, layer: int, write: bool = False) -> Any:
+        """A streamed model's layer held in memory (``write``: saved when released); None when not streaming."""
+        return self.store.resident(layer, write)
+
+    @property
+    def scope(self) -> Any:
+        """:meth:`layer_scope` when streaming, else None (what the stages' functions take)."""
+        return self.layer_scope if self.store is not None else None
+
+    @property
+    def streaming(self) -> bool:
+        return (self.report.get("plan") or {}).get("mode") == "streaming"
 
 
 def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resumer | None = None) -> dict[str, Any]:
@@ -140,11 +154,22 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
         raise DataError(exc.message, field=exc.field or data_field(spec, exc.path)) from exc
     finally:
         state.resumer.close()
+        _drop_streamed_layers(state)
     state.report["seconds_total"] = round(time.perf_counter() - t0, 3)
     state.report["attempts"][-1]["checkpoints"] = state.resumer.writes
     _write_report(state)
     progress.done()
     return state.report
+
+
+def _drop_streamed_layers(state: RunState) -> None:
+    """A streamed job's scratch layer files, whether it ended or failed (the exported model has been written)."""
+    import shutil
+
+    if state.store is not None:
+        state.store.close()
+    for name in ("model", "dense"):
+        shutil.rmtree(state.out_dir / f".{name}-layers", ignore_errors=True)
 
 
 def _new_report(spec: JobSpec) -> dict[str, Any]:
@@ -194,25 +219,31 @@ def _write_report(state: RunState) -> None:
 
 def _check_memory(state: RunState, reporter: Reporter) -> None:
     """Pick the device, plan the job's memory and refuse it at once when the plan does not fit."""
-    from worker.run.device import budget, check_plan, job_device, plan_job
+    from worker.run.check import streaming_problem
+    from worker.run.device import budget, choose_plan, job_device
 
     state.device = job_device()
     available = budget(state.device)
-    plan = plan_job(state.spec, state.checked.source, state.checked.config, state.device)
+    checked = state.checked
+    problem = streaming_problem(state.spec, checked.source, checked.dense_source)
+    plan = choose_plan(state.spec, checked.source, checked.config, available, problem)
     state.report["plan"] = plan.to_dict()
     state.report["environment"].update(device=state.device, device_name=available.name,
                                        device_memory_bytes=available.device_bytes)
     reporter.event("plan", {"source": "worker", "device": state.device, "device_name": available.name,
                             "available_bytes": {"device": available.device_bytes, "host": available.host_bytes},
                             "devices": {plan.device: state.report["plan"]}})
-    check_plan(plan, available)
+    if plan.mode == "streaming" and state.resumer.store is not None:
+        state.resumer.close()
+        state.resumer = Resumer()
+        reporter.event("warning", {"message": "layer streaming: this job writes no checkpoints (not yet supported in "
+                                              "streaming mode); a lost worker runs it again from the start"})
 
 
 # ── loading ──────────────────────────────────────────────────────────────────────────────────────────
 
 
 def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
-    from worker.model.load import load_model
 
     spec = state.spec
     source, info, dense_source = state.checked.source, state.checked.info, state.checked.dense_source
@@ -224,20 +255,33 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
 
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
-        model, tokenizer = load_model(dense_source, spec.model.dtype, device=state.device)
-        _measure_dense(state, model, tokenizer, _adapter(model, "model.dense"), progress, reporter)
-        del model
+        model, tokenizer, store = _load(state, dense_source, "dense")
+        _measure_dense(state, model, tokenizer, store.adapter if store else _adapter(model, "model.dense"), progress,
+                       reporter)
+        if store is not None:
+            store.close()
+        del model, store
         _free_memory()
 
     progress(0.4, "loading the model")
-    state.model, state.tokenizer = load_model(source, spec.model.dtype, device=state.device)
-    state.adapter = _adapter(state.model)
+    state.model, state.tokenizer, state.store = _load(state, source, "model")
+    state.adapter = state.store.adapter if state.store is not None else _adapter(state.model)
     state.source = source
     if dense_source is None and spec.pruning.method != "none":
         _measure_dense(state, state.model, state.tokenizer, state.adapter, progress, reporter)
     elif not state.prepared:  # already pruned, and the method needs nothing from a dense model
         _prepare(state, state.model, state.tokenizer, state.adapter, progress)
     _save(state, "prepared", {"method": state.method.state()})
+
+
+def _load(state: RunState, source: Any, name: str) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, LayerStore or None): the whole model, or its layers streamed as the plan chose."""
+    from worker.model.load import load_model, load_streamed_model
+
+    if state.streaming:
+        return load_streamed_model(source, state.spec.model.dtype, state.device, state.out_dir / f".{name}-layers")
+    model, tokenizer = load_model(source, state.spec.model.dtype, device=state.device)
+    return model, tokenizer, None
 
 
 def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None:
@@ -353,10 +397,12 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         calibration,
         progress=lambda f, m: progress(0.75 * f, m),
         should_stop=reporter.cancel_requested,
+        layer_scope=(lambda i: state.layer_scope(i, write=True)) if state.store is not None else None,
     )
     state.report["pruning"] = summary
-    _save(state, "pruned", {"weights": {n: lin.weight for n, lin in state.adapter.named_prunable_linears()}},
-          copy=("weights",))
+    if state.store is None:  # a streamed job writes no checkpoints
+        _save(state, "pruned", {"weights": {n: lin.weight for n, lin in state.adapter.named_prunable_linears()}},
+              copy=("weights",))
     _after_pruned(state, progress, reporter)
 
 
@@ -364,8 +410,8 @@ def _after_pruned(state: RunState, progress: StageProgress, reporter: Reporter) 
     """Sparsity and metrics of the pruned model (given already pruned, or just pruned)."""
     from worker.prune.measure import measure_sparsity, zero_masks
 
-    state.report["sparsity"] = measure_sparsity(state.adapter, nm=state.spec.pruning.nm)
-    state.zero_masks = zero_masks(state.adapter)
+    state.report["sparsity"] = measure_sparsity(state.adapter, nm=state.spec.pruning.nm, layer_scope=state.scope)
+    state.zero_masks = zero_masks(state.adapter, state.scope)
     reporter.metrics({"sparsity": state.report["sparsity"]["overall"]})
     checkpoint(reporter)
     if state.resumer.reached("pruned-evaluated"):  # its metrics came back with the report
@@ -420,7 +466,13 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
     batches = training_batches(state.tokenizer, spec.data.train, spec.restoration, spec.seed)
     control = TrainControl(progress=step_progress, should_stop=reporter.cancel_requested,
                            resume=state.resumer.train_state(), save=state.resumer.train_saver(lambda: state.report))
-    stats = method.train(state, batches, control)
+    if state.store is not None:  # each layer recomputed from its input in the backward, one at a time
+        from worker.model.streaming import checkpointed_layers
+
+        with checkpointed_layers(state.store):
+            stats = method.train(state, batches, control)
+    else:
+        stats = method.train(state, batches, control)
     method.report.update(
         method=spec.restoration.method,
         trainable_params=stats["trainable_params"],
@@ -467,13 +519,22 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     from worker.run.export import export_model, write_plots
 
     progress(0.1, "checking sparsity")
-    identical = state.zero_masks is not None and not state.zero_masks.differs(state.adapter)
+    identical = state.zero_masks is not None and not state.zero_masks.differs(state.adapter, state.scope)
     state.report.setdefault("checks", {})["zeros_identical"] = identical
     if not identical:
         raise JobFailure("internal check failed: the restored model lost pruned zeros")
     state.report["output"] = {"primary": "model/", "dtype": state.spec.output.dtype}
     progress(0.3, "saving the model")
-    export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
+    if state.store is not None:
+        from worker.restore.offsets.merge import export_config
+        from worker.run.export import export_streamed
+
+        merged = restoration_method(state.spec.restoration.method).trains
+        config = export_config(state.model.config) if merged else None
+        export_streamed(state.model, state.store, state.tokenizer, state.out_dir / "model", state.spec.output.dtype,
+                        config)
+    else:
+        export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
     if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero: check what was written
         progress(0.6, "checking the saved weights' zeros")
         if not _saved_zeros_match(state.out_dir / "model", state.zero_masks):

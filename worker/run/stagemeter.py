@@ -20,13 +20,22 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def rss_bytes() -> int:
+    return rss_pair()[0]
+
+
+def rss_pair() -> tuple[int, int]:
+    """(resident set, its part not backed by files): the second leaves out pages of memory-mapped files (a
+    streamed model's safetensors), which the kernel can drop and read again."""
     try:
         with open("/proc/self/statm", encoding="ascii") as fh:
-            return int(fh.read().split()[1]) * _PAGE
+            fields = fh.read().split()
+        resident, shared = int(fields[1]) * _PAGE, int(fields[2]) * _PAGE
+        return resident, resident - shared
     except OSError:  # not Linux: fall back to the lifetime peak
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -59,22 +68,28 @@ class _PeakSampler(threading.Thread):
     def __init__(self, interval: float = 0.05):
         super().__init__(daemon=True)
         self.interval = interval
-        self.peak = rss_bytes()
+        self.peak, self.peak_anon = rss_pair()
         self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        rss, anon = rss_pair()
+        self.peak, self.peak_anon = max(self.peak, rss), max(self.peak_anon, anon)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            self.sample()
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._stop_event.set()
         self.join()
-        return max(self.peak, rss_bytes())
+        self.sample()
+        return self.peak, self.peak_anon
 
 
 class StageMeter:
-    """Collects ``{stage: {"seconds", "peak_rss_mb", "start_rss_mb", "peak_gpu_mb"?}}``; the resident set at the
-    stage's start is what earlier stages left in memory."""
+    """Collects ``{stage: {"seconds", "peak_rss_mb", "peak_anon_mb", "start_rss_mb", "peak_gpu_mb"?}}``; the
+    resident set at the stage's start is what earlier stages left in memory, its anonymous part what is not a page
+    of a memory-mapped file."""
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, Any]] = {}
@@ -96,11 +111,12 @@ class StageMeter:
             yield
         finally:
             seconds = time.perf_counter() - t0
-            peak = sampler.stop()
+            peak, anon = sampler.stop()
             entry = self.stages.setdefault(
                 name, {"seconds": 0.0, "peak_rss_mb": 0.0, "start_rss_mb": round(start / 2**20, 1)})
             entry["seconds"] = round(entry["seconds"] + seconds, 3)
             entry["peak_rss_mb"] = round(max(entry["peak_rss_mb"], peak / 2**20), 1)
+            entry["peak_anon_mb"] = round(max(entry.get("peak_anon_mb", 0.0), anon / 2**20), 1)
             if cuda:
                 gpu = torch.cuda.max_memory_allocated() / 2**20
                 entry["peak_gpu_mb"] = round(max(entry.get("peak_gpu_mb", 0.0), gpu), 1)

@@ -17,8 +17,8 @@ merged model to that single rounding in every dtype (see :func:`merge_reference`
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,12 @@ from worker.restore.offsets.heads import HeadOffsets, check_compatible
 BIAS_BY_CONFIG = ("llama", "qwen3", "gemma2", "gemma3_text")
 AS_LLAMA = ("mistral", "qwen2")
 _QKV = ("q_proj", "k_proj", "v_proj")
+# A streamed model's layers are in memory only inside ``layer_scope(layer, write)`` (worker.model.streaming).
+LayerScope = Callable[[int, bool], AbstractContextManager[Any]]
+
+
+def _scope(layer_scope: LayerScope | None, layer: int, write: bool = False) -> AbstractContextManager[Any]:
+    return layer_scope(layer, write) if layer_scope is not None else nullcontext()
 # Keys of a Mistral/Qwen2 config that have no meaning for Llama (checked by check_mergeable first).
 _DROP_FOR_LLAMA = {
     "model_type", "architectures", "transformers_version", "auto_map",
@@ -96,31 +102,49 @@ def _row_abs_sums(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def add_o_proj_biases(adapter: DecoderAdapter, offsets: HeadOffsets) -> None:
-    """In place: o_proj.bias += W_O · concat_h(c_h) on every layer with chosen heads.
+def add_o_proj_biases(adapter: DecoderAdapter, offsets: HeadOffsets, layer_scope: LayerScope | None = None,
+                      zero_biases: bool = False) -> None:
+    """In place: o_proj.bias += W_O · concat_h(c_h) on every layer with chosen heads; with ``zero_biases``, every
+    layer's q/k/v/o_proj gets a zero bias where it has none (what ``attention_bias=True`` builds).
 
     Summed in float64 and rounded once to the bias dtype: the stored bias is the exact one up to that rounding.
     """
     check_compatible(adapter, offsets)
     consts = offsets.constants().detach().double()
-    for layer in offsets.layers:
-        o = adapter.o_proj(layer)
-        total = _matmul64(o.weight, offsets.layer_vector(layer, consts))
-        if o.bias is None:
-            o.bias = nn.Parameter(total.to(o.weight.dtype), requires_grad=False)
-        else:
-            o.bias.copy_((o.bias.double() + total).to(o.bias.dtype))
+    chosen = set(offsets.layers)
+    for layer in range(adapter.info.num_layers):
+        if layer not in chosen and not zero_biases:
+            continue
+        with _scope(layer_scope, layer, write=True):
+            o = adapter.o_proj(layer)
+            if layer in chosen:
+                total = _matmul64(o.weight, offsets.layer_vector(layer, consts))
+                if o.bias is None:
+                    o.bias = nn.Parameter(total.to(o.weight.dtype), requires_grad=False)
+                else:
+                    o.bias.copy_((o.bias.double() + total).to(o.bias.dtype))
+            if zero_biases:
+                attn = adapter.attention(layer)
+                for name in (*_QKV, "o_proj"):
+                    _zero_bias(getattr(attn, name))
 
 
-def _as_llama(model: nn.Module) -> nn.Module:
-    """A LlamaForCausalLM sharing ``model``'s tensors (biases already on every q/k/v/o_proj)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_config(src: Any) -> Any:
+    from transformers import LlamaConfig
 
-    src = model.config
     kw = {k: v for k, v in src.to_dict().items() if k not in _DROP_FOR_LLAMA}
     kw.update(attention_bias=True, mlp_bias=False)
     cfg = LlamaConfig(**kw)
     cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def _as_llama(model: nn.Module) -> nn.Module:
+    """A LlamaForCausalLM sharing ``model``'s tensors (biases already on every q/k/v/o_proj)."""
+    from transformers import LlamaForCausalLM
+
+    src = model.config
+    cfg = _llama_config(src)
     with torch.device("meta"):
         new = LlamaForCausalLM(cfg)
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False, assign=True)
@@ -143,22 +167,28 @@ def _as_llama(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_into_o_proj(model: nn.Module, adapter: DecoderAdapter, offsets: HeadOffsets) -> nn.Module:
+def merge_into_o_proj(model: nn.Module, adapter: DecoderAdapter, offsets: HeadOffsets,
+                      layer_scope: LayerScope | None = None) -> nn.Module:
     """Merge ``offsets`` into o_proj biases; return the model to save.
 
     ``model`` is modified in place (biases added). The return value is ``model`` itself for
-    llama/qwen3/gemma2/gemma3_text, and a LlamaForCausalLM sharing the same tensors for mistral/qwen2.
+    llama/qwen3/gemma2/gemma3_text, and a LlamaForCausalLM sharing the same tensors for mistral/qwen2 — except for a
+    streamed model (``layer_scope`` given), which stays what it is (it computes the same with its new biases) and
+    is written out with :func:`export_config`.
     """
     check_mergeable(model.config)
-    add_o_proj_biases(adapter, offsets)
-    for layer in range(adapter.info.num_layers):
-        attn = adapter.attention(layer)
-        for name in (*_QKV, "o_proj"):
-            _zero_bias(getattr(attn, name))
+    add_o_proj_biases(adapter, offsets, layer_scope, zero_biases=True)
     if model.config.model_type in BIAS_BY_CONFIG:
         model.config.attention_bias = True
         return model
-    return _as_llama(model)
+    return model if layer_scope is not None else _as_llama(model)
+
+
+def export_config(config: Any) -> Any:
+    """The config a merged model is saved with: its own (attention_bias set) or, for mistral/qwen2, Llama's."""
+    if config.model_type in BIAS_BY_CONFIG:
+        return config
+    return _llama_config(config)
 
 
 # ── merge check ────────────────────────────────────────────────────────────────────────────────
@@ -258,24 +288,30 @@ def _hooked_outputs(
 
 @torch.no_grad()
 def merge_reference(
-    adapter: DecoderAdapter, offsets: HeadOffsets, inputs: dict[int, torch.Tensor] | None = None
+    adapter: DecoderAdapter, offsets: HeadOffsets, inputs: dict[int, torch.Tensor] | None = None,
+    layer_scope: LayerScope | None = None,
 ) -> list[LayerReference]:
     """Per layer, what the merged o_proj must compute (call before merging; ``inputs``: layer → o_proj inputs z)."""
     check_compatible(adapter, offsets)
     consts = offsets.constants().detach().double()
     refs = []
     for layer in range(adapter.info.num_layers):
-        o = adapter.o_proj(layer)
-        heads = _head_columns(offsets, layer)
-        c = consts.to(o.weight.device)
-        bias, bias_slack = _expected_bias(o.weight, o.bias, c, heads)
-        z = (inputs or {}).get(layer)
-        outputs = output_slack = None
-        if z is not None:
-            z = z.detach().reshape(-1, o.in_features).clone()
-            outputs, output_slack = _hooked_outputs(o.weight, o.bias, c, heads, z)
-        refs.append(LayerReference(bias, bias_slack, z, outputs, output_slack))
+        with _scope(layer_scope, layer):
+            refs.append(_layer_reference(adapter.o_proj(layer), offsets, consts, layer, inputs))
     return refs
+
+
+def _layer_reference(o: nn.Linear, offsets: HeadOffsets, consts: torch.Tensor, layer: int,
+                     inputs: dict[int, torch.Tensor] | None) -> LayerReference:
+    heads = _head_columns(offsets, layer)
+    c = consts.to(o.weight.device)
+    bias, bias_slack = _expected_bias(o.weight, o.bias, c, heads)
+    z = (inputs or {}).get(layer)
+    outputs = output_slack = None
+    if z is not None:
+        z = z.detach().reshape(-1, o.in_features).clone()
+        outputs, output_slack = _hooked_outputs(o.weight, o.bias, c, heads, z)
+    return LayerReference(bias, bias_slack, z, outputs, output_slack)
 
 
 def _rel_err(got: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, slack: torch.Tensor, unit: float) -> float:
@@ -303,7 +339,8 @@ def _layer_errors(o: nn.Linear, ref: LayerReference, layer: int) -> tuple[float,
 
 
 @torch.no_grad()
-def check_merge(adapter: DecoderAdapter, refs: Sequence[LayerReference]) -> MergeCheck:
+def check_merge(adapter: DecoderAdapter, refs: Sequence[LayerReference], layer_scope: LayerScope | None = None
+                ) -> MergeCheck:
     """Compare the merged model's o_proj biases and outputs with ``refs``; raise MergeCheckError naming the layer."""
     if len(refs) != adapter.info.num_layers:
         raise MergeCheckError(f"internal check failed: the merge reference has {len(refs)} layers, "
@@ -311,14 +348,16 @@ def check_merge(adapter: DecoderAdapter, refs: Sequence[LayerReference]) -> Merg
     bias_max = out_max = 0.0
     allowed = 1.0
     for layer, ref in enumerate(refs):
-        o = adapter.o_proj(layer)
-        bias_err, out_err, unit = _layer_errors(o, ref, layer)
+        with _scope(layer_scope, layer):
+            o = adapter.o_proj(layer)
+            bias_err, out_err, unit = _layer_errors(o, ref, layer)
+            dtype = str(o.bias.dtype).removeprefix("torch.")
         for what, err in (("bias", bias_err), ("output on real inputs", out_err)):
             if not err <= unit:
                 raise MergeCheckError(
                     f"internal check failed: layer {layer}: the merged o_proj {what} is off by {err:.3g} relative "
                     f"to the float64 reference (original weights, fp32 head constants); allowed {unit:.3g}, "
-                    f"one rounding to {str(o.bias.dtype).removeprefix('torch.')}"
+                    f"one rounding to {dtype}"
                 )
         bias_max, out_max, allowed = max(bias_max, bias_err), max(out_max, out_err), min(allowed, unit)
     return MergeCheck(bias_max, out_max, allowed)

@@ -80,9 +80,10 @@ class OffsetMethod(RestoreMethod):
         assert self.offsets is not None
         with capture_o_proj_inputs(job.adapter) as inputs, inject(job.adapter, self.offsets):
             hooked = logits(job.model, check)
-        reference = merge_reference(job.adapter, self.offsets, inputs)
+        scope = getattr(job, "scope", None)  # a streamed model's layers come into memory one at a time
+        reference = merge_reference(job.adapter, self.offsets, inputs, layer_scope=scope)
         self.report["model_type"] = job.adapter.info.model_type  # before a Mistral/Qwen2 model becomes Llama
-        job.model = merging.merge_into_o_proj(job.model, job.adapter, self.offsets)
+        job.model = merging.merge_into_o_proj(job.model, job.adapter, self.offsets, layer_scope=scope)
         job.adapter = DecoderAdapter(job.model)
         merged = logits(job.model, check)
         max_abs, token_rel = logit_differences(hooked, merged, check.attention_mask)
@@ -90,7 +91,7 @@ class OffsetMethod(RestoreMethod):
         checks = job.report.setdefault("checks", {})
         checks.update(merged_vs_hooked_max_abs_diff=max_abs, merged_vs_hooked_max_token_rel_diff=token_rel,
                       merged_vs_hooked_token_rel_tolerance=tol)
-        result = check_merge(job.adapter, reference)  # raises MergeCheckError naming the layer
+        result = check_merge(job.adapter, reference, layer_scope=scope)  # raises MergeCheckError naming the layer
         checks.update(merge_bias_max_rel_err=result.bias_max_rel_err,
                       merge_o_proj_max_rel_err=result.output_max_rel_err, merge_rel_tolerance=result.tolerance)
         if not token_rel <= tol:

@@ -1,0 +1,124 @@
+"""Layer streaming computes what the whole model computes, one decoder layer in memory at a time: logits, pruning
+(every method), head captures and training, each compared bit for bit with the model loaded whole (float32)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from app.schemas import PruningSpec
+from tests.tiny import SUPPORTED_KINDS, instruction_batches, instruction_rows, make_tokenizer, save_tiny
+from worker.model.arch import DecoderAdapter
+from worker.model.calibration import build_calibration_batches
+from worker.model.streaming import checkpointed_layers, load_streamed
+from worker.prune.runner import prune_model
+from worker.restore.offsets.merge import check_merge, export_config, merge_into_o_proj, merge_reference
+from worker.restore.offsets.train import train_offsets
+from worker.restore.restorelcc.capture import build_probe_inputs, capture_head_outputs
+from worker.restore.restorelcc.steps import make_offsets
+from worker.run.export import export_model, export_streamed
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streaming")
+    return {kind: save_tiny(kind, root / kind) for kind in SUPPORTED_KINDS}
+
+
+def both(saved, kind, tmp_path):
+    whole = AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32).eval()
+    streamed, store = load_streamed(saved[kind], torch.float32, "cpu", tmp_path / "scratch")
+    return whole, streamed, store
+
+
+@pytest.mark.parametrize("kind", SUPPORTED_KINDS)
+def test_logits_are_the_whole_models(saved, kind, tmp_path):
+    whole, streamed, store = both(saved, kind, tmp_path)
+    ids = torch.randint(0, 300, (3, 21), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0
+    with torch.no_grad():
+        expected = whole(input_ids=ids, attention_mask=mask).logits
+        got = streamed(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(expected, got)
+    assert store.most_loaded == 1 and not store.loaded
+    assert all(p.is_meta for p in store.adapter.layers[0].parameters())
+
+
+@pytest.mark.parametrize(("kind", "method", "pattern"), [("llama", "wanda", "unstructured"),
+                                                         ("gemma3", "sparsegpt", "2:4"),
+                                                         ("qwen2", "magnitude", "unstructured")])
+def test_pruning_writes_the_whole_models_weights(saved, kind, method, pattern, tmp_path):
+    whole, streamed, store = both(saved, kind, tmp_path)
+    spec = PruningSpec(method=method, pattern=pattern)
+    texts = [r["prompt"] + r["response"] for r in instruction_rows(24)]
+    calibration = build_calibration_batches(make_tokenizer(), texts, n_samples=8, seq_len=32, batch_size=4, seed=0)
+    prune_model(whole, DecoderAdapter(whole), spec, calibration)
+    prune_model(streamed, store.adapter, spec, calibration, layer_scope=lambda i: store.resident(i, write=True))
+    assert store.most_loaded == 1 and not store.loaded
+    expected = whole.state_dict()
+    layers = [n for n in expected if n.startswith("model.layers.")]
+    for name in layers:
+        assert torch.equal(store.state_tensor(name), expected[name]), name
+    assert {store.files[n].parent for n in layers} == {tmp_path / "scratch"}
+    assert len(list((tmp_path / "scratch").glob("*.safetensors"))) == len(store.adapter.layers)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(whole(input_ids=ids).logits, streamed(input_ids=ids).logits)
+
+
+def test_captures_are_the_whole_models(saved, tmp_path):
+    whole, streamed, store = both(saved, "gqa", tmp_path)
+    pairs = [(r["prompt"], r["response"]) for r in instruction_rows(12)]
+    probe = build_probe_inputs(make_tokenizer(), pairs, max_len=64, batch_size=4)
+    expected = capture_head_outputs(whole, DecoderAdapter(whole), probe.prompt)
+    assert torch.equal(capture_head_outputs(streamed, store.adapter, probe.prompt), expected)
+    assert store.most_loaded == 1
+
+
+def test_training_with_layers_recomputed_is_the_whole_models(saved, tmp_path):
+    whole, streamed, store = both(saved, "gqa", tmp_path)
+    heads = [(0, 1), (1, 0), (1, 3)]
+    a = make_offsets(heads, DecoderAdapter(whole).info, None, seed=0)
+    b = copy.deepcopy(a)
+    batches = instruction_batches(8, 4)
+    expected = train_offsets(whole, DecoderAdapter(whole), a, batches, lr=5e-2, max_steps=4, seed=0)
+    with checkpointed_layers(store):
+        got = train_offsets(streamed, store.adapter, b, batches, lr=5e-2, max_steps=4, seed=0)
+    assert got["loss_curve"] == expected["loss_curve"]
+    assert torch.equal(a.b, b.b)
+    assert store.most_loaded <= 2 and not store.loaded  # the layer being recomputed, and the one its graph holds
+    assert "forward" not in store.adapter.layers[0].__dict__
+    assert all(not p.requires_grad for p in streamed.parameters())
+
+
+@pytest.mark.parametrize("kind", SUPPORTED_KINDS)
+def test_merged_and_exported_byte_for_byte_as_the_whole_model(saved, kind, tmp_path):
+    whole, streamed, store = both(saved, kind, tmp_path)
+    info = DecoderAdapter(whole).info
+    offsets = make_offsets([(0, 1), (info.num_layers - 1, 0)], info, None, seed=0)
+    with torch.no_grad():
+        offsets.b.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    adapter = DecoderAdapter(whole)
+    expected_ref = merge_reference(adapter, offsets)
+    merged = merge_into_o_proj(whole, adapter, offsets)
+    check_merge(DecoderAdapter(merged), expected_ref)
+    export_model(merged, make_tokenizer(), tmp_path / "whole")
+
+    scope = store.resident
+    refs = merge_reference(store.adapter, offsets, layer_scope=scope)
+    assert merge_into_o_proj(streamed, store.adapter, offsets, layer_scope=scope) is streamed
+    check_merge(store.adapter, refs, layer_scope=scope)
+    export_streamed(streamed, store, make_tokenizer(), tmp_path / "streamed", config=export_config(streamed.config))
+    assert store.most_loaded == 1 and not store.loaded
+    a, b = tmp_path / "whole", tmp_path / "streamed"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(b)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
