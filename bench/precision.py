@@ -54,7 +54,9 @@ def measure(dtype: str, seed: int, a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ppl(r: dict[str, Any], which: str, key: str) -> float:
-    return r["metrics"][which][key]["ppl"]
+    """Perplexity of set ``key`` (response perplexity for instruction sets) of the ``which`` model."""
+    got = r["metrics"][which][key]
+    return got["response_ppl"] if "response_ppl" in got else got["ppl"]
 
 
 def render(results: list[dict[str, Any]], command: str) -> str:

@@ -73,6 +73,12 @@ class ConsoleReporter:
     def event(self, kind: str, data: dict[str, Any]) -> None:
         if kind in ("warning", "info") and "message" in data:
             self._write(f"\n  {kind}: {data['message']}\n")
+        elif kind == "plan":
+            plan = next(iter(data["devices"].values()))
+            peak = plan["peak"]
+            need, have = peak["device_bytes"] / 2**30, data["available_bytes"]["device"] / 2**30
+            self._write(f"\n  memory plan: {plan['mode']} model on {data['device']}, peak {need:.2f} GiB "
+                        f"({peak['device_stage']}) of {have:.2f} GiB\n")
         elif kind == "resumed":
             step = f", step {data['step']}" if data.get("step") is not None else ""
             self._write(f"\n  resuming from the checkpoint taken at {data['checkpoint']} ({data['stage']}{step})\n")

@@ -71,10 +71,11 @@ def test_a_device_the_worker_lacks_is_a_failure_not_a_fallback(tmp_path, tiny_as
 
 
 def test_the_service_fails_a_job_that_does_not_fit_and_keeps_the_workers_plan(tmp_path, tiny_assets):
+    (tmp_path / "state").mkdir()
     with serving(tmp_path / "state", tiny_assets.root, RESTORELCC_MAX_DEVICE_MEMORY="64MiB") as service:
         key = (service["data_dir"] / "local.key").read_text().strip()
         with Client(service["url"], api_key=key) as c:
-            job = c.submit(tiny_assets.spec())
+            job = c.create(tiny_assets.spec())
             assert job.plan is not None and job.plan["source"] in ("submit", "worker")
 
             def ended():

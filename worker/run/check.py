@@ -3,6 +3,7 @@ spec says and of a supported shape, N:M fits, a dense reference matches, and the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ class CheckedJob:
     config: Any = None  # the model's transformers config (what the memory plan reads)
 
 
-def check_job(spec: JobSpec) -> CheckedJob:
+def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = None) -> CheckedJob:
     """Everything that can be checked without weights: data files, the model's location and architecture,
     N:M fit, the dense reference's shape, the restoration method's own checks. Raises a JobFailure naming the
-    field."""
+    field. ``on_config`` sees the job once its config is read, before the method's preflight (which imports
+    transformers): the memory plan, so that a job that cannot fit is refused in seconds."""
     from worker.model.load import checked_config, preflight, resolve_source
 
     rows = check_data_files(spec)
@@ -37,6 +39,8 @@ def check_job(spec: JobSpec) -> CheckedJob:
         if dense_info != info:
             raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
                             field="model.dense")
+    if on_config is not None:
+        on_config(CheckedJob(source, info, dense_source, None, config))
     from worker.restore.method import Preflight  # torch: only once the cheap checks have passed
     from worker.restore.registry import method_for
 

@@ -21,7 +21,7 @@ from typing import Any
 from app.methods import PRUNING_METHODS, restoration_method
 from app.plan import planned_stages
 from app.schemas import JobSpec, Stage
-from worker.errors import DataError, JobFailure, OutOfMemoryFailure, SpecError
+from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
 from worker.run.check import check_job, data_field
 from worker.run.resume import Resumer
@@ -110,7 +110,14 @@ class RunState:
 def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resumer | None = None) -> dict[str, Any]:
     """Run one job; write ``out_dir/{model/, report.json, ...}``; return the report. With ``resumer``, save
     checkpoints and continue from the one it finds."""
-    checked = check_job(spec)  # worker.run.check; before the heavy imports: a bad job is refused in seconds
+    planned: list[MemoryChoice] = []
+    try:  # worker.run.check, before the heavy imports: a bad job, or one that cannot fit, is refused in seconds
+        checked = check_job(spec, on_config=lambda c: planned.append(plan_memory(spec, c, reporter)))
+    except JobFailure:
+        if resumer is not None:
+            resumer.close()
+        raise
+    memory = planned[0]
     import torch
     import transformers
 
@@ -124,7 +131,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     progress = StageProgress(reporter, stages)
     meter = StageMeter()
     state = RunState(spec=spec, out_dir=out_dir, checked=checked, method=checked.method,
-                     resumer=resumer or Resumer())
+                     resumer=resumer or Resumer(), device=memory.device)
 
     runners: dict[Stage, Callable[[RunState, StageProgress, Reporter], None]] = {
         Stage.loading: _stage_loading,
@@ -140,7 +147,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     _start_report(state, meter, reporter)
     t0 = time.perf_counter()
     try:
-        _check_memory(state, reporter)  # before any weight loads
+        _record_memory(state, memory, reporter)
         for stage in stages:
             checkpoint(reporter)
             progress.enter(stage)
@@ -217,23 +224,40 @@ def _write_report(state: RunState) -> None:
     path.write_text(json.dumps(state.report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _check_memory(state: RunState, reporter: Reporter) -> None:
-    """Pick the device, plan the job's memory and refuse it at once when the plan does not fit."""
-    from worker.run.check import streaming_problem
-    from worker.run.device import budget, choose_plan, job_device
+@dataclass(frozen=True)
+class MemoryChoice:
+    device: str
+    available: Any  # DeviceBudget
+    plan: Any  # app.plan.Plan
 
-    state.device = job_device()
-    available = budget(state.device)
-    checked = state.checked
-    problem = streaming_problem(state.spec, checked.source, checked.dense_source)
-    plan = choose_plan(state.spec, checked.source, checked.config, available, problem)
-    state.report["plan"] = plan.to_dict()
-    state.report["environment"].update(device=state.device, device_name=available.name,
-                                       device_memory_bytes=available.device_bytes)
-    reporter.event("plan", {"source": "worker", "device": state.device, "device_name": available.name,
-                            "available_bytes": {"device": available.device_bytes, "host": available.host_bytes},
-                            "devices": {plan.device: state.report["plan"]}})
-    if plan.mode == "streaming" and state.resumer.store is not None:
+
+def plan_memory(spec: JobSpec, checked: Any, reporter: Reporter) -> MemoryChoice:
+    """Pick the device and plan the job's memory (whole or streamed), sent as a ``plan`` event; a plan that does not
+    fit fails the job here, before any weight loads (InsufficientMemoryFailure)."""
+    from worker.run.check import streaming_problem
+    from worker.run.device import budget, choose_plan, job_device, plan_job
+
+    device = job_device()
+    available = budget(device)
+    problem = streaming_problem(spec, checked.source, checked.dense_source)
+    event = {"source": "worker", "device": device, "device_name": available.name,
+             "available_bytes": {"device": available.device_bytes, "host": available.host_bytes}}
+    try:
+        plan = choose_plan(spec, checked.source, checked.config, available, problem)
+    except InsufficientMemoryFailure:
+        whole = plan_job(spec, checked.source, checked.config, device)
+        reporter.event("plan", event | {"devices": {whole.device: whole.to_dict()}})
+        raise
+    reporter.event("plan", event | {"devices": {plan.device: plan.to_dict()}})
+    return MemoryChoice(device, available, plan)
+
+
+def _record_memory(state: RunState, memory: MemoryChoice, reporter: Reporter) -> None:
+    """The plan in the report; a streamed job's checkpoints turned off (not yet supported there), saying so."""
+    state.report["plan"] = memory.plan.to_dict()
+    state.report["environment"].update(device=memory.device, device_name=memory.available.name,
+                                       device_memory_bytes=memory.available.device_bytes)
+    if memory.plan.mode == "streaming" and state.resumer.store is not None:
         state.resumer.close()
         state.resumer = Resumer()
         reporter.event("warning", {"message": "layer streaming: this job writes no checkpoints (not yet supported in "
