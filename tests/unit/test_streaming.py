@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from app.schemas import PruningSpec
-from tests.tiny import SUPPORTED_KINDS, instruction_batches, instruction_rows, make_tokenizer, save_tiny
+from tests.tiny import SUPPORTED_KINDS, instruction_batches, instruction_rows, make_model, make_tokenizer, save_tiny
 from worker.model.arch import DecoderAdapter
 from worker.model.calibration import build_calibration_batches
 from worker.model.streaming import checkpointed_layers, load_streamed
@@ -122,3 +122,35 @@ def test_merged_and_exported_byte_for_byte_as_the_whole_model(saved, kind, tmp_p
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, merged(input_ids=ids).logits)
+
+
+def test_auto_dtype_is_the_one_the_whole_model_loads_in(tmp_path):
+    from worker.model.load import load_model, load_streamed_model, resolve_source
+
+    model = make_model("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    source = resolve_source(str(tmp_path / "m"))
+    whole, _ = load_model(source, "auto")
+    streamed, _, store = load_streamed_model(source, "auto", "cpu", tmp_path / "scratch")
+    assert whole.dtype == streamed.dtype == store.dtype == torch.bfloat16
+
+
+def test_a_hub_model_may_stream_and_a_gguf_may_not(tmp_path):
+    from types import SimpleNamespace
+
+    from app.schemas import JobSpec
+    from worker.run.check import streaming_problem
+
+    spec = JobSpec.model_validate({"model": {"id": "org/model"}, "data": {"train": "/t.jsonl"}})
+    hub = SimpleNamespace(kind="hf", repo_id="org/model", path=tmp_path / "nothing-yet", field="model.id")
+    gguf = SimpleNamespace(kind="gguf", repo_id=None, path=tmp_path / "m.gguf", field="model.id")
+    assert streaming_problem(spec, hub, None) is None
+    assert "GGUF" in streaming_problem(spec, gguf, None)
+    lora = JobSpec.model_validate({"model": {"id": "org/model"}, "data": {"train": "/t.jsonl"},
+                                   "restoration": {"method": "lora"}})
+    assert "'lora' does not run on a streamed model" in streaming_problem(lora, hub, None)

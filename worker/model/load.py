@@ -557,10 +557,11 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
     if source.kind == "gguf":
         raise UnsupportedModelError(f"{source.model_id}: a GGUF model cannot be streamed", source.field)
     path = _ensure_hub_weights(source) if source.repo_id else source.path
-    if dtype == "auto":
+    if dtype == "auto":  # what from_pretrained(dtype="auto") picks: the config's, else the weights' own
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-        name = config.get("dtype") or config.get("torch_dtype") or "float32"
-        torch_dtype = getattr(torch, _DTYPES.get(name, "float32"))
+        text = config.get("text_config") or {}
+        name = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+        torch_dtype = getattr(torch, _DTYPES[name]) if name in _DTYPES else _stored_dtype(Path(path))
     else:
         torch_dtype = _torch_dtype(dtype)
     with _reading(source, "weights"):
@@ -569,3 +570,20 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
         tokenizer = AutoTokenizer.from_pretrained(path)
     ensure_pad_token(tokenizer)
     return model, tokenizer, store
+
+
+def _stored_dtype(model_dir: Path) -> Any:
+    """The floating dtype of the first weight stored in ``model_dir``'s safetensors."""
+    import torch
+    from safetensors import safe_open
+
+    from worker.model.streaming import weight_files
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    files = weight_files(model_dir)
+    for name in sorted(files):
+        with safe_open(str(files[name]), framework="pt") as fh:
+            stored = names.get(fh.get_slice(name).get_dtype())
+        if stored is not None:
+            return torch.float32 if stored == torch.float64 else stored
+    return torch.float32

@@ -39,6 +39,10 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
         if dense_info != info:
             raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
                             field="model.dense")
+    if spec.model.streaming == "on":
+        problem = streaming_problem(spec, source, dense_source)
+        if problem is not None:
+            raise SpecError(f"model.streaming 'on': {problem}", field="model.streaming")
     if on_config is not None:
         on_config(CheckedJob(source, info, dense_source, None, config))
     from worker.restore.method import Preflight  # torch: only once the cheap checks have passed
@@ -46,10 +50,6 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
 
     method = method_for(spec)
     method.preflight(Preflight(info, config, rows.get("data.train")))
-    if spec.model.streaming == "on":
-        problem = streaming_problem(spec, source, dense_source)
-        if problem is not None:
-            raise SpecError(f"model.streaming 'on': {problem}", field="model.streaming")
     return CheckedJob(source, info, dense_source, method, config)
 
 
@@ -62,6 +62,8 @@ def streaming_problem(spec: JobSpec, source: Any, dense_source: Any) -> str | No
             continue
         if src.kind == "gguf":
             return f"{src.field} is a GGUF file; streaming reads safetensors (convert the model first)"
+        if src.repo_id:  # a hub model's weights arrive when it loads; a repo without safetensors fails there
+            continue
         path = src.path
         if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
             return f"{src.field} has no safetensors weights to stream from"

@@ -57,6 +57,9 @@ def host_available_bytes() -> int:
             text = fh.read().strip()
         with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
             used = int(fh.read().strip())
+        with open("/sys/fs/cgroup/memory.stat", encoding="ascii") as fh:  # page cache the kernel can drop
+            cache = next((int(ln.split()[1]) for ln in fh if ln.startswith("inactive_file ")), 0)
+        used -= cache
         if text != "max":
             available = min(available, int(text) - used)
     except (OSError, ValueError):

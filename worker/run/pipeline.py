@@ -118,6 +118,11 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
             resumer.close()
         raise
     memory = planned[0]
+    if memory.plan.mode == "streaming" and resumer is not None and resumer.store is not None:
+        resumer.close()  # before the report is started: a streamed run neither resumes nor checkpoints
+        resumer = Resumer()
+        reporter.event("warning", {"message": "layer streaming: this job writes no checkpoints (not yet supported in "
+                                              "streaming mode); a lost worker runs it again from the start"})
     import torch
     import transformers
 
@@ -129,7 +134,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = planned_stages(spec)
     progress = StageProgress(reporter, stages)
-    meter = StageMeter()
+    meter = StageMeter(memory.device)
     state = RunState(spec=spec, out_dir=out_dir, checked=checked, method=checked.method,
                      resumer=resumer or Resumer(), device=memory.device)
 
@@ -244,24 +249,20 @@ def plan_memory(spec: JobSpec, checked: Any, reporter: Reporter) -> MemoryChoice
              "available_bytes": {"device": available.device_bytes, "host": available.host_bytes}}
     try:
         plan = choose_plan(spec, checked.source, checked.config, available, problem)
-    except InsufficientMemoryFailure:
-        whole = plan_job(spec, checked.source, checked.config, device)
-        reporter.event("plan", event | {"devices": {whole.device: whole.to_dict()}})
+    except InsufficientMemoryFailure:  # the plan refused: the streamed one only when streaming was asked for
+        refused = plan_job(spec, checked.source, checked.config, device, streaming=spec.model.streaming == "on")
+        reporter.event("plan", event | {"devices": {refused.device: refused.to_dict()}})
         raise
     reporter.event("plan", event | {"devices": {plan.device: plan.to_dict()}})
     return MemoryChoice(device, available, plan)
 
 
 def _record_memory(state: RunState, memory: MemoryChoice, reporter: Reporter) -> None:
-    """The plan in the report; a streamed job's checkpoints turned off (not yet supported there), saying so."""
+    """The plan and the device in the report."""
     state.report["plan"] = memory.plan.to_dict()
     state.report["environment"].update(device=memory.device, device_name=memory.available.name,
                                        device_memory_bytes=memory.available.device_bytes)
-    if memory.plan.mode == "streaming" and state.resumer.store is not None:
-        state.resumer.close()
-        state.resumer = Resumer()
-        reporter.event("warning", {"message": "layer streaming: this job writes no checkpoints (not yet supported in "
-                                              "streaming mode); a lost worker runs it again from the start"})
+
 
 
 # ── loading ──────────────────────────────────────────────────────────────────────────────────────────

@@ -91,18 +91,19 @@ class StageMeter:
     resident set at the stage's start is what earlier stages left in memory, its anonymous part what is not a page
     of a memory-mapped file."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: str = "cpu") -> None:
         self.stages: dict[str, dict[str, Any]] = {}
+        self.device = device
 
     @contextmanager
     def measure(self, name: str):
         import torch
 
         release_memory()
-        cuda = torch.cuda.is_available()
+        cuda = self.device.startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = rss_bytes()
         sampler = _PeakSampler()
         sampler.start()
@@ -118,5 +119,5 @@ class StageMeter:
             entry["peak_rss_mb"] = round(max(entry["peak_rss_mb"], peak / 2**20), 1)
             entry["peak_anon_mb"] = round(max(entry.get("peak_anon_mb", 0.0), anon / 2**20), 1)
             if cuda:
-                gpu = torch.cuda.max_memory_allocated() / 2**20
+                gpu = torch.cuda.max_memory_allocated(self.device) / 2**20
                 entry["peak_gpu_mb"] = round(max(entry.get("peak_gpu_mb", 0.0), gpu), 1)
