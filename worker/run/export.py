@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +25,22 @@ def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto
     state_dict = None
     if target != original:
         state_dict = {k: (v.to(target) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    config = model.config
+    with _saving(model.config, target):
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@contextmanager
+def _saving(config: Any, dtype: Any) -> Iterator[None]:
+    """``config`` as a saved model has it: the KV cache on (generation expects it) and ``dtype``; restored after."""
     saved_flags = (config.use_cache, getattr(config, "dtype", None))
     try:
         config.use_cache = True
-        config.dtype = target
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+        config.dtype = dtype
+        yield
     finally:
         config.use_cache, config.dtype = saved_flags
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dtype: str = "auto",
@@ -59,13 +67,8 @@ def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dty
         source = functools.partial(store.state_tensor, name) if name in layer_names else (lambda v=t: v)
         entries.append(Entry(name, cast, tuple(t.shape), functools.partial(_cast, source, cast)))
     write_safetensors(directory / "model.safetensors", entries, {"format": "pt"})
-    saved_flags = (config.use_cache, getattr(config, "dtype", None))
-    try:
-        config.use_cache = True
-        config.dtype = target
+    with _saving(config, target):
         config.save_pretrained(directory)
-    finally:
-        config.use_cache, config.dtype = saved_flags
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(directory)

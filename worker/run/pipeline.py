@@ -94,7 +94,7 @@ class RunState:
     store: Any = None  # LayerStore of a layer-streamed model (worker.model.streaming), else None
 
     def layer_scope(self, layer: int, write: bool = False) -> Any:
-        """A streamed model's layer held in memory (``write``: saved when released); None when not streaming."""
+        """A streamed model's layer held in memory (``write``: saved when released); only while streaming."""
         return self.store.resident(layer, write)
 
     @property
@@ -152,7 +152,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     _start_report(state, meter, reporter)
     t0 = time.perf_counter()
     try:
-        _record_memory(state, memory, reporter)
+        _record_memory(state, memory)
         for stage in stages:
             checkpoint(reporter)
             progress.enter(stage)
@@ -257,7 +257,7 @@ def plan_memory(spec: JobSpec, checked: Any, reporter: Reporter) -> MemoryChoice
     return MemoryChoice(device, available, plan)
 
 
-def _record_memory(state: RunState, memory: MemoryChoice, reporter: Reporter) -> None:
+def _record_memory(state: RunState, memory: MemoryChoice) -> None:
     """The plan and the device in the report."""
     state.report["plan"] = memory.plan.to_dict()
     state.report["environment"].update(device=memory.device, device_name=memory.available.name,
@@ -269,7 +269,6 @@ def _record_memory(state: RunState, memory: MemoryChoice, reporter: Reporter) ->
 
 
 def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
-
     spec = state.spec
     source, info, dense_source = state.checked.source, state.checked.info, state.checked.dense_source
     state.report["model"] = {"id": spec.model.id, "source": str(source), "arch": info.__dict__}
