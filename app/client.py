@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from app.schemas import ArtifactPublic, EventPublic, JobList, JobPublic, JobSpec, JobStatus
+from app.schemas import ArtifactPublic, DeliveryPublic, EventPublic, JobList, JobPublic, JobSpec, JobStatus
 
 
 class ApiClientError(Exception):
@@ -113,6 +113,12 @@ class Client:
         r = self.http.get(f"/v1/jobs/{job_id}/events", params=params)
         _raise_for(r)
         return [EventPublic.model_validate(e) for e in r.json()]
+
+    def deliveries(self, job_id: str) -> list[DeliveryPublic]:
+        """The job's webhook events with every attempt to deliver them."""
+        r = self.http.get(f"/v1/jobs/{job_id}/deliveries")
+        _raise_for(r)
+        return [DeliveryPublic.model_validate(d) for d in r.json()]
 
     def stream_events(self, job_id: str, after: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """Live events as (event name, data) until the job ends (the final one is ``("end", {...})``)."""

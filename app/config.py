@@ -58,7 +58,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REDIS_URL", "RESTORELCC_REDIS_URL", "redis_url"),
         description="Celery broker; unset = embedded local worker.",
     )
-    queue: str = Field("restorelcc", description="Celery queue the jobs are sent to.")
+    queue: str = Field("restorelcc", description="The default worker queue: jobs that name none (and that no "
+                                                 "queue's memory decides) are sent to it.")
+    queues: str | None = Field(
+        None, description="The worker queues (GPU classes) a spec may name in resources.queue: 'name[=memory]', "
+                          "comma-separated ('a100=80GiB,h100=80GiB,cpu'). A queue with a memory lets the memory plan "
+                          "choose it. The default queue is always one of them.")
 
     # Authentication.
     api_keys: str | None = Field(None, description="'tenant:key,...' (a key may be given as 'sha256:<hex>').")
@@ -66,6 +71,29 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         None, description="When set, GET /metrics needs 'Authorization: Bearer <token>' (its counters carry "
                           "tenant names).")
+    quotas: str | None = Field(
+        None, description="Per-tenant limits, 'tenant:limit=N;limit=N' comma-separated, tenant '*' for everyone "
+                          "else; limits: max_queued, max_running, creates_per_minute. Over a limit: 429.")
+    quotas_file: Path | None = Field(None, description="File with one quota entry per line.")
+    quota_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 for a full queue or running limit.")
+
+    # Webhooks (spec notify.url) and hand-off (spec output.destination).
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts (or host:port) a notify.url may name, comma-separated; empty: "
+                                          "webhooks are refused.")
+    webhook_secrets: str | None = Field(None, description="'tenant:secret,...': the key each tenant's deliveries "
+                                                          "are signed with (HMAC-SHA256).")
+    webhook_secrets_file: Path | None = Field(None, description="File with one 'tenant:secret' per line.")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Time a receiver has to answer one delivery.")
+    webhook_retry_base_s: float = Field(5.0, gt=0, description="First wait before a failed delivery is tried again; "
+                                                               "doubled after each failure.")
+    webhook_retry_max_interval_s: float = Field(3600.0, gt=0, description="Longest wait between two attempts.")
+    webhook_retry_for_s: float = Field(86400.0, gt=0, description="A delivery still failing this long after its "
+                                                                  "event is given up.")
+    webhook_poll_s: float = Field(1.0, gt=0, description="How often the API process looks for due deliveries.")
+    output_destinations: str | None = Field(
+        None, description="'tenant:s3://bucket/prefix/,...': where each tenant may hand finished models off to "
+                          "(output.destination must lie under one of its prefixes).")
     dev_open: bool = Field(False, description="No authentication (tenant 'dev'); only on 127.0.0.1.")
     host: str = Field("127.0.0.1", description="Interface `restorelcc serve` binds.")
     port: int = Field(8000, ge=1, le=65535)
@@ -126,6 +154,11 @@ class Settings(BaseSettings):
     @classmethod
     def _paths(cls, v: object) -> object:
         return _split_paths(v)
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, v: object) -> object:
+        return [h.strip().lower() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _limits(self) -> Settings:

@@ -14,6 +14,7 @@ from app.metrics import Metrics
 from app.service import Enqueuer, JobService
 from app.store.artifacts import ArtifactStore
 from app.store.jobs import JobStore
+from app.tenancy import TenantPolicy
 
 
 @dataclass
@@ -24,10 +25,11 @@ class Services:
     enqueuer: Enqueuer
     keys: KeyRing
     metrics: Metrics
+    policy: TenantPolicy
 
     @property
     def job_service(self) -> JobService:
-        return JobService(self.settings, self.jobs, self.artifacts, self.enqueuer)
+        return JobService(self.settings, self.jobs, self.artifacts, self.enqueuer, self.policy)
 
 
 def get_services(request: Request) -> Services:

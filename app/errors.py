@@ -48,11 +48,13 @@ _WHY = {
     413: "Request body over the size limit",
     416: "Range not satisfiable",
     422: "Invalid input; `field` names it",
+    429: "Over a quota of the tenant; try again after Retry-After seconds",
     503: "A dependency is unavailable; try again later",
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     416: {"Content-Range": {"description": "bytes */<size>", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}},
 }
 
 
@@ -72,7 +74,7 @@ def allowed_methods(request: Request) -> str:
                      if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes))
 
 
-_DOTTED = re.compile(r"\b(?:model|pruning|restoration|data|evaluation|output)\.[a-z_]+\b")
+_DOTTED = re.compile(r"\b(?:model|pruning|restoration|data|evaluation|output|notify|resources)\.[a-z_]+\b")
 
 
 def _loc_to_field(loc: tuple | list, strip_body: bool = True) -> str | None:

@@ -52,3 +52,40 @@ PathText = Annotated[str, Field(min_length=1, max_length=PATH_MAX_BYTES), AfterV
 class Strict(BaseModel):
     # No inf/nan (JSON's 1e999): stored as JSON they would come back as null.
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+
+def check_http_url(v: str) -> str:
+    """An absolute http(s) URL with a host, no credentials and no fragment (which hosts may be called is the
+    service's allow-list, checked at submit: app.webhooks.urls)."""
+    from urllib.parse import urlsplit
+
+    _text(v)
+    try:
+        u = urlsplit(v)
+        port = u.port
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}") from None
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if u.username is not None or u.password is not None:
+        raise ValueError("must not carry credentials (user:password@)")
+    if u.fragment:
+        raise ValueError("must not have a #fragment")
+    del port
+    return v
+
+
+def check_s3_uri(v: str) -> str:
+    """``s3://bucket/prefix``: a valid bucket name and a prefix without empty, '.' or '..' parts."""
+    _text(v)
+    if not v.startswith("s3://"):
+        raise ValueError("must be an S3 URI such as 's3://bucket/models/'")
+    bucket, _, prefix = v[5:].partition("/")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise ValueError(f"'{bucket}' is not a valid S3 bucket name")
+    parts = [p for p in prefix.split("/")]
+    if parts and parts[-1] == "":
+        parts = parts[:-1]
+    if any(p in ("", ".", "..") for p in parts):
+        raise ValueError("the prefix must not have empty, '.' or '..' parts")
+    return v

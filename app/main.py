@@ -23,6 +23,8 @@ from app.service import make_enqueuer
 from app.store.artifacts import make_store
 from app.store.db import make_engine, upgrade
 from app.store.jobs import JobStore
+from app.tenancy import TenantPolicy
+from app.webhooks.dispatcher import Dispatcher
 
 log = logging.getLogger("restorelcc.api")
 
@@ -37,7 +39,8 @@ def build_services(settings: Settings) -> Services:
         artifacts=make_store(settings),
         enqueuer=make_enqueuer(settings),
         keys=KeyRing.from_settings(settings),
-        metrics=Metrics(store.counts_by_status, store.checkpoint_bytes),
+        metrics=Metrics(store.counts_by_status, store.checkpoint_bytes, store.delivery_counts),
+        policy=TenantPolicy(settings),
     )
 
 
@@ -51,8 +54,13 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if migrate:
             upgrade(services.jobs.engine)
-        yield
-        services.jobs.engine.dispose()
+        dispatcher = Dispatcher(settings, services.jobs, services.policy, services.enqueuer)
+        dispatcher.start()
+        try:
+            yield
+        finally:
+            dispatcher.stop()
+            services.jobs.engine.dispose()
 
     app = FastAPI(
         title="restorelcc",

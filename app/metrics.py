@@ -18,9 +18,11 @@ class JobStatusCollector(Collector):
     """``restorelcc_jobs{status}``: how many jobs the store holds in each status, and
     ``restorelcc_checkpoint_bytes``: what their checkpoints hold in the artifact store, at scrape time."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None):
+    def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None,
+                 deliveries: Callable[[], dict[str, int]] | None = None):
         self._counts = counts
         self._checkpoint_bytes = checkpoint_bytes
+        self._deliveries = deliveries
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         g = GaugeMetricFamily("restorelcc_jobs", "Jobs in the job store by status", labels=["status"])
@@ -35,13 +37,23 @@ class JobStatusCollector(Collector):
             c = GaugeMetricFamily("restorelcc_checkpoint_bytes", "Bytes held by job checkpoints in the artifact store")
             try:
                 c.add_metric([], self._checkpoint_bytes())
+                yield c
+            except Exception:
+                pass
+        if self._deliveries is not None:
+            d = GaugeMetricFamily("restorelcc_webhook_deliveries", "Webhook deliveries by state", labels=["state"])
+            try:
+                counts = self._deliveries()
             except Exception:
                 return
-            yield c
+            for state in ("pending", "delivered", "failed"):
+                d.add_metric([state], counts.get(state, 0))
+            yield d
 
 
 class Metrics:
-    def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None):
+    def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None,
+                 deliveries: Callable[[], dict[str, int]] | None = None):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "restorelcc_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
@@ -53,7 +65,7 @@ class Metrics:
         self.jobs_created = Counter(
             "restorelcc_jobs_created", "Jobs created through the API", ["tenant"], registry=self.registry
         )
-        self.registry.register(JobStatusCollector(counts, checkpoint_bytes))
+        self.registry.register(JobStatusCollector(counts, checkpoint_bytes, deliveries))
 
 
 class MetricsMiddleware:

@@ -14,7 +14,17 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from app.fields import MAX_EVAL_FILES, MAX_LIMITS, NAME_MAX_BYTES, PathText, Strict, Text, check_path
+from app.fields import (
+    MAX_EVAL_FILES,
+    MAX_LIMITS,
+    NAME_MAX_BYTES,
+    PathText,
+    Strict,
+    Text,
+    check_http_url,
+    check_path,
+    check_s3_uri,
+)
 from app.methods import (
     BUILT_IN_RESTORATION,
     PRUNING_METHODS,
@@ -162,6 +172,31 @@ class OutputSpec(Strict):
         "adapter/ (applied to the pruned model) as the primary result in report.json's output.primary.",
     )
     dtype: Dtype = Field("auto", description="dtype of the exported weights; 'auto' keeps the compute dtype.")
+    destination: Annotated[str, Field(max_length=1024), AfterValidator(check_s3_uri)] | None = Field(
+        None,
+        description="An S3 URI prefix ('s3://bucket/models/') where the finished model directory and report are "
+        "copied, under <prefix>/<job id>/, with manifest.json listing every file's sha256. It must lie under one of "
+        "the tenant's allowed destinations (RESTORELCC_OUTPUT_DESTINATIONS). The job's output field shows where.",
+    )
+
+
+class NotifySpec(Strict):
+    url: Annotated[str, Field(min_length=1, max_length=2048), AfterValidator(check_http_url)] = Field(
+        description="Where the service POSTs a signed JSON event on every status change of the job (header "
+        "Restorelcc-Signature). Its host (and port) must be in RESTORELCC_WEBHOOK_ALLOWED_HOSTS; link-local and "
+        "metadata addresses are always refused.",
+    )
+    stages: bool = Field(False, description="Also POST an event when the job enters a stage.")
+
+
+class ResourcesSpec(Strict):
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] | None = Field(
+        None,
+        description="The worker queue (a GPU class such as 'a100') the job runs on; one of the service's queues "
+        "(RESTORELCC_QUEUES). Default: the smallest queue whose device memory fits the job's memory plan, else the "
+        "default queue.",
+    )
+    priority: int = Field(5, ge=0, le=9, description="0-9: within a queue, higher priority runs first.")
 
 
 class JobSpec(Strict):
@@ -185,6 +220,8 @@ class JobSpec(Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    notify: NotifySpec | None = Field(None, description="Webhook notifications of this job's status changes.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     seed: int = Field(42, ge=0, le=2**31 - 1, description="Seed for sampling, probing and training.")
 
     @field_validator("restoration", mode="wrap")
@@ -306,6 +343,16 @@ class JobPublic(BaseModel):
                           "replaced by the plan the worker checked before loading weights (source 'worker').")
 
 
+    queue: str | None = Field(None, description="The worker queue the job was sent to (resources.queue, or the one "
+                                                "its memory plan chose, or the default).")
+    priority: int = Field(5, description="0-9; within a queue, higher runs first.")
+    held: bool = Field(False, description="Queued but held back: its tenant is at its max_running quota. It is sent "
+                                          "to a worker when one of the tenant's jobs finishes.")
+    output: dict[str, Any] | None = Field(
+        None, description="Where the result was handed off to (output.destination): destination, manifest, files, "
+                          "bytes.")
+
+
 class JobList(BaseModel):
     items: list[JobPublic]
     next_cursor: str | None = None
@@ -317,6 +364,28 @@ class EventPublic(BaseModel):
     stage: Stage | None = None
     data: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
+
+
+class DeliveryAttempt(BaseModel):
+    at: datetime
+    ok: bool
+    status_code: int | None = Field(None, description="The receiver's HTTP status; null when no answer came.")
+    error: str | None = Field(None, description="Why the attempt failed (status and body start, timeout, refusal).")
+    duration_ms: int
+    permanent: bool = Field(False, description="The failure ends the delivery (a refused URL or redirect).")
+
+
+class DeliveryPublic(BaseModel):
+    id: str = Field(description="The Restorelcc-Delivery header: the same on every attempt of this event.")
+    event: Literal["job.status", "job.stage"]
+    state: Literal["pending", "delivered", "failed"] = Field(
+        description="pending (being tried, with back-off), delivered (a 2xx answer), failed (given up).")
+    url: str
+    created_at: datetime
+    next_attempt_at: datetime | None = Field(None, description="When a pending delivery is tried next.")
+    finished_at: datetime | None = None
+    payload: dict[str, Any] = Field(description="The JSON body sent.")
+    attempts: list[DeliveryAttempt]
 
 
 class ArtifactPublic(BaseModel):

@@ -20,8 +20,10 @@ from app.paths import PathRefused, check_spec_files, check_spec_paths
 from app.plan import submit_plan
 from app.schemas import JobSpec, JobStatus
 from app.store.artifacts import ArtifactStore, job_prefix
-from app.store.jobs import CancelResult, IdempotencyConflict, JobNotFinished, JobStore
+from app.store.jobs import CancelResult, IdempotencyConflict, JobNotFinished, JobStore, QuotaExceeded
 from app.store.models import Job
+from app.tenancy import Quota, TenantPolicy, choose_queue, worker_queues
+from app.webhooks.urls import UrlRefused, check_url
 
 log = logging.getLogger("restorelcc.api")
 
@@ -35,7 +37,7 @@ def is_job_id(value: str) -> bool:
 
 
 class Enqueuer(Protocol):
-    def enqueue(self, job_id: str) -> None: ...
+    def enqueue(self, job_id: str, queue: str | None = None, priority: int = 5) -> None: ...
 
     def check(self) -> None:
         """Raise when the broker is unreachable (readiness)."""
@@ -47,15 +49,25 @@ class LocalEnqueuer:
     def __init__(self) -> None:
         self.wakeup = threading.Event()
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, queue: str | None = None, priority: int = 5) -> None:
         self.wakeup.set()
 
     def check(self) -> None:
         return None
 
 
+def broker_priority(priority: int) -> int:
+    """A job's priority (0-9, higher first) as the Redis transport's message priority (0 is served first)."""
+    return 9 - max(0, min(9, priority))
+
+
+def celery_priority_options() -> dict[str, Any]:
+    """Transport options that give every priority 0-9 a list of its own (the default merges them into four)."""
+    return {"queue_order_strategy": "priority", "priority_steps": list(range(10))}
+
+
 class CeleryEnqueuer:
-    """Sends ``restorelcc.run_job(job_id)`` to the configured queue."""
+    """Sends ``restorelcc.run_job(job_id)`` to the job's queue (default: the configured one) with its priority."""
 
     def __init__(self, redis_url: str, queue: str):
         from celery import Celery
@@ -67,12 +79,12 @@ class CeleryEnqueuer:
             broker_connection_timeout=5,
             broker_connection_retry_on_startup=True,
             task_ignore_result=True,
-            broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 5},
+            broker_transport_options={"socket_timeout": 5, "socket_connect_timeout": 5, **celery_priority_options()},
         )
 
-    def enqueue(self, job_id: str) -> None:
+    def enqueue(self, job_id: str, queue: str | None = None, priority: int = 5) -> None:
         self.celery.send_task(
-            TASK_NAME, args=[job_id], queue=self.queue, retry=True,
+            TASK_NAME, args=[job_id], queue=queue or self.queue, priority=broker_priority(priority), retry=True,
             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
         )
 
@@ -92,12 +104,57 @@ class Created:
     created: bool
 
 
+def dispatch_held(jobs: JobStore, policy: TenantPolicy, enqueuer: Enqueuer, tenants: list[str] | None = None
+                  ) -> list[str]:
+    """Send the held jobs whose tenants now have a free running slot (all tenants with held jobs by default).
+    A send that fails is left to the lost-message sweep, which sends queued jobs without a broker message again."""
+    sent = []
+    for tenant in jobs.held_tenants() if tenants is None else tenants:
+        for d in jobs.admit(tenant, policy.quota(tenant).max_running):
+            try:
+                enqueuer.enqueue(d.id, d.queue, d.priority)
+                sent.append(d.id)
+            except Exception:
+                log.warning("could not send released job %s; the lost-message sweep will", d.id, exc_info=True)
+    return sent
+
+
 class JobService:
-    def __init__(self, settings: Settings, jobs: JobStore, artifacts: ArtifactStore, enqueuer: Enqueuer):
+    def __init__(self, settings: Settings, jobs: JobStore, artifacts: ArtifactStore, enqueuer: Enqueuer,
+                 policy: TenantPolicy | None = None):
         self.settings = settings
         self.jobs = jobs
         self.artifacts = artifacts
         self.enqueuer = enqueuer
+        self.policy = policy or TenantPolicy(settings)
+
+    def _check_integrations(self, tenant: str, spec: JobSpec) -> None:
+        """The spec's webhook, hand-off destination and queue, against what the operator allows this tenant."""
+        if spec.notify is not None:
+            try:
+                check_url(spec.notify.url, self.settings.webhook_allowed_hosts)
+            except UrlRefused as e:
+                raise ApiError(422, "webhook_not_allowed", f"notify.url: {e}", "notify.url") from e
+            if self.policy.webhook_secret(tenant) is None:
+                raise ApiError(422, "webhook_not_allowed", f"notify.url: no webhook secret is configured for tenant "
+                                                           f"{tenant} (RESTORELCC_WEBHOOK_SECRETS)", "notify.url")
+        dest = spec.output.destination
+        if dest is not None and not self.policy.destination_allowed(tenant, dest):
+            allowed = ", ".join(self.policy.destinations(tenant)) or "none"
+            raise ApiError(422, "destination_not_allowed", f"output.destination: {dest} is not under a destination "
+                                                           f"allowed for tenant {tenant} (allowed: {allowed})",
+                           "output.destination")
+        queue = spec.resources.queue
+        if queue is not None and queue not in worker_queues(self.settings):
+            known = ", ".join(sorted(worker_queues(self.settings)))
+            raise ApiError(422, "unknown_queue", f"resources.queue: no queue {queue!r} (queues: {known})",
+                           "resources.queue")
+
+    def _queue(self, spec: JobSpec, plan: dict[str, Any] | None) -> str:
+        if spec.resources.queue is not None:
+            return spec.resources.queue
+        peak = ((plan or {}).get("devices", {}).get("cuda") or {}).get("peak", {}).get("device_bytes")
+        return choose_queue(worker_queues(self.settings), peak, self.settings.queue)
 
     def create(self, tenant: str, spec: JobSpec, idempotency_key: str | None = None,
                retry_of: str | None = None) -> Created:
@@ -106,25 +163,39 @@ class JobService:
             check_spec_files(spec, local)
         except PathRefused as e:
             raise ApiError(422, e.code, e.message, e.field) from e
+        self._check_integrations(tenant, spec)
         body: dict[str, Any] = spec.model_dump(mode="json")
+        plan = submit_plan(spec, local.get("model.id"))
+        quota = self.policy.quota(tenant)
         try:
-            job, created = self.jobs.create(tenant, body, idempotency_key, retry_of,
-                                            plan=submit_plan(spec, local.get("model.id")))
+            job, created = self.jobs.create(
+                tenant, body, idempotency_key, retry_of, plan=plan, queue=self._queue(spec, plan),
+                priority=spec.resources.priority, quota=quota if quota != Quota() else None,
+                retry_after_s=self.settings.quota_retry_after_s)
         except IdempotencyConflict as e:
             raise ApiError(
                 409, "idempotency_conflict",
                 f"Idempotency-Key was already used for job {e.job_id} with a different body", "Idempotency-Key",
             ) from e
+        except QuotaExceeded as e:
+            raise ApiError(429, "quota_exceeded", e.message, headers={"Retry-After": str(e.retry_after)}) from e
         if created:
-            try:
-                self.enqueuer.enqueue(job.id)
-            except Exception as e:  # broker down: the job cannot run; say so instead of leaving it queued
-                log.exception("enqueue failed for %s", job.id)
-                self.jobs.finish(job.id, JobStatus.failed, ("enqueue_failed", f"could not enqueue the job: {e}"),
-                                 allowed=(JobStatus.queued.value,))
-                self.jobs.release_idempotency(job.id)  # a retry with the same key must get a new job
-                raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again later") from e
+            if job.held:
+                dispatch_held(self.jobs, self.policy, self.enqueuer, [tenant])
+                job = self.jobs.get(job.id) or job
+            else:
+                self._enqueue_new(job)
         return Created(job, created)
+
+    def _enqueue_new(self, job: Job) -> None:
+        try:
+            self.enqueuer.enqueue(job.id, job.queue, job.priority)
+        except Exception as e:  # broker down: the job cannot run; say so instead of leaving it queued
+            log.exception("enqueue failed for %s", job.id)
+            self.jobs.finish(job.id, JobStatus.failed, ("enqueue_failed", f"could not enqueue the job: {e}"),
+                             allowed=(JobStatus.queued.value,))
+            self.jobs.release_idempotency(job.id)  # a retry with the same key must get a new job
+            raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again later") from e
 
     def get(self, tenant: str, job_id: str) -> Job:
         job = self.jobs.get(job_id, tenant) if is_job_id(job_id) else None
@@ -151,6 +222,8 @@ class JobService:
         res = self.jobs.request_cancel(job_id, tenant) if is_job_id(job_id) else None
         if res is None:
             raise not_found()
+        if res.changed and res.status is JobStatus.cancelled:  # a released queued job frees a running slot
+            dispatch_held(self.jobs, self.policy, self.enqueuer, [tenant])
         return res
 
     def delete(self, tenant: str, job_id: str) -> None:

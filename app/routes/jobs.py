@@ -14,9 +14,19 @@ from starlette.concurrency import run_in_threadpool
 from app.auth import Principal
 from app.deps import JobServiceDep, PrincipalDep, Services, ServicesDep
 from app.errors import ApiError, error_body, error_responses
-from app.schemas import EventPublic, JobError, JobList, JobPublic, JobSpec, JobStatus, Progress
+from app.schemas import (
+    DeliveryAttempt,
+    DeliveryPublic,
+    EventPublic,
+    JobError,
+    JobList,
+    JobPublic,
+    JobSpec,
+    JobStatus,
+    Progress,
+)
 from app.service import Created, is_job_id
-from app.store.models import Event, Job
+from app.store.models import Delivery, Event, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -43,6 +53,10 @@ def to_public(job: Job) -> JobPublic:
         retry_of=job.retry_of,
         checkpoint_bytes=job.checkpoint_bytes or 0,
         plan=job.plan,
+        queue=job.queue,
+        priority=job.priority if job.priority is not None else 5,
+        held=bool(job.held),
+        output=job.output,
     )
 
 
@@ -57,7 +71,7 @@ def _creates(*errors: int) -> dict[str, Any]:
         **error_responses(*errors)}}
 
 
-@router.post("", **_creates(400, 401, 409, 413, 422, 503))
+@router.post("", **_creates(400, 401, 409, 413, 422, 429, 503))
 def create_job(
     spec: JobSpec, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep, response: Response,
     idempotency_key: IdempotencyKey = None,
@@ -116,7 +130,7 @@ def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, res
     return to_public(service.get(principal.tenant, job_id))
 
 
-@router.post("/{job_id}/retry", **_creates(401, 404, 409, 413, 422, 503))
+@router.post("/{job_id}/retry", **_creates(401, 404, 409, 413, 422, 429, 503))
 def retry_job(
     job_id: str, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep, response: Response,
     idempotency_key: IdempotencyKey = None,
@@ -163,6 +177,22 @@ def job_events(
         )
     events = services.jobs.events(job_id, after, limit)
     return JSONResponse([event_public(e).model_dump(mode="json") for e in events])
+
+
+def delivery_public(d: Delivery) -> DeliveryPublic:
+    return DeliveryPublic(
+        id=d.id, event=d.event, state=d.state, url=d.url, created_at=d.created_at, finished_at=d.finished_at,
+        next_attempt_at=d.next_attempt_at if d.state == "pending" else None, payload=d.payload,
+        attempts=[DeliveryAttempt.model_validate(a) for a in d.attempts],
+    )
+
+
+@router.get("/{job_id}/deliveries", response_model=list[DeliveryPublic], responses=error_responses(401, 404))
+def job_deliveries(job_id: str, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep
+                   ) -> list[DeliveryPublic]:
+    """The job's webhook events (notify.url), oldest first, each with every attempt to deliver it and the answer."""
+    service.get(principal.tenant, job_id)
+    return [delivery_public(d) for d in services.jobs.deliveries(job_id)]
 
 
 def _sse(event: str, data: object, seq: int | None = None) -> str:

@@ -194,6 +194,23 @@ class _HashingReader:
         return b
 
 
+def s3_client(endpoint_url: str | None = None, region: str | None = None, access_key_id: str | None = None,
+              secret_access_key: str | None = None) -> Any:
+    """A boto3 S3 client as the service uses it everywhere (artifact store, hand-off): path-style addressing, which
+    MinIO and other S3-compatible servers need, and botocore's standard retries."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name=region or "us-east-1",
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+    )
+
+
 class S3Store:
     def __init__(
         self,
@@ -205,19 +222,9 @@ class S3Store:
         secret_access_key: str | None = None,
         client: Any = None,
     ):
-        import boto3
-        from botocore.config import Config
-
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self.client = client or boto3.client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region or "us-east-1",
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
-        )
+        self.client = client or s3_client(endpoint_url, region, access_key_id, secret_access_key)
 
     def _k(self, key: str) -> str:
         return self.prefix + safe_name(key)

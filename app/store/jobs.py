@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.schemas import JobStatus
 from app.store.db import session_factory
-from app.store.models import Artifact, Event, IdempotencyKey, Job, utcnow
+from app.store.models import Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
+from app.tenancy import Quota
+from app.webhooks.payload import event_payload
 
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
 FINISHED = tuple(s.value for s in JobStatus if s.finished)
@@ -40,10 +42,43 @@ class JobNotFinished(Exception):
     """Only a finished job can be deleted."""
 
 
+class QuotaExceeded(Exception):
+    """A tenant's limit refuses the job: ``limit`` names it, ``retry_after`` says when to try again (seconds)."""
+
+    def __init__(self, limit: str, value: int, retry_after: int, message: str):
+        super().__init__(message)
+        self.limit, self.value, self.retry_after, self.message = limit, value, retry_after, message
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A queued job to send to the broker: where, and how urgently."""
+
+    id: str
+    queue: str | None
+    priority: int
+
+
+WAITING = (JobStatus.queued.value, JobStatus.running.value, JobStatus.cancelling.value)
+
+
 @dataclass(frozen=True)
 class CancelResult:
     status: JobStatus
     changed: bool
+
+
+_ADDED_DEFAULTS = {"notify": None, "resources": {"queue": None, "priority": 5}}  # sections added in revision 0006
+
+
+def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as its idempotency hash sees it: sections added later are left out while they hold their defaults, so
+    a request repeated after an upgrade still matches the hash stored before it."""
+    view = {k: v for k, v in spec.items() if not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+    if isinstance(view.get("output"), dict) and "destination" in view["output"] and \
+            view["output"]["destination"] is None:
+        view["output"] = {k: v for k, v in view["output"].items() if k != "destination"}
+    return view
 
 
 def request_hash(spec: dict[str, Any]) -> str:
@@ -72,12 +107,16 @@ class JobStore:
     # Creation and reading -----------------------------------------------------------------------------
     def create(
         self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None, retry_of: str | None = None,
-        plan: dict[str, Any] | None = None,
+        plan: dict[str, Any] | None = None, queue: str | None = None, priority: int = 5, quota: Quota | None = None,
+        retry_after_s: int = 30,
     ) -> tuple[Job, bool]:
         """Record a queued job (``retry_of``: the job it retries). With an idempotency key, the first request wins
         and later ones get its job (``created`` False); a different body under the same key raises
-        :class:`IdempotencyConflict`."""
-        digest = request_hash(spec if retry_of is None else {"retry_of": retry_of, "spec": spec})
+        :class:`IdempotencyConflict`. The tenant's ``quota`` is checked in the same transaction (under a per-tenant
+        lock): over max_queued or creates_per_minute → :class:`QuotaExceeded`; with a max_running limit the job is
+        recorded held back, for :meth:`admit` to release."""
+        view = hash_view(spec)
+        digest = request_hash(view if retry_of is None else {"retry_of": retry_of, "spec": view})
         if idempotency_key is not None:
             existing = self._by_idempotency(tenant, idempotency_key, digest)
             if existing is not None:
@@ -86,17 +125,19 @@ class JobStore:
         job = Job(
             id=new_job_id(), tenant=tenant, status=JobStatus.queued.value, progress=0.0, progress_message="queued",
             spec=spec, metrics={}, attempts=0, retries=0, created_at=now, updated_at=now, retry_of=retry_of,
-            plan=plan,
+            plan=plan, queue=queue, priority=priority, held=bool(quota and quota.max_running is not None),
         )
         try:
             with self.session() as s:
+                if quota is not None:
+                    self._check_quota(s, tenant, quota, now, retry_after_s)
                 s.add(job)
                 s.flush()
                 if idempotency_key is not None:
                     s.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest, job_id=job.id))
                 data: dict[str, Any] = {"status": "queued"} if retry_of is None else {"status": "queued",
                                                                                       "retry_of": retry_of}
-                s.add(Event(job_id=job.id, kind="status", data=data, created_at=now))
+                self._status_event(s, job.id, data)
         except IntegrityError:
             if idempotency_key is None:
                 raise
@@ -105,6 +146,64 @@ class JobStore:
                 raise
             return existing, False
         return job, True
+
+    @staticmethod
+    def _lock_tenant(s: Session, tenant: str) -> None:
+        """Serialise quota decisions of one tenant until the transaction ends (SQLite: BEGIN IMMEDIATE already
+        serialises every writer)."""
+        if s.get_bind().dialect.name == "postgresql":
+            key = int(hashlib.sha256(f"restorelcc-tenant:{tenant}".encode()).hexdigest()[:15], 16)
+            s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    def _check_quota(self, s: Session, tenant: str, quota: Quota, now: datetime, retry_after_s: int) -> None:
+        self._lock_tenant(s, tenant)
+        if quota.max_queued is not None:
+            queued = s.scalar(select(func.count()).select_from(Job).where(
+                Job.tenant == tenant, Job.status == JobStatus.queued.value)) or 0
+            if queued >= quota.max_queued:
+                raise QuotaExceeded("max_queued", quota.max_queued, retry_after_s,
+                                    f"tenant {tenant} has {queued} queued jobs; its limit max_queued is "
+                                    f"{quota.max_queued}")
+        if quota.creates_per_minute is not None:
+            window = now - timedelta(seconds=60)
+            recent = list(s.scalars(select(Job.created_at).where(Job.tenant == tenant, Job.created_at > window)
+                                    .order_by(Job.created_at).limit(quota.creates_per_minute)))
+            if len(recent) >= quota.creates_per_minute:
+                wait = max(1, int((recent[0] - window).total_seconds()) + 1)
+                raise QuotaExceeded("creates_per_minute", quota.creates_per_minute, wait,
+                                    f"tenant {tenant} created {len(recent)} jobs in the last minute; its limit "
+                                    f"creates_per_minute is {quota.creates_per_minute}")
+
+    def admit(self, tenant: str, max_running: int | None) -> list[Dispatch]:
+        """Release the tenant's held jobs (highest priority, then oldest first) while fewer than ``max_running`` of
+        its jobs are with the workers (queued and released, running or cancelling). Returns the jobs to send."""
+        with self.session() as s:
+            self._lock_tenant(s, tenant)
+            held = (select(Job.id, Job.queue, Job.priority)
+                    .where(Job.tenant == tenant, Job.status == JobStatus.queued.value, Job.held.is_(True))
+                    .order_by(Job.priority.desc(), Job.seq))
+            if max_running is None:
+                rows = list(s.execute(held).all())
+            else:
+                busy = s.scalar(select(func.count()).select_from(Job).where(
+                    Job.tenant == tenant, Job.status.in_(WAITING), Job.held.is_(False))) or 0
+                rows = list(s.execute(held.limit(max_running - busy)).all()) if busy < max_running else []
+            for job_id, _, _ in rows:
+                s.execute(update(Job).where(Job.id == job_id).values(held=False, updated_at=utcnow()))
+                s.add(Event(job_id=job_id, kind="released", data={"reason": "a running slot of the tenant's quota "
+                                                                            "is free"}))
+            return [Dispatch(job_id, queue, priority) for job_id, queue, priority in rows]
+
+    def held_tenants(self) -> list[str]:
+        """Tenants with jobs held back by a running quota."""
+        with self.session() as s:
+            return list(s.scalars(select(Job.tenant).where(
+                Job.status == JobStatus.queued.value, Job.held.is_(True)).distinct()))
+
+    def dispatch_of(self, job_id: str) -> Dispatch | None:
+        with self.session() as s:
+            row = s.execute(select(Job.queue, Job.priority).where(Job.id == job_id)).first()
+            return Dispatch(job_id, row.queue, row.priority) if row else None
 
     def release_idempotency(self, job_id: str) -> int:
         """Free the idempotency keys that point at ``job_id`` (a job that never reached the queue), so a
@@ -160,6 +259,11 @@ class JobStore:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(plan=plan))
 
+    def set_output(self, job_id: str, output: dict[str, Any], attempt: int | None = None) -> bool:
+        """Record where the job's result was handed off to (only while run ``attempt`` owns the active job)."""
+        with self.session() as s:
+            return self._update(s, job_id, ACTIVE, attempt, output=output)
+
     def set_checkpoint_bytes(self, job_id: str, size: int) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(checkpoint_bytes=int(size)))
@@ -173,6 +277,75 @@ class JobStore:
     def counts_by_status(self) -> dict[str, int]:
         with self.session() as s:
             return dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+
+    # Webhook outbox ---------------------------------------------------------------------------------
+    def _status_event(self, s: Session, job_id: str, data: dict[str, Any]) -> None:
+        """A status change: the event log entry and, for a job with ``notify.url``, its webhook delivery — both in
+        the transaction of the change, so no change goes unannounced and none is announced that did not happen."""
+        s.add(Event(job_id=job_id, kind="status", data=data))
+        self._announce(s, job_id, "job.status", data)
+
+    def _announce(self, s: Session, job_id: str, event: str, data: dict[str, Any]) -> None:
+        job = s.scalars(select(Job).where(Job.id == job_id).execution_options(populate_existing=True)).first()
+        notify = (job.spec or {}).get("notify") if job is not None else None
+        if not isinstance(notify, dict) or not notify.get("url"):
+            return
+        if event == "job.stage" and not notify.get("stages"):
+            return
+        artifacts = (list(s.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.name)))
+                     if job.status == JobStatus.succeeded.value else [])
+        delivery_id = uuid.uuid4().hex
+        now = utcnow()
+        s.add(Delivery(id=delivery_id, job_id=job_id, tenant=job.tenant, event=event, url=notify["url"],
+                       payload=event_payload(delivery_id, event, job, artifacts, data, now), state="pending",
+                       attempts=[], next_attempt_at=now, created_at=now))
+
+    def deliveries(self, job_id: str) -> list[Delivery]:
+        with self.session() as s:
+            return list(s.scalars(select(Delivery).where(Delivery.job_id == job_id).order_by(Delivery.seq)))
+
+    def due_deliveries(self, limit: int = 32) -> list[Delivery]:
+        """Per job, its oldest pending delivery if it is due and nobody holds it: events of one job go out in
+        order, each only after the one before it was delivered or given up."""
+        now = utcnow()
+        older = Delivery.__table__.alias("older")
+        with self.session() as s:
+            return list(s.scalars(
+                select(Delivery)
+                .where(Delivery.state == "pending", Delivery.next_attempt_at <= now)
+                .where((Delivery.claimed_until.is_(None)) | (Delivery.claimed_until < now))
+                .where(~select(older.c.seq).where(older.c.job_id == Delivery.job_id, older.c.state == "pending",
+                                                  older.c.seq < Delivery.seq).exists())
+                .order_by(Delivery.seq).limit(limit)))
+
+    def claim_delivery(self, delivery_id: str, hold_s: float) -> bool:
+        """Hold a due delivery for ``hold_s`` (one sender at a time, across API processes)."""
+        now = utcnow()
+        with self.session() as s:
+            return s.execute(update(Delivery).where(
+                Delivery.id == delivery_id, Delivery.state == "pending",
+                (Delivery.claimed_until.is_(None)) | (Delivery.claimed_until < now),
+            ).values(claimed_until=now + timedelta(seconds=hold_s))).rowcount == 1
+
+    def record_attempt(self, delivery_id: str, attempt: dict[str, Any], state: str,
+                       next_attempt_at: datetime | None = None, keep: int = 50) -> None:
+        """Append an attempt (the newest ``keep`` are kept) and move the delivery on: delivered, failed (given up),
+        or pending until ``next_attempt_at``."""
+        with self.session() as s:
+            d = s.scalars(select(Delivery).where(Delivery.id == delivery_id).with_for_update()).first()
+            if d is None:
+                return
+            d.attempts = [*d.attempts, attempt][-keep:]
+            d.state = state
+            d.claimed_until = None
+            if state == "pending" and next_attempt_at is not None:
+                d.next_attempt_at = next_attempt_at
+            else:
+                d.finished_at = utcnow()
+
+    def delivery_counts(self) -> dict[str, int]:
+        with self.session() as s:
+            return dict(s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
 
     # Transitions ------------------------------------------------------------------------------------
     def _update(self, s: Session, job_id: str, allowed: tuple[str, ...], attempt: int | None = None,
@@ -200,7 +373,7 @@ class JobStore:
             )
             ok = res.rowcount == 1
             if ok:
-                s.add(Event(job_id=job_id, kind="status", data={"status": "running", "worker": worker}))
+                self._status_event(s, job_id, {"status": "running", "worker": worker})
             return ok
 
     def take_over(self, job_id: str, worker: str, stale_before: datetime) -> bool:
@@ -218,8 +391,7 @@ class JobStore:
             )
             ok = res.rowcount == 1
             if ok:
-                s.add(Event(job_id=job_id, kind="status", data={"status": "running", "worker": worker,
-                                                                 "restarted": True}))
+                self._status_event(s, job_id, {"status": "running", "worker": worker, "restarted": True})
             return ok
 
     def request_cancel(self, job_id: str, tenant: str | None = None) -> CancelResult | None:
@@ -233,11 +405,11 @@ class JobStore:
                 return None
             if self._update(s, job_id, (JobStatus.queued.value,), status=JobStatus.cancelled.value,
                             finished_at=now, progress_message="cancelled"):
-                s.add(Event(job_id=job_id, kind="status", data={"status": "cancelled"}))
+                self._status_event(s, job_id, {"status": "cancelled"})
                 return CancelResult(JobStatus.cancelled, True)
             if self._update(s, job_id, (JobStatus.running.value,), status=JobStatus.cancelling.value,
                             progress_message="cancelling"):
-                s.add(Event(job_id=job_id, kind="status", data={"status": "cancelling"}))
+                self._status_event(s, job_id, {"status": "cancelling"})
                 return CancelResult(JobStatus.cancelling, True)
             return CancelResult(JobStatus(s.scalar(select(Job.status).where(Job.id == job_id))), False)
 
@@ -267,7 +439,7 @@ class JobStore:
                 data: dict[str, Any] = {"status": status.value}
                 if error is not None:
                     data["error"] = {"code": error[0], "message": error[1]}
-                s.add(Event(job_id=job_id, kind="status", data=data))
+                self._status_event(s, job_id, data)
             return ok
 
     def requeue(self, job_id: str, run_after: datetime, reason: str, attempt: int | None = None) -> bool:
@@ -279,6 +451,8 @@ class JobStore:
             )
             if ok:
                 s.add(Event(job_id=job_id, kind="retry", data={"reason": reason, "run_after": run_after.isoformat()}))
+                self._announce(s, job_id, "job.status", {"status": "queued", "reason": reason,
+                                                         "run_after": run_after.isoformat()})
             return ok
 
     def release(self, job_id: str, attempt: int, reason: str) -> bool:
@@ -291,7 +465,7 @@ class JobStore:
                 progress_message=f"{reason}; queued to run again",
             )
             if ok:
-                s.add(Event(job_id=job_id, kind="status", data={"status": "queued", "reason": reason}))
+                self._status_event(s, job_id, {"status": "queued", "reason": reason})
             return ok
 
     def recover_lost(self, stale_before: datetime, max_attempts: int) -> tuple[list[str], list[str]]:
@@ -328,21 +502,20 @@ class JobStore:
             )
             ok = res.rowcount == 1
             if ok:
-                s.add(Event(job_id=job_id, kind="status", data={"status": "queued", "reason": "worker lost",
-                                                                 "runs": attempts}))
+                self._status_event(s, job_id, {"status": "queued", "reason": "worker lost", "runs": attempts})
             return ok
 
-    def next_queued(self) -> str | None:
-        """The oldest queued job that is due (embedded worker)."""
+    def next_queued(self, queues: list[str] | None = None) -> str | None:
+        """The queued job to run next (embedded worker): due, not held back by a quota, highest priority first,
+        then the oldest; with ``queues``, only jobs sent to one of them (None stands for the default queue)."""
         now = utcnow()
         with self.session() as s:
-            return s.scalar(
-                select(Job.id)
-                .where(Job.status == JobStatus.queued.value)
-                .where(_due(now))
-                .order_by(Job.seq)
-                .limit(1)
-            )
+            q = (select(Job.id)
+                 .where(Job.status == JobStatus.queued.value, Job.held.is_(False))
+                 .where(_due(now)))
+            if queues is not None:
+                q = q.where(Job.queue.in_(queues) | Job.queue.is_(None))
+            return s.scalar(q.order_by(Job.priority.desc(), Job.seq).limit(1))
 
     def queued_before(self, cutoff: datetime) -> list[str]:
         """Queued, due jobs last changed before ``cutoff``, oldest first (candidates for a lost message)."""
@@ -350,7 +523,7 @@ class JobStore:
         with self.session() as s:
             return list(s.scalars(
                 select(Job.id)
-                .where(Job.status == JobStatus.queued.value, Job.updated_at < cutoff)
+                .where(Job.status == JobStatus.queued.value, Job.held.is_(False), Job.updated_at < cutoff)
                 .where(_due(now))
                 .order_by(Job.seq)
             ))
@@ -373,6 +546,7 @@ class JobStore:
             ok = self._update(s, job_id, ACTIVE, attempt, stage=stage, heartbeat_at=utcnow())
             if ok:
                 s.add(Event(job_id=job_id, kind="stage", stage=stage, data={"stage": stage}))
+                self._announce(s, job_id, "job.stage", {"stage": stage})
             return ok
 
     def set_progress(self, job_id: str, fraction: float, message: str, event: bool = False,
@@ -458,7 +632,7 @@ class JobStore:
                 return False
             if job.status not in FINISHED:
                 raise JobNotFinished(job.status)
-            for model in (Event, Artifact, IdempotencyKey):
+            for model in (Event, Artifact, IdempotencyKey, Delivery):
                 s.execute(delete(model).where(model.job_id == job_id))
             s.execute(delete(Job).where(Job.id == job_id))
             return True

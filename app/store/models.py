@@ -8,7 +8,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -65,10 +77,15 @@ class Job(Base):
     retry_of: Mapped[str | None] = mapped_column(String(36), index=True)  # the job this one retries
     checkpoint_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # kept to resume from
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # memory plan (app.plan): submit, then worker
+    queue: Mapped[str | None] = mapped_column(String(64))  # the worker queue it is sent to (None: the default)
+    priority: Mapped[int] = mapped_column(Integer, nullable=False, default=5)  # 0-9, higher first
+    held: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # waits for its tenant's running quota
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # where the result was handed off to
 
     __table_args__ = (
         Index("ix_jobs_tenant_seq", "tenant", "seq"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
     )
 
 
@@ -98,6 +115,32 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "name", name="uq_artifacts_job_name"),)
+
+
+class Delivery(Base):
+    """One webhook event of a job (an outbox row written in the transaction of the change it announces), with
+    every attempt to deliver it. ``state``: pending → delivered | failed (given up)."""
+
+    __tablename__ = "deliveries"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)  # per-job order
+    id: Mapped[str] = mapped_column(String(36), unique=True, nullable=False)  # Restorelcc-Delivery, same on retries
+    job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False)
+    tenant: Mapped[str] = mapped_column(String(128), nullable=False)
+    event: Mapped[str] = mapped_column(String(32), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False, default=list)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ix_deliveries_job_seq", "job_id", "seq"),
+        Index("ix_deliveries_state_due", "state", "next_attempt_at"),
+    )
 
 
 class IdempotencyKey(Base):

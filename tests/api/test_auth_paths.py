@@ -45,7 +45,7 @@ def test_every_endpoint_but_health_needs_a_key(api):
                 assert r.json()["error"]["code"] == "unauthorized"
                 assert r.headers["www-authenticate"] == "Bearer"
             checked += 1
-    assert checked == 9
+    assert checked == 10
     for path in ("/healthz", "/readyz", "/metrics"):
         assert api.client.get(path).status_code == 200
 
@@ -60,6 +60,7 @@ def test_another_tenants_job_is_404_everywhere(api):
         c.get(f"/v1/jobs/{job}/events", headers=bob),
         c.get(f"/v1/jobs/{job}/events", headers={**bob, "Accept": "text/event-stream"}),
         c.get(f"/v1/jobs/{job}/artifacts", headers=bob),
+        c.get(f"/v1/jobs/{job}/deliveries", headers=bob),
         c.get(f"/v1/jobs/{job}/artifacts/report.json", headers=bob),
         c.delete(f"/v1/jobs/{job}", headers=bob),
     ):

@@ -52,14 +52,17 @@ def service(tmp_path_factory, tiny_assets):
 
 
 @contextmanager
-def running_service(tmp: Path, tiny_assets, **env_overrides: str) -> Iterator[Service]:
-    """The API in a thread and one Celery worker process on a queue of its own; ``env_overrides`` for the worker."""
+def running_service(tmp: Path, tiny_assets, api: dict | None = None, queue: str | None = None,
+                    **env_overrides: str) -> Iterator[Service]:
+    """The API in a thread and one Celery worker process on a queue of its own; ``env_overrides`` for the worker,
+    ``api`` for the API's settings. ``start_worker(*args)`` starts another worker (``--queues big`` ...)."""
     import redis
 
-    queue = f"restorelcc-test-{uuid.uuid4().hex[:10]}"
+    queue = queue or f"restorelcc-test-{uuid.uuid4().hex[:10]}"
     with pg_schema() as db_url:
         settings = api_settings(tmp, db_url, redis_url=REDIS, queue=queue,
-                                model_roots=[tiny_assets.root / "models"], data_roots=[tiny_assets.root / "data"])
+                                model_roots=[tiny_assets.root / "models"], data_roots=[tiny_assets.root / "data"],
+                                **(api or {}))
         app = create_app(settings)
         env = {
             **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -73,9 +76,9 @@ def running_service(tmp: Path, tiny_assets, **env_overrides: str) -> Iterator[Se
         }
         log = tmp / "worker.log"
         with serve_in_thread(app) as url, open(log, "w") as log_f:
-            def start_worker() -> subprocess.Popen:
+            def start_worker(*args: str) -> subprocess.Popen:
                 return subprocess.Popen(
-                    [sys.executable, "-m", "worker.cli", "worker", "--queue", queue, "--concurrency", "1"],
+                    [sys.executable, "-m", "worker.cli", "worker", "--queue", queue, "--concurrency", "1", *args],
                     env=env, cwd=ROOT, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
                 )
 
@@ -89,7 +92,9 @@ def running_service(tmp: Path, tiny_assets, **env_overrides: str) -> Iterator[Se
                 if service is not None and service.worker.poll() is None:
                     stop_group(service.worker)
                 r = redis.Redis.from_url(REDIS)
-                r.delete(queue, *r.keys(f"_kombu.binding.{queue}*"))
+                for name in (queue, *settings.queues.split(",")) if settings.queues else (queue,):
+                    name = name.split("=")[0]
+                    r.delete(name, *r.keys(f"{name}\x06\x16*"), *r.keys(f"_kombu.binding.{name}*"))
         app.state.services.jobs.engine.dispose()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from app.schemas import JobSpec
 
 README = Path(__file__).parents[2] / "README.md"
-SECTIONS = ("pruning", "restoration", "output")  # model, data and evaluation show example values
+SECTIONS = ("pruning", "restoration", "output", "resources")  # model, data and evaluation show example values
 
 
 def readme_spec() -> dict:

@@ -262,6 +262,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from app.config import Settings
     from app.store.db import make_engine, upgrade
+    from app.tenancy import worker_queues
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin and migration lines say nothing useful
@@ -280,8 +281,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     # The module's app reads its settings (queue, limits) from the environment set above.
     from worker.service.celery_app import app as celery
 
+    queues = [q.strip() for q in (args.queues or settings.queue).split(",") if q.strip()]
+    unknown = [q for q in queues if q not in worker_queues(settings)]
+    if unknown:
+        print(f"restorelcc worker: unknown queue(s) {', '.join(unknown)}; the service's queues are "
+              f"{', '.join(worker_queues(settings))} (RESTORELCC_QUEUES)", file=sys.stderr)
+        return 2
     argv = [
-        "worker", "-Q", settings.queue, "-c", str(args.concurrency), "--loglevel", args.log_level.upper(),
+        "worker", "-Q", ",".join(queues), "-c", str(args.concurrency), "--loglevel", args.log_level.upper(),
         "-n", f"restorelcc-{os.getpid()}@%h", "--without-gossip", "--without-mingle",
     ]
     celery.worker_main(argv)
@@ -302,7 +309,9 @@ def add_commands(subparsers: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
     p = subparsers.add_parser("worker", help="run a job worker (Celery on REDIS_URL; local poller without it)")
-    p.add_argument("--queue", default=None, help="queue to consume (env RESTORELCC_QUEUE; default restorelcc)")
+    p.add_argument("--queue", default=None, help="the default queue (env RESTORELCC_QUEUE; default restorelcc)")
+    p.add_argument("--queues", default=None, help="queues to consume, comma-separated (GPU classes such as "
+                                                  "'a100,h100', from RESTORELCC_QUEUES); default: the default queue")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (one per GPU)")
     p.add_argument("--embedded", action="store_true", help="poll the job store instead of a broker")
     p.add_argument("--log-level", default="info")

@@ -31,13 +31,17 @@ MANIFEST = "checkpoint.json"
 
 
 def spec_fingerprint(spec_json: dict[str, Any]) -> str:
-    """What a checkpoint must have been written for: the spec, the checkpoint format and this release."""
+    """What a checkpoint must have been written for: the spec, the checkpoint format and this release. Where the job
+    is announced, queued or handed off to does not change its results, so those fields do not count."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         release = version("restorelcc")
     except PackageNotFoundError:
         release = "unknown"
+    spec_json = {k: v for k, v in spec_json.items() if k not in ("notify", "resources")}
+    if isinstance(spec_json.get("output"), dict):
+        spec_json["output"] = {k: v for k, v in spec_json["output"].items() if k != "destination"}
     text = json.dumps({"spec": spec_json, "format": CHECKPOINT_VERSION, "release": release}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

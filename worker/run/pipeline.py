@@ -567,6 +567,10 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     state.method.export(state, state.out_dir)
     if restoration_method(state.spec.restoration.method).trains:
         state.report["restoration"] = state.method.report
+    progress(0.75, "writing the model card")
+    from worker.run.model_card import source_dir, write_model_card
+
+    write_model_card(state.out_dir / "model", state.spec, state.report, source_dir(state.checked.source))
     progress(0.8, "writing the report")
     _write_report(state)
     write_plots(state.report, state.out_dir)

@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, signals
 
 from app.config import Settings, get_settings
-from app.service import TASK_NAME
+from app.service import TASK_NAME, broker_priority, celery_priority_options
 
 log = logging.getLogger("restorelcc.worker")
 
@@ -33,7 +33,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         task_soft_time_limit=settings.soft_time_limit_s,
         task_time_limit=settings.hard_time_limit_s,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout, **celery_priority_options()},
         task_default_queue=settings.queue,
         task_routes={TASK_NAME: {"queue": settings.queue}},
         task_ignore_result=True,
@@ -50,15 +50,37 @@ def make_celery(settings: Settings | None = None) -> Celery:
 app = make_celery()
 
 
+class AppEnqueuer:
+    """Sends jobs from a worker process: to the job's queue, with its priority (app.service.Enqueuer)."""
+
+    def enqueue(self, job_id: str, queue: str | None = None, priority: int = 5) -> None:
+        app.send_task(TASK_NAME, args=[job_id], queue=queue or get_settings().queue, priority=broker_priority(priority))
+
+    def check(self) -> None:
+        return None
+
+
+def send_job(job_id: str) -> None:
+    """Send a queued job to the broker again, to the queue and with the priority it was given at submit."""
+    from worker.service.tasks import get_context
+
+    d = get_context().jobs.dispatch_of(job_id)
+    AppEnqueuer().enqueue(job_id, d.queue if d else None, d.priority if d else 5)
+
+
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
 def run_job_task(self: Any, job_id: str) -> str:
-    from worker.service.tasks import Outcome, run_job
+    from worker.service.tasks import Outcome, get_context, release_held, run_job
 
     result = run_job(job_id)
     if result.outcome is Outcome.retry:
-        raise self.retry(countdown=result.retry_in or 0, max_retries=None)
+        d = get_context().jobs.dispatch_of(job_id)  # back to its own queue, at its own priority
+        raise self.retry(countdown=result.retry_in or 0, max_retries=None,
+                         queue=(d and d.queue) or get_settings().queue,
+                         priority=broker_priority(d.priority if d else 5))
     if result.outcome is Outcome.preempted:  # for the next worker
-        app.send_task(TASK_NAME, args=[job_id], queue=get_settings().queue)
+        send_job(job_id)
+    release_held(job_id, AppEnqueuer())
     return result.outcome.value
 
 
@@ -70,29 +92,27 @@ def resend_lost_messages() -> list[str]:
     from datetime import timedelta
 
     from app.store.models import utcnow
+    from app.tenancy import worker_queues
     from worker.service.requeue import broker_messages, resend_lost
     from worker.service.tasks import get_context
 
     ctx = get_context()
-    queue = ctx.settings.queue
+    queues = list(worker_queues(ctx.settings))
 
     def held() -> str:
         with app.connection_for_write() as conn:
-            return broker_messages(conn.default_channel.client, queue,
-                                   delivered_after=time.time() - ctx.settings.requeue_after_s)
+            return "\n".join(broker_messages(conn.default_channel.client, queue,
+                                             delivered_after=time.time() - ctx.settings.requeue_after_s)
+                             for queue in queues)
 
-    def send(job_id: str) -> None:
-        app.send_task(TASK_NAME, args=[job_id], queue=queue)
-
-    return resend_lost(ctx.jobs, held, send, utcnow() - timedelta(seconds=ctx.settings.requeue_after_s))
+    return resend_lost(ctx.jobs, held, send_job, utcnow() - timedelta(seconds=ctx.settings.requeue_after_s))
 
 
 def recover_lost_jobs() -> list[str]:
     """Jobs whose worker was lost: those with runs left are queued and sent again (see worker.service.tasks.sweep)."""
-    from worker.service.tasks import get_context, sweep
+    from worker.service.tasks import sweep
 
-    queue = get_context().settings.queue
-    return sweep(send=lambda job_id: app.send_task(TASK_NAME, args=[job_id], queue=queue))
+    return sweep(send=send_job, enqueuer=AppEnqueuer())
 
 
 def _sweep_loop(interval: float) -> None:

@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.config import Settings, get_settings
+from app.service import LocalEnqueuer
 from app.store.db import upgrade
 from worker.service import preemption
-from worker.service.tasks import WorkerContext, make_context, run_job, set_context, sweep
+from worker.service.tasks import WorkerContext, make_context, release_held, run_job, set_context, sweep
 
 log = logging.getLogger("restorelcc.worker")
 WORKER_LOCK = "worker.lock"  # in the data directory: held by the one local worker that runs its jobs
@@ -42,7 +43,7 @@ class LocalWorker:
                 return
             self._last_sweep = now
             try:
-                sweep(self.ctx)
+                sweep(self.ctx, enqueuer=LocalEnqueuer())
             except Exception:
                 log.warning("lost-job sweep failed", exc_info=True)
 
@@ -54,6 +55,7 @@ class LocalWorker:
             return False
         result = run_job(job_id, self.ctx)
         log.info("job %s: %s", job_id, result.outcome.value)
+        release_held(job_id, LocalEnqueuer(), self.ctx)
         return True
 
     def sweep_forever(self) -> threading.Thread:

@@ -32,14 +32,16 @@ from pydantic import ValidationError
 from app.config import Settings, get_settings
 from app.paths import PathRefused, check_spec_paths
 from app.schemas import JobSpec, JobStatus
-from app.service import is_job_id
+from app.service import Enqueuer, dispatch_held, is_job_id
 from app.store.artifacts import ArtifactStore, attempt_prefix, checkpoint_prefix, job_key, job_prefix, make_store
 from app.store.db import make_engine
 from app.store.jobs import JobStore, stale_cutoff
 from app.store.models import Job, utcnow
+from app.tenancy import TenantPolicy
 from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError, is_out_of_memory
 from worker.run.checkpoints import CheckpointStore
 from worker.service import preemption
+from worker.service.results import result_files
 from worker.service.store_reporter import StoreReporter, jsonable
 
 log = logging.getLogger("restorelcc.worker")
@@ -264,6 +266,7 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled after the last stage")
                 _upload(ctx, job_id, out_dir, attempt)
+                _hand_off(ctx, job, spec, out_dir, attempt)
                 metrics = dict(reporter.metrics_seen)
                 if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
                     metrics.update(report["metrics"])
@@ -399,15 +402,6 @@ def _discard_artifacts(ctx: WorkerContext, job_id: str, attempt: int | None = No
     return True
 
 
-def result_files(out_dir: Path) -> list[tuple[str, Path]]:
-    """(artifact name, file) for every regular file under ``out_dir``; names are POSIX paths relative to it."""
-    files = []
-    for p in sorted(out_dir.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            files.append((p.relative_to(out_dir).as_posix(), p))
-    return files
-
-
 def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None = None, tries: int = 3) -> None:
     """Upload every result file and record it (name, size, sha256 computed while uploading); stops with
     :class:`Cancelled` if another run takes the job over meanwhile."""
@@ -435,6 +429,24 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None 
     ctx.jobs.add_event(job_id, "artifacts", {"count": len(files), "bytes": done})
 
 
+def _hand_off(ctx: WorkerContext, job: Job, spec: JobSpec, out_dir: Path, attempt: int | None) -> None:
+    """Copy the result to ``output.destination`` when the spec names one (only under the tenant's allowed prefixes:
+    the tenancy settings may have changed since the job was accepted), and record where it went."""
+    destination = spec.output.destination
+    if not destination:
+        return
+    from app.tenancy import TenantPolicy
+    from worker.service.handoff import DestinationNotAllowed, hand_off
+
+    if not TenantPolicy(ctx.settings).destination_allowed(job.tenant, destination):
+        raise DestinationNotAllowed(f"output.destination {destination} is not among the destinations allowed for "
+                                    f"tenant {job.tenant}", field="output.destination")
+    result = hand_off(ctx.settings, out_dir, destination, job.id)
+    if not ctx.jobs.set_output(job.id, result, attempt=attempt):
+        raise Cancelled("taken over by another worker while handing off")
+    ctx.jobs.add_event(job.id, "handoff", result)
+
+
 def _drop_unrecorded(ctx: WorkerContext, job_id: str, key: str, attempt: int | None) -> None:
     """Delete what this run wrote after it lost the job (taken over, failed by the sweep, or deleted), so no
     file outlives its record. Only this attempt's folder: no other run ever writes there."""
@@ -444,7 +456,22 @@ def _drop_unrecorded(ctx: WorkerContext, job_id: str, key: str, attempt: int | N
         log.warning("could not delete unrecorded artifacts of job %s attempt %s", job_id, attempt, exc_info=True)
 
 
-def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None = None) -> list[str]:
+def release_held(job_id: str, enqueuer: Enqueuer, ctx: WorkerContext | None = None) -> list[str]:
+    """After a run: send the held jobs of the job's tenant that its quota now lets run (a finished job frees a
+    running slot). Never raises: the sweep releases them too."""
+    ctx = ctx or get_context()
+    try:
+        job = ctx.jobs.get(job_id)
+        if job is None or not TenantPolicy(ctx.settings).running_limited:
+            return []
+        return dispatch_held(ctx.jobs, TenantPolicy(ctx.settings), enqueuer, [job.tenant])
+    except Exception:
+        log.warning("could not release held jobs after %s", job_id, exc_info=True)
+        return []
+
+
+def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None = None,
+          enqueuer: Enqueuer | None = None) -> list[str]:
     """Recovery: jobs active with no heartbeat for twice ``stale_after_s`` lost their worker. One with runs left
     (fewer than ``max_attempts``) goes back to ``queued`` and, with ``send``, to the broker: it runs again even
     when other jobs wait ahead of its redelivered message; the others are failed ``worker_lost`` (cancelling
@@ -453,6 +480,9 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     ctx = ctx or get_context()
     clean_scratch(ctx)
     expire_checkpoints(ctx)
+    policy = TenantPolicy(ctx.settings)
+    if enqueuer is not None and policy.running_limited:
+        dispatch_held(ctx.jobs, policy, enqueuer)
     requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts)
     for job_id in requeued:
         log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)

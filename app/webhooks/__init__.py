@@ -1,0 +1,1 @@
+"""Webhook notifications: signing, URL checks and the HTTP sender."""
