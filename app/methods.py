@@ -44,6 +44,8 @@ SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 DEFAULT_STEPS = 50  # the run length the defaults were searched and measured at (docs/search.md)
 DEFAULT_HEADS = 0.8  # searched (docs/search.md)
 DEFAULT_DIRECTIONS = 0.66  # searched together with DEFAULT_HEADS (docs/search.md)
+Objective = Literal["sft", "distill"]
+DEFAULT_OBJECTIVE = "sft"  # measured against distill in docs/objective.md
 
 
 class RestorationConfig(Strict):
@@ -64,6 +66,11 @@ class RestorationConfig(Strict):
     def needs_activations(self) -> bool:
         """Whether the method compares dense and pruned activations (the probing and extracting stages, and a
         dense reference when the model is given already pruned)."""
+        return False
+
+    def needs_dense_targets(self) -> bool:
+        """Whether training needs the dense model's outputs (a dense reference when the model is given already
+        pruned)."""
         return False
 
 
@@ -101,6 +108,34 @@ class TrainingConfig(RestorationConfig):
                            "epoch, but a batch is less varied. On by default: the defaults were measured with it."
     )
     max_seq_len: int = Field(256, ge=8, le=32_768, description="Longest training sequence in tokens.")
+    objective: Objective = Field(
+        DEFAULT_OBJECTIVE,
+        description="What training moves the model toward: 'sft', the training data (next-token loss on the "
+        "responses, the paper's recipe); 'distill', the dense model (KL divergence from its next-token "
+        "distribution on the training text, captured while the dense model is loaded). See docs/objective.md.",
+    )
+    distill_tokens: Literal["response", "all"] = Field(
+        "response", description="distill: the positions distilled — those predicting a response token, or every "
+                                "token of the text (prompt included).")
+    distill_top_k: int = Field(
+        64, ge=1, le=4096, description="distill: dense log-probabilities kept per position (the rest of the "
+                                        "vocabulary is one bucket); 6·k + 8 bytes per token.")
+    sft_weight: float = Field(
+        0.0, ge=0, le=1, description="distill: weight w of the next-token loss mixed in, (1 - w)·KL + w·CE per "
+                                     "token; 0 is pure distillation.")
+
+    @model_validator(mode="after")
+    def _objective_settings(self) -> TrainingConfig:
+        if self.objective == "sft":
+            stray = [f for f in ("distill_tokens", "distill_top_k", "sft_weight")
+                     if getattr(self, f) != type(self).model_fields[f].default]
+            if stray:
+                raise ValueError(f"restoration.{stray[0]} applies to restoration.objective 'distill' only")
+        return self
+
+    def needs_dense_targets(self) -> bool:
+        """Whether the loading stage captures the dense model's next-token distributions for training."""
+        return self.objective == "distill"
 
     @model_validator(mode="after")
     def _lr_and_steps(self) -> TrainingConfig:

@@ -241,6 +241,11 @@ class JobSpec(Strict):
                 f"model.dense is required: restoration.method '{r.method}' compares dense and pruned activations, "
                 "and pruning.method 'none' means model.id is already pruned"
             )
+        if r.needs_dense_targets() and self.pruning.method == "none" and not self.model.dense:
+            raise ValueError(
+                "model.dense is required: restoration.objective 'distill' learns from the dense model, and "
+                "pruning.method 'none' means model.id is already pruned"
+            )
         if PRUNING_METHODS[self.pruning.method].needs_calibration and not (self.data.calibration or self.data.train):
             raise ValueError(f"pruning.method '{self.pruning.method}' needs data.calibration or data.train")
         return self

@@ -68,16 +68,29 @@ class CancelResult:
     changed: bool
 
 
-_ADDED_DEFAULTS = {"notify": None, "resources": {"queue": None, "priority": 5}}  # sections added in revision 0006
+# Spec fields added since idempotency keys were first stored, with their defaults: left out of the hash while they
+# hold them, so a request repeated after an upgrade still matches the hash stored before it.
+ADDED_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("notify",): None, ("resources",): {"queue": None, "priority": 5}, ("output", "destination"): None,
+    ("restoration", "objective"): "sft", ("restoration", "distill_tokens"): "response",
+    ("restoration", "distill_top_k"): 64, ("restoration", "sft_weight"): 0.0,
+}
 
 
 def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as its idempotency hash sees it: sections added later are left out while they hold their defaults, so
-    a request repeated after an upgrade still matches the hash stored before it."""
-    view = {k: v for k, v in spec.items() if not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
-    if isinstance(view.get("output"), dict) and "destination" in view["output"] and \
-            view["output"]["destination"] is None:
-        view["output"] = {k: v for k, v in view["output"].items() if k != "destination"}
+    """The spec as its idempotency hash sees it (without ADDED_DEFAULTS' fields at their defaults)."""
+    view = dict(spec)
+    for path, default in ADDED_DEFAULTS.items():
+        *parents, name = path
+        parent = view
+        for key in parents:
+            child = parent.get(key)
+            if not isinstance(child, dict):
+                break
+            parent[key] = parent = dict(child)
+        else:
+            if name in parent and parent[name] == default:
+                del parent[name]
     return view
 
 

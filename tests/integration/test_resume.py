@@ -144,3 +144,32 @@ def test_killed_runs_resume_to_the_same_bytes(job, reference, tmp_path, stage, p
     assert [a["attempt"] for a in report["attempts"]] == [1, 2]
     assert report["attempts"][1]["resumed_from"] == {"checkpoint": saved["point"], "stage": resumed_stage,
                                                      "step": saved["meta"].get("step")}
+
+
+def test_a_distill_run_killed_in_training_resumes_to_the_same_bytes(job, tmp_path_factory):
+    """The dense targets travel with the checkpoints: a distill run killed mid-training needs no dense model to go on,
+    and ends as the uninterrupted run does."""
+    spec = json.loads(job["spec"].read_text())
+    spec["restoration"].update(objective="distill", distill_top_k=16, sft_weight=0.25)
+    spec["evaluation"]["perplexity"] = spec["evaluation"]["perplexity"][:1]
+    path = job["root"] / "distill.json"
+    path.write_text(json.dumps(spec))
+    ref_dir, run_dir = tmp_path_factory.mktemp("distill-ref"), tmp_path_factory.mktemp("distill-run")
+    Run(path, ref_dir / "out", ref_dir / "checkpoints").finish()
+    ref_report = json.loads((ref_dir / "out" / "report.json").read_text())
+    targets = ref_report["dense_targets"]
+    assert ref_report["restoration"]["objective"] == "distill" and targets["top_k"] == 16
+    assert targets["bytes_per_token"] == pytest.approx(16 * 6 + 8, abs=1)
+
+    first = Run(path, run_dir / "out", run_dir / "checkpoints")
+    wait_until(_in_stage(first, "training", "training", min_step=20), timeout=240, what=lambda: first.text()[-1500:])
+    first.kill()
+    saved = first.manifest()
+    second = Run(path, run_dir / "out", run_dir / "checkpoints")
+    second.finish()
+    assert f"step {saved['meta']['step']}" in second.text() and 20 <= saved["meta"]["step"] < 120
+    assert _sha(run_dir / "out" / "model" / "model.safetensors") == _sha(ref_dir / "out" / "model" /
+                                                                          "model.safetensors")
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert report["metrics"] == ref_report["metrics"]
+    assert report["restoration"]["loss_curve"] == ref_report["restoration"]["loss_curve"]

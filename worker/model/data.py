@@ -238,6 +238,7 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) long
     attention_mask: torch.Tensor  # (B, T) long, 1 = real token
     labels: torch.Tensor  # (B, T) long, -100 = not scored
+    samples: torch.Tensor | None = None  # (B,) long: each row's index among the training samples (dense targets)
 
     @property
     def last_index(self) -> torch.Tensor:
@@ -245,10 +246,12 @@ class Batch:
         return self.attention_mask.sum(dim=1) - 1
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.samples)
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None) -> Batch:
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[int]] | None = None,
+              samples: Sequence[int] | None = None) -> Batch:
     """Right-pad token lists to one tensor. Without ``labels`` every real token is a label."""
     if not seqs:
         raise ValueError("empty batch")
@@ -264,7 +267,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Seque
         mask[i, : len(s)] = 1
         src = labels[i] if labels is not None else s
         lab[i, : len(src)] = torch.tensor(src, dtype=torch.long)
-    return Batch(ids, mask, lab)
+    return Batch(ids, mask, lab, torch.tensor(list(samples), dtype=torch.long) if samples is not None else None)
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

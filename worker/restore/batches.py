@@ -25,21 +25,29 @@ class EpochSource:
         return -(-self.n // self.batch_size)
 
 
-def training_batches(tokenizer: Any, train_path: str, r: TrainingConfig, seed: int) -> EpochSource:
-    """Epoch → shuffled, right-padded batches of (prompt, response) with the prompt masked."""
+def training_samples(tokenizer: Any, train_path: str, r: TrainingConfig) -> list[tuple[list[int], list[int]]]:
+    """The training samples as (input ids, labels), prompt masked: what every epoch batches, and what the dense
+    targets of the distill objective are captured on (sample j is the same in both)."""
     pairs = read_instructions(train_path, limit=r.train_samples)
-    pad = ensure_pad_token(tokenizer)
     encoded = [encode_pair(tokenizer, p, resp, r.max_seq_len) for p, resp in pairs]
     encoded = [e for e in encoded if any(x != -100 for x in e[1][1:])]
     if not encoded:
         raise DataError(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}",
                         field="data.train")
+    return encoded
+
+
+def training_batches(tokenizer: Any, train_path: str, r: TrainingConfig, seed: int) -> EpochSource:
+    """Epoch → shuffled, right-padded batches of (prompt, response) with the prompt masked; each batch knows its
+    rows' sample indices."""
+    pad = ensure_pad_token(tokenizer)
+    encoded = training_samples(tokenizer, train_path, r)
     lengths = [len(e[0]) for e in encoded]
 
     def epoch_batches(epoch: int) -> Iterator[Batch]:
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
         for idx in shuffled_batches(lengths, r.batch_size, gen, r.group_by_length):
             chunk = [encoded[j] for j in idx]
-            yield pad_batch([c[0] for c in chunk], pad, labels=[c[1] for c in chunk])
+            yield pad_batch([c[0] for c in chunk], pad, labels=[c[1] for c in chunk], samples=idx)
 
     return EpochSource(epoch_batches, len(encoded), r.batch_size)

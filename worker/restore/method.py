@@ -61,6 +61,7 @@ class RestoreMethod:
         self.config = config
         self.seed = seed
         self.report: dict[str, Any] = {}  # the method's part of report.json ("restoration")
+        self.dense_targets: Any = None  # the distill objective's (worker.restore.objective), from the loading stage
 
     def preflight(self, pre: Preflight) -> None:
         """Config-only checks, before any weight loads."""

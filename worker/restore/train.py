@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from app.methods import SCHEDULES
 from worker.errors import Cancelled
-from worker.model.data import IGNORE, Batch
+from worker.model.data import Batch
+from worker.restore.objective import CompletionObjective, response_loss_sum  # noqa: F401 (re-exported)
 
 TrainProgress = Callable[[int, int, float], None]  # (step, total steps or 0 when unknown, step loss)
 BatchSource = Sequence[Batch] | Callable[[int], Iterable[Batch]]  # a list, or epoch → batches
@@ -43,25 +43,6 @@ def frozen(model: nn.Module) -> Iterator[None]:
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def response_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-    """(sum of next-token cross-entropy over response tokens, number of those tokens).
-
-    Logits are computed only at positions that predict a response token of some row (``logits_to_keep``),
-    which spares the vocabulary projection, and its backward, on prompts and padding.
-    """
-    target = batch.labels[:, 1:]
-    keep = target != IGNORE
-    n = int(keep.sum())
-    if n == 0:
-        return torch.zeros((), dtype=torch.float32, device=batch.input_ids.device), 0
-    positions = keep.any(dim=0).nonzero().squeeze(1)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=positions
-    ).logits
-    picked = logits[keep[:, positions]].float()
-    return F.cross_entropy(picked, target[:, positions][keep[:, positions]], reduction="sum"), n
 
 
 def _epoch_batches(source: BatchSource, epoch: int, gen: torch.Generator) -> Iterator[Batch]:
@@ -139,9 +120,11 @@ class TrainControl:
     should_stop: Callable[[], bool] | None = None
     resume: TrainState | None = None
     save: SaveHook | None = None
+    objective: Any = None  # worker.restore.objective.Objective; None: the completion loss (sft)
 
     def options(self) -> dict[str, Any]:
-        return {"progress": self.progress, "should_stop": self.should_stop, "resume": self.resume, "save": self.save}
+        return {"progress": self.progress, "should_stop": self.should_stop, "resume": self.resume, "save": self.save,
+                "objective": self.objective}
 
 
 # Called after every optimizer step with a way to take the state (and again with force=True when the run stops or
@@ -167,8 +150,10 @@ def train_parameters(
     checkpoint_every: int = 1,
     resume: TrainState | None = None,
     save: SaveHook | None = None,
+    objective: Any = None,
 ) -> dict[str, Any]:
-    """The shared loop: AdamW on ``params`` against the completion-only loss of ``model``.
+    """The shared loop: AdamW on ``params`` against ``objective`` (worker.restore.objective; default: the
+    completion-only loss of ``model``).
 
     The caller freezes everything else and installs whatever makes ``params`` part of the forward pass
     (hooks, adapter layers). ``schedule`` and ``warmup_steps`` shape the learning rate (:func:`lr_scheduler`).
@@ -189,6 +174,8 @@ def train_parameters(
     params = list(params)
     if not params:
         raise ValueError("nothing to train")
+    if objective is None:
+        objective = CompletionObjective()
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -213,13 +200,13 @@ def train_parameters(
                         continue
                     run.groups_done = k + 1
                     group = [b.to(device) for b in group]
-                    n_tok = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in group)
+                    n_tok = sum(objective.tokens(b) for b in group)
                     if n_tok == 0:
                         continue
                     opt.zero_grad(set_to_none=True)
                     step_loss = 0.0
                     for b in group:
-                        loss_sum, _ = response_loss_sum(model, b)
+                        loss_sum, _ = objective.loss_sum(model, b)
                         (loss_sum / n_tok).backward()
                         step_loss += float(loss_sum.detach()) / n_tok
                     opt.step()
@@ -240,7 +227,7 @@ def train_parameters(
                 if run.finished:
                     break
                 if len(run.curve) == before and resumed_at == 0:
-                    raise ValueError("no training batches with response tokens")
+                    raise ValueError("no training batches with target tokens")
                 run.next_epoch()
                 if max_steps is None and run.epoch >= epochs:
                     run.finished = True

@@ -343,7 +343,36 @@ def _measure_dense(state: RunState, model, tokenizer, adapter, progress: StagePr
         state.report["metrics"]["dense"] = metrics
         reporter.metrics({"dense": metrics})
     checkpoint(reporter)
-    _prepare(state, model, tokenizer, adapter, lambda f, m: progress(0.8 + 0.2 * f, m))
+    _prepare(state, model, tokenizer, adapter, lambda f, m: progress(0.8 + 0.1 * f, m))
+    checkpoint(reporter)
+    _capture_dense_targets(state, model, tokenizer, lambda f, m: progress(0.9 + 0.1 * f, m))
+
+
+def _capture_dense_targets(state: RunState, model, tokenizer, progress: Callable[[float, str], None]) -> None:
+    """The distill objective's targets: the dense model's next-token distributions on the training samples, taken
+    now while it is in memory. Kept with the method's state, so every later checkpoint carries them."""
+    import time
+
+    from worker.model.data import ensure_pad_token
+    from worker.restore.batches import training_samples
+    from worker.restore.objective import capture_dense_targets
+
+    r = state.spec.restoration
+    if not r.needs_dense_targets():
+        return
+    assert state.spec.data.train is not None
+    start = time.monotonic()
+    pad = ensure_pad_token(tokenizer)
+    samples = training_samples(tokenizer, state.spec.data.train, r)
+    targets = capture_dense_targets(
+        model, samples, pad, r.distill_top_k, r.distill_tokens, batch_size=r.batch_size,
+        progress=lambda done, total: progress(done / total, f"dense targets: batch {done}/{total}"))
+    state.method.dense_targets = targets
+    state.report["dense_targets"] = {
+        "samples": len(samples), "tokens": targets.rows, "top_k": r.distill_top_k, "positions": r.distill_tokens,
+        "bytes": targets.nbytes, "bytes_per_token": round(targets.nbytes / max(1, targets.rows), 1),
+        "seconds": round(time.monotonic() - start, 3),
+    }
 
 
 def _prepare(state: RunState, model, tokenizer, adapter, progress: Callable[[float, str], None]) -> None:
@@ -479,6 +508,7 @@ def _select(state: RunState, progress: StageProgress, reporter: Reporter) -> Non
 
 def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
     from worker.restore.batches import training_batches
+    from worker.restore.objective import make_objective
     from worker.restore.train import TrainControl
 
     spec, method = state.spec, state.method
@@ -488,8 +518,10 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         progress(step / total if total else 0.0, f"step {step}/{total or '?'} · loss {loss:.4f}")
 
     batches = training_batches(state.tokenizer, spec.data.train, spec.restoration, spec.seed)
+    objective = make_objective(spec.restoration, method.dense_targets)
     control = TrainControl(progress=step_progress, should_stop=reporter.cancel_requested,
-                           resume=state.resumer.train_state(), save=state.resumer.train_saver(lambda: state.report))
+                           resume=state.resumer.train_state(), save=state.resumer.train_saver(lambda: state.report),
+                           objective=objective)
     if state.store is not None:  # each layer recomputed from its input in the backward, one at a time
         from worker.model.streaming import checkpointed_layers
 
@@ -502,6 +534,7 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         trainable_params=stats["trainable_params"],
         loss_curve=[round(float(x), 5) for x in stats["loss_curve"]],
         steps=stats["steps"],
+        objective=objective.name,
         train_tokens=stats["tokens"],
         train_seconds=round(stats["seconds"], 3),
     )

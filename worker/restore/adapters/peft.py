@@ -180,6 +180,7 @@ def train_adapter(
     checkpoint_every: int = 1,
     resume: TrainState | None = None,
     save: SaveHook | None = None,
+    objective: Any = None,
 ) -> tuple[AdapterBaseline, dict[str, Any]]:
     """Attach a LoRA (``r.method == "lora"``) or DoRA adapter to ``model`` and train it; base weights frozen.
 
@@ -197,6 +198,7 @@ def train_adapter(
                 weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps, grad_accum=r.grad_accum,
                 seed=seed, progress=progress,
                 should_stop=should_stop, checkpoint_every=checkpoint_every, resume=resume, save=save,
+                objective=objective,
             )
         except BaseException:
             detach_adapter(baseline)
