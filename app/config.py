@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         None, description="Per-tenant limits, 'tenant:limit=N;limit=N' comma-separated, tenant '*' for everyone "
                           "else; limits: max_queued, max_running, creates_per_minute. Over a limit: 429.")
     quotas_file: Path | None = Field(None, description="File with one quota entry per line.")
-    quota_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 for a full queue or running limit.")
+    quota_retry_after_s: int = Field(30, ge=1, description="Retry-After of a 429 for a full queue (max_queued).")
 
     # Webhooks (spec notify.url) and hand-off (spec output.destination).
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(
@@ -154,6 +154,23 @@ class Settings(BaseSettings):
     @classmethod
     def _paths(cls, v: object) -> object:
         return _split_paths(v)
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, v: str | None) -> str | None:
+        from app.tenancy import parse_queues
+
+        parse_queues(v)  # a bad name or size stops the service at start
+        return v
+
+    @field_validator("queue")
+    @classmethod
+    def _queue(cls, v: str) -> str:
+        from app.tenancy import QUEUE_NAME
+
+        if not QUEUE_NAME.match(v):
+            raise ValueError(f"queue name {v!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        return v
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod

@@ -40,7 +40,7 @@ def build_services(settings: Settings) -> Services:
         enqueuer=make_enqueuer(settings),
         keys=KeyRing.from_settings(settings),
         metrics=Metrics(store.counts_by_status, store.checkpoint_bytes, store.delivery_counts),
-        policy=TenantPolicy(settings),
+        policy=TenantPolicy(settings).validate(),
     )
 
 

@@ -7,7 +7,9 @@ stands for every tenant without an entry of its own. A malformed entry stops the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 from app.config import Settings, parse_size
@@ -52,24 +54,40 @@ def parse_quota(value: str) -> Quota:
         name = name.strip()
         if not ok or name not in _QUOTA_NAMES:
             raise ValueError(f"quota {item.strip()!r}: use {', '.join(sorted(_QUOTA_NAMES))} as name=N")
-        if not number.strip().isdigit():
-            raise ValueError(f"quota {name}: {number.strip()!r} is not a whole number")
+        if not number.strip().isdigit() or int(number) < 1:
+            raise ValueError(f"quota {name}: {number.strip()!r} is not a whole number of at least 1")
         limits[name] = int(number)
     return Quota(**limits)
 
 
 class TenantPolicy:
-    """Quotas, webhook secrets and destinations per tenant, read once from the settings."""
+    """Quotas, webhook secrets and destinations per tenant. Each part is read from the settings when first used, so
+    a worker never needs the API's webhook secrets; the API reads them all at start (:meth:`validate`)."""
 
     def __init__(self, settings: Settings):
-        quota_text = settings.quotas
-        self._quotas = {t: parse_quota(v) for t, v in _entries(quota_text, settings.quotas_file)}
-        self._secrets = dict(_entries(settings.webhook_secrets, settings.webhook_secrets_file))
-        self._destinations: dict[str, list[str]] = {}
-        for tenant, prefix in _entries(settings.output_destinations, None):
+        self.settings = settings
+
+    def validate(self) -> TenantPolicy:
+        """Read every part now: a malformed entry stops the service at start, not at its first request."""
+        _ = self._quotas, self._secrets, self._destinations
+        return self
+
+    @cached_property
+    def _quotas(self) -> dict[str, Quota]:
+        return {t: parse_quota(v) for t, v in _entries(self.settings.quotas, self.settings.quotas_file)}
+
+    @cached_property
+    def _secrets(self) -> dict[str, str]:
+        return dict(_entries(self.settings.webhook_secrets, self.settings.webhook_secrets_file))
+
+    @cached_property
+    def _destinations(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for tenant, prefix in _entries(self.settings.output_destinations, None):
             if not prefix.startswith("s3://"):
                 raise ValueError(f"output destination {prefix!r} of {tenant} must be an s3:// prefix")
-            self._destinations.setdefault(tenant, []).append(prefix)
+            out.setdefault(tenant, []).append(prefix)
+        return out
 
     def quota(self, tenant: str) -> Quota:
         return self._quotas.get(tenant) or self._quotas.get("*") or Quota()
@@ -95,15 +113,29 @@ class TenantPolicy:
         return False
 
 
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as resources.queue accepts
+
+
+def parse_queues(text: str | None) -> dict[str, int | None]:
+    """``a100=80GiB,cpu`` → {name: device memory in bytes or None}; a bad name or size raises ValueError."""
+    queues: dict[str, int | None] = {}
+    for item in (text or "").split(","):
+        name, _, memory = (x.strip() for x in item.partition("="))
+        if not name and not memory:
+            continue
+        if not QUEUE_NAME.match(name):
+            raise ValueError(f"queue name {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        size = parse_size(memory) if memory else None
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"queue {name}: {memory!r} is not a memory size")
+        queues[name] = size
+    return queues
+
+
 def worker_queues(settings: Settings) -> dict[str, int | None]:
     """Every queue a job may be sent to → the device memory of its workers in bytes (None: not stated). The
     default queue (``settings.queue``) is always among them."""
-    queues: dict[str, int | None] = {}
-    for item in (settings.queues or "").split(","):
-        name, _, memory = item.strip().partition("=")
-        if not name.strip():
-            continue
-        queues[name.strip()] = int(parse_size(memory.strip())) if memory.strip() else None  # type: ignore[arg-type]
+    queues = parse_queues(settings.queues)
     queues.setdefault(settings.queue, None)
     return queues
 

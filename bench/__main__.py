@@ -5,6 +5,7 @@ $RESTORELCC_SHARED_DATA):
     python -m bench restore  one RestoreLCC run after Wanda 50% (--model)           docs/restoration[-MODEL].md
     python -m bench compare  RestoreLCC vs LoRA / DoRA / bias, Wanda 50%, 2:4       docs/results.md, results.png
     python -m bench search   RestoreLCC's setting on rows never evaluated          docs/search.md
+    python -m bench objective  sft vs distill, two training sets, gap closed         docs/objective.md
     python -m bench speed    capture, SVD + probing, a training step, tokens/s      docs/speed.md
     python -m bench service  checkpoint writes per stage, polling under 16 clients  docs/speed.md (below)
     python -m bench scaling  time and memory against model size, the memory plan   docs/scaling.md
@@ -27,6 +28,7 @@ BENCHMARKS = {
     "restore": "bench.restore",
     "compare": "bench.compare",
     "search": "bench.search",
+    "objective": "bench.objective",
     "speed": "bench.speed",
     "service": "bench.service",
     "scaling": "bench.scaling",

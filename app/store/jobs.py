@@ -143,6 +143,11 @@ class JobStore:
         try:
             with self.session() as s:
                 if quota is not None:
+                    self._lock_tenant(s, tenant)
+                    if idempotency_key is not None:  # a concurrent twin may have created it: answer with it
+                        twin = self._by_idempotency_in(s, tenant, idempotency_key, digest)
+                        if twin is not None:
+                            return twin, False
                     self._check_quota(s, tenant, quota, now, retry_after_s)
                 s.add(job)
                 s.flush()
@@ -169,7 +174,6 @@ class JobStore:
             s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
     def _check_quota(self, s: Session, tenant: str, quota: Quota, now: datetime, retry_after_s: int) -> None:
-        self._lock_tenant(s, tenant)
         if quota.max_queued is not None:
             queued = s.scalar(select(func.count()).select_from(Job).where(
                 Job.tenant == tenant, Job.status == JobStatus.queued.value)) or 0
@@ -201,11 +205,14 @@ class JobStore:
                 busy = s.scalar(select(func.count()).select_from(Job).where(
                     Job.tenant == tenant, Job.status.in_(WAITING), Job.held.is_(False))) or 0
                 rows = list(s.execute(held.limit(max_running - busy)).all()) if busy < max_running else []
-            for job_id, _, _ in rows:
-                s.execute(update(Job).where(Job.id == job_id).values(held=False, updated_at=utcnow()))
-                s.add(Event(job_id=job_id, kind="released", data={"reason": "a running slot of the tenant's quota "
-                                                                            "is free"}))
-            return [Dispatch(job_id, queue, priority) for job_id, queue, priority in rows]
+            released = []
+            for job_id, queue, priority in rows:
+                if s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.queued.value,
+                                               Job.held.is_(True)).values(held=False, updated_at=utcnow())).rowcount:
+                    s.add(Event(job_id=job_id, kind="released", data={"reason": "a running slot of the tenant's "
+                                                                                "quota is free"}))
+                    released.append(Dispatch(job_id, queue, priority))
+            return released
 
     def held_tenants(self) -> list[str]:
         """Tenants with jobs held back by a running quota."""
@@ -226,17 +233,21 @@ class JobStore:
 
     def _by_idempotency(self, tenant: str, key: str, digest: str) -> Job | None:
         with self.session() as s:
-            row = s.execute(
-                select(IdempotencyKey, Job)
-                .join(Job, Job.id == IdempotencyKey.job_id)
-                .where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
-            ).first()
-            if row is None:
-                return None
-            idem, job = row
-            if idem.request_hash != digest:
-                raise IdempotencyConflict(job.id)
-            return job
+            return self._by_idempotency_in(s, tenant, key, digest)
+
+    @staticmethod
+    def _by_idempotency_in(s: Session, tenant: str, key: str, digest: str) -> Job | None:
+        row = s.execute(
+            select(IdempotencyKey, Job)
+            .join(Job, Job.id == IdempotencyKey.job_id)
+            .where(IdempotencyKey.tenant == tenant, IdempotencyKey.key == key)
+        ).first()
+        if row is None:
+            return None
+        idem, job = row
+        if idem.request_hash != digest:
+            raise IdempotencyConflict(job.id)
+        return job
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
         with self.session() as s:
@@ -331,30 +342,39 @@ class JobStore:
                                                   older.c.seq < Delivery.seq).exists())
                 .order_by(Delivery.seq).limit(limit)))
 
-    def claim_delivery(self, delivery_id: str, hold_s: float) -> bool:
-        """Hold a due delivery for ``hold_s`` (one sender at a time, across API processes)."""
+    def claim_delivery(self, delivery_id: str, hold_s: float) -> tuple[str, int] | None:
+        """Hold a due, pending delivery for ``hold_s`` (one sender at a time, across API processes). Returns the
+        claim (for :meth:`record_attempt`) and the attempts made so far, or None when it is not due or held."""
         now = utcnow()
+        claim = uuid.uuid4().hex
         with self.session() as s:
-            return s.execute(update(Delivery).where(
-                Delivery.id == delivery_id, Delivery.state == "pending",
+            taken = s.execute(update(Delivery).where(
+                Delivery.id == delivery_id, Delivery.state == "pending", Delivery.next_attempt_at <= now,
                 (Delivery.claimed_until.is_(None)) | (Delivery.claimed_until < now),
-            ).values(claimed_until=now + timedelta(seconds=hold_s))).rowcount == 1
+            ).values(claimed_until=now + timedelta(seconds=hold_s), claim=claim)).rowcount == 1
+            if not taken:
+                return None
+            return claim, len(s.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id)) or [])
 
-    def record_attempt(self, delivery_id: str, attempt: dict[str, Any], state: str,
-                       next_attempt_at: datetime | None = None, keep: int = 50) -> None:
+    def record_attempt(self, delivery_id: str, claim: str, attempt: dict[str, Any], state: str,
+                       next_attempt_at: datetime | None = None, keep: int = 50) -> bool:
         """Append an attempt (the newest ``keep`` are kept) and move the delivery on: delivered, failed (given up),
-        or pending until ``next_attempt_at``."""
+        or pending until ``next_attempt_at``. Only the sender holding ``claim`` may, and only while the delivery is
+        pending (a late answer to a claim that expired and was taken by another sender is dropped)."""
         with self.session() as s:
-            d = s.scalars(select(Delivery).where(Delivery.id == delivery_id).with_for_update()).first()
+            d = s.scalars(select(Delivery).where(Delivery.id == delivery_id, Delivery.claim == claim,
+                                                 Delivery.state == "pending").with_for_update()).first()
             if d is None:
-                return
+                return False
             d.attempts = [*d.attempts, attempt][-keep:]
             d.state = state
             d.claimed_until = None
+            d.claim = None
             if state == "pending" and next_attempt_at is not None:
                 d.next_attempt_at = next_attempt_at
             else:
                 d.finished_at = utcnow()
+            return True
 
     def delivery_counts(self) -> dict[str, int]:
         with self.session() as s:

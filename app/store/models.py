@@ -134,6 +134,7 @@ class Delivery(Base):
     attempts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, nullable=False, default=list)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    claim: Mapped[str | None] = mapped_column(String(36))  # who holds it: only that sender may record its attempt
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 

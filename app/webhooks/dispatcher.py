@@ -42,6 +42,8 @@ class Dispatcher:
         self._stop = threading.Event()
         self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="restorelcc-webhook")
         self._thread: threading.Thread | None = None
+        self._inflight: set[str] = set()  # deliveries being sent by this process: a slow receiver holds only its own
+        self._lock = threading.Lock()
 
     @property
     def needed(self) -> bool:
@@ -66,24 +68,45 @@ class Dispatcher:
                 log.warning("dispatcher round failed", exc_info=True)
             self._stop.wait(self.settings.webhook_poll_s)
 
-    def run_once(self) -> int:
-        """One round: held jobs released, due deliveries sent (in parallel across jobs). Returns deliveries tried."""
-        if self.policy.running_limited:
-            dispatch_held(self.jobs, self.policy, self.enqueuer)
+    def run_once(self, wait: bool = False) -> int:
+        """One round: held jobs released, due deliveries handed to the senders (in parallel across jobs; the round
+        does not wait for them unless ``wait``). Returns the deliveries handed over."""
+        dispatch_held(self.jobs, self.policy, self.enqueuer)  # also after a running limit was removed
         due = self.jobs.due_deliveries() if self.settings.webhook_allowed_hosts else []
-        return sum(self._pool.map(self.send, due))
+        with self._lock:
+            due = [d for d in due if d.id not in self._inflight]
+            self._inflight.update(d.id for d in due)
+        futures = [self._pool.submit(self._send_and_forget, d) for d in due]
+        if wait:
+            for f in futures:
+                f.result()
+        return len(futures)
+
+    def _send_and_forget(self, d: Delivery) -> None:
+        try:
+            self.send(d)
+        except Exception:  # the database went away: the claim expires and the delivery is tried again
+            log.warning("webhook %s of job %s: sending failed", d.id, d.job_id, exc_info=True)
+        finally:
+            with self._lock:
+                self._inflight.discard(d.id)
 
     def send(self, d: Delivery) -> int:
-        """Try one delivery once (if no other process holds it) and record the attempt. Returns attempts made."""
+        """Try one delivery once (if it is due and no other process holds it) and record the attempt. Returns
+        attempts made."""
         s = self.settings
-        if not self.jobs.claim_delivery(d.id, s.webhook_timeout_s + 30):
+        # Held for well past one attempt's timeout (httpx's timeout bounds each read, not the whole answer); an
+        # answer that comes after another sender took the delivery over is dropped (record_attempt's claim).
+        claimed = self.jobs.claim_delivery(d.id, 3 * s.webhook_timeout_s + 60)
+        if claimed is None:
             return 0
-        failures = len(d.attempts) + 1
+        claim, earlier = claimed
+        failures = earlier + 1
         secret = self.policy.webhook_secret(d.tenant)
         if secret is None:
-            self.jobs.record_attempt(d.id, {"at": utcnow().isoformat(), "status_code": None, "ok": False,
-                                            "error": f"no webhook secret is configured for tenant {d.tenant}",
-                                            "duration_ms": 0, "permanent": True}, "failed")
+            self.jobs.record_attempt(d.id, claim, {"at": utcnow().isoformat(), "status_code": None, "ok": False,
+                                                   "error": f"no webhook secret is configured for tenant {d.tenant}",
+                                                   "duration_ms": 0, "permanent": True}, "failed")
             return 1
         body = json.dumps(d.payload, separators=(",", ":")).encode()
         headers = {SIGNATURE_HEADER: sign(secret, body, int(time.time())), DELIVERY_HEADER: d.id,
@@ -97,5 +120,5 @@ class Dispatcher:
             log.warning("webhook %s of job %s given up: %s", d.id, d.job_id, attempt.error)
         else:
             state, next_at = "pending", now + timedelta(seconds=retry_delay(s, failures))
-        self.jobs.record_attempt(d.id, attempt.to_json(), state, next_at)
+        self.jobs.record_attempt(d.id, claim, attempt.to_json(), state, next_at)
         return 1

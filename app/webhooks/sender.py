@@ -7,6 +7,7 @@ to try again later.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -81,6 +82,27 @@ def _redirect(url: str, response: httpx.Response, allowed_hosts: list[str]) -> t
             f"point notify.url at the final address ({_clip(target)})"), False
 
 
+def pinned(url: str, addresses: list[Any]) -> tuple[str, dict[str, Any]]:
+    """The URL to connect to: the host name replaced by the first address that was checked, so the name is not looked
+    up a second time (a DNS answer that changed in between could point the request elsewhere). The original name
+    stays in the Host header and, for https, in the TLS server name (certificates are checked against it)."""
+    parsed = httpx.URL(url)
+    if not addresses or _is_literal(parsed.host):
+        return url, {}
+    ip = addresses[0]
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
+    return str(parsed.copy_with(host=host.strip("[]"))), extensions
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
 def deliver(url: str, body: bytes, headers: dict[str, str], allowed_hosts: list[str], timeout_s: float) -> Attempt:
     """POST ``body`` to ``url`` once, after checking the URL (with DNS resolution) against ``allowed_hosts``.
 
@@ -96,7 +118,7 @@ def deliver(url: str, body: bytes, headers: dict[str, str], allowed_hosts: list[
                        permanent=permanent)
 
     try:
-        check_url(url, allowed_hosts, resolve=True)
+        addresses = check_url(url, allowed_hosts, resolve=True)
         _same_target(url)
     except UrlRefused as e:
         return attempt(None, f"refused: {e}", permanent=True)
@@ -105,9 +127,12 @@ def deliver(url: str, body: bytes, headers: dict[str, str], allowed_hosts: list[
 
     send_headers = httpx.Headers({"Content-Type": "application/json", "User-Agent": USER_AGENT})
     send_headers.update(headers)
+    target, extensions = pinned(url, addresses)
+    if target != url:
+        send_headers["Host"] = httpx.URL(url).netloc.decode("ascii")
     try:
         with (httpx.Client(follow_redirects=False, trust_env=False, timeout=timeout_s) as client,
-              client.stream("POST", url, content=body, headers=send_headers) as response):
+              client.stream("POST", target, content=body, headers=send_headers, extensions=extensions) as response):
             code = response.status_code
             if 200 <= code < 300:
                 return attempt(code, None, ok=True)

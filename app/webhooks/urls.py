@@ -150,8 +150,10 @@ def _resolve(host: str, port: int) -> list[IPAddress]:
     return addresses
 
 
-def check_url(url: str, allowed_hosts: list[str], resolve: bool = False) -> None:
-    """Raise :class:`UrlRefused` unless a webhook may be sent to ``url``.
+def check_url(url: str, allowed_hosts: list[str], resolve: bool = False) -> list[IPAddress]:
+    """Raise :class:`UrlRefused` unless a webhook may be sent to ``url``; return the addresses checked (the literal
+    address, or with ``resolve`` every address the name resolves to; else none), so the sender can connect to one of
+    them and not look the name up again.
 
     ``allowed_hosts`` entries are ``host`` (any port) or ``host:port`` (IPv6: ``[::1]:8080`` or ``[::1]``).
     ``resolve=True`` also looks the host name up and checks every address it has, so a name pointing at a
@@ -193,7 +195,12 @@ def check_url(url: str, allowed_hosts: list[str], resolve: bool = False) -> None
     if not any(h == name and (p is None or p == port) for h, p in entries):
         raise UrlRefused(f"host '{host}' port {port} is not in this server's webhook allow-list "
                          f"({ALLOWED_HOSTS_SETTING})")
-    if resolve:
-        for resolved in _resolve(host, port):
-            if _ip_reason(resolved) is not None:
-                raise _never(host, resolved, via=f" resolves to {resolved}, which")
+    if addr is not None:
+        return [addr]
+    if not resolve:
+        return []
+    resolved_all = _resolve(host, port)
+    for resolved in resolved_all:
+        if _ip_reason(resolved) is not None:
+            raise _never(host, resolved, via=f" resolves to {resolved}, which")
+    return resolved_all

@@ -178,3 +178,62 @@ def test_openapi_documents_the_new_contract(make_api):
         assert "/v1/jobs/{job_id}/deliveries" in schema["paths"]
         spec = schema["components"]["schemas"]["JobSpec"]["properties"]
         assert {"notify", "resources"} <= set(spec)
+
+
+@pytest.mark.parametrize("overrides, name", [
+    ({"quotas": "alice:creates_per_minute=0"}, "creates_per_minute"),
+    ({"quotas": "alice:max_running=0"}, "max_running"),
+    ({"quotas": "alice:max_queud=3"}, "max_queud"),
+    ({"queues": "a100=lots"}, "a100"),
+    ({"queues": "bad name"}, "bad name"),
+])
+def test_bad_tenancy_settings_stop_the_service_at_start(tmp_path, overrides, name):
+    from app.main import create_app
+
+    with pytest.raises(ValueError, match=name):
+        create_app(api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", **overrides))
+
+
+def test_held_jobs_are_released_once_the_running_limit_is_gone(make_api):
+    from app.service import LocalEnqueuer, dispatch_held
+    from app.tenancy import TenantPolicy
+
+    with make_api(quotas="alice:max_running=1") as api:
+        api.create()
+        held = api.create()
+        assert held["held"]
+        settings = api.services.settings.model_copy(update={"quotas": None})
+        assert dispatch_held(api.services.jobs, TenantPolicy(settings), LocalEnqueuer()) == [held["id"]]
+        assert not api.services.jobs.get(held["id"]).held
+
+
+def test_a_repeated_request_at_a_full_queue_gets_its_job(make_api):
+    with make_api(quotas="alice:max_queued=1") as api:
+        h = {**api.h(), "Idempotency-Key": "same"}
+        first = api.client.post("/v1/jobs", json=api.spec(), headers=h)
+        again = api.client.post("/v1/jobs", json=api.spec(), headers=h)
+        assert (first.status_code, again.status_code) == (202, 202)
+        assert again.json()["id"] == first.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_delivery_is_recorded_only_by_the_sender_that_holds_it(make_api):
+    from datetime import timedelta
+
+    from app.store.models import utcnow
+
+    with make_api(webhook_allowed_hosts="127.0.0.1:9", webhook_secrets="alice:s") as api:
+        jobs = api.services.jobs
+        job = api.create(notify={"url": "http://127.0.0.1:9/h"})
+        (d,) = jobs.deliveries(job["id"])
+        old, _ = jobs.claim_delivery(d.id, hold_s=0)  # a claim that has already expired
+        assert jobs.claim_delivery(d.id, hold_s=60) is not None  # taken over by another sender
+        late = {"at": utcnow().isoformat(), "ok": True, "status_code": 200, "error": None, "duration_ms": 5,
+                "permanent": False}
+        assert not jobs.record_attempt(d.id, old, late, "delivered")  # the first sender's late answer is dropped
+        (d,) = jobs.deliveries(job["id"])
+        assert d.state == "pending" and d.attempts == []
+        assert jobs.claim_delivery(d.id, hold_s=60) is None  # held
+        with jobs.session() as s:  # the hold ran out, but a back-off still applies
+            s.execute(__import__("sqlalchemy").update(type(d)).where(type(d).id == d.id).values(
+                claimed_until=None, next_attempt_at=utcnow() + timedelta(hours=1)))
+        assert jobs.claim_delivery(d.id, hold_s=60) is None

@@ -248,3 +248,27 @@ def test_attempt_to_json():
     assert json.loads(json.dumps(data)) == data
     with pytest.raises(AttributeError):
         attempt.ok = True  # type: ignore[misc]
+
+
+def test_the_sender_connects_to_the_address_it_checked(receiver, monkeypatch):
+    """A name is looked up once: a DNS answer that changes between the check and the connection (rebinding to the
+    metadata address) cannot redirect the request."""
+    import socket as socket_module
+
+    real = socket_module.getaddrinfo
+    calls: list[str] = []
+
+    def rebinding(host, port, *args, **kwargs):
+        calls.append(host)
+        if host == "hooks.example.test":
+            target = "127.0.0.1" if len(calls) == 1 else "169.254.169.254"
+            return real(target, port, *args, **kwargs)
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket_module, "getaddrinfo", rebinding)
+    url = f"http://hooks.example.test:{receiver.port}/ok"
+    result = deliver(url, BODY, {}, [f"hooks.example.test:{receiver.port}"], timeout_s=5)
+    assert result.ok, result
+    assert calls.count("hooks.example.test") == 1
+    (got,) = receiver.seen()
+    assert got.headers["Host"] == f"hooks.example.test:{receiver.port}" and got.body == BODY

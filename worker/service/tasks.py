@@ -462,7 +462,7 @@ def release_held(job_id: str, enqueuer: Enqueuer, ctx: WorkerContext | None = No
     ctx = ctx or get_context()
     try:
         job = ctx.jobs.get(job_id)
-        if job is None or not TenantPolicy(ctx.settings).running_limited:
+        if job is None:
             return []
         return dispatch_held(ctx.jobs, TenantPolicy(ctx.settings), enqueuer, [job.tenant])
     except Exception:
@@ -480,9 +480,11 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     ctx = ctx or get_context()
     clean_scratch(ctx)
     expire_checkpoints(ctx)
-    policy = TenantPolicy(ctx.settings)
-    if enqueuer is not None and policy.running_limited:
-        dispatch_held(ctx.jobs, policy, enqueuer)
+    if enqueuer is not None:
+        try:  # held jobs whose tenant has a free slot (or no running limit any more)
+            dispatch_held(ctx.jobs, TenantPolicy(ctx.settings), enqueuer)
+        except Exception:  # a quota file the worker cannot read must not stop the recovery below
+            log.warning("could not release held jobs", exc_info=True)
     requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts)
     for job_id in requeued:
         log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)

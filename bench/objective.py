@@ -1,0 +1,263 @@
+"""The objective as an axis: each method trained toward the training data (sft) or toward the dense model
+(distill), on two training sets, and how much of the pruned→dense gap each closes.
+
+    python -m bench objective                                 # every run of the plan; resumes from stored results
+    python -m bench objective --only wanda-50/restorelcc-default --seeds 0
+    python -m bench objective --render-only                   # rewrite docs/objective.md from the JSONs
+
+SmolLM2-135M-Instruct, the comparison's pruned models (Wanda 50% and SparseGPT 2:4, bench/results/quality/runs),
+the service default's budget (50 steps × batch 8; RestoreLCC at its default heads, directions and lr; bias on all
+heads and LoRA r 8 at the comparison's settings). Training sets: Alpaca (alpaca/train.jsonl) and the demo's
+instruction set (continuing Wikipedia passages, worker.assets.datasets). Every model is scored on WikiText
+sentences, on held-out responses of both training sources (Alpaca valid rows, the demo's held-out passages) and
+of a third source (Multi-LexSum summaries), and on BoolQ, PIQA and OpenBookQA (mean accuracy), each a fixed prefix.
+Results: bench/results/objective/<setting>/<method>-<objective>-<train>/seed<k>.json, with their fingerprints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import compare, harness, plan
+
+OBJECTIVES = ("sft", "distill")
+METHOD_KEYS = ("restorelcc-default", "bias-all", "lora")
+TOP_K = 64  # the service default's distill_top_k
+
+
+@dataclass(frozen=True)
+class Limits:
+    wikitext: int = 200
+    responses: int = 100
+    tasks: int = 100
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--seeds", default="0,1", help="restoration seeds (default 0,1)")
+    ap.add_argument("--only", action="append", help="SETTING[/METHOD[-OBJECTIVE[-TRAIN]]] patterns (wildcards); "
+                    f"settings {', '.join(s.key for s in plan.SETTINGS)}; methods {', '.join(METHOD_KEYS)}; "
+                    f"objectives {', '.join(OBJECTIVES)}; training sets alpaca, wikipedia")
+    ap.add_argument("--wikitext-limit", type=int, default=Limits.wikitext)
+    ap.add_argument("--response-limit", type=int, default=Limits.responses)
+    ap.add_argument("--task-limit", type=int, default=Limits.tasks)
+
+
+def training_sets() -> dict[str, str]:
+    from worker.assets.datasets import demo_data_dir
+
+    demo = demo_data_dir()
+    return {"alpaca": harness.data("alpaca/train.jsonl"), "wikipedia": str(demo / "instructions" / "train.jsonl")}
+
+
+def evaluation(limits: Limits) -> dict[str, Any]:
+    from worker.assets.datasets import demo_data_dir
+
+    demo = demo_data_dir()
+    responses = [harness.data("alpaca/valid.jsonl"), str(demo / "instructions" / "wikipedia_heldout.jsonl"),
+                 str(demo / "eval" / "multilexsum.jsonl")]
+    tasks = [harness.data(f"eval/{t}.jsonl") for t in ("boolq", "piqa", "openbookqa")]
+    wiki = harness.data("eval/wikitext_sentences.jsonl")
+    sets = {Path(p).stem: limits.responses for p in responses} | {Path(t).stem: limits.tasks for t in tasks}
+    return {"perplexity": [wiki], "response_perplexity": responses, "tasks": tasks, "limit": None,
+            "limits": {**sets, Path(wiki).stem: limits.wikitext}, "batch_size": 8, "max_seq_len": 512,
+            "dense": False}
+
+
+def run_key(method: str, objective: str, train: str) -> str:
+    return f"{method}-{objective}-{train}"
+
+
+def restoration(method: plan.Method, budget: plan.Budget, objective: str) -> dict[str, Any]:
+    r = plan.restoration_spec(method, budget)
+    r["objective"] = objective
+    if objective == "distill":
+        r["distill_top_k"] = TOP_K
+    return r
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace):
+        self.limits = Limits(args.wikitext_limit, args.response_limit, args.task_limit)
+        self.seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        self.store = harness.Store(harness.RESULTS / "objective")
+        self.only = args.only or ["*"]
+        self.render_only = args.render_only
+
+    def wanted(self, setting: str, key: str) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatch(f"{setting}/{key}", p) or fnmatch.fnmatch(setting, p) for p in self.only)
+
+    def run(self) -> None:
+        cmp_args = argparse.Namespace(quick=False, steps=None, batch_size=None, task_limit=None, alpaca_limit=None,
+                                      wikitext_limit=None, lr_restorelcc=1e-2, lr_lora=1e-3, heads=0.1,
+                                      random_batches=False, seeds="0", only=None, render_only=False)
+        base, _ = compare.setup(cmp_args)  # the comparison's pruned models, budget and dense model
+        ev = evaluation(self.limits)
+        sets = training_sets()
+        methods = {m.key: m for m in plan.METHODS}
+        dense_fp = {"evaluation": ev, "model": "SmolLM2-135M-Instruct"}
+        self.store.get(self.store.root / "dense.json", dense_fp, lambda: self._evaluate(Path(base.dense_dir), ev,
+                                                                                          "dense"), "dense")
+        for train, train_path in sets.items():  # Alpaca in both settings first: the default's own data
+            for setting in plan.SETTINGS:
+                for seed in self.seeds:
+                    for mkey in METHOD_KEYS:
+                        for objective in OBJECTIVES:
+                            key = run_key(mkey, objective, train)
+                            if not self.wanted(setting.key, key):
+                                continue
+                            self._pruned(base, setting, ev)
+                            method = methods[mkey]
+                            job = plan.restore_job(method, base.budget, plan.Data(train_path, "", "", ()), "",
+                                                   base.dense_dir or "", seed)
+                            job["restoration"] = restoration(method, base.budget, objective)
+                            fp = {"job": {**job, "model": None}, "evaluation": ev}
+                            self.store.get(self.store.root / setting.key / key / f"seed{seed}.json", fp,
+                                           lambda s=setting, j=job, k=key, sd=seed: self._restore(base, s, j, k, sd,
+                                                                                                  ev),
+                                           f"{setting.key}/{key}/seed{seed}")
+
+    def _pruned(self, base: compare.Runner, setting: plan.Setting, ev: dict[str, Any]) -> None:
+        fp = {"evaluation": ev, "pruning": plan.pruning_spec(setting, base.budget)}
+        self.store.get(self.store.root / setting.key / "pruned.json", fp,
+                       lambda: self._evaluate(base.pruned_model(setting), ev, f"{setting.key}/pruned"),
+                       f"{setting.key}/pruned")
+
+    def _evaluate(self, model_dir: Path, ev: dict[str, Any], label: str) -> dict[str, Any]:
+        metrics, seconds = harness.evaluate(model_dir, ev, label=label)
+        return {"metrics": metrics, "seconds": round(seconds, 1), "environment": harness.machine()}
+
+    def _restore(self, base: compare.Runner, setting: plan.Setting, job: dict[str, Any], key: str, seed: int,
+                 ev: dict[str, Any]) -> dict[str, Any]:
+        import shutil
+
+        job = json.loads(json.dumps(job))
+        job["model"]["id"] = str(base.pruned_model(setting))
+        out = self.store.root / "runs" / setting.key / f"{key}-s{seed}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        report = harness.run_job(job, out, f"{setting.key}/{key}/s{seed}")
+        metrics, eval_s = harness.evaluate(out / "model", ev, label=f"{setting.key}/{key}")
+        rest = report["restoration"]
+        stages = {k: v["seconds"] for k, v in report["stages"].items()}
+        shutil.rmtree(out, ignore_errors=True)
+        return {"setting": setting.key, "run": key, "seed": seed, "metrics": metrics,
+                "trainable_params": rest["trainable_params"], "objective": rest.get("objective"),
+                "loss_first_last": [rest["loss_curve"][0], rest["loss_curve"][-1]],
+                "dense_targets": report.get("dense_targets"),
+                "seconds": {"stages": stages, "train": rest["train_seconds"], "eval": round(eval_s, 1),
+                            "total": round(time.perf_counter() - t0, 1)},
+                "environment": harness.machine()}
+
+
+# ── the page ─────────────────────────────────────────────────────────────────────────────────────────────
+
+PPL_COLUMNS = (("WikiText ppl", ("wikitext_sentences", "ppl")), ("Alpaca resp. ppl", ("valid", "response_ppl")),
+               ("Wikipedia resp. ppl", ("wikipedia_heldout", "response_ppl")),
+               ("Multi-LexSum resp. ppl", ("multilexsum", "response_ppl")))
+ACC = ("mean acc", ("mean_acc",))
+METHOD_LABELS = {"restorelcc-default": "RestoreLCC (service default)", "bias-all": "bias (all heads)",
+                 "lora": "LoRA r=8 q,v (merged)"}
+
+
+def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    x: Any = metrics
+    for p in path:
+        if not isinstance(x, dict) or p not in x:
+            return None
+        x = x[p]
+    return float(x) if isinstance(x, int | float) else None
+
+
+def gap_closed(restored: float, pruned: float, dense: float, higher_better: bool = False) -> float | None:
+    """The share of the pruned→dense gap closed: 1 at the dense value, 0 at the pruned one, above 1 past dense,
+    negative when worse than pruned. Perplexities on a log scale (a ratio gap)."""
+    import math
+
+    if higher_better:
+        return None if dense == pruned else (restored - pruned) / (dense - pruned)
+    lp, ld, lr = math.log(pruned), math.log(dense), math.log(restored)
+    return None if ld == lp else (lp - lr) / (lp - ld)
+
+
+def render(store: harness.Store, command: str) -> str:
+    dense = store.read(store.root / "dense.json")
+    lines = ["# Restoring toward the dense model: sft vs distill", "",
+             f"Produced by `{command}` (results: `bench/results/objective/`; the command resumes from them).", "",
+             (__doc__ or "").split("\n\n", 2)[2].split("Results:")[0].strip().replace("\n", " "), "",
+             "'gap closed' = the share of the pruned→dense gap a restored model closes (perplexities on a log "
+             "scale): 100% is the dense model, 0% the pruned one, negative is worse than pruned, above 100% past "
+             "the dense model (the model moved toward something else). Values are means over the seeds run.", ""]
+    if dense is None:
+        return "\n".join(lines + ["Nothing measured yet."]) + "\n"
+    cols = (*PPL_COLUMNS, ACC)
+    for setting in plan.SETTINGS:
+        pruned = store.read(store.root / setting.key / "pruned.json")
+        if pruned is None:
+            continue
+        lines += [f"## {setting.label}", ""]
+        header = ["model", "train", "objective", "seeds"] + [c[0] for c in cols] + \
+                 [f"gap closed: {c[0]}" for c in cols]
+        rows = [["dense", "—", "—", 1] + [_get(dense["metrics"], c[1]) for c in cols] + ["—"] * len(cols),
+                ["pruned", "—", "—", 1] + [_get(pruned["metrics"], c[1]) for c in cols] + ["—"] * len(cols)]
+        for train in ("alpaca", "wikipedia"):
+            for mkey in METHOD_KEYS:
+                for objective in OBJECTIVES:
+                    runs = [json.loads(p.read_text()) for p in
+                            sorted((store.root / setting.key / run_key(mkey, objective, train)).glob("seed*.json"))]
+                    if not runs:
+                        continue
+                    values = [statistics.mean(v) if (v := [x for r in runs if (x := _get(r["metrics"], c[1]))
+                                                             is not None]) else None for c in cols]
+                    gaps = []
+                    for c, v in zip(cols, values, strict=True):
+                        d, p = _get(dense["metrics"], c[1]), _get(pruned["metrics"], c[1])
+                        g = gap_closed(v, p, d, c is ACC) if None not in (v, d, p) else None
+                        gaps.append("—" if g is None else f"{100 * g:.0f}%")
+                    rows.append([METHOD_LABELS[mkey], train, objective, len(runs), *values, *gaps])
+        lines += [harness.markdown_table(header, rows), ""]
+    notes = store.read_text("notes.md")
+    if notes:
+        lines += ["## What the runs say", "", notes.strip(), ""]
+    costs = _costs(store)
+    if costs:
+        lines += ["## Cost of the dense targets", "", costs, ""]
+    return "\n".join(lines)
+
+
+def _costs(store: harness.Store) -> str:
+    rows = []
+    for path in sorted(store.root.glob("*/*-distill-*/seed*.json")):
+        r = json.loads(path.read_text())
+        t = r.get("dense_targets") or {}
+        if t:
+            rows.append([r["setting"], r["run"], r["seed"], t["tokens"], t["top_k"], t["bytes"], t["bytes_per_token"],
+                         t["seconds"], r["seconds"]["stages"].get("loading"), r["seconds"]["train"]])
+    if not rows:
+        return ""
+    return harness.markdown_table(["setting", "run", "seed", "target tokens", "k", "bytes", "bytes/token",
+                                   "capture s", "loading stage s", "train s"], rows)
+
+
+def main(args: argparse.Namespace, argv: list[str]) -> int:
+    runner = Runner(args)
+    if not args.render_only:
+        runner.run()
+    harness.write_page(harness.DOCS / "objective.md", render(runner.store, harness.page_command("objective", argv)))
+    costs = _costs(runner.store)
+    if costs:
+        harness.write_part(harness.DOCS / "speed.md", "objective", "\n".join([
+            "## The distill objective's dense targets", "",
+            "What capturing the dense model's top-k next-token distributions on the training samples adds to the "
+            "loading stage, and what the targets hold (int32 ids and float16 log-probabilities for k tokens, a float32 "
+            "log-mass for the rest and an int32 position: 6k + 8 bytes per token). They are kept in memory during the "
+            "job and in every checkpoint after loading. From `python -m bench objective` "
+            "([objective.md](objective.md)); seconds on this page's CPU.", "", costs]))
+    return 0
