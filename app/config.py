@@ -8,6 +8,7 @@ interface) are refused by :meth:`Settings.check_safe`.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +36,25 @@ def parse_size(v: object) -> object:
         return int(float(number) * _UNITS[unit])
     except (KeyError, ValueError):
         raise ValueError(f"not a size: {v!r} (use bytes or a unit such as '40GiB')") from None
+
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as resources.queue accepts
+
+
+def parse_queues(text: str | None) -> dict[str, int | None]:
+    """``a100=80GiB,cpu`` → {name: device memory in bytes or None}; a bad name or size raises ValueError."""
+    queues: dict[str, int | None] = {}
+    for item in (text or "").split(","):
+        name, _, memory = (x.strip() for x in item.partition("="))
+        if not name and not memory:
+            continue
+        if not QUEUE_NAME.match(name):
+            raise ValueError(f"queue name {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        size = parse_size(memory) if memory else None
+        if size is not None and (not isinstance(size, int) or size <= 0):
+            raise ValueError(f"queue {name}: {memory!r} is not a memory size")
+        queues[name] = size
+    return queues
 
 
 def _split_paths(v: object) -> object:
@@ -158,16 +178,12 @@ class Settings(BaseSettings):
     @field_validator("queues")
     @classmethod
     def _queues(cls, v: str | None) -> str | None:
-        from app.tenancy import parse_queues
-
         parse_queues(v)  # a bad name or size stops the service at start
         return v
 
     @field_validator("queue")
     @classmethod
     def _queue(cls, v: str) -> str:
-        from app.tenancy import QUEUE_NAME
-
         if not QUEUE_NAME.match(v):
             raise ValueError(f"queue name {v!r}: use 1-64 letters, digits, '_', '.' or '-'")
         return v

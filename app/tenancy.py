@@ -7,12 +7,11 @@ stands for every tenant without an entry of its own. A malformed entry stops the
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 
-from app.config import Settings, parse_size
+from app.config import QUEUE_NAME, Settings, parse_queues  # noqa: F401 (QUEUE_NAME re-exported)
 
 
 @dataclass(frozen=True)
@@ -111,25 +110,6 @@ class TenantPolicy:
             if uri.rstrip("/") == base or uri.startswith(base + "/"):
                 return True
         return False
-
-
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as resources.queue accepts
-
-
-def parse_queues(text: str | None) -> dict[str, int | None]:
-    """``a100=80GiB,cpu`` → {name: device memory in bytes or None}; a bad name or size raises ValueError."""
-    queues: dict[str, int | None] = {}
-    for item in (text or "").split(","):
-        name, _, memory = (x.strip() for x in item.partition("="))
-        if not name and not memory:
-            continue
-        if not QUEUE_NAME.match(name):
-            raise ValueError(f"queue name {name!r}: use 1-64 letters, digits, '_', '.' or '-'")
-        size = parse_size(memory) if memory else None
-        if size is not None and (not isinstance(size, int) or size <= 0):
-            raise ValueError(f"queue {name}: {memory!r} is not a memory size")
-        queues[name] = size
-    return queues
 
 
 def worker_queues(settings: Settings) -> dict[str, int | None]:
