@@ -52,6 +52,7 @@ HESSIAN_COPIES = 5
 TRAIN_INTERMEDIATE_COPIES = 4
 TRAIN_HIDDEN_COPIES = 8
 TRAIN_LOGIT_BYTES = 16  # per logit: compute-dtype logits, float32 upcast, log-softmax, gradient
+DISTILL_LOGIT_BYTES = 8  # distill adds per logit: the float32 log-softmax kept for the KL and the rest bucket's copy
 
 
 EXPORT_BUFFER_SHARE = 16  # the safetensors writer's buffers: about 1/16 of the weights
@@ -211,13 +212,20 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     per_token_layer = (TRAIN_INTERMEDIATE_COPIES * shapes.intermediate + TRAIN_HIDDEN_COPIES * shapes.hidden) * b
     # streaming keeps each layer's input and recomputes one layer's activations at a time
     per_token = shapes.layers * shapes.hidden * b + per_token_layer if streaming else shapes.layers * per_token_layer
-    train_t = tokens * (per_token + shapes.vocab * TRAIN_LOGIT_BYTES) if trains else 0
+    distill = trains and r.needs_dense_targets()
+    # distill: the student's float32 log-softmax and the rest-bucket's masked copy, beside the logits
+    logit_bytes = TRAIN_LOGIT_BYTES + (DISTILL_LOGIT_BYTES if distill else 0)
+    train_t = tokens * (per_token + shapes.vocab * logit_bytes) if trains else 0
+    # the dense targets' capture (loading): a batch's logits in the model's dtype, one row's in float32 twice
+    capture_t = batch * seq * shapes.vocab * b + 2 * seq * shapes.vocab * 4 if distill else 0
+    # ... and the targets kept from then on: at most every token of every training sample, 6k + 8 bytes each
+    targets_b = getattr(r, "train_samples", 0) * seq * (6 * getattr(r, "distill_top_k", 0) + 8) if distill else 0
     probe_t = 4 * batch * seq * shapes.intermediate * b if r.needs_activations() else 0
     # the merge check: logits of a check batch, and o_proj's weights in float64, before and after
     merge_t = int(1.5 * eval_logits(batch, seq, shapes.vocab)) + 2 * shapes.hidden * shapes.attn * 8
 
     transient = {
-        Stage.loading: max(eval_t if ev.dense else 0, probe_t),
+        Stage.loading: max(eval_t if ev.dense else 0, probe_t, capture_t),
         Stage.pruning: max(prune_t, eval_t),
         Stage.probing: probe_t,
         Stage.extracting: probe_t,
@@ -236,7 +244,7 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
         held = dict.fromkeys(Stage, weights)
     stages: dict[str, StagePlan] = {}
     for stage in planned_stages(spec):
-        kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0)
+        kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0) + targets_b
         if cuda:  # weights and transients on the device; the host keeps the runtime, the job's state and masks
             device_b = RUNTIME_DEVICE_CUDA + held[stage] + transient[stage]
             host_b = runtime_host + kept + (held[stage] if stage == Stage.exporting else 0)

@@ -147,6 +147,7 @@ class Runner:
         metrics, eval_s = harness.evaluate(out / "model", ev, label=f"{setting.key}/{key}")
         rest = report["restoration"]
         stages = {k: v["seconds"] for k, v in report["stages"].items()}
+        peaks = {k: v.get("peak_rss_mb") for k, v in report["stages"].items()}
         shutil.rmtree(out, ignore_errors=True)
         return {"setting": setting.key, "run": key, "seed": seed, "metrics": metrics,
                 "trainable_params": rest["trainable_params"], "objective": rest.get("objective"),
@@ -154,6 +155,7 @@ class Runner:
                 "dense_targets": report.get("dense_targets"),
                 "seconds": {"stages": stages, "train": rest["train_seconds"], "eval": round(eval_s, 1),
                             "total": round(time.perf_counter() - t0, 1)},
+                "peak_rss_mb": peaks, "plan": report.get("plan"),
                 "environment": harness.machine()}
 
 
