@@ -125,3 +125,20 @@ def test_distillation_moves_a_pruned_model_toward_the_dense_one(setup):
     assert make_objective(type("R", (), {"objective": "sft"})(), None).name == "sft"
     with pytest.raises(ValueError, match="dense targets"):
         make_objective(type("R", (), {"objective": "distill", "sft_weight": 0.0})(), None)
+
+
+def test_the_samples_captured_are_those_the_first_batches_use(tmp_path):
+    from app.methods import restoration_config
+    from tests.tiny import write_jsonl
+    from worker.restore.batches import training_batches
+
+    path = write_jsonl(tmp_path / "train.jsonl", instruction_rows(23))
+    r = restoration_config({"method": "bias", "batch_size": 4, "max_steps": 9})
+    source = training_batches(make_tokenizer(), str(path), r, seed=5)
+    seen, epoch = [], 0
+    while len(seen) < 9:  # what the training loop consumes: epoch after epoch
+        seen += [b.samples.tolist() for b in source(epoch)][: 9 - len(seen)]
+        epoch += 1
+    assert source.samples_used(9) == sorted({j for idx in seen for j in idx})
+    assert source.samples_used(2) == sorted({j for idx in seen[:2] for j in idx})
+    assert source.samples_used(None) == list(range(23))

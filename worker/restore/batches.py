@@ -13,10 +13,25 @@ from worker.model.data import Batch, encode_pair, ensure_pad_token, pad_batch, r
 
 
 class EpochSource:
-    """Callable epoch → batches, that also knows how many batches an epoch has."""
+    """Callable epoch → batches, that also knows how many batches an epoch has and, without building them, which
+    samples the batches use."""
 
-    def __init__(self, fn: Callable[[int], Iterator[Batch]], n: int, batch_size: int):
-        self.fn, self.n, self.batch_size = fn, n, batch_size
+    def __init__(self, fn: Callable[[int], Iterator[Batch]], n: int, batch_size: int,
+                 order: Callable[[int], list[list[int]]] | None = None):
+        self.fn, self.n, self.batch_size, self.order = fn, n, batch_size, order
+
+    def samples_used(self, batches: int | None) -> list[int]:
+        """The samples of the first ``batches`` batches (epoch after epoch; None: one whole epoch), sorted."""
+        if self.order is None or batches is None:
+            return list(range(self.n))
+        used: set[int] = set()
+        epoch = 0
+        while batches > 0 and len(used) < self.n:
+            for idx in self.order(epoch)[:batches]:
+                used.update(idx)
+            batches -= len(self)
+            epoch += 1
+        return sorted(used)
 
     def __call__(self, epoch: int) -> Iterator[Batch]:
         return self.fn(epoch)
@@ -44,10 +59,13 @@ def training_batches(tokenizer: Any, train_path: str, r: TrainingConfig, seed: i
     encoded = training_samples(tokenizer, train_path, r)
     lengths = [len(e[0]) for e in encoded]
 
+    def order(epoch: int) -> list[list[int]]:
+        return shuffled_batches(lengths, r.batch_size, torch.Generator().manual_seed(seed * 1000 + epoch),
+                                r.group_by_length)
+
     def epoch_batches(epoch: int) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        for idx in shuffled_batches(lengths, r.batch_size, gen, r.group_by_length):
+        for idx in order(epoch):
             chunk = [encoded[j] for j in idx]
             yield pad_batch([c[0] for c in chunk], pad, labels=[c[1] for c in chunk], samples=idx)
 
-    return EpochSource(epoch_batches, len(encoded), r.batch_size)
+    return EpochSource(epoch_batches, len(encoded), r.batch_size, order)

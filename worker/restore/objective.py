@@ -35,6 +35,7 @@ class DenseTargets:
     logp: torch.Tensor  # (N, k) float16: their log-probabilities
     rest: torch.Tensor  # (N,) float32: log of the probability outside the k (-inf when none is left)
     tokens: str  # "response" (positions predicting a response token) or "all" (every next token)
+    captured: torch.Tensor | None = None  # (samples,) bool: which samples have targets (None: all of them)
 
     @property
     def rows(self) -> int:
@@ -58,12 +59,15 @@ def target_positions(labels: Sequence[int], length: int, tokens: str) -> list[in
 
 @torch.no_grad()
 def capture_dense_targets(model: nn.Module, samples: Sequence[Sample], pad_id: int, top_k: int, tokens: str,
-                          batch_size: int = 4, progress: Callable[[int, int], None] | None = None) -> DenseTargets:
-    """Run the dense ``model`` over every sample (batched by length) and keep its top-k next-token log-probabilities
-    and the rest's log-mass at each target position. Sample order is kept whatever the batching."""
+                          batch_size: int = 4, progress: Callable[[int, int], None] | None = None,
+                          only: Sequence[int] | None = None) -> DenseTargets:
+    """Run the dense ``model`` over the samples (batched by length; ``only``: just those, e.g. the ones training
+    will see) and keep its top-k next-token log-probabilities and the rest's log-mass at each target position.
+    Sample order is kept whatever the batching."""
     device = next(model.parameters()).device
-    order = sorted(range(len(samples)), key=lambda j: len(samples[j][0]))
-    per_sample: dict[int, tuple[torch.Tensor, ...]] = {}
+    wanted_samples = range(len(samples)) if only is None else sorted(set(only))
+    order = sorted(wanted_samples, key=lambda j: len(samples[j][0]))
+    per_sample: dict[int, tuple[torch.Tensor, ...]] = {j: _empty(top_k) for j in range(len(samples))}
     for done, start in enumerate(range(0, len(order), batch_size)):
         idx = order[start:start + batch_size]
         batch = pad_batch([samples[j][0] for j in idx], pad_id, labels=[samples[j][1] for j in idx])
@@ -89,9 +93,11 @@ def capture_dense_targets(model: nn.Module, samples: Sequence[Sample], pad_id: i
             progress(done + 1, math.ceil(len(order) / batch_size))
     parts = [per_sample[j] for j in range(len(samples))]
     counts = torch.tensor([0] + [p[0].numel() for p in parts], dtype=torch.int64)
+    captured = torch.zeros(len(samples), dtype=torch.bool)
+    captured[list(wanted_samples)] = True
     return DenseTargets(offsets=counts.cumsum(0), positions=torch.cat([p[0] for p in parts]),
                         ids=torch.cat([p[1] for p in parts]), logp=torch.cat([p[2] for p in parts]),
-                        rest=torch.cat([p[3] for p in parts]), tokens=tokens)
+                        rest=torch.cat([p[3] for p in parts]), tokens=tokens, captured=captured)
 
 
 def _empty(k: int) -> tuple[torch.Tensor, ...]:
@@ -176,7 +182,11 @@ class DistillObjective:
     def _rows(self, batch: Batch) -> list[slice]:
         if batch.samples is None:
             raise ValueError("distillation needs batches that know their samples (worker.restore.batches)")
-        return [self.targets.sample_rows(int(j)) for j in batch.samples]
+        t = self.targets
+        if t.captured is not None and not bool(t.captured[batch.samples].all()):
+            missing = [int(j) for j in batch.samples if not bool(t.captured[j])]
+            raise ValueError(f"training samples {missing} have no dense targets (captured for other batches)")
+        return [t.sample_rows(int(j)) for j in batch.samples]
 
     def tokens(self, batch: Batch) -> int:
         return sum(r.stop - r.start for r in self._rows(batch))

@@ -354,7 +354,7 @@ def _capture_dense_targets(state: RunState, model, tokenizer, progress: Callable
     import time
 
     from worker.model.data import ensure_pad_token
-    from worker.restore.batches import training_samples
+    from worker.restore.batches import training_batches, training_samples
     from worker.restore.objective import capture_dense_targets
 
     r = state.spec.restoration
@@ -364,12 +364,16 @@ def _capture_dense_targets(state: RunState, model, tokenizer, progress: Callable
     start = time.monotonic()
     pad = ensure_pad_token(tokenizer)
     samples = training_samples(tokenizer, state.spec.data.train, r)
+    # only the samples training will see: with max_steps, its first max_steps × grad_accum batches
+    batches = training_batches(tokenizer, state.spec.data.train, r, state.spec.seed)
+    used = batches.samples_used(r.max_steps * r.grad_accum if r.max_steps is not None else None)
     targets = capture_dense_targets(
-        model, samples, pad, r.distill_top_k, r.distill_tokens, batch_size=r.batch_size,
+        model, samples, pad, r.distill_top_k, r.distill_tokens, batch_size=r.batch_size, only=used,
         progress=lambda done, total: progress(done / total, f"dense targets: batch {done}/{total}"))
     state.method.dense_targets = targets
     state.report["dense_targets"] = {
-        "samples": len(samples), "tokens": targets.rows, "top_k": r.distill_top_k, "positions": r.distill_tokens,
+        "samples": len(used), "of_samples": len(samples), "tokens": targets.rows, "top_k": r.distill_top_k,
+        "positions": r.distill_tokens,
         "bytes": targets.nbytes, "bytes_per_token": round(targets.nbytes / max(1, targets.rows), 1),
         "seconds": round(time.monotonic() - start, 3),
     }
