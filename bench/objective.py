@@ -256,13 +256,18 @@ def _costs(store: harness.Store) -> str:
         r = json.loads(path.read_text())
         t = r.get("dense_targets") or {}
         if t:
+            sft_run = r["run"].replace("-distill-", "-sft-").replace("-mixed-", "-sft-")
+            sft_path = store.root / r["setting"] / sft_run / path.name
+            sft = json.loads(sft_path.read_text()) if sft_path.is_file() else None
             rows.append([r["setting"], r["run"], r["seed"], f"{t['samples']} of {t.get('of_samples', t['samples'])}",
                          t["tokens"], t["top_k"], t["bytes"], t["bytes_per_token"], t["seconds"],
-                         r["seconds"]["stages"].get("loading"), r["seconds"]["train"]])
+                         r["seconds"]["stages"].get("loading"), sft and sft["seconds"]["stages"].get("loading"),
+                         r["seconds"]["train"], sft and sft["seconds"]["train"]])
     if not rows:
         return ""
     return harness.markdown_table(["setting", "run", "seed", "samples captured", "target tokens", "k", "bytes",
-                                   "bytes/token", "capture s", "loading stage s", "train s"], rows)
+                                   "bytes/token", "capture s", "loading stage s", "the same with sft", "train s",
+                                   "the same with sft"], rows)
 
 
 def main(args: argparse.Namespace, argv: list[str]) -> int:
