@@ -589,7 +589,8 @@ def test_the_service_section_is_rendered_from_the_stored_measurements() -> None:
 
 
 def test_one_entry_point_for_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
-    assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service", "scaling", "precision"}
+    assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service", "scaling", "precision",
+                               "objective"}
     for name in BENCHMARKS:
         with pytest.raises(SystemExit) as exit_:
             bench_main([name, "--help"])
@@ -691,3 +692,14 @@ def test_scaling_fits_the_exponent_and_flags_a_plan_off_by_more_than_a_fifth() -
     assert "**no**" not in page and "No GPU has run" in page
     bad = scaling.render([*good, _scaling_result("c", 7 * 10**9, 10000, 13000, device="cuda:0")], "c")
     assert "**no**" in bad and "No GPU has run" not in bad and "**30%**" in bad
+
+
+def test_the_objective_page_measures_the_gap_on_a_log_scale() -> None:
+    from bench.objective import gap_closed
+
+    assert gap_closed(400.0, 600.0, 400.0) == pytest.approx(1.0)
+    assert gap_closed(600.0, 600.0, 400.0) == pytest.approx(0.0)
+    assert gap_closed((600.0 * 400.0) ** 0.5, 600.0, 400.0) == pytest.approx(0.5)  # the geometric midpoint
+    assert gap_closed(700.0, 600.0, 400.0) < 0 < 1 < gap_closed(300.0, 600.0, 400.0)
+    assert gap_closed(0.40, 0.30, 0.50, higher_better=True) == pytest.approx(0.5)
+    assert gap_closed(1.0, 2.0, 2.0) is None
