@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import compare, harness, plan
+from bench.compare import _get
 
 OBJECTIVES = ("sft", "distill", "mixed")  # mixed: distill with sft_weight MIXED_WEIGHT
 MIXED_WEIGHT = 0.5
@@ -171,15 +172,6 @@ PPL_COLUMNS = (("WikiText ppl", ("wikitext_sentences", "ppl")), ("Alpaca resp. p
 ACC = ("mean acc", ("mean_acc",))
 METHOD_LABELS = {"restorelcc-default": "RestoreLCC (service default)", "bias-all": "bias (all heads)",
                  "lora": "LoRA r=8 q,v (merged)"}
-
-
-def _get(metrics: dict[str, Any], path: tuple[str, ...]) -> float | None:
-    x: Any = metrics
-    for p in path:
-        if not isinstance(x, dict) or p not in x:
-            return None
-        x = x[p]
-    return float(x) if isinstance(x, int | float) else None
 
 
 def _show(v: Any) -> str:

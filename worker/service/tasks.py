@@ -435,7 +435,6 @@ def _hand_off(ctx: WorkerContext, job: Job, spec: JobSpec, out_dir: Path, attemp
     destination = spec.output.destination
     if not destination:
         return
-    from app.tenancy import TenantPolicy
     from worker.service.handoff import DestinationNotAllowed, hand_off
 
     if not TenantPolicy(ctx.settings).destination_allowed(job.tenant, destination):
