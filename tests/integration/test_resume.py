@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.integration.test_cli_run import ENV, make_spec
 from tests.tiny import choice_rows, instruction_rows, save_tiny, text_rows, write_jsonl
+from worker.run import failpoints
 
 ROOT = Path(__file__).parents[2]
 
@@ -28,7 +29,7 @@ def job(tmp_path_factory) -> dict:
     write_jsonl(d / "train.jsonl", instruction_rows(48))
     write_jsonl(d / "valid.jsonl", instruction_rows(60)[48:])
     write_jsonl(d / "text.jsonl", text_rows(12))
-    write_jsonl(d / "long.jsonl", text_rows(300))  # evaluated second, for seconds: time to kill after the first
+    write_jsonl(d / "long.jsonl", text_rows(300))  # evaluated second: a kill after the first set leaves it undone
     write_jsonl(d / "boolq.jsonl", choice_rows(10))
     spec = make_spec(str(save_tiny("llama", d / "model")), d, restoration={
         "method": "restorelcc", "heads": 0.25, "probe_samples": 24, "max_steps": 120, "batch_size": 4,
@@ -43,12 +44,13 @@ def job(tmp_path_factory) -> dict:
 class Run:
     """`restorelcc run` in its own process group, its stderr collected as it comes."""
 
-    def __init__(self, spec: Path, out: Path, checkpoints: Path):
+    def __init__(self, spec: Path, out: Path, checkpoints: Path, stop_at: str | None = None):
         self.checkpoints = checkpoints
+        env = ENV if stop_at is None else {**ENV, failpoints.ENV: stop_at}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "run", str(spec), "--out", str(out), "--checkpoints",
              str(checkpoints), "--checkpoint-every", "10"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, cwd=ROOT, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
         self.err = b""
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -67,9 +69,19 @@ class Run:
         except ValueError:  # being replaced
             return None
 
-    def kill(self) -> None:
+    def stopped(self) -> bool:
+        """Whether the run stopped itself at its failpoint (state T); fails at once if it ended instead."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the run ended before its failpoint:\n{self.text()[-2000:]}")
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] == "T"
+
+    def kill_at_failpoint(self) -> None:
+        """Wait for the run to reach its failpoint, then kill -9 its process group."""
+        wait_until(self.stopped, timeout=240, what=lambda: self.text()[-1500:])
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
 
     def finish(self, timeout: float = 240) -> str:
         out = self.proc.stdout.read()  # not communicate(): it would read stderr too, away from the reader thread
@@ -100,32 +112,19 @@ def reference(job, tmp_path_factory) -> dict:
             "metrics": json.loads((d / "out" / "report.json").read_text())["metrics"]}
 
 
-def _in_stage(run: Run, stage: str, point: str, min_step: int = 0, partial: str | None = None):
-    """Ready to kill: in ``stage``, with a checkpoint at ``point`` (at least ``min_step``; with ``partial``, holding
-    a finished set of that evaluation)."""
-    def ready():
-        m = run.manifest()
-        if run.proc.poll() is not None:
-            raise AssertionError(f"the run ended before it could be killed in {stage}:\n{run.text()[-2000:]}")
-        return (f"── {stage}" in run.text() and m is not None and m["point"] == point
-                and (m["meta"].get("step") or 0) >= min_step
-                and (partial is None or bool(m["meta"]["report"].get("partial_metrics", {}).get(partial))))
-    return ready
-
-
-@pytest.mark.parametrize("stage, point, resumed_stage, partial", [
-    # killed while the pruned model is evaluated: the pruned weights and the sets evaluated so far are kept
-    ("pruning", "pruned", "pruning", "pruned"),
-    ("training", "training", "training", None),
+@pytest.mark.parametrize("stage, stop_at, point, resumed_stage, partial", [
+    # killed while the pruned model is evaluated, one set done: the pruned weights and that set are kept
+    ("pruning", "evaluated:pruned:1", "pruned", "pruning", "pruned"),
+    ("training", "checkpoint:training:30", "training", "training", None),
     # the last checkpoint before evaluating is training's end; the sets already evaluated are noted in it
-    ("evaluating", "training", "training", "restored"),
+    ("evaluating", "evaluated:restored:1", "training", "training", "restored"),
 ])
-def test_killed_runs_resume_to_the_same_bytes(job, reference, tmp_path, stage, point, resumed_stage, partial):
-    first = Run(job["spec"], tmp_path / "out", tmp_path / "checkpoints")
-    wait_until(_in_stage(first, stage, point, min_step=20 if stage == "training" else 0, partial=partial),
-               timeout=240, what=lambda: first.text()[-1500:])
-    first.kill()
+def test_killed_runs_resume_to_the_same_bytes(job, reference, tmp_path, stage, stop_at, point, resumed_stage,
+                                              partial):
+    first = Run(job["spec"], tmp_path / "out", tmp_path / "checkpoints", stop_at=stop_at)
+    first.kill_at_failpoint()
     saved = first.manifest()
+    assert saved is not None and saved["point"] == point
     assert f"── {stage}" in first.text() and not (tmp_path / "out" / "report.json").exists()
     second = Run(job["spec"], tmp_path / "out", tmp_path / "checkpoints")
     second.finish()
@@ -133,7 +132,7 @@ def test_killed_runs_resume_to_the_same_bytes(job, reference, tmp_path, stage, p
     assert f"resuming from the checkpoint taken at {saved['point']} ({resumed_stage}{step})" in second.text(), \
         second.text()[:3000]
     if stage == "training":
-        assert 20 <= saved["meta"]["step"] < 120  # resumed mid-training, not from its start or end
+        assert saved["meta"]["step"] == 30  # resumed mid-training, not from its start or end
     if partial is not None:  # killed part-way through that evaluation: some of its sets were finished
         assert set(saved["meta"]["report"]["partial_metrics"][partial]) < set(reference["metrics"][partial])
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -161,13 +160,12 @@ def test_a_distill_run_killed_in_training_resumes_to_the_same_bytes(job, tmp_pat
     assert ref_report["restoration"]["objective"] == "distill" and targets["top_k"] == 16
     assert targets["bytes_per_token"] == pytest.approx(16 * 6 + 8, abs=1)
 
-    first = Run(path, run_dir / "out", run_dir / "checkpoints")
-    wait_until(_in_stage(first, "training", "training", min_step=20), timeout=240, what=lambda: first.text()[-1500:])
-    first.kill()
+    first = Run(path, run_dir / "out", run_dir / "checkpoints", stop_at="checkpoint:training:30")
+    first.kill_at_failpoint()
     saved = first.manifest()
     second = Run(path, run_dir / "out", run_dir / "checkpoints")
     second.finish()
-    assert f"step {saved['meta']['step']}" in second.text() and 20 <= saved["meta"]["step"] < 120
+    assert saved["point"] == "training" and saved["meta"]["step"] == 30 and "step 30" in second.text()
     assert _sha(run_dir / "out" / "model" / "model.safetensors") == _sha(ref_dir / "out" / "model" /
                                                                           "model.safetensors")
     report = json.loads((run_dir / "out" / "report.json").read_text())

@@ -23,6 +23,7 @@ from app.plan import planned_stages
 from app.schemas import JobSpec, Stage
 from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
+from worker.run import failpoints
 from worker.run.check import check_job, data_field
 from worker.run.resume import Resumer
 from worker.run.stagemeter import StageMeter, return_large_frees
@@ -402,6 +403,7 @@ def _evaluate(model, tokenizer, spec: JobSpec, progress: Callable[[float, str], 
     def note(results: dict[str, Any]) -> None:
         partial[key] = dict(results)
         state.resumer.note(state.report)
+        failpoints.reach(f"evaluated:{key}:{len(results)}")
 
     metrics = evaluate_spec(model, tokenizer, spec.evaluation, progress=progress, done=partial.get(key), on_set=note)
     partial.pop(key, None)

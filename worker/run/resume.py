@@ -28,6 +28,7 @@ import torch
 from app.schemas import JobSpec, Stage
 from worker.reporting import Reporter
 from worker.restore.train import SaveHook, TrainState
+from worker.run import failpoints
 from worker.run.checkpoints import Checkpoint, CheckpointStore
 
 POINTS: tuple[str, ...] = ("prepared", "pruned", "pruned-evaluated", "probed", "selected", "training", "evaluated")
@@ -96,6 +97,9 @@ class Resumer:
         if self.store.save(point, {"report": report, "step": step}, parts, copy=copy):
             self.writes.append(dict(self.store.last_write))
             self._last = (point, step)
+            failpoints.reach(f"checkpoint:{point}")
+            if step is not None:
+                failpoints.reach(f"checkpoint:{point}:{step}")
 
     def note(self, report: dict[str, Any]) -> None:
         """Record progress made since the newest checkpoint (a finished evaluation set) in its report, without a
