@@ -21,7 +21,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.routes import artifacts, health, jobs
 from app.service import make_enqueuer
 from app.store.artifacts import make_store
-from app.store.db import make_engine, upgrade
+from app.store.db import make_engine, make_read_engine, upgrade
 from app.store.jobs import JobStore
 from app.tenancy import TenantPolicy
 from app.webhooks.dispatcher import Dispatcher
@@ -32,7 +32,7 @@ API_VERSION = "1"
 
 
 def build_services(settings: Settings) -> Services:
-    store = JobStore(make_engine(settings.db_url))
+    store = JobStore(make_engine(settings.db_url), reads=make_read_engine(settings.db_url))
     return Services(
         settings=settings,
         jobs=store,
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             yield
         finally:
             dispatcher.stop()
-            services.jobs.engine.dispose()
+            services.jobs.dispose()
 
     app = FastAPI(
         title="restorelcc",

@@ -42,6 +42,19 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+def make_read_engine(url: str) -> Engine | None:
+    """An engine for the API's single-statement reads (status polls) on PostgreSQL, None elsewhere.
+
+    A poll through the main engine costs four round trips: the pool's liveness ping, BEGIN, the SELECT and COMMIT.
+    Here it is one: autocommit (one SELECT is a consistent snapshot by itself) and no ping — a connection the
+    server dropped fails its read, SQLAlchemy invalidates the pool, and :meth:`JobStore.read` runs the read once
+    more on a fresh connection. The pool keeps 20 connections, so 16 concurrent pollers do not open and close
+    overflow connections on every request."""
+    if make_url(url).get_backend_name() != "postgresql":
+        return None
+    return create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_size=20, max_overflow=20)
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

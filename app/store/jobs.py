@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, delete, func, select, text, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from app.schemas import JobStatus
@@ -25,6 +25,8 @@ from app.store.db import session_factory
 from app.store.models import Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
 from app.tenancy import Quota
 from app.webhooks.payload import event_payload
+
+T = TypeVar("T")
 
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
 FINISHED = tuple(s.value for s in JobStatus if s.finished)
@@ -108,14 +110,37 @@ def _due(now: datetime) -> Any:
 
 
 class JobStore:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, reads: Engine | None = None):
+        """``reads``: an engine for single-statement reads (:func:`app.store.db.make_read_engine`); without it they
+        run in a transaction on ``engine``."""
         self.engine = engine
         self._sessions = session_factory(engine)
+        self._reads = session_factory(reads) if reads is not None else None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
             yield s
+
+    def read(self, query: Callable[[Session], T]) -> T:
+        """``query(session)`` on the read engine, run once more if the server had dropped its connection."""
+        if self._reads is None:
+            with self.session() as s:
+                return query(s)
+        try:
+            with self._reads() as s:
+                return query(s)
+        except DBAPIError as e:
+            if not e.connection_invalidated:
+                raise
+        with self._reads() as s:  # the pool was invalidated: this checkout opens a new connection
+            return query(s)
+
+    def dispose(self) -> None:
+        """Close both engines' pooled connections."""
+        self.engine.dispose()
+        if self._reads is not None:
+            self._reads.kw["bind"].dispose()
 
     # Creation and reading -----------------------------------------------------------------------------
     def create(
@@ -250,11 +275,10 @@ class JobStore:
         return job
 
     def get(self, job_id: str, tenant: str | None = None) -> Job | None:
-        with self.session() as s:
-            q = select(Job).where(Job.id == job_id)
-            if tenant is not None:
-                q = q.where(Job.tenant == tenant)
-            return s.scalars(q).first()
+        q = select(Job).where(Job.id == job_id)
+        if tenant is not None:
+            q = q.where(Job.tenant == tenant)
+        return self.read(lambda s: s.scalars(q).first())
 
     def list(
         self, tenant: str, limit: int = 50, after: str | None = None, status: str | None = None
@@ -609,11 +633,11 @@ class JobStore:
             s.add(Event(job_id=job_id, kind=kind[:32], stage=stage, data=data))
 
     def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> list[Event]:
-        with self.session() as s:
-            q = select(Event).where(Event.job_id == job_id)
-            if after is not None:
-                q = q.where(Event.seq > after)
-            return list(s.scalars(q.order_by(Event.seq).limit(limit)))
+        q = select(Event).where(Event.job_id == job_id)
+        if after is not None:
+            q = q.where(Event.seq > after)
+        q = q.order_by(Event.seq).limit(limit)
+        return self.read(lambda s: list(s.scalars(q)))
 
     # Artifacts ---------------------------------------------------------------------------------------
     def _owns(self, s: Session, job_id: str, attempt: int | None) -> bool:

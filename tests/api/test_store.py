@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from app.methods import restoration_config
 from app.schemas import JobSpec, JobStatus, Stage
-from app.store.db import current_revision, head_revision, make_engine, upgrade
+from app.store.db import current_revision, head_revision, make_engine, make_read_engine, upgrade
 from app.store.jobs import JobNotFinished, JobStore, hash_view, request_hash, stale_cutoff
 from app.store.models import Job, utcnow
 from worker.service.store_reporter import StoreReporter, jsonable
@@ -20,10 +20,37 @@ from worker.service.store_reporter import StoreReporter, jsonable
 
 @pytest.fixture
 def store(db_url) -> JobStore:
+    """The store as the API builds it: on PostgreSQL, single-statement reads go through their own engine."""
     engine = make_engine(db_url)
     upgrade(engine)
-    yield JobStore(engine)
-    engine.dispose()
+    jobs = JobStore(engine, reads=make_read_engine(db_url))
+    yield jobs
+    jobs.dispose()
+
+
+@pytest.mark.postgres
+def test_a_poll_survives_the_server_dropping_its_connection():
+    """The read engine pings nothing: when PostgreSQL has dropped a pooled connection (a restart, a failover, an
+    idle timeout), the read that meets it is run once more on a new connection, and the caller sees no error."""
+    from tests.conftest import pg_schema
+
+    with pg_schema() as url:
+        engine = make_engine(url)
+        upgrade(engine)
+        jobs = JobStore(engine, reads=make_read_engine(url))
+        try:
+            job, _ = jobs.create("alice", {})
+            before = jobs.read(lambda s: s.scalar(sa.text("SELECT pg_backend_pid()")))
+            with engine.connect() as c:
+                assert c.scalar(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": before})
+            assert jobs.get(job.id, "alice").status == "queued"
+            after = jobs.read(lambda s: s.scalar(sa.text("SELECT pg_backend_pid()")))
+            assert after != before
+            assert jobs.claim(job.id, "w")  # written through the main engine, seen by the next read at once
+            jobs.set_progress(job.id, 0.5, "halfway")
+            assert (jobs.get(job.id).status, jobs.get(job.id).progress_message) == ("running", "halfway")
+        finally:
+            jobs.dispose()
 
 
 def test_upgrade_head_is_idempotent(db_url):

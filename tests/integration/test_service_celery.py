@@ -95,7 +95,7 @@ def running_service(tmp: Path, tiny_assets, api: dict | None = None, queue: str 
                 for name in (queue, *settings.queues.split(",")) if settings.queues else (queue,):
                     name = name.split("=")[0]
                     r.delete(name, *r.keys(f"{name}\x06\x16*"), *r.keys(f"_kombu.binding.{name}*"))
-        app.state.services.jobs.engine.dispose()
+        app.state.services.jobs.dispose()
 
 
 def test_job_runs_queued_to_succeeded_with_artifacts(service, tiny_assets, tmp_path):
