@@ -3,6 +3,7 @@
 
     python -m bench objective                                 # every run of the plan; resumes from stored results
     python -m bench objective --only wanda-50/restorelcc-default --seeds 0
+    python -m bench objective --select                        # choose the default objective on selection rows
     python -m bench objective --render-only                   # rewrite docs/objective.md from the JSONs
 
 SmolLM2-135M-Instruct, the comparison's pruned models (Wanda 50% and SparseGPT 2:4, bench/results/quality/runs),
@@ -12,6 +13,12 @@ instruction set (continuing Wikipedia passages, worker.assets.datasets). Every m
 sentences, on held-out responses of both training sources (Alpaca valid rows, the demo's held-out passages) and
 of a third source (Multi-LexSum summaries), and on BoolQ, PIQA and OpenBookQA (mean accuracy), each a fixed prefix.
 Results: bench/results/objective/<setting>/<method>-<objective>-<train>/seed<k>.json, with their fingerprints.
+
+``--select`` chooses the service's default objective the way the other defaults were chosen (docs/search.md): on
+selection rows no page scores — Alpaca-valid rows 300..599 (response perplexity) and WikiText sentences 200..399 —
+RestoreLCC at the service default, Wanda 50% (the search's setting), Alpaca training, seed 0, once per objective.
+The winner closes the larger share of the worse of its two gaps (the aim is the dense model on both kinds of text);
+on a tie the incumbent stays. Results: bench/results/objective/select/.
 """
 
 from __future__ import annotations
@@ -32,6 +39,9 @@ MIXED_WEIGHT = 0.5
 METHOD_KEYS = ("restorelcc-default", "bias-all", "lora")
 TOP_K = 64  # the service default's distill_top_k
 MIN_ACC_GAP = 0.02  # a dense−pruned accuracy gap smaller than this is inside the sampling noise of the task rows
+SELECT_SETTING = "wanda-50"  # where the setting search chose the other defaults
+SELECT_ROWS = {"alpaca": ("alpaca/valid.jsonl", 300, 300), "wikitext": ("eval/wikitext_sentences.jsonl", 200, 200)}
+INCUMBENT = "sft"  # the default objective before the selection ran
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--only", action="append", help="SETTING[/METHOD[-OBJECTIVE[-TRAIN]]] patterns (wildcards); "
                     f"settings {', '.join(s.key for s in plan.SETTINGS)}; methods {', '.join(METHOD_KEYS)}; "
                     f"objectives {', '.join(OBJECTIVES)}; training sets alpaca, wikipedia")
+    ap.add_argument("--select", action="store_true",
+                    help="only the selection runs that choose the default objective (see the module docstring)")
     ap.add_argument("--wikitext-limit", type=int, default=Limits.wikitext)
     ap.add_argument("--response-limit", type=int, default=Limits.responses)
     ap.add_argument("--task-limit", type=int, default=Limits.tasks)
@@ -93,17 +105,44 @@ class Runner:
         self.store = harness.Store(harness.RESULTS / "objective")
         self.only = args.only or ["*"]
         self.render_only = args.render_only
+        self.select = args.select
 
     def wanted(self, setting: str, key: str) -> bool:
         import fnmatch
 
         return any(fnmatch.fnmatch(f"{setting}/{key}", p) or fnmatch.fnmatch(setting, p) for p in self.only)
 
-    def run(self) -> None:
+    def _base(self) -> compare.Runner:
+        """The comparison's pruned models, budget and dense model."""
         cmp_args = argparse.Namespace(quick=False, steps=None, batch_size=None, task_limit=None, alpaca_limit=None,
                                       wikitext_limit=None, lr_restorelcc=1e-2, lr_lora=1e-3, heads=0.1,
                                       random_batches=False, seeds="0", only=None, render_only=False)
-        base, _ = compare.setup(cmp_args)  # the comparison's pruned models, budget and dense model
+        return compare.setup(cmp_args)[0]
+
+    def run_selection(self) -> None:
+        """Dense, pruned and RestoreLCC at the service default with each objective, on the selection rows."""
+        base = self._base()
+        ev = selection_evaluation(self.store.root)
+        setting = plan.setting_by_key(SELECT_SETTING)
+        folder = self.store.root / "select"
+        self.store.get(folder / "dense.json", {"evaluation": ev, "model": "SmolLM2-135M-Instruct"},
+                       lambda: self._evaluate(Path(base.dense_dir), ev, "select/dense"), "select/dense")
+        self.store.get(folder / setting.key / "pruned.json",
+                       {"evaluation": ev, "pruning": plan.pruning_spec(setting, base.budget)},
+                       lambda: self._evaluate(base.pruned_model(setting), ev, f"select/{setting.key}/pruned"),
+                       f"select/{setting.key}/pruned")
+        method = plan.method_by_key("restorelcc-default")
+        for objective in OBJECTIVES:
+            key = run_key(method.key, objective, "alpaca")
+            job = plan.restore_job(method, base.budget, plan.Data(harness.data("alpaca/train.jsonl"), "", "", ()), "",
+                                   base.dense_dir or "", 0)
+            job["restoration"] = restoration(method, base.budget, objective)
+            self.store.get(folder / setting.key / f"{key}.json", {"job": {**job, "model": None}, "evaluation": ev},
+                           lambda j=job, k=key: self._restore(base, setting, j, f"select-{k}", 0, ev),
+                           f"select/{setting.key}/{key}")
+
+    def run(self) -> None:
+        base = self._base()
         ev = evaluation(self.limits)
         sets = training_sets()
         methods = {m.key: m for m in plan.METHODS}
@@ -162,6 +201,103 @@ class Runner:
                             "total": round(time.perf_counter() - t0, 1)},
                 "peak_rss_mb": peaks, "plan": report.get("plan"),
                 "environment": harness.machine()}
+
+
+# ── choosing the default objective ────────────────────────────────────────────────────────────────────────
+
+
+def selection_files(root: Path) -> dict[str, str]:
+    """The selection rows as files of their own under ``root/select``; refuses rows the page scores."""
+    out = {}
+    scored = {"alpaca": Limits.responses, "wikitext": Limits.wikitext}
+    for name, (source, start, rows) in SELECT_ROWS.items():
+        if start < scored[name]:
+            raise ValueError(f"{name} selection rows start at {start}, inside the scored rows 0..{scored[name] - 1}")
+        lines = [ln for ln in Path(harness.data(source)).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        chosen = lines[start:start + rows]
+        if len(chosen) < rows:
+            raise ValueError(f"{source} has {len(lines)} rows; rows {start}..{start + rows - 1} do not exist")
+        path = root / "select" / f"{name}_select.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n".join(chosen) + "\n"
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        out[name] = str(path)
+    return out
+
+
+def selection_evaluation(root: Path) -> dict[str, Any]:
+    files = selection_files(root)
+    return {"perplexity": [files["wikitext"]], "response_perplexity": [files["alpaca"]], "tasks": [], "limit": None,
+            "batch_size": 8, "max_seq_len": 512, "dense": False}
+
+
+SELECT_METRICS = {"alpaca": ("alpaca_select", "response_ppl"), "wikitext": ("wikitext_select", "ppl")}
+
+
+def selection_shares(run: dict[str, Any], pruned: dict[str, Any], dense: dict[str, Any]) -> dict[str, float]:
+    """The share of each selection gap a run closes (log scale)."""
+    shares = {}
+    for name, path in SELECT_METRICS.items():
+        g = gap_closed(_get(run["metrics"], path), _get(pruned["metrics"], path), _get(dense["metrics"], path))
+        assert g is not None, f"the pruned and dense models score the same on the {name} selection rows"
+        shares[name] = g
+    return shares
+
+
+def choose_objective(shares: dict[str, dict[str, float]]) -> str:
+    """The objective whose worse share is largest; the incumbent on a tie."""
+    def worse(obj: str) -> float:
+        return min(shares[obj].values())
+
+    best = max(shares, key=lambda o: (worse(o), o == INCUMBENT))
+    return INCUMBENT if INCUMBENT in shares and worse(INCUMBENT) >= worse(best) else best
+
+
+def service_default() -> str:
+    """The objective a job gets when its spec names none, in this page's words (sft, distill or mixed)."""
+    from app.methods import restoration_config
+
+    r = restoration_config({})
+    if r.objective == "sft":
+        return "sft"
+    return "mixed" if r.sft_weight == MIXED_WEIGHT else "distill" if r.sft_weight == 0 else f"distill+{r.sft_weight}"
+
+
+def render_selection(store: harness.Store) -> list[str]:
+    folder = store.root / "select"
+    dense, pruned = store.read(folder / "dense.json"), store.read(folder / SELECT_SETTING / "pruned.json")
+    runs = {o: store.read(folder / SELECT_SETTING / f"{run_key('restorelcc-default', o, 'alpaca')}.json")
+            for o in OBJECTIVES}
+    runs = {o: r for o, r in runs.items() if r is not None}
+    lines = ["## Choosing the default objective", "",
+             "Like the other defaults (docs/search.md), on rows no table here scores: Alpaca-valid rows "
+             f"{SELECT_ROWS['alpaca'][1]}..{sum(SELECT_ROWS['alpaca'][1:]) - 1} (response perplexity) and WikiText "
+             f"sentences {SELECT_ROWS['wikitext'][1]}..{sum(SELECT_ROWS['wikitext'][1:]) - 1}; RestoreLCC at the "
+             "service default, Wanda 50%, Alpaca training, seed 0. The winner closes the larger share of the worse of "
+             "its two gaps; on a tie the incumbent (sft) stays. `python -m bench objective --select`.", ""]
+    if dense is None or pruned is None or not runs:
+        return lines + ["Not run yet.", ""]
+    shares = {o: selection_shares(r, pruned, dense) for o, r in runs.items()}
+
+    def ppls(result: dict[str, Any]) -> list[Any]:
+        return [_get(result["metrics"], SELECT_METRICS[name]) for name in ("alpaca", "wikitext")]
+
+    rows = [["dense", *ppls(dense), "—", "—", "—"], ["pruned", *ppls(pruned), "—", "—", "—"]]
+    for o, r in runs.items():
+        sh = shares[o]
+        rows.append([o, *ppls(r), f"{100 * sh['alpaca']:.0f}%", f"{100 * sh['wikitext']:.0f}%",
+                     f"{100 * min(sh.values()):.0f}%"])
+    lines += [harness.markdown_table(["objective", "Alpaca-select resp. ppl", "WikiText-select ppl",
+                                      "gap closed: Alpaca", "gap closed: WikiText", "worse of the two"], rows, _show),
+              ""]
+    if len(runs) < len(OBJECTIVES):
+        return lines + [f"Not every objective has run ({', '.join(runs)} so far): no choice yet.", ""]
+    chosen, current = choose_objective(shares), service_default()
+    lines += [f"Chosen: **{chosen}**. The service default is **{current}**"
+              + (" — they agree." if chosen == current else " — **they disagree**: the default has not followed the "
+                 "selection yet."), ""]
+    return lines
 
 
 # ── the page ─────────────────────────────────────────────────────────────────────────────────────────────
@@ -233,6 +369,7 @@ def render(store: harness.Store, command: str) -> str:
                         gaps.append("—" if g is None else f"{100 * g:.0f}%")
                     rows.append([METHOD_LABELS[mkey], train, objective, len(runs), *values, *gaps])
         lines += [harness.markdown_table(header, rows, _show), ""]
+    lines += render_selection(store)
     notes = store.read_text("notes.md")
     if notes:
         lines += ["## What the runs say", "", notes.strip(), ""]
@@ -264,7 +401,9 @@ def _costs(store: harness.Store) -> str:
 
 def main(args: argparse.Namespace, argv: list[str]) -> int:
     runner = Runner(args)
-    if not args.render_only:
+    if args.select and not args.render_only:
+        runner.run_selection()
+    elif not args.render_only:
         runner.run()
     harness.write_page(harness.DOCS / "objective.md", render(runner.store, harness.page_command("objective", argv)))
     costs = _costs(runner.store)

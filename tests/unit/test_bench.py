@@ -703,3 +703,43 @@ def test_the_objective_page_measures_the_gap_on_a_log_scale() -> None:
     assert gap_closed(700.0, 600.0, 400.0) < 0 < 1 < gap_closed(300.0, 600.0, 400.0)
     assert gap_closed(0.40, 0.30, 0.50, higher_better=True) == pytest.approx(0.5)
     assert gap_closed(1.0, 2.0, 2.0) is None
+
+
+def test_the_default_objective_is_the_one_whose_worse_gap_share_is_largest() -> None:
+    from bench.objective import choose_objective
+
+    shares = {"sft": {"alpaca": 0.54, "wikitext": 0.44}, "distill": {"alpaca": 0.39, "wikitext": 0.50},
+              "mixed": {"alpaca": 0.52, "wikitext": 0.50}}
+    assert choose_objective(shares) == "mixed"  # worse shares 0.44, 0.39, 0.50
+    shares["mixed"]["wikitext"] = 0.44
+    assert choose_objective(shares) == "sft"  # a tie keeps the incumbent
+    assert choose_objective({"distill": {"alpaca": 0.1, "wikitext": 0.2}}) == "distill"
+
+
+def test_the_selection_rows_are_never_rows_the_page_scores(tmp_path, monkeypatch) -> None:
+    from bench import objective
+
+    root = tmp_path / "data"
+    for source, _, _ in objective.SELECT_ROWS.values():
+        (root / source).parent.mkdir(parents=True, exist_ok=True)
+        (root / source).write_text("".join(f'{{"row": {i}}}\n' for i in range(700)))
+    monkeypatch.setattr(objective.harness, "SHARED_DATA", root)
+    files = objective.selection_files(tmp_path)
+    first = {name: json.loads(Path(path).read_text().splitlines()[0])["row"] for name, path in files.items()}
+    assert first == {"alpaca": 300, "wikitext": 200}
+    assert first["alpaca"] >= objective.Limits.responses and first["wikitext"] >= objective.Limits.wikitext
+    monkeypatch.setitem(objective.SELECT_ROWS, "wikitext", ("eval/wikitext_sentences.jsonl", 100, 200))
+    with pytest.raises(ValueError, match="inside the scored rows"):
+        objective.selection_files(tmp_path)
+
+
+def test_the_objective_page_and_the_service_default_agree_once_the_selection_has_run() -> None:
+    """The selection chooses the default objective; the service's default must be the one it chose."""
+    from bench import harness, objective
+
+    store = harness.Store(harness.RESULTS / "objective")
+    section = "\n".join(objective.render_selection(store))
+    if "Chosen:" not in section:  # not run yet: the page says so
+        assert "Not run yet." in section or "no choice yet" in section
+        return
+    assert "they agree" in section, section
