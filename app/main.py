@@ -32,7 +32,7 @@ API_VERSION = "1"
 
 
 def build_services(settings: Settings) -> Services:
-    store = JobStore(make_engine(settings.db_url), reads=make_read_engine(settings.db_url))
+    store = JobStore(make_engine(settings.db_url), reads=make_read_engine(settings.db_url, settings.db_read_pool_size))
     return Services(
         settings=settings,
         jobs=store,

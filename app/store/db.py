@@ -42,17 +42,25 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
-def make_read_engine(url: str) -> Engine | None:
+def make_read_engine(url: str, pool_size: int = 16) -> Engine | None:
     """An engine for the API's single-statement reads (status polls) on PostgreSQL, None elsewhere.
 
     A poll through the main engine costs four round trips: the pool's liveness ping, BEGIN, the SELECT and COMMIT.
     Here it is one: autocommit (one SELECT is a consistent snapshot by itself) and no ping — a connection the
     server dropped fails its read, SQLAlchemy invalidates the pool, and :meth:`JobStore.read` runs the read once
-    more on a fresh connection. The pool keeps 20 connections, so 16 concurrent pollers do not open and close
-    overflow connections on every request."""
+    more on a fresh connection. Its sessions are read-only, so nothing written through it can run twice. The pool
+    keeps ``pool_size`` connections (``RESTORELCC_DB_READ_POOL_SIZE``) so that many concurrent pollers do not open
+    and close overflow connections on every request; at most twice that are open."""
     if make_url(url).get_backend_name() != "postgresql":
         return None
-    return create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_size=20, max_overflow=20)
+    engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_size=pool_size,
+                           max_overflow=pool_size)
+
+    @event.listens_for(engine, "connect")
+    def _read_only(dbapi_conn: Any, _: Any) -> None:
+        dbapi_conn.execute("SET default_transaction_read_only = on")
+
+    return engine
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -67,6 +75,15 @@ def alembic_config(engine: Engine | None = None) -> Any:
     if engine is not None:
         cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
     return cfg
+
+
+def upgrade_url(url: str) -> None:
+    """:func:`upgrade` through an engine of its own, closed afterwards."""
+    engine = make_engine(url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

@@ -115,6 +115,7 @@ class JobStore:
         run in a transaction on ``engine``."""
         self.engine = engine
         self._sessions = session_factory(engine)
+        self.read_engine = reads
         self._reads = session_factory(reads) if reads is not None else None
 
     @contextmanager
@@ -123,7 +124,8 @@ class JobStore:
             yield s
 
     def read(self, query: Callable[[Session], T]) -> T:
-        """``query(session)`` on the read engine, run once more if the server had dropped its connection."""
+        """``query(session)`` — one SELECT — on the read engine (read-only), run once more if the server had dropped
+        its connection."""
         if self._reads is None:
             with self.session() as s:
                 return query(s)
@@ -139,8 +141,8 @@ class JobStore:
     def dispose(self) -> None:
         """Close both engines' pooled connections."""
         self.engine.dispose()
-        if self._reads is not None:
-            self._reads.kw["bind"].dispose()
+        if self.read_engine is not None:
+            self.read_engine.dispose()
 
     # Creation and reading -----------------------------------------------------------------------------
     def create(

@@ -42,13 +42,16 @@ def test_a_poll_survives_the_server_dropping_its_connection():
             job, _ = jobs.create("alice", {})
             before = jobs.read(lambda s: s.scalar(sa.text("SELECT pg_backend_pid()")))
             with engine.connect() as c:
-                assert c.scalar(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": before})
+                assert c.scalar(sa.text("SELECT pg_terminate_backend(:pid, 30000)"), {"pid": before})  # and waits
             assert jobs.get(job.id, "alice").status == "queued"
             after = jobs.read(lambda s: s.scalar(sa.text("SELECT pg_backend_pid()")))
             assert after != before
             assert jobs.claim(job.id, "w")  # written through the main engine, seen by the next read at once
             jobs.set_progress(job.id, 0.5, "halfway")
             assert (jobs.get(job.id).status, jobs.get(job.id).progress_message) == ("running", "halfway")
+            with pytest.raises(sa.exc.InternalError, match="read-only"):  # nothing is written through it
+                jobs.read(lambda s: s.execute(sa.text("DELETE FROM jobs")))
+            assert jobs.get(job.id) is not None
         finally:
             jobs.dispose()
 

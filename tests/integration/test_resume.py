@@ -41,10 +41,25 @@ def job(tmp_path_factory) -> dict:
     return {"spec": path, "root": d}
 
 
+RUNS: list[Run] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_run_outlives_its_test():
+    """A run left behind by a failed test (stopped at its failpoint, or still running) is killed."""
+    yield
+    while RUNS:
+        run = RUNS.pop()
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+            run.proc.wait(timeout=30)
+
+
 class Run:
     """`restorelcc run` in its own process group, its stderr collected as it comes."""
 
     def __init__(self, spec: Path, out: Path, checkpoints: Path, stop_at: str | None = None):
+        RUNS.append(self)
         self.checkpoints = checkpoints
         env = ENV if stop_at is None else {**ENV, failpoints.ENV: stop_at}
         self.proc = subprocess.Popen(

@@ -186,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app.config import UnsafeSettingsError
     from app.main import create_app
-    from app.store.db import make_engine, upgrade
+    from app.store.db import upgrade_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its plugin and migration lines say nothing useful
@@ -197,7 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.check_safe()
     except UnsafeSettingsError as e:
         return _fail(str(e))
-    upgrade(make_engine(settings.db_url))
+    upgrade_url(settings.db_url)
     supervisor = None
     if settings.embedded and not args.no_worker:
         supervisor = _WorkerSupervisor(
@@ -261,7 +261,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
     from app.config import Settings
-    from app.store.db import make_engine, upgrade
+    from app.store.db import upgrade_url
     from app.tenancy import worker_queues
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -269,7 +269,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.queue:
         os.environ["RESTORELCC_QUEUE"] = args.queue
     settings = Settings()
-    upgrade(make_engine(settings.db_url))
+    upgrade_url(settings.db_url)
     if args.embedded or settings.embedded:
         from worker.service.embedded import main as embedded_main
 

@@ -11,10 +11,13 @@ Points: ``checkpoint:<point>`` and ``checkpoint:<point>:<step>`` after a checkpo
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
 ENV = "RESTORELCC_FAILPOINTS"
+
+log = logging.getLogger("restorelcc.failpoints")
 
 
 def armed(name: str) -> bool:
@@ -24,4 +27,5 @@ def armed(name: str) -> bool:
 def reach(name: str) -> None:
     """Stop this process here if the test armed ``name``."""
     if armed(name):
+        log.warning("stopping at failpoint %s (%s is for fault-injection tests only)", name, ENV)
         os.kill(os.getpid(), signal.SIGSTOP)
