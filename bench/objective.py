@@ -15,7 +15,7 @@ of a third source (Multi-LexSum summaries), and on BoolQ, PIQA and OpenBookQA (m
 Results: bench/results/objective/<setting>/<method>-<objective>-<train>/seed<k>.json, with their fingerprints.
 
 ``--select`` chooses the service's default objective the way the other defaults were chosen (docs/search.md): on
-selection rows no page scores — Alpaca-valid rows 300..599 (response perplexity) and WikiText sentences 200..399 —
+selection rows no page scores — Alpaca-valid rows 300..599 (response perplexity) and WikiText sentences 200..999 —
 RestoreLCC at the service default, Wanda 50% (the search's setting), Alpaca training, seed 0, once per objective.
 The winner closes the larger share of the worse of its two gaps (the aim is the dense model on both kinds of text);
 on a tie the incumbent stays. Results: bench/results/objective/select/.
@@ -40,7 +40,9 @@ METHOD_KEYS = ("restorelcc-default", "bias-all", "lora")
 TOP_K = 64  # the service default's distill_top_k
 MIN_ACC_GAP = 0.02  # a dense−pruned accuracy gap smaller than this is inside the sampling noise of the task rows
 SELECT_SETTING = "wanda-50"  # where the setting search chose the other defaults
-SELECT_ROWS = {"alpaca": ("alpaca/valid.jsonl", 300, 300), "wikitext": ("eval/wikitext_sentences.jsonl", 200, 200)}
+# (source, first row, rows). WikiText sentences are short: 800 of them are ~7k tokens (200 were 1.8k, too few to
+# separate the objectives).
+SELECT_ROWS = {"alpaca": ("alpaca/valid.jsonl", 300, 300), "wikitext": ("eval/wikitext_sentences.jsonl", 200, 800)}
 INCUMBENT = "sft"  # the default objective before the selection ran
 
 
@@ -138,7 +140,7 @@ class Runner:
                                    base.dense_dir or "", 0)
             job["restoration"] = restoration(method, base.budget, objective)
             self.store.get(folder / setting.key / f"{key}.json", {"job": {**job, "model": None}, "evaluation": ev},
-                           lambda j=job, k=key: self._restore(base, setting, j, f"select-{k}", 0, ev),
+                           lambda j=job, k=key: self._restore(base, setting, j, f"select-{k}", 0, ev, keep=True),
                            f"select/{setting.key}/{key}")
 
     def run(self) -> None:
@@ -179,7 +181,9 @@ class Runner:
         return {"metrics": metrics, "seconds": round(seconds, 1), "environment": harness.machine()}
 
     def _restore(self, base: compare.Runner, setting: plan.Setting, job: dict[str, Any], key: str, seed: int,
-                 ev: dict[str, Any]) -> dict[str, Any]:
+                 ev: dict[str, Any], keep: bool = False) -> dict[str, Any]:
+        """One run and its scores; the model is deleted afterwards unless ``keep`` (under runs/, never committed:
+        kept models can be scored on other rows without training again)."""
         import shutil
 
         job = json.loads(json.dumps(job))
@@ -192,7 +196,8 @@ class Runner:
         rest = report["restoration"]
         stages = {k: v["seconds"] for k, v in report["stages"].items()}
         peaks = {k: v.get("peak_rss_mb") for k, v in report["stages"].items()}
-        shutil.rmtree(out, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(out, ignore_errors=True)
         return {"setting": setting.key, "run": key, "seed": seed, "metrics": metrics,
                 "trainable_params": rest["trainable_params"], "objective": rest.get("objective"),
                 "loss_first_last": [rest["loss_curve"][0], rest["loss_curve"][-1]],
@@ -217,7 +222,7 @@ def selection_files(root: Path) -> dict[str, str]:
         chosen = lines[start:start + rows]
         if len(chosen) < rows:
             raise ValueError(f"{source} has {len(lines)} rows; rows {start}..{start + rows - 1} do not exist")
-        path = root / "select" / f"{name}_select.jsonl"
+        path = root / "select" / f"{select_stem(name)}.jsonl"  # the rows in its name: other rows, other results
         path.parent.mkdir(parents=True, exist_ok=True)
         text = "\n".join(chosen) + "\n"
         if not path.is_file() or path.read_text(encoding="utf-8") != text:
@@ -226,13 +231,18 @@ def selection_files(root: Path) -> dict[str, str]:
     return out
 
 
+def select_stem(name: str) -> str:
+    _, start, rows = SELECT_ROWS[name]
+    return f"{name}_select_{start}-{start + rows - 1}"
+
+
 def selection_evaluation(root: Path) -> dict[str, Any]:
     files = selection_files(root)
     return {"perplexity": [files["wikitext"]], "response_perplexity": [files["alpaca"]], "tasks": [], "limit": None,
             "batch_size": 8, "max_seq_len": 512, "dense": False}
 
 
-SELECT_METRICS = {"alpaca": ("alpaca_select", "response_ppl"), "wikitext": ("wikitext_select", "ppl")}
+SELECT_METRICS = {"alpaca": (select_stem("alpaca"), "response_ppl"), "wikitext": (select_stem("wikitext"), "ppl")}
 
 
 def selection_shares(run: dict[str, Any], pruned: dict[str, Any], dense: dict[str, Any]) -> dict[str, float]:

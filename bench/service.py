@@ -268,8 +268,8 @@ def section(checkpoints: dict[str, Any] | None, polling: dict[str, Any] | None, 
                 ]), "",
                 f"`/healthz` touches neither the database nor the key ring; a job's status runs at "
                 f"{j['per_s'] / h['per_s']:.2f}× its rate, so " + (
-                    "most of a status request's cost is its read of the job store (a pooled connection's liveness "
-                    "check, the transaction and the query: round trips to a PostgreSQL that shares the cores here)."
+                    "most of a status request's cost is its read of the job store (one autocommit SELECT on a pooled "
+                    "read connection: a round trip to a PostgreSQL that shares the cores here)."
                     if j["per_s"] < 0.5 * h["per_s"] else
                     "most of a status request's cost is the HTTP stack of one Python process; the key check, the job "
                     "lookup and its JSON add the rest."),

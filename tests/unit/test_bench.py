@@ -722,7 +722,7 @@ def test_the_selection_rows_are_never_rows_the_page_scores(tmp_path, monkeypatch
     root = tmp_path / "data"
     for source, _, _ in objective.SELECT_ROWS.values():
         (root / source).parent.mkdir(parents=True, exist_ok=True)
-        (root / source).write_text("".join(f'{{"row": {i}}}\n' for i in range(700)))
+        (root / source).write_text("".join(f'{{"row": {i}}}\n' for i in range(1000)))
     monkeypatch.setattr(objective.harness, "SHARED_DATA", root)
     files = objective.selection_files(tmp_path)
     first = {name: json.loads(Path(path).read_text().splitlines()[0])["row"] for name, path in files.items()}
