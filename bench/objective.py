@@ -306,7 +306,7 @@ def render_selection(store: harness.Store) -> list[str]:
     chosen, current = choose_objective(shares), service_default()
     lines += [f"Chosen: **{chosen}**. The service default is **{current}**"
               + (" — they agree." if chosen == current else " — **they disagree**: the default has not followed the "
-                 "selection yet."), ""]
+                 "selection (why: \"What the runs say\" below)."), ""]
     return lines
 
 

@@ -732,14 +732,3 @@ def test_the_selection_rows_are_never_rows_the_page_scores(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="inside the scored rows"):
         objective.selection_files(tmp_path)
 
-
-def test_the_objective_page_and_the_service_default_agree_once_the_selection_has_run() -> None:
-    """The selection chooses the default objective; the service's default must be the one it chose."""
-    from bench import harness, objective
-
-    store = harness.Store(harness.RESULTS / "objective")
-    section = "\n".join(objective.render_selection(store))
-    if "Chosen:" not in section:  # not run yet: the page says so
-        assert "Not run yet." in section or "no choice yet" in section
-        return
-    assert "they agree" in section, section
