@@ -144,6 +144,24 @@ class LogReporter:
         return False
 
 
+def write_rows(source: str, path: Path, start: int, rows: int, scored: int, scored_word: str = "evaluated") -> bool:
+    """Rows ``start .. start+rows-1`` of the JSONL ``source`` as the file ``path`` (selection rows), refusing rows a
+    page scores (``0 .. scored-1``) and rows that do not exist. Returns whether ``path`` changed (new or other rows).
+    """
+    if start < scored:
+        raise ValueError(f"selection rows start at {start}, inside the {scored_word} rows 0..{scored - 1}")
+    lines = [ln for ln in Path(source).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    chosen = lines[start : start + rows]
+    if len(chosen) < rows:
+        raise ValueError(f"{source} has {len(lines)} rows; rows {start}..{start + rows - 1} do not exist")
+    text = "\n".join(chosen) + "\n"
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
 def run_job(job: dict[str, Any], out: Path, label: str) -> dict[str, Any]:
     """One job through the service's own pipeline; its report (the pipeline writes it and the model to ``out``)."""
     from app.schemas import JobSpec

@@ -107,7 +107,6 @@ class Runner:
         self.store = harness.Store(harness.RESULTS / "objective")
         self.only = args.only or ["*"]
         self.render_only = args.render_only
-        self.select = args.select
 
     def wanted(self, setting: str, key: str) -> bool:
         import fnmatch
@@ -213,27 +212,23 @@ class Runner:
 
 def selection_files(root: Path) -> dict[str, str]:
     """The selection rows as files of their own under ``root/select``; refuses rows the page scores."""
-    out = {}
     scored = {"alpaca": Limits.responses, "wikitext": Limits.wikitext}
+    out = {}
     for name, (source, start, rows) in SELECT_ROWS.items():
-        if start < scored[name]:
-            raise ValueError(f"{name} selection rows start at {start}, inside the scored rows 0..{scored[name] - 1}")
-        lines = [ln for ln in Path(harness.data(source)).read_text(encoding="utf-8").splitlines() if ln.strip()]
-        chosen = lines[start:start + rows]
-        if len(chosen) < rows:
-            raise ValueError(f"{source} has {len(lines)} rows; rows {start}..{start + rows - 1} do not exist")
         path = root / "select" / f"{select_stem(name)}.jsonl"  # the rows in its name: other rows, other results
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "\n".join(chosen) + "\n"
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+        harness.write_rows(harness.data(source), path, start, rows, scored[name], "scored")
         out[name] = str(path)
     return out
 
 
-def select_stem(name: str) -> str:
+def select_range(name: str) -> str:
+    """``300..599``: the selection rows of ``name``."""
     _, start, rows = SELECT_ROWS[name]
-    return f"{name}_select_{start}-{start + rows - 1}"
+    return f"{start}..{start + rows - 1}"
+
+
+def select_stem(name: str) -> str:
+    return f"{name}_select_{select_range(name).replace('..', '-')}"
 
 
 def selection_evaluation(root: Path) -> dict[str, Any]:
@@ -282,8 +277,8 @@ def render_selection(store: harness.Store) -> list[str]:
     runs = {o: r for o, r in runs.items() if r is not None}
     lines = ["## Choosing the default objective", "",
              "Like the other defaults (docs/search.md), on rows no table here scores: Alpaca-valid rows "
-             f"{SELECT_ROWS['alpaca'][1]}..{sum(SELECT_ROWS['alpaca'][1:]) - 1} (response perplexity) and WikiText "
-             f"sentences {SELECT_ROWS['wikitext'][1]}..{sum(SELECT_ROWS['wikitext'][1:]) - 1}; RestoreLCC at the "
+             f"{select_range('alpaca')} (response perplexity) and WikiText sentences {select_range('wikitext')}; "
+             "RestoreLCC at the "
              "service default, Wanda 50%, Alpaca training, seed 0. The winner closes the larger share of the worse of "
              "its two gaps; on a tie the incumbent (sft) stays. `python -m bench objective --select`.", ""]
     if dense is None or pruned is None or not runs:

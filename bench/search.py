@@ -44,21 +44,12 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def write_selection(source: str, root: Path, start: int, rows: int, eval_rows: int) -> Path:
     """Rows ``start .. start+rows-1`` of ``source`` as their own file; refuses to overlap the evaluated rows."""
-    if start < eval_rows:
-        raise ValueError(f"selection rows start at {start}, inside the evaluated rows 0..{eval_rows - 1}")
-    lines = [ln for ln in Path(source).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    chosen = lines[start : start + rows]
-    if len(chosen) < rows:
-        raise ValueError(f"{source} has {len(lines)} rows; rows {start}..{start + rows - 1} do not exist")
     path = root / "search" / f"{SELECT_STEM}.jsonl"
-    text = "\n".join(chosen) + "\n"
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        if path.is_file():  # other selection rows: every score made on the old ones is set aside
-            for old in path.parent.glob("*/*.json"):
-                if not old.name.endswith(".stale.json"):
-                    old.rename(old.with_suffix(".stale.json"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    existed = path.is_file()
+    if harness.write_rows(source, path, start, rows, eval_rows) and existed:
+        for old in path.parent.glob("*/*.json"):  # other selection rows: every score made on the old ones is set aside
+            if not old.name.endswith(".stale.json"):
+                old.rename(old.with_suffix(".stale.json"))
     return path
 
 
