@@ -118,8 +118,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Interface `restorelcc serve` binds.")
     port: int = Field(8000, ge=1, le=65535)
     db_read_pool_size: int = Field(
-        16, ge=1, le=200, description="PostgreSQL connections the API keeps for status reads (twice that at most), "
-                                      "besides the 10 (at most 50) of its main pool.")
+        16, ge=1, le=200, description="PostgreSQL connections the API keeps for status polls (a job, its events; "
+                                      "twice that at most), besides the 10 (at most 50) of its main pool.")
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="Largest request body accepted (a job spec is a few KiB); larger is 413."
     )

@@ -17,6 +17,7 @@ from app.metrics import Metrics
 from app.service import Enqueuer, JobService
 from app.store.artifacts import ArtifactStore
 from app.store.jobs import JobStore
+from app.store.polls import Polls
 from app.tenancy import TenantPolicy
 
 
@@ -24,6 +25,7 @@ from app.tenancy import TenantPolicy
 class Services:
     settings: Settings
     jobs: JobStore
+    polls: Polls  # the status reads pollers make (a job, its events)
     artifacts: ArtifactStore
     enqueuer: Enqueuer
     keys: KeyRing

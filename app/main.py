@@ -21,8 +21,9 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.routes import artifacts, health, jobs
 from app.service import make_enqueuer
 from app.store.artifacts import make_store
-from app.store.db import make_engine, make_read_engine, upgrade
+from app.store.db import make_engine, upgrade
 from app.store.jobs import JobStore
+from app.store.polls import make_polls
 from app.tenancy import TenantPolicy
 from app.webhooks.dispatcher import Dispatcher
 
@@ -32,10 +33,11 @@ API_VERSION = "1"
 
 
 def build_services(settings: Settings) -> Services:
-    store = JobStore(make_engine(settings.db_url), reads=make_read_engine(settings.db_url, settings.db_read_pool_size))
+    store = JobStore(make_engine(settings.db_url))
     return Services(
         settings=settings,
         jobs=store,
+        polls=make_polls(settings.db_url, store, settings.db_read_pool_size),
         artifacts=make_store(settings),
         enqueuer=make_enqueuer(settings),
         keys=KeyRing.from_settings(settings),
@@ -56,9 +58,11 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True) -> Fas
             upgrade(services.jobs.engine)
         dispatcher = Dispatcher(settings, services.jobs, services.policy, services.enqueuer)
         dispatcher.start()
+        await services.polls.open()
         try:
             yield
         finally:
+            await services.polls.close()
             dispatcher.stop()
             services.jobs.dispose()
 

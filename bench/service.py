@@ -268,15 +268,18 @@ def section(checkpoints: dict[str, Any] | None, polling: dict[str, Any] | None, 
                 ]), "",
                 f"`/healthz` touches neither the database nor the key ring; a job's status runs at "
                 f"{j['per_s'] / h['per_s']:.2f}× its rate, so " + (
-                    "most of a status request's cost is its read of the job store (one autocommit SELECT on a pooled "
-                    "read connection: a round trip to a PostgreSQL that shares the cores here)."
+                    "most of a status request's cost is its read of the job store (one autocommit SELECT from the "
+                    "event loop on a pooled read connection: a round trip to a PostgreSQL that shares the cores "
+                    "here)."
                     if j["per_s"] < 0.5 * h["per_s"] else
                     "most of a status request's cost is the HTTP stack of one Python process; the key check, the job "
                     "lookup and its JSON add the rest."),
                 "",
                 f"A worker's progress write (one UPDATE, every 50 ms): median {p['write_quiet']['median_ms']:.2f} ms "
                 f"without pollers, {p['write_polled']['median_ms']:.2f} ms under them ({slow:.2f}×; p99 "
-                f"{p['write_quiet']['p99_ms']:.1f} → {p['write_polled']['p99_ms']:.1f} ms).", ""]
+                f"{p['write_quiet']['p99_ms']:.1f} → {p['write_polled']['p99_ms']:.1f} ms). The polls take no locks "
+                "(autocommit snapshots on read-only connections): what the write shares with them is the two cores.",
+                ""]
     out += [f"Produced by `{command}`.", ""]
     return "\n".join(out)
 

@@ -9,11 +9,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from app.auth import Principal
 from app.deps import JobServiceDep, PrincipalDep, Services, ServicesDep
-from app.errors import ApiError, error_body, error_responses
+from app.errors import ApiError, error_body, error_responses, not_found
 from app.schemas import (
     DeliveryAttempt,
     DeliveryPublic,
@@ -108,9 +107,17 @@ def list_jobs(
     return JobList(items=[to_public(j) for j in rows], next_cursor=cursor)
 
 
+async def polled_job(services: Services, tenant: str, job_id: str) -> Job:
+    """The caller's job through the status-read path (:mod:`app.store.polls`), or 404."""
+    job = await services.polls.job(job_id, tenant) if is_job_id(job_id) else None
+    if job is None:
+        raise not_found()
+    return job
+
+
 @router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
-def get_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> JobPublic:
-    return to_public(service.get(principal.tenant, job_id))
+async def get_job(job_id: str, principal: PrincipalDep, services: ServicesDep) -> JobPublic:
+    return to_public(await polled_job(services, principal.tenant, job_id))
 
 
 @router.post(
@@ -154,18 +161,17 @@ def delete_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> 
                      "description": "The events (JSON), or a live Server-Sent-Events stream"},
                **error_responses(401, 404, 422)},
 )
-def job_events(
+async def job_events(
     job_id: str,
     request: Request,
     principal: PrincipalDep,
-    service: JobServiceDep,
     services: ServicesDep,
     after: Annotated[int | None, Query(ge=0, description="Only events with seq > after")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
     """The ordered event log. With `Accept: text/event-stream`, a live stream that ends when the job ends."""
-    service.get(principal.tenant, job_id)
+    await polled_job(services, principal.tenant, job_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         start = after
         if last_event_id and last_event_id.isdigit():
@@ -175,7 +181,7 @@ def job_events(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    events = services.jobs.events(job_id, after, limit)
+    events = await services.polls.events(job_id, after, limit)
     return JSONResponse([event_public(e).model_dump(mode="json") for e in events])
 
 
@@ -205,21 +211,21 @@ async def _stream(request: Request, services: ServicesDep, job_id: str, after: i
     last = after
     idle = 0.0
     while True:
-        events = await run_in_threadpool(services.jobs.events, job_id, last, 500)
+        events = await services.polls.events(job_id, last, 500)
         for e in events:
             last = e.seq
             yield _sse(e.kind, event_public(e).model_dump(mode="json"), e.seq)
         if events:
             idle = 0.0
             continue
-        job = await run_in_threadpool(services.jobs.get, job_id)
+        job = await services.polls.job(job_id)
         if job is None:
             yield _sse("error", error_body("job_not_found", "job was deleted"))
             return
         if JobStatus(job.status).finished:
             # Events written just before the final status are already drained above; one more read
             # catches any that raced with the status read.
-            for e in await run_in_threadpool(services.jobs.events, job_id, last, 500):
+            for e in await services.polls.events(job_id, last, 500):
                 last = e.seq
                 yield _sse(e.kind, event_public(e).model_dump(mode="json"), e.seq)
             yield _sse("end", {"status": job.status})

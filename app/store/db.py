@@ -42,27 +42,6 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
-def make_read_engine(url: str, pool_size: int = 16) -> Engine | None:
-    """An engine for the API's single-statement reads (status polls) on PostgreSQL, None elsewhere.
-
-    A poll through the main engine costs four round trips: the pool's liveness ping, BEGIN, the SELECT and COMMIT.
-    Here it is one: autocommit (one SELECT is a consistent snapshot by itself) and no ping — a connection the
-    server dropped fails its read, SQLAlchemy invalidates the pool, and :meth:`JobStore.read` runs the read once
-    more on a fresh connection. Its sessions are read-only, so nothing written through it can run twice. The pool
-    keeps ``pool_size`` connections (``RESTORELCC_DB_READ_POOL_SIZE``) so that many concurrent pollers do not open
-    and close overflow connections on every request; at most twice that are open."""
-    if make_url(url).get_backend_name() != "postgresql":
-        return None
-    engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_pre_ping=False, pool_size=pool_size,
-                           max_overflow=pool_size)
-
-    @event.listens_for(engine, "connect")
-    def _read_only(dbapi_conn: Any, _: Any) -> None:
-        dbapi_conn.execute("SET default_transaction_read_only = on")
-
-    return engine
-
-
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import Engine, delete, func, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.schemas import JobStatus
@@ -25,8 +25,6 @@ from app.store.db import session_factory
 from app.store.models import Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
 from app.tenancy import Quota
 from app.webhooks.payload import event_payload
-
-T = TypeVar("T")
 
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
 FINISHED = tuple(s.value for s in JobStatus if s.finished)
@@ -110,39 +108,18 @@ def _due(now: datetime) -> Any:
 
 
 class JobStore:
-    def __init__(self, engine: Engine, reads: Engine | None = None):
-        """``reads``: an engine for single-statement reads (:func:`app.store.db.make_read_engine`); without it they
-        run in a transaction on ``engine``."""
+    def __init__(self, engine: Engine):
         self.engine = engine
         self._sessions = session_factory(engine)
-        self.read_engine = reads
-        self._reads = session_factory(reads) if reads is not None else None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self._sessions() as s, s.begin():
             yield s
 
-    def read(self, query: Callable[[Session], T]) -> T:
-        """``query(session)`` — one SELECT — on the read engine (read-only), run once more if the server had dropped
-        its connection."""
-        if self._reads is None:
-            with self.session() as s:
-                return query(s)
-        try:
-            with self._reads() as s:
-                return query(s)
-        except DBAPIError as e:
-            if not e.connection_invalidated:
-                raise
-        with self._reads() as s:  # the pool was invalidated: this checkout opens a new connection
-            return query(s)
-
     def dispose(self) -> None:
-        """Close both engines' pooled connections."""
+        """Close the engine's pooled connections."""
         self.engine.dispose()
-        if self.read_engine is not None:
-            self.read_engine.dispose()
 
     # Creation and reading -----------------------------------------------------------------------------
     def create(
@@ -280,7 +257,8 @@ class JobStore:
         q = select(Job).where(Job.id == job_id)
         if tenant is not None:
             q = q.where(Job.tenant == tenant)
-        return self.read(lambda s: s.scalars(q).first())
+        with self.session() as s:
+            return s.scalars(q).first()
 
     def list(
         self, tenant: str, limit: int = 50, after: str | None = None, status: str | None = None
@@ -639,7 +617,8 @@ class JobStore:
         if after is not None:
             q = q.where(Event.seq > after)
         q = q.order_by(Event.seq).limit(limit)
-        return self.read(lambda s: list(s.scalars(q)))
+        with self.session() as s:
+            return list(s.scalars(q))
 
     # Artifacts ---------------------------------------------------------------------------------------
     def _owns(self, s: Session, job_id: str, attempt: int | None) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from datetime import timedelta
@@ -12,48 +13,88 @@ from sqlalchemy import update
 
 from app.methods import restoration_config
 from app.schemas import JobSpec, JobStatus, Stage
-from app.store.db import current_revision, head_revision, make_engine, make_read_engine, upgrade
+from app.store.db import current_revision, head_revision, make_engine, upgrade
 from app.store.jobs import JobNotFinished, JobStore, hash_view, request_hash, stale_cutoff
 from app.store.models import Job, utcnow
+from app.store.polls import PostgresPolls, ThreadedPolls, make_polls
 from worker.service.store_reporter import StoreReporter, jsonable
 
 
 @pytest.fixture
 def store(db_url) -> JobStore:
-    """The store as the API builds it: on PostgreSQL, single-statement reads go through their own engine."""
     engine = make_engine(db_url)
     upgrade(engine)
-    jobs = JobStore(engine, reads=make_read_engine(db_url))
+    jobs = JobStore(engine)
     yield jobs
     jobs.dispose()
 
 
+def test_polls_read_what_the_store_wrote(db_url):
+    """The API's status reads (an asyncio pool on PostgreSQL, the store in the thread pool elsewhere) see every
+    write at once, keep tenants apart, and return the columns the ORM would."""
+    engine = make_engine(db_url)
+    upgrade(engine)
+    jobs = JobStore(engine)
+    polls = make_polls(db_url, jobs, 2)
+    assert isinstance(polls, PostgresPolls if db_url.startswith("postgresql") else ThreadedPolls)
+
+    async def scenario() -> None:
+        await polls.open()
+        try:
+            job, _ = jobs.create("alice", {"model": {"id": "m"}})
+            seen = await polls.job(job.id, "alice")
+            assert (seen.status, seen.spec, seen.tenant) == ("queued", {"model": {"id": "m"}}, "alice")
+            assert seen.created_at == jobs.get(job.id).created_at and seen.created_at.utcoffset() is not None
+            assert await polls.job(job.id, "bob") is None
+            assert (await polls.job(job.id)).id == job.id
+            assert jobs.claim(job.id, "w")
+            jobs.set_progress(job.id, 0.5, "halfway")
+            seen = await polls.job(job.id, "alice")
+            assert (seen.status, seen.progress, seen.progress_message) == ("running", 0.5, "halfway")
+            every = jobs.events(job.id)
+            assert [e.seq for e in await polls.events(job.id)] == [e.seq for e in every] and len(every) >= 2
+            assert [e.kind for e in await polls.events(job.id, every[0].seq, 1)] == [every[1].kind]
+            assert await polls.events(job.id, every[-1].seq) == []
+        finally:
+            await polls.close()
+            jobs.dispose()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.postgres
 def test_a_poll_survives_the_server_dropping_its_connection():
-    """The read engine pings nothing: when PostgreSQL has dropped a pooled connection (a restart, a failover, an
-    idle timeout), the read that meets it is run once more on a new connection, and the caller sees no error."""
+    """The poll pool pings nothing: when PostgreSQL has dropped a pooled connection (a restart, a failover, an
+    idle timeout), the read that meets it is run once more on another connection, and the caller sees no error.
+    Nothing is written through it."""
+    import psycopg
+
     from tests.conftest import pg_schema
 
     with pg_schema() as url:
         engine = make_engine(url)
         upgrade(engine)
-        jobs = JobStore(engine, reads=make_read_engine(url))
-        try:
-            job, _ = jobs.create("alice", {})
-            before = jobs.read(lambda s: s.scalar(sa.text("SELECT pg_backend_pid()")))
-            with engine.connect() as c:
-                assert c.scalar(sa.text("SELECT pg_terminate_backend(:pid, 30000)"), {"pid": before})  # and waits
-            assert jobs.get(job.id, "alice").status == "queued"
-            after = jobs.read(lambda s: s.scalar(sa.text("SELECT pg_backend_pid()")))
-            assert after != before
-            assert jobs.claim(job.id, "w")  # written through the main engine, seen by the next read at once
-            jobs.set_progress(job.id, 0.5, "halfway")
-            assert (jobs.get(job.id).status, jobs.get(job.id).progress_message) == ("running", "halfway")
-            with pytest.raises(sa.exc.InternalError, match="read-only"):  # nothing is written through it
-                jobs.read(lambda s: s.execute(sa.text("DELETE FROM jobs")))
-            assert jobs.get(job.id) is not None
-        finally:
-            jobs.dispose()
+        jobs = JobStore(engine)
+        polls = PostgresPolls(url, size=1)
+
+        async def scenario() -> None:
+            await polls.open()
+            try:
+                job, _ = jobs.create("alice", {})
+                [before] = [r["pid"] for r in await polls.fetch("SELECT pg_backend_pid() AS pid", {})]
+                with engine.connect() as c:
+                    assert c.scalar(sa.text("SELECT pg_terminate_backend(:pid, 30000)"), {"pid": before})  # and waits
+                assert (await polls.job(job.id, "alice")).status == "queued"
+                [after] = [r["pid"] for r in await polls.fetch("SELECT pg_backend_pid() AS pid", {})]
+                assert after != before
+                with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                    await polls.fetch("DELETE FROM jobs RETURNING id", {})
+                assert jobs.get(job.id) is not None
+            finally:
+                await polls.close()
+                jobs.dispose()
+
+        asyncio.run(scenario())
 
 
 def test_upgrade_head_is_idempotent(db_url):

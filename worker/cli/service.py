@@ -180,6 +180,7 @@ def _worker_env(settings: Any) -> dict[str, str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import gc
     import logging
 
     import uvicorn
@@ -209,9 +210,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    app = create_app(settings, migrate=False)
+    # What start-up built lives as long as the process. Frozen, the collector's full passes skip it: a pass over
+    # it paused every request for ~90 ms about once a second under polling.
+    gc.freeze()
     try:
-        uvicorn.run(create_app(settings, migrate=False), host=settings.host, port=settings.port,
-                    log_level=args.log_level)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
     finally:
         if supervisor is not None:
             supervisor.stop()
