@@ -58,10 +58,11 @@ def _no_run_outlives_its_test():
 class Run:
     """`restorelcc run` in its own process group, its stderr collected as it comes."""
 
-    def __init__(self, spec: Path, out: Path, checkpoints: Path, stop_at: str | None = None):
+    def __init__(self, spec: Path, out: Path, checkpoints: Path, stop_at: str | None = None,
+                 env: dict[str, str] | None = None):
         RUNS.append(self)
         self.checkpoints = checkpoints
-        env = ENV if stop_at is None else {**ENV, failpoints.ENV: stop_at}
+        env = {**ENV, **(env or {})} if stop_at is None else {**ENV, **(env or {}), failpoints.ENV: stop_at}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "run", str(spec), "--out", str(out), "--checkpoints",
              str(checkpoints), "--checkpoint-every", "10"],

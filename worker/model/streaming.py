@@ -157,6 +157,23 @@ class LayerStore:
             h.remove()
         self._handles.clear()
 
+    def written(self) -> dict[int, Path]:
+        """Layer → the scratch file it is read from now, for every layer a stage changed (one file per layer)."""
+        out: dict[int, Path] = {}
+        for layer in range(len(self.adapter.layers)):
+            paths = {self.files[key] for key in self.names(layer) if key in self.files}
+            if len(paths) == 1 and next(iter(paths)).parent == self.scratch:
+                out[layer] = next(iter(paths))
+        return out
+
+    def read_from(self, files: list[Path]) -> None:
+        """Read the tensors these safetensors files hold (a checkpoint's saved layers) from them from now on."""
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt") as fh:
+                self.files.update(dict.fromkeys(fh.keys(), Path(file)))  # noqa: SIM118 (not a mapping)
+
     def state_tensor(self, name: str) -> torch.Tensor:
         """One stored tensor by its name in the files (CPU, stored dtype)."""
         return _read(self.files, [name])[name]

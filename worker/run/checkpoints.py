@@ -67,6 +67,10 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.files
 
+    def file_parts(self, prefix: str) -> dict[str, Path]:
+        """The parts saved as files (``CheckpointStore.save(files=...)``) whose names start with ``prefix``."""
+        return {n: f for n, f in sorted(self.files.items()) if n.startswith(prefix) and self.skeletons.get(n) is None}
+
 
 class Unreadable(Exception):
     """A checkpoint that is missing a file, fails its sha256, or was written for another spec or format."""
@@ -96,17 +100,20 @@ class CheckpointStore:
 
     # writing ---------------------------------------------------------------------------------------------
     def save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = ()) -> bool:
+             copy: tuple[str, ...] = (), files: dict[str, Path] | None = None) -> bool:
         try:
-            return self._save(point, meta, parts, copy)
+            return self._save(point, meta, parts, copy, files or {})
         except (TransientError, Unreadable):
             raise
         except Exception as exc:
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
-    def _save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None, copy: tuple[str, ...]) -> bool:
+    def _save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None, copy: tuple[str, ...],
+              files: dict[str, Path]) -> bool:
         """Write a checkpoint at ``point``: ``parts`` (name → value to pack) replace parts of that name, the
         others are kept. Parts named in ``copy`` are written without a second in-memory copy (model weights).
+        ``files`` (name → a safetensors file, e.g. a streamed model's layer) are parts copied as they are: nothing
+        of them is held in memory; read back, they are files (:meth:`Checkpoint.file_parts`), not values.
         Returns False when this run may no longer write."""
         import time
 
@@ -134,6 +141,12 @@ class CheckpointStore:
                 replaced.append(self._parts[name]["key"])
             self._parts[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256,
                                  "skeleton": skeleton}
+            written += stored.size
+        for name, path in files.items():
+            stored = self.store.put_file(f"{self.prefix}{name}-{self._seq:05d}.safetensors", Path(path))
+            if name in self._parts:
+                replaced.append(self._parts[name]["key"])
+            self._parts[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "skeleton": None}
             written += stored.size
         manifest = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "point": point,
                     "seq": self._seq, "meta": meta, "parts": self._parts}

@@ -25,7 +25,7 @@ from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutO
 from worker.reporting import Reporter, checkpoint
 from worker.run import failpoints
 from worker.run.check import check_job, data_field
-from worker.run.resume import Resumer
+from worker.run.resume import LAYER_PART, Resumer
 from worker.run.stagemeter import StageMeter, return_large_frees
 
 # Rough share of a job's time per stage, for the overall progress fraction.
@@ -119,11 +119,6 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
             resumer.close()
         raise
     memory = planned[0]
-    if memory.plan.mode == "streaming" and resumer is not None and resumer.store is not None:
-        resumer.close()  # before the report is started: a streamed run neither resumes nor checkpoints
-        resumer = Resumer()
-        reporter.event("warning", {"message": "layer streaming: this job writes no checkpoints (not yet supported in "
-                                              "streaming mode); a lost worker runs it again from the start"})
     import torch
     import transformers
 
@@ -221,8 +216,9 @@ def _start_report(state: RunState, meter: StageMeter, reporter: Reporter) -> Non
         {"attempt": state.resumer.attempt, "resumed_from": state.resumer.resumed_from()})
 
 
-def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = ()) -> None:
-    state.resumer.save(point, state.report, parts, copy=copy)
+def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = (),
+          files: dict[str, Path] | None = None) -> None:
+    state.resumer.save(point, state.report, parts, copy=copy, files=files)
 
 
 def _write_report(state: RunState) -> None:
@@ -310,16 +306,24 @@ def _load(state: RunState, source: Any, name: str) -> tuple[Any, Any, Any]:
 
 
 def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None:
-    """The model as the checkpoint left it: loaded, its pruned weights put back, the method's state taken back."""
-    from worker.model.load import load_model
-
+    """The model as the checkpoint left it: loaded (whole or streamed, as this run's plan says: the run that wrote
+    the checkpoint may have chosen the other), its pruned weights put back, the method's state taken back."""
     progress(0.4, "loading the model to resume")
-    state.model, state.tokenizer = load_model(source, state.spec.model.dtype, device=state.device)
-    state.adapter = _adapter(state.model)
+    state.model, state.tokenizer, state.store = _load(state, source, "model")
+    state.adapter = state.store.adapter if state.store is not None else _adapter(state.model)
     state.source = source
     if state.resumer.reached("pruned") and state.spec.pruning.method != "none":
         progress(0.8, "putting back the pruned weights")
-        state.resumer.apply_weights(dict(state.adapter.named_prunable_linears()))
+        if state.store is None:
+            state.resumer.apply_weights(dict(state.adapter.named_prunable_linears()))
+        elif state.resumer.layer_files():  # saved by a streamed run: read the layers from those files
+            state.store.read_from(list(state.resumer.layer_files().values()))
+        else:  # saved by a whole-model run: each layer's pruned weights put in, and the layer written to scratch
+            prefix = state.store.prefix
+            for i in range(len(state.adapter.layers)):
+                with state.layer_scope(i, write=True):
+                    state.resumer.apply_weights({f"{prefix}.{i}.{n}": lin
+                                                 for n, lin in state.adapter.prunable_linears(i).items()})
     saved = state.resumer.method_state()
     if saved is not None:
         state.method.load_state(saved)
@@ -459,9 +463,11 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         layer_scope=(lambda i: state.layer_scope(i, write=True)) if state.store is not None else None,
     )
     state.report["pruning"] = summary
-    if state.store is None:  # a streamed job writes no checkpoints
+    if state.store is None:
         _save(state, "pruned", {"weights": {n: lin.weight for n, lin in state.adapter.named_prunable_linears()}},
               copy=("weights",))
+    else:  # the pruned layers are in their scratch files already: saved as they are, one part per layer
+        _save(state, "pruned", files={f"{LAYER_PART}{i:04d}": f for i, f in state.store.written().items()})
     _after_pruned(state, progress, reporter)
 
 

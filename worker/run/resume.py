@@ -3,7 +3,8 @@
 Resume points, in pipeline order (each includes everything before it):
 
 - ``prepared``: end of loading — the dense metrics and what the method took from the dense model;
-- ``pruned``: the pruned Linears' weights (only those) and the pruning summary;
+- ``pruned``: the pruned Linears' weights (only those; a layer-streamed run saves its pruned layers' scratch files
+  as they are, ``layer-NNNN``) and the pruning summary;
 - ``pruned-evaluated``: the pruned model's sparsity and metrics;
 - ``probed``, ``selected``: the method's state after probing and after choosing what to restore;
 - ``training``: every ``every_steps`` optimizer steps or ``every_s`` seconds, at a stop request and at the end —
@@ -31,6 +32,7 @@ from worker.restore.train import SaveHook, TrainState
 from worker.run import failpoints
 from worker.run.checkpoints import Checkpoint, CheckpointStore
 
+LAYER_PART = "layer-"  # a streamed run's checkpointed layer files: parts layer-0000, layer-0001, ...
 POINTS: tuple[str, ...] = ("prepared", "pruned", "pruned-evaluated", "probed", "selected", "training", "evaluated")
 POINT_STAGE: dict[str, Stage] = {
     "prepared": Stage.loading, "pruned": Stage.pruning, "pruned-evaluated": Stage.pruning, "probed": Stage.probing,
@@ -90,11 +92,11 @@ class Resumer:
         return {"checkpoint": ck.point, "stage": POINT_STAGE[ck.point].value, "step": ck.meta.get("step")}
 
     def save(self, point: str, report: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), step: int | None = None) -> None:
+             copy: tuple[str, ...] = (), step: int | None = None, files: dict[str, Path] | None = None) -> None:
         if self.store is None or (self.checkpoint is not None and not self.reached(point)):
             return  # never behind the checkpoint this run resumed from
         parts = {**(parts or {}), "rng": torch.get_rng_state()}
-        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy):
+        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy, files=files):
             self.writes.append(dict(self.store.last_write))
             self._last = (point, step)
             failpoints.reach(f"checkpoint:{point}")
@@ -117,16 +119,31 @@ class Resumer:
         ck = self.checkpoint
         return ck.part("train") if ck is not None and self.reached("training") and ck.has("train") else None
 
+    def layer_files(self) -> dict[str, Path]:
+        """A streamed run's pruned layers, saved as the files it read them from (part ``layer-NNNN`` each)."""
+        ck = self.checkpoint
+        return ck.file_parts(LAYER_PART) if ck is not None else {}
+
     @torch.no_grad()
     def apply_weights(self, linears: dict[str, torch.nn.Linear]) -> None:
-        """Copy the checkpoint's pruned weights into the model's Linears, one tensor at a time."""
+        """Copy the checkpoint's pruned weights into those of ``linears`` it holds, one tensor at a time: from the
+        ``weights`` part a whole-model run saved, or from the layer files a streamed run saved."""
         from safetensors import safe_open
 
         ck = self.checkpoint
-        assert ck is not None and ck.has("weights")
-        with safe_open(str(ck.files["weights"]), framework="pt") as fh:
-            for name_skel, ref in ck.skeletons["weights"]["d"]:
-                linears[name_skel].weight.copy_(fh.get_tensor(ref["t"]))
+        assert ck is not None
+        if ck.has("weights"):
+            with safe_open(str(ck.files["weights"]), framework="pt") as fh:
+                for name_skel, ref in ck.skeletons["weights"]["d"]:
+                    if name_skel in linears:
+                        linears[name_skel].weight.copy_(fh.get_tensor(ref["t"]))
+            return
+        for file in self.layer_files().values():
+            with safe_open(str(file), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    name = key.removesuffix(".weight")
+                    if key.endswith(".weight") and name in linears:
+                        linears[name].weight.copy_(fh.get_tensor(key))
 
     def train_saver(self, report: Callable[[], dict[str, Any]]) -> SaveHook | None:
         """The training loop's save hook: a checkpoint every ``every_steps`` steps or ``every_s`` seconds, and

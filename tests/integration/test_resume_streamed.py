@@ -1,0 +1,73 @@
+"""A layer-streamed job checkpoints and resumes like a whole-model one: kill -9 mid-training, then the same command
+again, and the exported model is an uninterrupted run's byte for byte — also when the resuming run's memory plan
+chose the other mode (`model.streaming: auto` on a worker with more, or less, memory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from app.plan import Shapes, make_plan
+from app.schemas import JobSpec
+from tests.integration.test_cli_run import make_spec
+from tests.integration.test_resume import RUNS, Run, _no_run_outlives_its_test, _sha  # noqa: F401 (fixture)
+from tests.tiny import choice_rows, instruction_rows, save_tiny, text_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> dict:
+    """A RestoreLCC job with `streaming: auto`, and the memory budgets under which its plan streams or does not."""
+    d = tmp_path_factory.mktemp("resume-streamed")
+    write_jsonl(d / "train.jsonl", instruction_rows(48))
+    write_jsonl(d / "valid.jsonl", instruction_rows(60)[48:])
+    write_jsonl(d / "text.jsonl", text_rows(12))
+    write_jsonl(d / "boolq.jsonl", choice_rows(10))
+    spec = make_spec(str(save_tiny("llama", d / "model")), d, restoration={
+        "method": "restorelcc", "heads": 0.25, "probe_samples": 24, "max_steps": 40, "batch_size": 4,
+        "max_seq_len": 64, "negatives": "tfidf"})
+    spec["pruning"] = {"method": "sparsegpt", "sparsity": 0.5, "calibration_samples": 16, "seq_len": 32}
+    spec["model"]["streaming"] = "auto"
+    path = d / "spec.json"
+    path.write_text(json.dumps(spec))
+    parsed = JobSpec.model_validate(spec)
+    shapes = Shapes.from_config(json.loads((d / "model" / "config.json").read_text()))
+    whole = make_plan(parsed, shapes, "cpu").peak()[1]
+    streamed = make_plan(parsed, shapes, "cpu", streaming=True).peak()[1]
+    assert streamed < whole
+    budgets = {"streaming": str((whole + streamed) // 2), "whole": str(whole + 2**20)}
+    ref = d / "reference"
+    Run(path, ref / "out", ref / "checkpoints", env={"RESTORELCC_MAX_DEVICE_MEMORY": budgets["whole"]}).finish()
+    return {"spec": path, "budgets": budgets, "model": _sha(ref / "out" / "model" / "model.safetensors"),
+            "metrics": json.loads((ref / "out" / "report.json").read_text())["metrics"]}
+
+
+def _mode(out: Path) -> str:
+    return json.loads((out / "report.json").read_text())["plan"]["mode"]
+
+
+@pytest.mark.parametrize("first, second", [("streaming", "streaming"), ("streaming", "whole"),
+                                           ("whole", "streaming")])
+def test_a_killed_run_resumes_to_the_same_bytes_in_either_mode(job, tmp_path, first, second):
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    killed = Run(job["spec"], out, checkpoints, stop_at="checkpoint:training:20",
+                 env={"RESTORELCC_MAX_DEVICE_MEMORY": job["budgets"][first]})
+    killed.kill_at_failpoint()
+    saved = killed.manifest()
+    assert saved["point"] == "training" and saved["meta"]["step"] == 20
+    layers = sorted(p for p in saved["parts"] if p.startswith("layer-"))
+    if first == "streaming":  # the pruned layers as files, one part each; no whole-model weights part
+        assert layers == [f"layer-{i:04d}" for i in range(len(layers))] and len(layers) >= 2
+        assert "weights" not in saved["parts"]
+    else:
+        assert not layers and "weights" in saved["parts"]
+    resumed = Run(job["spec"], out, checkpoints, env={"RESTORELCC_MAX_DEVICE_MEMORY": job["budgets"][second]})
+    resumed.finish()
+    assert "resuming from the checkpoint taken at training (training, step 20)" in resumed.text(), resumed.text()
+    assert _mode(out) == second
+    assert _sha(out / "model" / "model.safetensors") == job["model"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"] == job["metrics"] and report["checks"]["zeros_identical"] is True
+    assert not list(checkpoints.glob("*/checkpoint.json"))  # deleted on success
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no scratch layers left
