@@ -85,7 +85,9 @@ class Shapes:
     qk_norm: bool = False  # Qwen3's and Gemma 3's per-head q/k norms
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Shapes:
+    def from_config(cls, config: dict[str, Any], stored: str | None = None) -> Shapes:
+        """``stored``: the weights' own dtype (:func:`stored_dtype`), what loading picks when the config names
+        none."""
         text = config.get("text_config") or config
         try:
             hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
@@ -97,7 +99,8 @@ class Shapes:
                 intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
                 tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings",
                                                                     "gemma" in str(text.get("model_type"))))),
-                dtype=str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or "float32"),
+                dtype=str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
+                          or text.get("torch_dtype") or stored or "float32"),
                 qkv_bias=bool(text.get("attention_bias", False)) or kind == "qwen2",
                 norms_per_layer=4 if kind.startswith("gemma") else 2,
                 qk_norm=kind in ("qwen3", "gemma3_text", "gemma3"),
@@ -257,6 +260,45 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
                 params=params, weight_bytes=weights, stages=stages, read_bytes=read, write_bytes=params * out_b)
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}
+MAX_HEADER = 100 * MiB  # safetensors' own limit on a header
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= MAX_HEADER:
+            raise ValueError(f"{path.name}: not a safetensors header")
+        header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path.name}: not a safetensors header")
+    return header
+
+
+def stored_dtype(model_dir: str | Path) -> str | None:
+    """The dtype of the first floating-point weight (by name) in a directory's safetensors, read from their headers
+    alone — what loading with ``dtype="auto"`` picks when the config names none (float64 is loaded as float32).
+    None when there are no readable safetensors."""
+    d = Path(model_dir)
+    try:
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = {name: d / file for name, file in weight_map.items()}
+        else:
+            files = dict.fromkeys(_safetensors_header(d / "model.safetensors"), d / "model.safetensors")
+        headers: dict[Path, dict[str, Any]] = {}
+        for name in sorted(n for n in files if n != "__metadata__"):
+            if files[name] not in headers:
+                headers[files[name]] = _safetensors_header(files[name])
+            entry = headers[files[name]].get(name)
+            if isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_DTYPES:
+                return SAFETENSORS_DTYPES[entry["dtype"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return None
+    return None
+
+
 def read_local_config(model_dir: str) -> dict[str, Any] | None:
     """config.json of a local Hugging Face directory; None when ``model_dir`` is no such directory."""
     try:
@@ -274,7 +316,7 @@ def submit_plan(spec: JobSpec, model_dir: str | None) -> dict[str, Any] | None:
     if config is None:
         return None
     try:
-        shapes = Shapes.from_config(config)
+        shapes = Shapes.from_config(config, stored_dtype(model_dir))  # type: ignore[arg-type]
         files = [f for f in Path(model_dir).glob("*.safetensors") if f.is_file()]  # type: ignore[arg-type]
         size = sum(f.stat().st_size for f in files) if files else None
         return {"source": "submit", "devices": {d: make_plan(spec, shapes, d, file_bytes=size).to_dict()

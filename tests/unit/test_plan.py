@@ -135,3 +135,30 @@ def test_zero_masks_are_an_eighth_and_notice_one_changed_zero():
     with torch.no_grad():
         lin.weight[0, 0] = 1.0
     assert masks.differs(adapter) == [name]
+
+
+def test_a_config_without_a_dtype_is_planned_in_the_weights_own(tmp_path):
+    """Loading with dtype "auto" takes the stored weights' dtype when the config names none; so does the plan (read
+    from the safetensors headers, no torch), for one file and for shards behind an index."""
+    import json
+
+    from app.plan import stored_dtype
+
+    d = save_tiny("llama", tmp_path / "bf16")
+    make_model("llama").to(torch.bfloat16).save_pretrained(d, max_shard_size="40KB")  # shards behind an index
+    (d / "model.safetensors").unlink(missing_ok=True)
+    assert (d / "model.safetensors.index.json").is_file()
+    config = json.loads((d / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    (d / "config.json").write_text(json.dumps(config))
+    assert stored_dtype(d) == "bfloat16"
+    plan = submit_plan(JobSpec.model_validate({"model": {"id": str(d)}, "data": {"train": "t.jsonl"}}), str(d))
+    shapes = Shapes.from_config(config)
+    assert plan["devices"]["cpu"]["dtype"] == "bfloat16"
+    assert plan["devices"]["cpu"]["weight_bytes"] == shapes.params() * 2
+    single = save_tiny("llama", tmp_path / "fp32")
+    assert stored_dtype(single) == "float32"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\xff" * 16)
+    assert stored_dtype(tmp_path / "broken") is None and stored_dtype(tmp_path / "nothing") is None

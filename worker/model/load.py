@@ -573,17 +573,9 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
 
 
 def _stored_dtype(model_dir: Path) -> Any:
-    """The floating dtype of the first weight stored in ``model_dir``'s safetensors."""
+    """The torch dtype of the first floating-point weight stored in ``model_dir``'s safetensors (app.plan)."""
     import torch
-    from safetensors import safe_open
 
-    from worker.model.streaming import weight_files
+    from app.plan import stored_dtype
 
-    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-    files = weight_files(model_dir)
-    for name in sorted(files):
-        with safe_open(str(files[name]), framework="pt") as fh:
-            stored = names.get(fh.get_slice(name).get_dtype())
-        if stored is not None:
-            return torch.float32 if stored == torch.float64 else stored
-    return torch.float32
+    return getattr(torch, stored_dtype(model_dir) or "float32")

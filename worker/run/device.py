@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.config import Settings
-from app.plan import Plan, Shapes, format_bytes, make_plan
+from app.plan import Plan, Shapes, format_bytes, make_plan, stored_dtype
 from worker.errors import DeviceUnavailableError, InsufficientMemoryFailure
 
 
@@ -138,4 +138,6 @@ def plan_job(spec: Any, source: Any, config: Any, device: str, streaming: bool =
     files = [path] if gguf else [*path.glob("*.safetensors")] if path.is_dir() else []
     file_bytes = sum(f.stat().st_size for f in files) if files else None
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))  # transformers' or config.json's
-    return make_plan(spec, Shapes.from_config(raw), device, gguf=gguf, file_bytes=file_bytes, streaming=streaming)
+    stored = None if gguf or not path.is_dir() else stored_dtype(path)
+    return make_plan(spec, Shapes.from_config(raw, stored), device, gguf=gguf, file_bytes=file_bytes,
+                     streaming=streaming)
