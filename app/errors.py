@@ -6,16 +6,20 @@ import logging
 import re
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from app.schemas import ErrorBody
 
 log = logging.getLogger("restorelcc.api")
+
+STORE_RETRY_AFTER_S = 5  # a 503 for an unreachable job store: when to ask again
 
 
 class ApiError(Exception):
@@ -135,6 +139,14 @@ def install_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             headers["Allow"] = allowed_methods(request)
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers or None)
+
+    async def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("job store unavailable: %s", exc)
+        return JSONResponse(error_body("store_unavailable", "the job store is unavailable; try again later"),
+                            status_code=503, headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+    app.add_exception_handler(psycopg.OperationalError, _store_unavailable)  # the poll pool's (and its timeouts)
+    app.add_exception_handler(OperationalError, _store_unavailable)  # the main engine's
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -285,7 +285,11 @@ def stored_dtype(model_dir: str | Path) -> str | None:
         if index.is_file():
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             files = {name: d / file for name, file in weight_map.items()}
+            if not all(f.resolve().parent == d.resolve() and f.is_file() for f in set(files.values())):
+                return None  # shards outside the directory, or not files: nothing read
         else:
+            if not (d / "model.safetensors").is_file():
+                return None
             files = dict.fromkeys(_safetensors_header(d / "model.safetensors"), d / "model.safetensors")
         headers: dict[Path, dict[str, Any]] = {}
         for name in sorted(n for n in files if n != "__metadata__"):

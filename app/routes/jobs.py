@@ -115,7 +115,7 @@ async def polled_job(services: Services, tenant: str, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404))
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(401, 404, 503))
 async def get_job(job_id: str, principal: PrincipalDep, services: ServicesDep) -> JobPublic:
     return to_public(await polled_job(services, principal.tenant, job_id))
 
@@ -159,7 +159,7 @@ def delete_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> 
     response_model=list[EventPublic],
     responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
                      "description": "The events (JSON), or a live Server-Sent-Events stream"},
-               **error_responses(401, 404, 422)},
+               **error_responses(401, 404, 422, 503)},
 )
 async def job_events(
     job_id: str,

@@ -4,9 +4,10 @@ A poll is the API's most frequent request. Through the synchronous store it cost
 ORM query and (for a fresh snapshot) a transaction: about three times the HTTP handling itself. On PostgreSQL,
 :class:`PostgresPolls` reads on the event loop from an asyncio connection pool: autocommit (one SELECT is a
 consistent snapshot by itself), read-only sessions, statements prepared by the server after a few uses, no liveness
-ping. A connection the server dropped (a restart, a failover, an idle timeout) fails its read; the pool discards
-it and the read runs once more on another. Elsewhere (SQLite, the embedded setup) :class:`ThreadedPolls` runs the
-store's own reads in the thread pool.
+ping. A connection the server dropped (a restart, a failover, an idle timeout) fails its read; the pool is then
+checked (every idle connection the server dropped too is replaced) and the read runs once more. A pool that cannot
+hand out a connection within ``timeout`` seconds (the database is down) fails at once, with no second wait.
+Elsewhere (SQLite, the embedded setup) :class:`ThreadedPolls` runs the store's own reads in the thread pool.
 
 The statements are compiled once from the SQLAlchemy tables, so a column added there is read here too.
 """
@@ -66,41 +67,61 @@ EVENTS_SQL = _compile(select(_EVENTS).where(_EVENTS.c.job_id == bindparam("job_i
 
 
 def conninfo(url: str) -> str:
-    """libpq's form of a SQLAlchemy PostgreSQL URL (its query, e.g. ``options=-csearch_path=…``, kept)."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    """libpq's connection string for a SQLAlchemy PostgreSQL URL, as SQLAlchemy's own psycopg dialect connects
+    (several hosts, ``options=-csearch_path=…`` and the other query parameters included)."""
+    from psycopg.conninfo import make_conninfo
+
+    _, params = postgresql.psycopg.dialect().create_connect_args(make_url(url))
+    return make_conninfo(**params)
 
 
 class PostgresPolls:
     """Reads on an asyncio pool of ``size`` (at most twice that) read-only autocommit connections. Open it inside
-    the running event loop (the app's lifespan) and close it there."""
+    the running event loop (the app's lifespan) and close it there; it can be opened again after."""
 
-    def __init__(self, url: str, size: int = 16):
-        from psycopg.rows import dict_row
-        from psycopg_pool import AsyncConnectionPool
+    def __init__(self, url: str, size: int = 16, timeout: float = 10.0):
+        self.conninfo, self.size, self.timeout = conninfo(url), size, timeout
+        self._pool: Any = None
 
-        self.pool = AsyncConnectionPool(
-            conninfo(url), min_size=size, max_size=2 * size, open=False, configure=self._configure,
-            kwargs={"autocommit": True, "row_factory": dict_row}, name="restorelcc-polls",
-        )
+    @property
+    def pool(self) -> Any:
+        if self._pool is None:
+            raise RuntimeError("the poll pool is not open (it opens with the app's lifespan)")
+        return self._pool
 
     @staticmethod
     async def _configure(conn: Any) -> None:
         await conn.execute("SET default_transaction_read_only = on")
 
     async def open(self) -> None:
-        await self.pool.open()
+        from psycopg.rows import dict_row
+        from psycopg_pool import AsyncConnectionPool
+
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                self.conninfo, min_size=self.size, max_size=2 * self.size, open=False, timeout=self.timeout,
+                configure=self._configure, kwargs={"autocommit": True, "row_factory": dict_row},
+                name="restorelcc-polls",
+            )
+            await self._pool.open()
 
     async def close(self) -> None:
-        await self.pool.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
 
     async def fetch(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """The rows of one statement; run once more on another connection if the server had dropped this one."""
+        """The rows of one statement; when the server had dropped the connection, the pool is checked (its other
+        dropped connections replaced) and the statement runs once more."""
         import psycopg
+        from psycopg_pool import PoolClosed, PoolTimeout
 
         try:
             return await self._fetch(sql, params)
+        except (PoolTimeout, PoolClosed):  # no connection to be had: waiting again would only double the wait
+            raise
         except psycopg.OperationalError:
-            pass  # the pool discards a broken connection when it is given back
+            await self.pool.check()  # a restart or failover drops them all, not just the one that failed
         return await self._fetch(sql, params)
 
     async def _fetch(self, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:

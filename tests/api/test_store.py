@@ -63,10 +63,12 @@ def test_polls_read_what_the_store_wrote(db_url):
 
 
 @pytest.mark.postgres
-def test_a_poll_survives_the_server_dropping_its_connection():
-    """The poll pool pings nothing: when PostgreSQL has dropped a pooled connection (a restart, a failover, an
-    idle timeout), the read that meets it is run once more on another connection, and the caller sees no error.
+def test_a_poll_survives_the_server_dropping_its_connections():
+    """The poll pool pings nothing: when PostgreSQL has dropped its connections (a restart, a failover, an idle
+    timeout), the read that meets one has the pool checked and runs once more, and the caller sees no error.
     Nothing is written through it."""
+    import uuid
+
     import psycopg
 
     from tests.conftest import pg_schema
@@ -75,18 +77,20 @@ def test_a_poll_survives_the_server_dropping_its_connection():
         engine = make_engine(url)
         upgrade(engine)
         jobs = JobStore(engine)
-        polls = PostgresPolls(url, size=1)
+        name = f"polls-{uuid.uuid4().hex[:8]}"
+        polls = PostgresPolls(f"{url}&application_name={name}", size=2)
 
         async def scenario() -> None:
             await polls.open()
             try:
+                await polls.pool.wait()  # both connections open
                 job, _ = jobs.create("alice", {})
-                [before] = [r["pid"] for r in await polls.fetch("SELECT pg_backend_pid() AS pid", {})]
                 with engine.connect() as c:
-                    assert c.scalar(sa.text("SELECT pg_terminate_backend(:pid, 30000)"), {"pid": before})  # and waits
+                    dropped = c.scalars(sa.text("SELECT pg_terminate_backend(pid, 30000) FROM pg_stat_activity "
+                                                "WHERE application_name = :n"), {"n": name}).all()
+                assert dropped == [True, True]  # every pooled connection, as a restart would
                 assert (await polls.job(job.id, "alice")).status == "queued"
-                [after] = [r["pid"] for r in await polls.fetch("SELECT pg_backend_pid() AS pid", {})]
-                assert after != before
+                assert (await polls.job(job.id, "alice")).status == "queued"
                 with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                     await polls.fetch("DELETE FROM jobs RETURNING id", {})
                 assert jobs.get(job.id) is not None
@@ -302,3 +306,35 @@ def test_store_reporter_throttles_and_reads_cancellation(store):
 
 def test_jsonable():
     assert jsonable({"a": float("inf"), 1: (1, 2.5), "b": {3}}) == {"a": None, "1": [1, 2.5], "b": [3]}
+
+
+@pytest.mark.postgres
+def test_an_unreachable_store_is_a_503_with_retry_after(tmp_path):
+    """Polls whose database cannot be reached fail after the pool's timeout with 503 store_unavailable (a client
+    retries), not a 500, and a refused connection is not waited for twice."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import KEYS, api_settings, free_port, pg_schema
+
+    with pg_schema() as url:
+        app = create_app(api_settings(tmp_path, url))
+        with TestClient(app) as client:
+            headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+            services = app.state.services
+            assert client.get(f"/v1/jobs/{'0' * 32}", headers=headers).status_code == 404
+            dead = PostgresPolls(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test", size=1, timeout=0.5)
+            live, services.polls = services.polls, dead
+            try:
+                client.portal.call(dead.open)
+                r = client.get(f"/v1/jobs/{'0' * 32}", headers=headers)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+                assert int(r.headers["Retry-After"]) > 0
+                r = client.get(f"/v1/jobs/{'0' * 32}/events", headers=headers)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            finally:
+                client.portal.call(dead.close)
+                services.polls = live
+            client.portal.call(live.close)  # a pool opens again after it was closed (a second lifespan)
+            client.portal.call(live.open)
+            assert client.get(f"/v1/jobs/{'0' * 32}", headers=headers).status_code == 404

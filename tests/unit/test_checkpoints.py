@@ -75,3 +75,31 @@ def test_a_run_that_lost_its_job_writes_nothing(tmp_path):
     ck = _store(tmp_path, may_write=lambda: False)
     assert not ck.save("pruned", {"report": {}}, {"weights": {"w": torch.ones(3)}})
     assert _keys(tmp_path) == []
+
+
+def test_layer_files_are_saved_as_they_are_and_put_back_by_name(tmp_path):
+    """A streamed run's layer files travel as file parts (the bytes unchanged, never unpacked); a resumed run puts
+    the weights they hold back by module name, and refuses to go on when one it needs is not there."""
+    import pytest
+    from safetensors.torch import save_file
+
+    from worker.errors import JobFailure
+    from worker.run.resume import Resumer
+
+    weights = {f"model.layers.{i}.mlp.down_proj.weight": torch.randn(3, 4) for i in range(2)}
+    files = {}
+    for i, (name, w) in enumerate(weights.items()):
+        save_file({name: w, f"model.layers.{i}.input_layernorm.weight": torch.ones(4)}, str(tmp_path / f"l{i}.st"))
+        files[f"layer-{i:04d}"] = tmp_path / f"l{i}.st"
+    assert _store(tmp_path).save("pruned", {"report": {}}, {"method": {"k": 1}}, files=files)
+    resumer = Resumer(_store(tmp_path))
+    resumer.checkpoint = resumer.store.load()
+    back = resumer.layer_files()
+    assert list(back) == ["layer-0000", "layer-0001"]
+    assert [p.read_bytes() for p in back.values()] == [p.read_bytes() for p in files.values()]
+    assert resumer.checkpoint.part("method") == {"k": 1}
+    linears = {n.removesuffix(".weight"): torch.nn.Linear(4, 3, bias=False) for n in weights}
+    resumer.apply_weights(linears)
+    assert all(torch.equal(linears[n.removesuffix(".weight")].weight, w) for n, w in weights.items())
+    with pytest.raises(JobFailure, match=r"no pruned weights for 1 module\(s\).*model\.layers\.2\.mlp\.down_proj"):
+        resumer.apply_weights({**linears, "model.layers.2.mlp.down_proj": torch.nn.Linear(4, 3, bias=False)})

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from app.schemas import JobSpec, Stage
+from worker.errors import JobFailure
 from worker.reporting import Reporter
 from worker.restore.train import SaveHook, TrainState
 from worker.run import failpoints
@@ -132,18 +133,26 @@ class Resumer:
 
         ck = self.checkpoint
         assert ck is not None
+        filled: set[str] = set()
         if ck.has("weights"):
             with safe_open(str(ck.files["weights"]), framework="pt") as fh:
                 for name_skel, ref in ck.skeletons["weights"]["d"]:
                     if name_skel in linears:
                         linears[name_skel].weight.copy_(fh.get_tensor(ref["t"]))
-            return
-        for file in self.layer_files().values():
-            with safe_open(str(file), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    name = key.removesuffix(".weight")
-                    if key.endswith(".weight") and name in linears:
-                        linears[name].weight.copy_(fh.get_tensor(key))
+                        filled.add(name_skel)
+        else:
+            for file in self.layer_files().values():
+                with safe_open(str(file), framework="pt") as fh:
+                    for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        name = key.removesuffix(".weight")
+                        if key.endswith(".weight") and name in linears:
+                            linears[name].weight.copy_(fh.get_tensor(key))
+                            filled.add(name)
+        missing = sorted(set(linears) - filled)
+        if missing:  # never go on with dense weights where pruned ones belong
+            raise JobFailure(f"the checkpoint taken at {ck.point} holds no pruned weights for {len(missing)} "
+                             f"module(s) of this model (e.g. {missing[0]}); delete the job's checkpoints to run it "
+                             "from the start")
 
     def train_saver(self, report: Callable[[], dict[str, Any]]) -> SaveHook | None:
         """The training loop's save hook: a checkpoint every ``every_steps`` steps or ``every_s`` seconds, and
