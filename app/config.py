@@ -155,7 +155,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Runs of one job (redeliveries after a worker crash); a job lost "
                                                    "this many times fails with worker_lost.")
     checkpoint_every_steps: int = Field(50, ge=1, description="Training steps between two checkpoints.")
-    checkpoint_every_s: float = Field(600.0, gt=0, description="Longest time between two training checkpoints.")
+    checkpoint_every_s: float = Field(600.0, gt=0, description="Longest time between two checkpoints in training "
+                                                               "and in a pruning that calibrates layer by layer.")
+    checkpoint_every_layers: int = Field(0, ge=0, description="Pruning: layers between two checkpoints besides the "
+                                                              "time limit (0: by time only).")
     checkpoint_keep_s: float = Field(7 * 86400, ge=0, description="How long a failed job keeps its checkpoints for "
                                                                   "a retry to resume from.")
     preempt_grace_s: float = Field(30.0, gt=0, description="On SIGTERM: time a worker gives its job to reach a "

@@ -65,7 +65,7 @@ class Run:
         env = {**ENV, **(env or {})} if stop_at is None else {**ENV, **(env or {}), failpoints.ENV: stop_at}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "worker.cli", "run", str(spec), "--out", str(out), "--checkpoints",
-             str(checkpoints), "--checkpoint-every", "10"],
+             str(checkpoints), "--checkpoint-every", "10", "--checkpoint-every-layers", "1"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, start_new_session=True)
         self.err = b""
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -129,6 +129,8 @@ def reference(job, tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("stage, stop_at, point, resumed_stage, partial", [
+    # killed inside SparseGPT, its first layer done: that layer and the second layer's inputs are kept
+    ("pruning", "checkpoint:pruning:1", "pruning", "pruning", None),
     # killed while the pruned model is evaluated, one set done: the pruned weights and that set are kept
     ("pruning", "evaluated:pruned:1", "pruned", "pruning", "pruned"),
     ("training", "checkpoint:training:30", "training", "training", None),
@@ -149,6 +151,9 @@ def test_killed_runs_resume_to_the_same_bytes(job, reference, tmp_path, stage, s
         second.text()[:3000]
     if stage == "training":
         assert saved["meta"]["step"] == 30  # resumed mid-training, not from its start or end
+    if point == "pruning":  # one layer in the checkpoint, and the next layer's calibration inputs
+        assert saved["meta"]["step"] == 1 and {"layer-0000", "calibration"} <= set(saved["parts"])
+        assert "layer-0001" not in saved["parts"]
     if partial is not None:  # killed part-way through that evaluation: some of its sets were finished
         assert set(saved["meta"]["report"]["partial_metrics"][partial]) < set(reference["metrics"][partial])
     report = json.loads((tmp_path / "out" / "report.json").read_text())

@@ -47,24 +47,26 @@ def _mode(out: Path) -> str:
     return json.loads((out / "report.json").read_text())["plan"]["mode"]
 
 
-@pytest.mark.parametrize("first, second", [("streaming", "streaming"), ("streaming", "whole"),
-                                           ("whole", "streaming")])
-def test_a_killed_run_resumes_to_the_same_bytes_in_either_mode(job, tmp_path, first, second):
+@pytest.mark.parametrize("first, second, stop_at", [
+    ("streaming", "streaming", "checkpoint:training:20"), ("streaming", "whole", "checkpoint:training:20"),
+    ("whole", "streaming", "checkpoint:training:20"),
+    # inside pruning, one of the two layers done: its part and the next layer's inputs cross over too
+    ("streaming", "whole", "checkpoint:pruning:1"), ("whole", "streaming", "checkpoint:pruning:1"),
+])
+def test_a_killed_run_resumes_to_the_same_bytes_in_either_mode(job, tmp_path, first, second, stop_at):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
-    killed = Run(job["spec"], out, checkpoints, stop_at="checkpoint:training:20",
+    killed = Run(job["spec"], out, checkpoints, stop_at=stop_at,
                  env={"RESTORELCC_MAX_DEVICE_MEMORY": job["budgets"][first]})
     killed.kill_at_failpoint()
     saved = killed.manifest()
-    assert saved["point"] == "training" and saved["meta"]["step"] == 20
+    point, step = stop_at.split(":")[1], int(stop_at.split(":")[2])
+    assert saved["point"] == point and saved["meta"]["step"] == step
     layers = sorted(p for p in saved["parts"] if p.startswith("layer-"))
-    if first == "streaming":  # the pruned layers as files, one part each; no whole-model weights part
-        assert layers == [f"layer-{i:04d}" for i in range(len(layers))] and len(layers) >= 2
-        assert "weights" not in saved["parts"]
-    else:
-        assert not layers and "weights" in saved["parts"]
+    assert layers == [f"layer-{i:04d}" for i in range(1 if point == "pruning" else 2)]  # each layer once, as done
+    assert "weights" not in saved["parts"]
     resumed = Run(job["spec"], out, checkpoints, env={"RESTORELCC_MAX_DEVICE_MEMORY": job["budgets"][second]})
     resumed.finish()
-    assert "resuming from the checkpoint taken at training (training, step 20)" in resumed.text(), resumed.text()
+    assert f"resuming from the checkpoint taken at {point} ({point}, step {step})" in resumed.text(), resumed.text()
     assert _mode(out) == second
     assert _sha(out / "model" / "model.safetensors") == job["model"]
     report = json.loads((out / "report.json").read_text())

@@ -103,3 +103,16 @@ def test_layer_files_are_saved_as_they_are_and_put_back_by_name(tmp_path):
     assert all(torch.equal(linears[n.removesuffix(".weight")].weight, w) for n, w in weights.items())
     with pytest.raises(JobFailure, match=r"no pruned weights for 1 module\(s\).*model\.layers\.2\.mlp\.down_proj"):
         resumer.apply_weights({**linears, "model.layers.2.mlp.down_proj": torch.nn.Linear(4, 3, bias=False)})
+
+
+def test_a_whole_model_weights_part_of_an_earlier_release_is_put_back_by_name(tmp_path):
+    from worker.run.resume import Resumer
+
+    weights = {"model.layers.0.mlp.up_proj": torch.randn(3, 4)}
+    assert _store(tmp_path).save("pruned", {"report": {}}, {"weights": weights}, copy=("weights",))
+    resumer = Resumer(_store(tmp_path))
+    resumer.checkpoint = resumer.store.load()
+    assert resumer.layer_files() == {} and resumer.pruned_layers(2) == range(2)
+    linear = torch.nn.Linear(4, 3, bias=False)
+    resumer.apply_weights({"model.layers.0.mlp.up_proj": linear})
+    assert torch.equal(linear.weight, weights["model.layers.0.mlp.up_proj"])

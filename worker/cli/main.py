@@ -45,7 +45,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.checkpoints:
         from worker.run.resume import CheckpointPolicy, local_resumer
 
-        resumer = local_resumer(Path(args.checkpoints), spec, CheckpointPolicy(every_steps=args.checkpoint_every))
+        resumer = local_resumer(Path(args.checkpoints), spec, CheckpointPolicy(
+            every_steps=args.checkpoint_every, every_layers=args.checkpoint_every_layers))
     try:
         report = run_pipeline(spec, out, ConsoleReporter(quiet=args.quiet), resumer)
         if resumer is not None and resumer.store is not None:
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resume from them (deleted once the run succeeds)")
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="training steps between two checkpoints (default 50)")
+    p.add_argument("--checkpoint-every-layers", type=int, default=0, metavar="N",
+                   help="pruning: layers between two checkpoints, besides one every 10 minutes (default 0: by time "
+                        "only)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("plan", help="predict a job's peak memory per stage from the model's config (no weights)",

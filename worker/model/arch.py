@@ -163,12 +163,15 @@ class DecoderAdapter:
             if isinstance(mod, nn.Linear)
         }
 
+    def layer_linears(self, layer: int) -> dict[str, nn.Linear]:
+        """:meth:`prunable_linears` of ``layer`` by full module name."""
+        prefix = self._layers_prefix()
+        return {f"{prefix}.{layer}.{name}": mod for name, mod in self.prunable_linears(layer).items()}
+
     def named_prunable_linears(self) -> Iterator[tuple[str, nn.Linear]]:
         """(full module name, Linear) for every Linear in every decoder layer; embeddings and lm_head excluded."""
-        prefix = self._layers_prefix()
         for idx in range(len(self.layers)):
-            for name, mod in self.prunable_linears(idx).items():
-                yield f"{prefix}.{idx}.{name}", mod
+            yield from self.layer_linears(idx).items()
 
     def _layers_prefix(self) -> str:
         for name, mod in self.model.named_modules():

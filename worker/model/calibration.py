@@ -188,6 +188,8 @@ def calibrate_layerwise(
     on_layer: Callable[[int, dict[str, Accumulator]], None],
     before_layer: Callable[[int], None] | None = None,
     layer_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
+    resume: tuple[int, list[torch.Tensor]] | None = None,
+    after_layer: Callable[[int, list[torch.Tensor]], None] | None = None,
 ) -> int:
     """Drive layer-by-layer calibration over every decoder layer; returns the real tokens seen per layer.
 
@@ -195,11 +197,20 @@ def calibrate_layerwise(
     ``on_layer(layer, stats)`` is called with them filled (prune there); ``before_layer(layer)`` runs first
     (raise there to stop). The layer is re-run after ``on_layer`` to produce the next layer's inputs.
     ``layer_scope(layer)`` encloses all of that for one layer (a streamed model holds the layer in memory there
-    and saves what ``on_layer`` changed).
+    and saves what ``on_layer`` changed). ``after_layer(layer, hidden)`` hears the next layer's inputs once a
+    layer is done (a checkpoint saves them); ``resume=(start, hidden)`` starts at layer ``start`` with those inputs,
+    the layers before it already done.
     """
     inputs = capture_layer_inputs(model, adapter, batches)
+    start = 0
+    if resume is not None:
+        start, hidden = resume
+        if [h.shape for h in hidden] != [h.shape for h in inputs.hidden]:
+            raise ValueError("the saved calibration inputs do not match these calibration batches")
+        inputs.hidden = [h.to(device=old.device, dtype=old.dtype) for h, old in zip(hidden, inputs.hidden,
+                                                                                    strict=True)]
     with inference_state(model):
-        for index in range(len(adapter.layers)):
+        for index in range(start, len(adapter.layers)):
             if before_layer is not None:
                 before_layer(index)
             with layer_scope(index) if layer_scope is not None else nullcontext():
@@ -210,6 +221,8 @@ def calibrate_layerwise(
                 on_layer(index, stats)
                 if index + 1 < len(adapter.layers):
                     advance(layer, inputs, index)
+            if after_layer is not None:
+                after_layer(index, inputs.hidden)
     return inputs.tokens
 
 

@@ -29,12 +29,16 @@ def prune_model(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] | None = None,
     layer_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
+    resume: tuple[int, list[Any]] | None = None,
+    after_layer: Callable[[int, list[Any] | None], None] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place as ``spec`` says; returns a summary (method, pattern, target, seconds...).
 
     ``should_stop()`` is polled before each layer; when it returns True, :class:`Cancelled` is raised
     (layers already pruned stay pruned). ``layer_scope(layer)`` encloses each layer's work (a streamed model:
-    worker.model.streaming.LayerStore.resident with ``write=True``).
+    worker.model.streaming.LayerStore.resident with ``write=True``). ``after_layer(layer, hidden)`` hears each
+    finished layer with the next layer's calibration inputs (None for a method without calibration);
+    ``resume=(start, hidden)`` goes on at layer ``start``, the layers before it pruned already.
     """
     t0 = time.monotonic()
     nm = spec.nm
@@ -52,7 +56,6 @@ def prune_model(
     if nm is not None:
         check_nm_fits(adapter.info, nm[1])
     n_layers = len(adapter.layers)
-    pruned: list[str] = []
 
     def before_layer(index: int) -> None:
         if should_stop is not None and should_stop():
@@ -61,7 +64,6 @@ def prune_model(
     def on_layer(index: int, stats: dict[str, Any]) -> None:
         for name, lin in adapter.prunable_linears(index).items():
             method.apply(lin, stats.get(name), spec.sparsity, nm)
-            pruned.append(name)
         if progress is not None:
             progress((index + 1) / n_layers, f"{method.name}: pruned layer {index + 1}/{n_layers}")
 
@@ -71,7 +73,8 @@ def prune_model(
         new_stats = method.new_stats
         assert new_stats is not None
         tokens = calibrate_layerwise(
-            model, adapter, calibration, lambda _i, _n, lin: new_stats(lin), on_layer, before_layer, layer_scope
+            model, adapter, calibration, lambda _i, _n, lin: new_stats(lin), on_layer, before_layer, layer_scope,
+            resume, after_layer,
         )
         summary["calibration"] = {
             "batches": len(calibration),
@@ -80,11 +83,13 @@ def prune_model(
         }
     else:
         with inference_state(model):
-            for index in range(n_layers):
+            for index in range(resume[0] if resume is not None else 0, n_layers):
                 before_layer(index)
                 with layer_scope(index) if layer_scope is not None else nullcontext():
                     on_layer(index, {})
-    summary["modules"] = len(pruned)
+                if after_layer is not None:
+                    after_layer(index, None)
+    summary["modules"] = sum(len(adapter.prunable_linears(i)) for i in range(n_layers))  # resumed: all the same
     summary["guarantee"] = method.guarantee
     summary["seconds"] = round(time.monotonic() - t0, 3)
     return summary

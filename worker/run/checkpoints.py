@@ -100,7 +100,7 @@ class CheckpointStore:
 
     # writing ---------------------------------------------------------------------------------------------
     def save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), files: dict[str, Path] | None = None) -> bool:
+             copy: tuple[str, ...] = (), files: dict[str, Path | dict[str, Any]] | None = None) -> bool:
         try:
             return self._save(point, meta, parts, copy, files or {})
         except (TransientError, Unreadable):
@@ -109,11 +109,12 @@ class CheckpointStore:
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
     def _save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None, copy: tuple[str, ...],
-              files: dict[str, Path]) -> bool:
+              files: dict[str, Path | dict[str, Any]]) -> bool:
         """Write a checkpoint at ``point``: ``parts`` (name → value to pack) replace parts of that name, the
         others are kept. Parts named in ``copy`` are written without a second in-memory copy (model weights).
-        ``files`` (name → a safetensors file, e.g. a streamed model's layer) are parts copied as they are: nothing
-        of them is held in memory; read back, they are files (:meth:`Checkpoint.file_parts`), not values.
+        ``files`` are parts kept as plain safetensors files, tensors under their own names: a file (a streamed
+        model's layer: copied as it is, nothing of it in memory) or a dict of named tensors (saved as such a file);
+        read back, they are files (:meth:`Checkpoint.file_parts`), not values.
         Returns False when this run may no longer write."""
         import time
 
@@ -142,8 +143,17 @@ class CheckpointStore:
             self._parts[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256,
                                  "skeleton": skeleton}
             written += stored.size
-        for name, path in files.items():
-            stored = self.store.put_file(f"{self.prefix}{name}-{self._seq:05d}.safetensors", Path(path))
+        for name, source in files.items():
+            key = f"{self.prefix}{name}-{self._seq:05d}.safetensors"
+            if isinstance(source, dict):
+                tmp = self.scratch / f".{name}-{self._seq}.safetensors"
+                try:
+                    save_file({k: t.detach().cpu().contiguous() for k, t in source.items()}, str(tmp))
+                    stored = self.store.put_file(key, tmp, move=True)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                stored = self.store.put_file(key, Path(source))
             if name in self._parts:
                 replaced.append(self._parts[name]["key"])
             self._parts[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "skeleton": None}

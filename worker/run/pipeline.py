@@ -217,7 +217,7 @@ def _start_report(state: RunState, meter: StageMeter, reporter: Reporter) -> Non
 
 
 def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = (),
-          files: dict[str, Path] | None = None) -> None:
+          files: dict[str, Any] | None = None) -> None:
     state.resumer.save(point, state.report, parts, copy=copy, files=files)
 
 
@@ -312,18 +312,17 @@ def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None
     state.model, state.tokenizer, state.store = _load(state, source, "model")
     state.adapter = state.store.adapter if state.store is not None else _adapter(state.model)
     state.source = source
-    if state.resumer.reached("pruned") and state.spec.pruning.method != "none":
+    layers = state.resumer.pruned_layers(len(state.adapter.layers))
+    if layers and state.spec.pruning.method != "none":
         progress(0.8, "putting back the pruned weights")
         if state.store is None:
-            state.resumer.apply_weights(dict(state.adapter.named_prunable_linears()))
-        elif state.resumer.layer_files():  # saved by a streamed run: read the layers from those files
+            state.resumer.apply_weights({n: lin for i in layers for n, lin in state.adapter.layer_linears(i).items()})
+        elif state.resumer.layer_files():  # the layers' files: a streamed run reads its layers from them
             state.store.read_from(list(state.resumer.layer_files().values()))
-        else:  # saved by a whole-model run: each layer's pruned weights put in, and the layer written to scratch
-            prefix = state.store.prefix
-            for i in range(len(state.adapter.layers)):
+        else:  # a whole-model weights part (an earlier release): put in layer by layer, each written to scratch
+            for i in layers:
                 with state.layer_scope(i, write=True):
-                    state.resumer.apply_weights({f"{prefix}.{i}.{n}": lin
-                                                 for n, lin in state.adapter.prunable_linears(i).items()})
+                    state.resumer.apply_weights(state.adapter.layer_linears(i))
     saved = state.resumer.method_state()
     if saved is not None:
         state.method.load_state(saved)
@@ -453,6 +452,8 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
             )
         except DataError as exc:
             raise DataError(exc.message, field="data.calibration" if spec.data.calibration else "data.train") from exc
+    saver = state.resumer.pruning_saver(len(state.adapter.layers), lambda layers: _layer_parts(state, layers),
+                                        lambda: state.report, reporter.cancel_requested)
     summary = prune_model(
         state.model,
         state.adapter,
@@ -461,14 +462,22 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         progress=lambda f, m: progress(0.75 * f, m),
         should_stop=reporter.cancel_requested,
         layer_scope=(lambda i: state.layer_scope(i, write=True)) if state.store is not None else None,
+        resume=state.resumer.pruning_resume(),
+        after_layer=saver,
     )
     state.report["pruning"] = summary
-    if state.store is None:
-        _save(state, "pruned", {"weights": {n: lin.weight for n, lin in state.adapter.named_prunable_linears()}},
-              copy=("weights",))
-    else:  # the pruned layers are in their scratch files already: saved as they are, one part per layer
-        _save(state, "pruned", files={f"{LAYER_PART}{i:04d}": f for i, f in state.store.written().items()})
+    _save(state, "pruned", files=saver.rest())
     _after_pruned(state, progress, reporter)
+
+
+def _layer_parts(state: RunState, layers: range) -> dict[str, Any]:
+    """Checkpoint parts of pruned layers, one each: a streamed layer's scratch file as it is, else the layer's
+    pruned weights under their own names."""
+    if state.store is not None:
+        written = state.store.written()
+        return {f"{LAYER_PART}{i:04d}": written[i] for i in layers}
+    return {f"{LAYER_PART}{i:04d}": {f"{n}.weight": lin.weight for n, lin in state.adapter.layer_linears(i).items()}
+            for i in layers}
 
 
 def _after_pruned(state: RunState, progress: StageProgress, reporter: Reporter) -> None:

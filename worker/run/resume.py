@@ -3,8 +3,12 @@
 Resume points, in pipeline order (each includes everything before it):
 
 - ``prepared``: end of loading — the dense metrics and what the method took from the dense model;
-- ``pruned``: the pruned Linears' weights (only those; a layer-streamed run saves its pruned layers' scratch files
-  as they are, ``layer-NNNN``) and the pruning summary;
+- ``pruning``: inside a pruning method that calibrates layer by layer, at a layer boundary every ``every_layers``
+  layers or ``every_s`` seconds and when the job is asked to stop — the pruned layers so far and the next layer's
+  calibration inputs (``step``: the layers done);
+- ``pruned``: the pruned Linears' weights (only those) and the pruning summary. Pruned weights are saved once, layer
+  by layer as they are done (part ``layer-NNNN``: that layer's pruned weights under their own names; a layer-streamed
+  run saves the layer's scratch file as it is);
 - ``pruned-evaluated``: the pruned model's sparsity and metrics;
 - ``probed``, ``selected``: the method's state after probing and after choosing what to restore;
 - ``training``: every ``every_steps`` optimizer steps or ``every_s`` seconds, at a stop request and at the end —
@@ -33,18 +37,20 @@ from worker.restore.train import SaveHook, TrainState
 from worker.run import failpoints
 from worker.run.checkpoints import Checkpoint, CheckpointStore
 
-LAYER_PART = "layer-"  # a streamed run's checkpointed layer files: parts layer-0000, layer-0001, ...
-POINTS: tuple[str, ...] = ("prepared", "pruned", "pruned-evaluated", "probed", "selected", "training", "evaluated")
+LAYER_PART = "layer-"  # a pruned layer's part: layer-0000, layer-0001, ...
+POINTS: tuple[str, ...] = ("prepared", "pruning", "pruned", "pruned-evaluated", "probed", "selected", "training",
+                           "evaluated")
 POINT_STAGE: dict[str, Stage] = {
-    "prepared": Stage.loading, "pruned": Stage.pruning, "pruned-evaluated": Stage.pruning, "probed": Stage.probing,
-    "selected": Stage.extracting, "training": Stage.training, "evaluated": Stage.evaluating,
+    "prepared": Stage.loading, "pruning": Stage.pruning, "pruned": Stage.pruning, "pruned-evaluated": Stage.pruning,
+    "probed": Stage.probing, "selected": Stage.extracting, "training": Stage.training, "evaluated": Stage.evaluating,
 }
 
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
     every_steps: int = 50  # training: a checkpoint every this many optimizer steps ...
-    every_s: float = 600.0  # ... and at least this often
+    every_s: float = 600.0  # ... and at least this often (pruning too)
+    every_layers: int = 0  # pruning: a checkpoint every this many layers as well (0: by time only)
 
 
 class Resumer:
@@ -93,7 +99,7 @@ class Resumer:
         return {"checkpoint": ck.point, "stage": POINT_STAGE[ck.point].value, "step": ck.meta.get("step")}
 
     def save(self, point: str, report: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), step: int | None = None, files: dict[str, Path] | None = None) -> None:
+             copy: tuple[str, ...] = (), step: int | None = None, files: dict[str, Any] | None = None) -> None:
         if self.store is None or (self.checkpoint is not None and not self.reached(point)):
             return  # never behind the checkpoint this run resumed from
         parts = {**(parts or {}), "rng": torch.get_rng_state()}
@@ -119,6 +125,24 @@ class Resumer:
     def train_state(self) -> TrainState | None:
         ck = self.checkpoint
         return ck.part("train") if ck is not None and self.reached("training") and ck.has("train") else None
+
+    def pruning_resume(self) -> tuple[int, list[torch.Tensor]] | None:
+        """(layers done, the next layer's calibration inputs) when the checkpoint was taken inside pruning."""
+        ck = self.checkpoint
+        if ck is None or ck.point != "pruning":
+            return None
+        return int(ck.meta["step"]), ck.part("calibration")
+
+    def pruned_layers(self, n_layers: int) -> range:
+        """The layers whose pruned weights the checkpoint holds."""
+        if self.reached("pruned"):
+            return range(n_layers)
+        ck = self.checkpoint
+        return range(int(ck.meta["step"])) if ck is not None and ck.point == "pruning" else range(0)
+
+    def pruning_saver(self, n_layers: int, layer_parts: Callable[[range], dict[str, Any]],
+                      report: Callable[[], dict[str, Any]], should_stop: Callable[[], bool]) -> PruningSaver:
+        return PruningSaver(self, n_layers, layer_parts, report, should_stop)
 
     def layer_files(self) -> dict[str, Path]:
         """A streamed run's pruned layers, saved as the files it read them from (part ``layer-NNNN`` each)."""
@@ -179,3 +203,37 @@ def local_resumer(directory: Path, spec: JobSpec, policy: CheckpointPolicy = Che
     store = CheckpointStore(LocalStore(directory), f"{fingerprint[:16]}/", fingerprint,
                             Path(directory) / f".scratch-{fingerprint[:16]}")
     return Resumer(store, policy)
+
+
+class PruningSaver:
+    """``after_layer`` of worker.prune.runner.prune_model: a ``pruning`` checkpoint at a layer boundary — every
+    ``every_layers`` layers, at least every ``every_s`` seconds, and when the job is asked to stop — holding the
+    layers pruned since the last one (``layer_parts(layers)``) and the next layer's calibration inputs.
+    :meth:`rest` gives the layers the ``pruned`` checkpoint still has to save."""
+
+    def __init__(self, resumer: Resumer, n_layers: int, layer_parts: Callable[[range], dict[str, Any]],
+                 report: Callable[[], dict[str, Any]], should_stop: Callable[[], bool]):
+        self.resumer, self.n_layers, self.layer_parts = resumer, n_layers, layer_parts
+        self.report, self.should_stop = report, should_stop
+        resumed = resumer.pruning_resume()
+        self.saved = resumed[0] if resumed is not None else 0  # layers whose weights a checkpoint holds
+        self._last = time.monotonic()
+
+    def __call__(self, index: int, hidden: list[torch.Tensor] | None) -> None:
+        done = index + 1
+        if self.resumer.store is None or hidden is None or done >= self.n_layers:
+            return  # nothing kept, nothing to resume into (no calibration), or the pruned checkpoint follows
+        policy = self.resumer.policy
+        due = ((policy.every_layers > 0 and done % policy.every_layers == 0)
+               or time.monotonic() - self._last >= policy.every_s or self.should_stop())
+        if not due:
+            return
+        self.resumer.save("pruning", self.report(), {"calibration": hidden}, step=done,
+                          files=self.layer_parts(range(self.saved, done)))
+        self.saved, self._last = done, time.monotonic()
+
+    def rest(self) -> dict[str, Any]:
+        """The parts of the layers no checkpoint holds yet."""
+        if self.resumer.store is None:
+            return {}
+        return self.layer_parts(range(self.saved, self.n_layers))

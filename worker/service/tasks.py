@@ -260,7 +260,8 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 from worker.run.pipeline import run_pipeline  # torch is imported here, never earlier
                 from worker.run.resume import CheckpointPolicy, Resumer
 
-                policy = CheckpointPolicy(every_steps=s.checkpoint_every_steps, every_s=s.checkpoint_every_s)
+                policy = CheckpointPolicy(every_steps=s.checkpoint_every_steps, every_s=s.checkpoint_every_s,
+                                          every_layers=s.checkpoint_every_layers)
                 report = run_pipeline(spec, out_dir, reporter, Resumer(checkpoints, policy))
                 reporter.flush()
                 if reporter.cancel_requested(force=True):
