@@ -116,3 +116,31 @@ def test_a_whole_model_weights_part_of_an_earlier_release_is_put_back_by_name(tm
     linear = torch.nn.Linear(4, 3, bias=False)
     resumer.apply_weights({"model.layers.0.mlp.up_proj": linear})
     assert torch.equal(linear.weight, weights["model.layers.0.mlp.up_proj"])
+
+
+def test_pruning_checkpoints_come_by_layer_count_by_time_and_on_a_stop(tmp_path):
+    """Inside pruning a checkpoint is due every `every_layers` layers, after `every_s` seconds, or when the job is
+    asked to stop; each holds the layers since the previous one, and the last layer is left to `pruned`."""
+    from worker.run.resume import CheckpointPolicy, Resumer
+
+    stop = []
+    parts = lambda layers: {f"layer-{i:04d}": {f"l{i}.weight": torch.full((2,), float(i))} for i in layers}  # noqa: E731
+    resumer = Resumer(_store(tmp_path), CheckpointPolicy(every_s=1e9, every_layers=2))
+    saver = resumer.pruning_saver(6, parts, lambda: {"r": 1}, lambda: bool(stop))
+    hidden = [torch.ones(1, 2, 3)]
+    saver(0, hidden)
+    assert _store(tmp_path).load() is None  # 1 layer done: not due
+    saver(1, hidden)
+    assert (ck := _store(tmp_path).load()).point == "pruning" and ck.meta["step"] == 2
+    assert set(ck.files) == {"layer-0000", "layer-0001", "calibration", "rng"}
+    stop.append(True)
+    saver(2, [torch.zeros(1, 2, 3)])  # asked to stop: due at once
+    ck = _store(tmp_path).load()
+    assert ck.meta["step"] == 3 and set(ck.file_parts("layer-")) == {"layer-0000", "layer-0001", "layer-0002"}
+    assert torch.equal(ck.part("calibration")[0], torch.zeros(1, 2, 3))
+    saver(5, hidden)  # the last layer: the pruned checkpoint saves it
+    assert _store(tmp_path).load().meta["step"] == 3
+    assert list(saver.rest()) == ["layer-0003", "layer-0004", "layer-0005"]
+    timed = Resumer(_store(tmp_path, prefix="jobs/j2/checkpoints/"), CheckpointPolicy(every_s=0.0))
+    timed.pruning_saver(6, parts, dict, lambda: False)(0, hidden)  # the time limit passed
+    assert _store(tmp_path, prefix="jobs/j2/checkpoints/").load().meta["step"] == 1
