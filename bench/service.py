@@ -81,21 +81,56 @@ def measure_checkpoints(a: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
 
 def measure_polling(a: dict[str, Any]) -> dict[str, Any]:
+    """Everything on every core, as a small deployment runs; then (``isolated``) with the job's writer process and
+    its database connection on the last core, and the API, its poll connections and the load generator on the
+    others — what is left of the slowdown then is contention inside the database, not shared CPU."""
     from sqlalchemy import create_engine, text
 
-    schema = f"bench_{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(text(f"CREATE SCHEMA {schema}"))
     try:
-        return _poll_service(a, f"{PG}?options=-csearch_path%3D{schema}")
+        out: dict[str, Any] = {}
+        for isolate in (False, True):
+            schema = f"bench_{uuid.uuid4().hex[:10]}"
+            with admin.connect() as c:
+                c.execute(text(f"CREATE SCHEMA {schema}"))
+            try:
+                result = _poll_service(a, f"{PG}?options=-csearch_path%3D{schema}", isolate)
+            finally:
+                with admin.connect() as c:
+                    c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            if isolate:
+                out["isolated"] = {k: result[k] for k in ("job", "write_quiet", "write_polled", "cores")}
+            else:
+                out.update(result)
+        return out
     finally:
-        with admin.connect() as c:
-            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
 
 
-def _poll_service(a: dict[str, Any], db_url: str) -> dict[str, Any]:
+def _cores(isolate: bool) -> tuple[set[int], set[int]] | None:
+    """(the service's and load generator's cores, the job writer's core), or None when not isolating."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not isolate:
+        return None
+    if len(cores) < 2:
+        raise SystemExit("isolating the job's writer needs two cores")
+    return set(cores[:-1]), {cores[-1]}
+
+
+def _pin_poll_connections(db_url: str, cores: set[int]) -> int:
+    """Pin the PostgreSQL backends of the API's poll pool (application_name restorelcc-polls) to ``cores``."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    with engine.connect() as c:
+        pids = c.scalars(text("SELECT pid FROM pg_stat_activity WHERE application_name = 'restorelcc-polls'")).all()
+    engine.dispose()
+    for pid in pids:
+        os.sched_setaffinity(pid, cores)
+    return len(pids)
+
+
+def _poll_service(a: dict[str, Any], db_url: str, isolate: bool = False) -> dict[str, Any]:
 
     from app.schemas import JobSpec
     from app.store.db import make_engine, upgrade
@@ -112,41 +147,58 @@ def _poll_service(a: dict[str, Any], db_url: str) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": "redis://127.0.0.1:6379/0",
            "RESTORELCC_API_KEYS": "bench:bench-key", "RESTORELCC_PORT": str(port)}
+    cores = _cores(isolate)
+    served, writer = cores if cores is not None else (None, None)
     with tempfile.TemporaryDirectory() as tmp:
         env["RESTORELCC_DATA_DIR"] = tmp
         proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=(lambda: os.sched_setaffinity(0, served)) if served else None)
         url = f"http://127.0.0.1:{port}"
+        own = os.sched_getaffinity(0)
         try:
             wait_healthy(url, proc)
             headers = {"Authorization": "Bearer bench-key"}
-            quiet_write = _load_free_writes(db_url, job.id, a["seconds"] / 2)
+            _load(f"{url}/v1/jobs/{job.id}", headers, a["pollers"], 1.0)  # every poll connection open
+            pinned = _pin_poll_connections(db_url, served) if served else 0
+            quiet_write = _load_free_writes(db_url, job.id, a["seconds"] / 2, writer)
+            if served:
+                os.sched_setaffinity(0, served)  # the load generator beside the API
             job_poll = _load(f"{url}/v1/jobs/{job.id}", headers, a["pollers"], a["seconds"],
-                             (_progress_writes, (db_url, job.id, a["seconds"])))
+                             (_progress_writes, (db_url, job.id, a["seconds"], writer)))
             health = _load(f"{url}/healthz", {}, a["pollers"], a["seconds"] / 2)
         finally:
+            os.sched_setaffinity(0, own)
             proc.terminate()
             proc.wait(timeout=30)
     engine.dispose()
     return {"settings": a, "job": job_poll["load"], "healthz": health["load"], "write_quiet": quiet_write,
-            "write_polled": job_poll["during"], "machine": harness.machine(), "date": time.strftime("%Y-%m-%d")}
+            "write_polled": job_poll["during"], "machine": harness.machine(), "date": time.strftime("%Y-%m-%d"),
+            "cores": {"service": sorted(served), "writer": sorted(writer), "pinned_poll_connections": pinned}
+            if served else None}
 
 
-def _load_free_writes(db_url: str, job_id: str, seconds: float) -> dict[str, float]:
+def _load_free_writes(db_url: str, job_id: str, seconds: float, core: set[int] | None = None) -> dict[str, float]:
     """:func:`_progress_writes` in a process of its own, nothing else running."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_progress_writes, (db_url, job_id, seconds))
+        return pool.apply(_progress_writes, (db_url, job_id, seconds, core))
 
 
-def _progress_writes(db_url: str, job_id: str, seconds: float) -> dict[str, float]:
+def _progress_writes(db_url: str, job_id: str, seconds: float, core: set[int] | None = None) -> dict[str, float]:
     """A worker's progress writes (every 50 ms, as a job reports), from a process of its own as a worker's are:
-    median and p99 milliseconds per write."""
+    median and p99 milliseconds per write. ``core``: this process and its one database connection run there."""
+    from sqlalchemy import text
+
     from app.store.db import make_engine
     from app.store.jobs import JobStore
 
-    engine = make_engine(db_url)
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    if core is not None:
+        os.sched_setaffinity(0, core)
+        with engine.connect() as c:
+            os.sched_setaffinity(int(c.scalar(text("SELECT pg_backend_pid()"))), core)
     jobs = JobStore(engine)
     jobs.set_progress(job_id, 0.0, "warm-up")
     times = []
@@ -278,8 +330,18 @@ def section(checkpoints: dict[str, Any] | None, polling: dict[str, Any] | None, 
                 f"A worker's progress write (one UPDATE, every 50 ms): median {p['write_quiet']['median_ms']:.2f} ms "
                 f"without pollers, {p['write_polled']['median_ms']:.2f} ms under them ({slow:.2f}×; p99 "
                 f"{p['write_quiet']['p99_ms']:.1f} → {p['write_polled']['p99_ms']:.1f} ms). The polls take no locks "
-                "(autocommit snapshots on read-only connections): what the write shares with them is the two cores.",
-                ""]
+                "(autocommit snapshots on read-only connections): what the write shares with them is the cores.", ""]
+        iso = p.get("isolated")
+        if iso is not None:
+            c, w = iso["cores"], iso["job"]
+            out += [f"The same with the job's writer process and its database connection on core "
+                    f"{', '.join(map(str, c['writer']))} and the API, its {c['pinned_poll_connections']} poll "
+                    f"connections and the load generator on core {', '.join(map(str, c['service']))} (the rest of "
+                    f"PostgreSQL unpinned): the write's median {iso['write_quiet']['median_ms']:.2f} ms without "
+                    f"pollers, {iso['write_polled']['median_ms']:.2f} ms under them "
+                    f"({iso['write_polled']['median_ms'] / iso['write_quiet']['median_ms']:.2f}×; p99 "
+                    f"{iso['write_quiet']['p99_ms']:.1f} → {iso['write_polled']['p99_ms']:.1f} ms), while the "
+                    f"pollers on their one core got {w['per_s']:,.0f} req/s (p99 {w['p99_ms']:.1f} ms).", ""]
     out += [f"Produced by `{command}`.", ""]
     return "\n".join(out)
 

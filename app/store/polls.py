@@ -72,6 +72,7 @@ def conninfo(url: str) -> str:
     from psycopg.conninfo import make_conninfo
 
     _, params = postgresql.psycopg.dialect().create_connect_args(make_url(url))
+    params.setdefault("application_name", "restorelcc-polls")  # how pg_stat_activity names these connections
     return make_conninfo(**params)
 
 
