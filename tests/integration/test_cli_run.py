@@ -32,14 +32,18 @@ def assert_refused_before_any_stage(proc: subprocess.CompletedProcess) -> None:
     assert "── " not in out, out
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
+def write_job_data(d: Path) -> Path:
+    """The data files :func:`make_spec` names, under ``d``."""
     write_jsonl(d / "train.jsonl", instruction_rows(48))
     write_jsonl(d / "valid.jsonl", instruction_rows(60)[48:])
     write_jsonl(d / "text.jsonl", text_rows(12))
     write_jsonl(d / "boolq.jsonl", choice_rows(10))
     return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_job_data(tmp_path_factory.mktemp("data"))
 
 
 def make_spec(model: str, data: Path, **overrides) -> dict:

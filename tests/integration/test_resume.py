@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from tests.integration.test_cli_run import ENV, make_spec
-from tests.tiny import choice_rows, instruction_rows, save_tiny, text_rows, write_jsonl
+from tests.integration.test_cli_run import ENV, make_spec, write_job_data
+from tests.tiny import save_tiny, text_rows, write_jsonl
 from worker.run import failpoints
 
 ROOT = Path(__file__).parents[2]
@@ -25,12 +25,8 @@ ROOT = Path(__file__).parents[2]
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("resume")
-    write_jsonl(d / "train.jsonl", instruction_rows(48))
-    write_jsonl(d / "valid.jsonl", instruction_rows(60)[48:])
-    write_jsonl(d / "text.jsonl", text_rows(12))
+    d = write_job_data(tmp_path_factory.mktemp("resume"))
     write_jsonl(d / "long.jsonl", text_rows(300))  # evaluated second: a kill after the first set leaves it undone
-    write_jsonl(d / "boolq.jsonl", choice_rows(10))
     spec = make_spec(str(save_tiny("llama", d / "model")), d, restoration={
         "method": "restorelcc", "heads": 0.25, "probe_samples": 24, "max_steps": 120, "batch_size": 4,
         "max_seq_len": 64})

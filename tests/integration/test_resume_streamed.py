@@ -11,19 +11,15 @@ import pytest
 
 from app.plan import Shapes, make_plan
 from app.schemas import JobSpec
-from tests.integration.test_cli_run import make_spec
+from tests.integration.test_cli_run import make_spec, write_job_data
 from tests.integration.test_resume import RUNS, Run, _no_run_outlives_its_test, _sha  # noqa: F401 (fixture)
-from tests.tiny import choice_rows, instruction_rows, save_tiny, text_rows, write_jsonl
+from tests.tiny import save_tiny
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> dict:
     """A RestoreLCC job with `streaming: auto`, and the memory budgets under which its plan streams or does not."""
-    d = tmp_path_factory.mktemp("resume-streamed")
-    write_jsonl(d / "train.jsonl", instruction_rows(48))
-    write_jsonl(d / "valid.jsonl", instruction_rows(60)[48:])
-    write_jsonl(d / "text.jsonl", text_rows(12))
-    write_jsonl(d / "boolq.jsonl", choice_rows(10))
+    d = write_job_data(tmp_path_factory.mktemp("resume-streamed"))
     spec = make_spec(str(save_tiny("llama", d / "model")), d, restoration={
         "method": "restorelcc", "heads": 0.25, "probe_samples": 24, "max_steps": 40, "batch_size": 4,
         "max_seq_len": 64, "negatives": "tfidf"})
