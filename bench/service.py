@@ -88,8 +88,10 @@ def measure_polling(a: dict[str, Any]) -> dict[str, Any]:
 
     admin = create_engine(PG, isolation_level="AUTOCOMMIT")
     try:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"isolated": None}
         for isolate in (False, True):
+            if isolate and not (hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2):
+                break  # one core (or no affinity control): nothing to isolate the writer on
             schema = f"bench_{uuid.uuid4().hex[:10]}"
             with admin.connect() as c:
                 c.execute(text(f"CREATE SCHEMA {schema}"))
@@ -98,34 +100,35 @@ def measure_polling(a: dict[str, Any]) -> dict[str, Any]:
             finally:
                 with admin.connect() as c:
                     c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            if isolate:
-                out["isolated"] = {k: result[k] for k in ("job", "write_quiet", "write_polled", "cores")}
-            else:
+            if not isolate:
                 out.update(result)
+            elif result["cores"] is not None:
+                out["isolated"] = {k: result[k] for k in ("job", "write_quiet", "write_polled", "cores")}
         return out
     finally:
         admin.dispose()
 
 
-def _cores(isolate: bool) -> tuple[set[int], set[int]] | None:
-    """(the service's and load generator's cores, the job writer's core), or None when not isolating."""
+def _cores() -> tuple[set[int], set[int]]:
+    """(the service's and load generator's cores, the job writer's core: the last one)."""
     cores = sorted(os.sched_getaffinity(0))
-    if not isolate:
-        return None
-    if len(cores) < 2:
-        raise SystemExit("isolating the job's writer needs two cores")
     return set(cores[:-1]), {cores[-1]}
 
 
-def _pin_poll_connections(db_url: str, cores: set[int]) -> int:
-    """Pin the PostgreSQL backends of the API's poll pool (application_name restorelcc-polls) to ``cores``."""
+def _pin_backends(db_url: str, application_name: str, cores: set[int]) -> int:
+    """Pin the PostgreSQL backends of this run's API (connected as ``application_name``) to ``cores``; they end
+    with the API. Raises OSError when they are not this machine's processes (a server in a container, another
+    host) or may not be moved."""
     from sqlalchemy import create_engine, text
 
     engine = create_engine(db_url)
     with engine.connect() as c:
-        pids = c.scalars(text("SELECT pid FROM pg_stat_activity WHERE application_name = 'restorelcc-polls'")).all()
+        pids = c.scalars(text("SELECT pid FROM pg_stat_activity WHERE application_name = :n"),
+                         {"n": application_name}).all()
     engine.dispose()
     for pid in pids:
+        if not Path(f"/proc/{pid}/comm").read_text().startswith("postgres"):
+            raise OSError(f"process {pid} is not a PostgreSQL backend of this machine")
         os.sched_setaffinity(pid, cores)
     return len(pids)
 
@@ -145,22 +148,28 @@ def _poll_service(a: dict[str, Any], db_url: str, isolate: bool = False) -> dict
     from worker.cli.demo import free_port, wait_healthy
 
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": "redis://127.0.0.1:6379/0",
+    name = f"restorelcc-bench-{uuid.uuid4().hex[:8]}"  # this run's API connections, and no one else's
+    env = {**os.environ, "DATABASE_URL": f"{db_url}&application_name={name}", "REDIS_URL": "redis://127.0.0.1:6379/0",
            "RESTORELCC_API_KEYS": "bench:bench-key", "RESTORELCC_PORT": str(port)}
-    cores = _cores(isolate)
-    served, writer = cores if cores is not None else (None, None)
+    served, writer = _cores() if isolate else (None, None)
+    pinned: int | None = None
     with tempfile.TemporaryDirectory() as tmp:
         env["RESTORELCC_DATA_DIR"] = tmp
         proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True,
                                 preexec_fn=(lambda: os.sched_setaffinity(0, served)) if served else None)
         url = f"http://127.0.0.1:{port}"
-        own = os.sched_getaffinity(0)
+        own = os.sched_getaffinity(0) if served else None
         try:
             wait_healthy(url, proc)
             headers = {"Authorization": "Bearer bench-key"}
             _load(f"{url}/v1/jobs/{job.id}", headers, a["pollers"], 1.0)  # every poll connection open
-            pinned = _pin_poll_connections(db_url, served) if served else 0
+            if served:
+                try:
+                    pinned = _pin_backends(db_url, name, served)
+                except OSError as exc:
+                    print(f"polling: the writer cannot be isolated here ({exc})", file=sys.stderr)
+                    served = writer = None
             quiet_write = _load_free_writes(db_url, job.id, a["seconds"] / 2, writer)
             if served:
                 os.sched_setaffinity(0, served)  # the load generator beside the API
@@ -168,14 +177,15 @@ def _poll_service(a: dict[str, Any], db_url: str, isolate: bool = False) -> dict
                              (_progress_writes, (db_url, job.id, a["seconds"], writer)))
             health = _load(f"{url}/healthz", {}, a["pollers"], a["seconds"] / 2)
         finally:
-            os.sched_setaffinity(0, own)
+            if own is not None:
+                os.sched_setaffinity(0, own)
             proc.terminate()
             proc.wait(timeout=30)
     engine.dispose()
     return {"settings": a, "job": job_poll["load"], "healthz": health["load"], "write_quiet": quiet_write,
             "write_polled": job_poll["during"], "machine": harness.machine(), "date": time.strftime("%Y-%m-%d"),
-            "cores": {"service": sorted(served), "writer": sorted(writer), "pinned_poll_connections": pinned}
-            if served else None}
+            "cores": {"service": sorted(served), "writer": sorted(writer), "pinned_api_connections": pinned}
+            if served and writer else None}
 
 
 def _load_free_writes(db_url: str, job_id: str, seconds: float, core: set[int] | None = None) -> dict[str, float]:
@@ -334,14 +344,17 @@ def section(checkpoints: dict[str, Any] | None, polling: dict[str, Any] | None, 
         iso = p.get("isolated")
         if iso is not None:
             c, w = iso["cores"], iso["job"]
+            n = len(c["service"])
             out += [f"The same with the job's writer process and its database connection on core "
-                    f"{', '.join(map(str, c['writer']))} and the API, its {c['pinned_poll_connections']} poll "
-                    f"connections and the load generator on core {', '.join(map(str, c['service']))} (the rest of "
-                    f"PostgreSQL unpinned): the write's median {iso['write_quiet']['median_ms']:.2f} ms without "
-                    f"pollers, {iso['write_polled']['median_ms']:.2f} ms under them "
+                    f"{', '.join(map(str, c['writer']))} and the API, its {c['pinned_api_connections']} database "
+                    f"connections and the load generator on {'core' if n == 1 else 'cores'} "
+                    f"{', '.join(map(str, c['service']))} (the rest of PostgreSQL unpinned): the write's median "
+                    f"{iso['write_quiet']['median_ms']:.2f} ms without pollers, "
+                    f"{iso['write_polled']['median_ms']:.2f} ms under them "
                     f"({iso['write_polled']['median_ms'] / iso['write_quiet']['median_ms']:.2f}×; p99 "
                     f"{iso['write_quiet']['p99_ms']:.1f} → {iso['write_polled']['p99_ms']:.1f} ms), while the "
-                    f"pollers on their one core got {w['per_s']:,.0f} req/s (p99 {w['p99_ms']:.1f} ms).", ""]
+                    f"pollers got {w['per_s']:,.0f} req/s (p99 {w['p99_ms']:.1f} ms) on "
+                    f"{'that core' if n == 1 else 'those cores'}.", ""]
     out += [f"Produced by `{command}`.", ""]
     return "\n".join(out)
 

@@ -119,28 +119,39 @@ def test_a_whole_model_weights_part_of_an_earlier_release_is_put_back_by_name(tm
 
 
 def test_pruning_checkpoints_come_by_layer_count_by_time_and_on_a_stop(tmp_path):
-    """Inside pruning a checkpoint is due every `every_layers` layers, after `every_s` seconds, or when the job is
-    asked to stop; each holds the layers since the previous one, and the last layer is left to `pruned`."""
+    """Inside pruning every finished layer is uploaded at once and a checkpoint naming them is due every
+    `every_layers` layers, after `every_s` seconds, or on a stop; the last layer is left to `pruned`, which names
+    every layer and drops the calibration inputs."""
     from worker.run.resume import CheckpointPolicy, Resumer
 
     stop = []
-    parts = lambda layers: {f"layer-{i:04d}": {f"l{i}.weight": torch.full((2,), float(i))} for i in layers}  # noqa: E731
+    part = lambda i: {f"l{i}.weight": torch.full((2,), float(i))}  # noqa: E731
     resumer = Resumer(_store(tmp_path), CheckpointPolicy(every_s=1e9, every_layers=2))
-    saver = resumer.pruning_saver(6, parts, lambda: {"r": 1}, lambda: bool(stop))
+    saver = resumer.pruning_saver(6, part, lambda: {"r": 1}, lambda: bool(stop), "d1")
     hidden = [torch.ones(1, 2, 3)]
     saver(0, hidden)
-    assert _store(tmp_path).load() is None  # 1 layer done: not due
+    assert _store(tmp_path).load() is None  # 1 layer done: uploaded, not yet named by any checkpoint
     saver(1, hidden)
     assert (ck := _store(tmp_path).load()).point == "pruning" and ck.meta["step"] == 2
     assert set(ck.files) == {"layer-0000", "layer-0001", "calibration", "rng"}
     stop.append(True)
     saver(2, [torch.zeros(1, 2, 3)])  # asked to stop: due at once
+    resumed = Resumer(_store(tmp_path))
+    resumed.checkpoint = resumed.store.load()
+    step, back, digest = resumed.pruning_resume()
+    assert (step, digest, resumed.pruned_layers(6)) == (3, "d1", range(3))
+    assert torch.equal(back[0], torch.zeros(1, 2, 3))
+    assert set(resumed.layer_files()) == {"layer-0000", "layer-0001", "layer-0002"}
+    stop.clear()
+    for i in (3, 4, 5):
+        saver(i, hidden)  # 4 is due by count; 5, the last layer, is left to the pruned checkpoint
+    manifest = json.loads((tmp_path / "artifacts" / PREFIX / MANIFEST).read_text())  # (a load would tidy up)
+    assert manifest["meta"]["step"] == 4 and "layer-0005" not in manifest["parts"]
+    resumer.save("pruned", {"r": 2}, drop=("calibration",))
     ck = _store(tmp_path).load()
-    assert ck.meta["step"] == 3 and set(ck.file_parts("layer-")) == {"layer-0000", "layer-0001", "layer-0002"}
-    assert torch.equal(ck.part("calibration")[0], torch.zeros(1, 2, 3))
-    saver(5, hidden)  # the last layer: the pruned checkpoint saves it
-    assert _store(tmp_path).load().meta["step"] == 3
-    assert list(saver.rest()) == ["layer-0003", "layer-0004", "layer-0005"]
+    assert ck.point == "pruned" and set(ck.file_parts("layer-")) == {f"layer-{i:04d}" for i in range(6)}
+    assert "calibration" not in ck.files
+    assert not [k for k in _keys(tmp_path) if "calibration" in k]  # its file went with it
     timed = Resumer(_store(tmp_path, prefix="jobs/j2/checkpoints/"), CheckpointPolicy(every_s=0.0))
-    timed.pruning_saver(6, parts, dict, lambda: False)(0, hidden)  # the time limit passed
+    timed.pruning_saver(6, part, dict, lambda: False, "d")(0, hidden)  # the time limit passed
     assert _store(tmp_path, prefix="jobs/j2/checkpoints/").load().meta["step"] == 1

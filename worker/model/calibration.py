@@ -198,8 +198,8 @@ def calibrate_layerwise(
     (raise there to stop). The layer is re-run after ``on_layer`` to produce the next layer's inputs.
     ``layer_scope(layer)`` encloses all of that for one layer (a streamed model holds the layer in memory there
     and saves what ``on_layer`` changed). ``after_layer(layer, hidden)`` hears the next layer's inputs once a
-    layer is done (a checkpoint saves them); ``resume=(start, hidden)`` starts at layer ``start`` with those inputs,
-    the layers before it already done.
+    layer is done (a checkpoint saves them); ``resume=(start, hidden)`` starts at layer ``start`` with those inputs
+    (taken: the list is emptied), the layers before it already done.
     """
     inputs = capture_layer_inputs(model, adapter, batches)
     start = 0
@@ -209,6 +209,7 @@ def calibrate_layerwise(
             raise ValueError("the saved calibration inputs do not match these calibration batches")
         inputs.hidden = [h.to(device=old.device, dtype=old.dtype) for h, old in zip(hidden, inputs.hidden,
                                                                                     strict=True)]
+        hidden.clear()  # one copy of the inputs, not two
     with inference_state(model):
         for index in range(start, len(adapter.layers)):
             if before_layer is not None:

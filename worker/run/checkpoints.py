@@ -94,28 +94,70 @@ class CheckpointStore:
         self.may_write = may_write
         self.on_usage = on_usage
         self._parts: dict[str, dict[str, Any]] = {}  # part → {"key", "size", "sha256", "skeleton"}
+        self._staged: dict[str, dict[str, Any]] = {}  # file parts uploaded, named by the next manifest
+        self._staged_cost = [0, 0.0]  # their bytes and seconds, counted with the next checkpoint
         self._seq = 0
         self.ignored: list[str] = []  # why the checkpoints the last load found were not used
         self.last_write: dict[str, Any] = {}  # what the last save cost: {"point", "bytes", "seconds"}
 
     # writing ---------------------------------------------------------------------------------------------
     def save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), files: dict[str, Path | dict[str, Any]] | None = None) -> bool:
+             copy: tuple[str, ...] = (), files: dict[str, Path | dict[str, Any]] | None = None,
+             drop: tuple[str, ...] = ()) -> bool:
         try:
-            return self._save(point, meta, parts, copy, files or {})
+            for name, source in (files or {}).items():
+                if not self._stage(name, source):
+                    return False
+            return self._save(point, meta, parts, copy, drop)
         except (TransientError, Unreadable):
             raise
         except Exception as exc:
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
+    def stage(self, name: str, source: Path | dict[str, Any]) -> bool:
+        """Upload a part kept as a plain safetensors file, tensors under their own names — a file (a streamed
+        model's layer: copied as it is, nothing of it in memory) or a dict of named tensors (saved as such a file) —
+        now, for the next checkpoint to name (until then no reader sees it; a run that dies first leaves a file the
+        next load deletes). Read back, it is a file (:meth:`Checkpoint.file_parts`), not a value. False when this
+        run may no longer write."""
+        try:
+            return self._stage(name, source)
+        except (TransientError, Unreadable):
+            raise
+        except Exception as exc:
+            raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
+
+    def _stage(self, name: str, source: Path | dict[str, Any]) -> bool:
+        import time
+
+        from safetensors.torch import save_file
+
+        if self.may_write is not None and not self.may_write():
+            return False
+        t0 = time.perf_counter()
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        key = f"{self.prefix}{name}-{self._seq + 1:05d}.safetensors"
+        if isinstance(source, dict):
+            tmp = self.scratch / f".{name}-{self._seq + 1}.safetensors"
+            try:
+                save_file({k: t.detach().cpu().contiguous() for k, t in source.items()}, str(tmp))
+                stored = self.store.put_file(key, tmp, move=True)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            stored = self.store.put_file(key, Path(source))
+        if name in self._staged:
+            self._delete(self._staged[name]["key"])
+        self._staged[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "skeleton": None}
+        self._staged_cost[0] += stored.size
+        self._staged_cost[1] += time.perf_counter() - t0
+        return True
+
     def _save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None, copy: tuple[str, ...],
-              files: dict[str, Path | dict[str, Any]]) -> bool:
+              drop: tuple[str, ...] = ()) -> bool:
         """Write a checkpoint at ``point``: ``parts`` (name → value to pack) replace parts of that name, the
-        others are kept. Parts named in ``copy`` are written without a second in-memory copy (model weights).
-        ``files`` are parts kept as plain safetensors files, tensors under their own names: a file (a streamed
-        model's layer: copied as it is, nothing of it in memory) or a dict of named tensors (saved as such a file);
-        read back, they are files (:meth:`Checkpoint.file_parts`), not values.
-        Returns False when this run may no longer write."""
+        staged file parts join them, ``drop`` leave, the others are kept. Parts named in ``copy`` are written
+        without a second in-memory copy (model weights). Returns False when this run may no longer write."""
         import time
 
         from safetensors.torch import save_file
@@ -127,7 +169,7 @@ class CheckpointStore:
         t0 = time.perf_counter()
         self._seq += 1
         self.scratch.mkdir(parents=True, exist_ok=True)
-        replaced: list[str] = []
+        replaced: list[str] = [self._parts.pop(name)["key"] for name in drop if name in self._parts]
         written = 0
         for name, value in (parts or {}).items():
             tensors, skeleton = pack(value, copy=name not in copy)
@@ -143,27 +185,19 @@ class CheckpointStore:
             self._parts[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256,
                                  "skeleton": skeleton}
             written += stored.size
-        for name, source in files.items():
-            key = f"{self.prefix}{name}-{self._seq:05d}.safetensors"
-            if isinstance(source, dict):
-                tmp = self.scratch / f".{name}-{self._seq}.safetensors"
-                try:
-                    save_file({k: t.detach().cpu().contiguous() for k, t in source.items()}, str(tmp))
-                    stored = self.store.put_file(key, tmp, move=True)
-                finally:
-                    tmp.unlink(missing_ok=True)
-            else:
-                stored = self.store.put_file(key, Path(source))
+        for name, ref in self._staged.items():
             if name in self._parts:
                 replaced.append(self._parts[name]["key"])
-            self._parts[name] = {"key": stored.key, "size": stored.size, "sha256": stored.sha256, "skeleton": None}
-            written += stored.size
+            self._parts[name] = ref
+        self._staged = {}
+        written += self._staged_cost[0]
+        staged_s, self._staged_cost = self._staged_cost[1], [0, 0.0]
         manifest = {"version": CHECKPOINT_VERSION, "fingerprint": self.fingerprint, "point": point,
                     "seq": self._seq, "meta": meta, "parts": self._parts}
         self._put_json(manifest)
         for key in replaced:
             self._delete(key)
-        self.last_write = {"point": point, "bytes": written, "seconds": time.perf_counter() - t0}
+        self.last_write = {"point": point, "bytes": written, "seconds": time.perf_counter() - t0 + staged_s}
         self._report_usage()
         return True
 
@@ -193,7 +227,7 @@ class CheckpointStore:
 
     def clear(self) -> int:
         """Delete every checkpoint file of this job; returns how many."""
-        self._parts = {}
+        self._parts, self._staged = {}, {}
         n = self.store.delete_prefix(self.prefix)
         self._report_usage()
         return n

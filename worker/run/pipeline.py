@@ -25,7 +25,7 @@ from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutO
 from worker.reporting import Reporter, checkpoint
 from worker.run import failpoints
 from worker.run.check import check_job, data_field
-from worker.run.resume import LAYER_PART, Resumer
+from worker.run.resume import Resumer
 from worker.run.stagemeter import StageMeter, return_large_frees
 
 # Rough share of a job's time per stage, for the overall progress fraction.
@@ -217,8 +217,8 @@ def _start_report(state: RunState, meter: StageMeter, reporter: Reporter) -> Non
 
 
 def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = (),
-          files: dict[str, Any] | None = None) -> None:
-    state.resumer.save(point, state.report, parts, copy=copy, files=files)
+          drop: tuple[str, ...] = ()) -> None:
+    state.resumer.save(point, state.report, parts, copy=copy, drop=drop)
 
 
 def _write_report(state: RunState) -> None:
@@ -452,8 +452,15 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
             )
         except DataError as exc:
             raise DataError(exc.message, field="data.calibration" if spec.data.calibration else "data.train") from exc
-    saver = state.resumer.pruning_saver(len(state.adapter.layers), lambda layers: _layer_parts(state, layers),
-                                        lambda: state.report, reporter.cancel_requested)
+    digest = _calibration_digest(calibration)
+    resume = state.resumer.pruning_resume()
+    if resume is not None and resume[2] != digest:
+        field = "data.calibration" if spec.data.calibration else "data.train"
+        raise DataError(f"{field} changed since this job's pruning checkpoint was written; the calibration inputs "
+                        "it saved no longer match: restore the file, or delete the job's checkpoints (retry it) to "
+                        "prune from the start", field=field)
+    saver = state.resumer.pruning_saver(len(state.adapter.layers), lambda layer: _layer_part(state, layer),
+                                        lambda: state.report, lambda: _stopped_to_go_on(reporter), digest)
     summary = prune_model(
         state.model,
         state.adapter,
@@ -462,22 +469,38 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         progress=lambda f, m: progress(0.75 * f, m),
         should_stop=reporter.cancel_requested,
         layer_scope=(lambda i: state.layer_scope(i, write=True)) if state.store is not None else None,
-        resume=state.resumer.pruning_resume(),
+        resume=resume[:2] if resume is not None else None,
         after_layer=saver,
     )
     state.report["pruning"] = summary
-    _save(state, "pruned", files=saver.rest())
+    _save(state, "pruned", drop=("calibration",))  # names the layers uploaded as they were done
     _after_pruned(state, progress, reporter)
 
 
-def _layer_parts(state: RunState, layers: range) -> dict[str, Any]:
-    """Checkpoint parts of pruned layers, one each: a streamed layer's scratch file as it is, else the layer's
-    pruned weights under their own names."""
+def _layer_part(state: RunState, layer: int) -> Any:
+    """A pruned layer's checkpoint part: a streamed layer's scratch file as it is, else its pruned weights under
+    their own names."""
     if state.store is not None:
-        written = state.store.written()
-        return {f"{LAYER_PART}{i:04d}": written[i] for i in layers}
-    return {f"{LAYER_PART}{i:04d}": {f"{n}.weight": lin.weight for n, lin in state.adapter.layer_linears(i).items()}
-            for i in layers}
+        return state.store.written()[layer]
+    return {f"{n}.weight": lin.weight for n, lin in state.adapter.layer_linears(layer).items()}
+
+
+def _calibration_digest(batches: Any) -> str:
+    """What a pruning checkpoint's calibration inputs were computed from: the calibration tokens."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for b in batches or []:
+        h.update(b.input_ids.cpu().numpy().tobytes())
+        h.update(b.attention_mask.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stopped_to_go_on(reporter: Reporter) -> bool:
+    """Asked to stop so that the job goes on later — preempted, or out of time (a retry resumes) — not cancelled:
+    worth a checkpoint."""
+    return reporter.cancel_requested() and bool(getattr(reporter, "preempted", False)
+                                                or getattr(reporter, "timed_out", False))
 
 
 def _after_pruned(state: RunState, progress: StageProgress, reporter: Reporter) -> None:

@@ -99,11 +99,12 @@ class Resumer:
         return {"checkpoint": ck.point, "stage": POINT_STAGE[ck.point].value, "step": ck.meta.get("step")}
 
     def save(self, point: str, report: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), step: int | None = None, files: dict[str, Any] | None = None) -> None:
+             copy: tuple[str, ...] = (), step: int | None = None, files: dict[str, Any] | None = None,
+             drop: tuple[str, ...] = ()) -> None:
         if self.store is None or (self.checkpoint is not None and not self.reached(point)):
             return  # never behind the checkpoint this run resumed from
         parts = {**(parts or {}), "rng": torch.get_rng_state()}
-        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy, files=files):
+        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy, files=files, drop=drop):
             self.writes.append(dict(self.store.last_write))
             self._last = (point, step)
             failpoints.reach(f"checkpoint:{point}")
@@ -126,23 +127,26 @@ class Resumer:
         ck = self.checkpoint
         return ck.part("train") if ck is not None and self.reached("training") and ck.has("train") else None
 
-    def pruning_resume(self) -> tuple[int, list[torch.Tensor]] | None:
-        """(layers done, the next layer's calibration inputs) when the checkpoint was taken inside pruning."""
+    def pruning_step(self) -> int:
+        """The layers a checkpoint taken inside pruning had done (0 otherwise)."""
         ck = self.checkpoint
-        if ck is None or ck.point != "pruning":
+        return int(ck.meta["step"]) if ck is not None and ck.point == "pruning" else 0
+
+    def pruning_resume(self) -> tuple[int, list[torch.Tensor], str] | None:
+        """(layers done, the next layer's calibration inputs, the digest of the calibration tokens they came from)
+        when the checkpoint was taken inside pruning."""
+        if not self.pruning_step():
             return None
-        return int(ck.meta["step"]), ck.part("calibration")
+        saved = self.checkpoint.part("calibration")  # type: ignore[union-attr]
+        return self.pruning_step(), saved["hidden"], saved["digest"]
 
     def pruned_layers(self, n_layers: int) -> range:
         """The layers whose pruned weights the checkpoint holds."""
-        if self.reached("pruned"):
-            return range(n_layers)
-        ck = self.checkpoint
-        return range(int(ck.meta["step"])) if ck is not None and ck.point == "pruning" else range(0)
+        return range(n_layers) if self.reached("pruned") else range(self.pruning_step())
 
-    def pruning_saver(self, n_layers: int, layer_parts: Callable[[range], dict[str, Any]],
-                      report: Callable[[], dict[str, Any]], should_stop: Callable[[], bool]) -> PruningSaver:
-        return PruningSaver(self, n_layers, layer_parts, report, should_stop)
+    def pruning_saver(self, n_layers: int, layer_parts: Callable[[int], Any], report: Callable[[], dict[str, Any]],
+                      should_stop: Callable[[], bool], digest: str) -> PruningSaver:
+        return PruningSaver(self, n_layers, layer_parts, report, should_stop, digest)
 
     def layer_files(self) -> dict[str, Path]:
         """A streamed run's pruned layers, saved as the files it read them from (part ``layer-NNNN`` each)."""
@@ -206,34 +210,31 @@ def local_resumer(directory: Path, spec: JobSpec, policy: CheckpointPolicy = Che
 
 
 class PruningSaver:
-    """``after_layer`` of worker.prune.runner.prune_model: a ``pruning`` checkpoint at a layer boundary — every
-    ``every_layers`` layers, at least every ``every_s`` seconds, and when the job is asked to stop — holding the
-    layers pruned since the last one (``layer_parts(layers)``) and the next layer's calibration inputs.
-    :meth:`rest` gives the layers the ``pruned`` checkpoint still has to save."""
+    """``after_layer`` of worker.prune.runner.prune_model. Each finished layer's pruned weights are uploaded at once
+    (part ``layer-NNNN`` = ``layer_parts(layer)``: a file or named tensors), so a checkpoint has only the small
+    rest to write; a ``pruning`` checkpoint — naming the layers so far and holding the next layer's calibration
+    inputs — comes at a layer boundary every ``every_layers`` layers, at least every ``every_s`` seconds, and when
+    ``should_stop()`` (the job is stopped to go on later: preempted, out of time). The ``pruned`` checkpoint that
+    follows pruning names the last layers."""
 
-    def __init__(self, resumer: Resumer, n_layers: int, layer_parts: Callable[[range], dict[str, Any]],
-                 report: Callable[[], dict[str, Any]], should_stop: Callable[[], bool]):
+    def __init__(self, resumer: Resumer, n_layers: int, layer_parts: Callable[[int], Any],
+                 report: Callable[[], dict[str, Any]], should_stop: Callable[[], bool], digest: str):
         self.resumer, self.n_layers, self.layer_parts = resumer, n_layers, layer_parts
-        self.report, self.should_stop = report, should_stop
-        resumed = resumer.pruning_resume()
-        self.saved = resumed[0] if resumed is not None else 0  # layers whose weights a checkpoint holds
+        self.report, self.should_stop, self.digest = report, should_stop, digest
         self._last = time.monotonic()
 
     def __call__(self, index: int, hidden: list[torch.Tensor] | None) -> None:
+        store = self.resumer.store
+        if store is None:
+            return
+        store.stage(f"{LAYER_PART}{index:04d}", self.layer_parts(index))
         done = index + 1
-        if self.resumer.store is None or hidden is None or done >= self.n_layers:
-            return  # nothing kept, nothing to resume into (no calibration), or the pruned checkpoint follows
+        if hidden is None or done >= self.n_layers:
+            return  # nothing to resume into (no calibration), or the pruned checkpoint follows
         policy = self.resumer.policy
         due = ((policy.every_layers > 0 and done % policy.every_layers == 0)
                or time.monotonic() - self._last >= policy.every_s or self.should_stop())
-        if not due:
-            return
-        self.resumer.save("pruning", self.report(), {"calibration": hidden}, step=done,
-                          files=self.layer_parts(range(self.saved, done)))
-        self.saved, self._last = done, time.monotonic()
-
-    def rest(self) -> dict[str, Any]:
-        """The parts of the layers no checkpoint holds yet."""
-        if self.resumer.store is None:
-            return {}
-        return self.layer_parts(range(self.saved, self.n_layers))
+        if due:
+            self.resumer.save("pruning", self.report(), {"calibration": {"hidden": hidden, "digest": self.digest}},
+                              copy=("calibration",), step=done)
+            self._last = time.monotonic()
