@@ -188,3 +188,24 @@ def test_a_distill_run_killed_in_training_resumes_to_the_same_bytes(job, tmp_pat
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert report["metrics"] == ref_report["metrics"]
     assert report["restoration"]["loss_curve"] == ref_report["restoration"]["loss_curve"]
+
+
+def test_a_calibration_file_changed_since_the_pruning_checkpoint_fails_the_resume(job, tmp_path):
+    """The saved calibration inputs came from the calibration tokens: a resumed run whose calibration file no longer
+    gives those tokens fails invalid_data naming the field, instead of pruning on from inputs of other text."""
+    spec = json.loads(job["spec"].read_text())
+    train = tmp_path / "train.jsonl"
+    train.write_text(Path(spec["data"]["train"]).read_text())
+    spec["data"]["train"] = str(train)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    first = Run(path, tmp_path / "out", tmp_path / "checkpoints", stop_at="checkpoint:pruning:1")
+    first.kill_at_failpoint()
+    assert first.manifest()["point"] == "pruning"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join(reversed(rows)) + "\n")  # the same rows, another calibration stream
+    second = Run(path, tmp_path / "out", tmp_path / "checkpoints")
+    second.proc.wait(timeout=240)
+    second._reader.join(timeout=5)
+    assert second.proc.returncode == 2, second.text()[-2000:]
+    assert "error [invalid_data] (data.train)" in second.text() and "pruning checkpoint" in second.text()
