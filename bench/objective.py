@@ -419,5 +419,8 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
             "loading stage, and what the targets hold (int32 ids and float16 log-probabilities for k tokens, a float32 "
             "log-mass for the rest and an int32 position: 6k + 8 bytes per token). They are kept in memory during the "
             "job and in every checkpoint after loading. From `python -m bench objective` "
-            "([objective.md](objective.md)); seconds on this page's CPU.", "", costs]))
+            "([objective.md](objective.md)); seconds on this page's CPU, each run's own: runs that shared the two "
+            "cores with other work (the Wanda 50% mix and SparseGPT 2:4 sft runs on Wikipedia ran beside the test "
+            "suite) show longer stages, so compare seconds within a run (capture against its loading stage).", "",
+            costs]))
     return 0
