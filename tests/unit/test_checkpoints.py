@@ -91,7 +91,9 @@ def test_layer_files_are_saved_as_they_are_and_put_back_by_name(tmp_path):
     for i, (name, w) in enumerate(weights.items()):
         save_file({name: w, f"model.layers.{i}.input_layernorm.weight": torch.ones(4)}, str(tmp_path / f"l{i}.st"))
         files[f"layer-{i:04d}"] = tmp_path / f"l{i}.st"
-    assert _store(tmp_path).save("pruned", {"report": {}}, {"method": {"k": 1}}, files=files)
+    store = _store(tmp_path)
+    assert all(store.stage(name, path) for name, path in files.items())
+    assert store.save("pruned", {"report": {}}, {"method": {"k": 1}})
     resumer = Resumer(_store(tmp_path))
     resumer.checkpoint = resumer.store.load()
     back = resumer.layer_files()

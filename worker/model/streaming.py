@@ -157,14 +157,12 @@ class LayerStore:
             h.remove()
         self._handles.clear()
 
-    def written(self) -> dict[int, Path]:
-        """Layer → the scratch file it is read from now, for every layer a stage changed (one file per layer)."""
-        out: dict[int, Path] = {}
-        for layer in range(len(self.adapter.layers)):
-            paths = {self.files[key] for key in self.names(layer) if key in self.files}
-            if len(paths) == 1 and next(iter(paths)).parent == self.scratch:
-                out[layer] = next(iter(paths))
-        return out
+    def written(self, layer: int) -> Path:
+        """The scratch file a stage wrote ``layer`` to (all of its tensors are read from there now)."""
+        paths = {self.files[key] for key in self.names(layer) if key in self.files}
+        if len(paths) != 1 or next(iter(paths)).parent != self.scratch:
+            raise ValueError(f"layer {layer} has not been written to scratch")
+        return next(iter(paths))
 
     def read_from(self, files: list[Path]) -> None:
         """Read the tensors these safetensors files hold (a checkpoint's saved layers) from them from now on."""

@@ -68,7 +68,7 @@ class Checkpoint:
         return name in self.files
 
     def file_parts(self, prefix: str) -> dict[str, Path]:
-        """The parts saved as files (``CheckpointStore.save(files=...)``) whose names start with ``prefix``."""
+        """The parts staged as files (:meth:`CheckpointStore.stage`) whose names start with ``prefix``."""
         return {n: f for n, f in sorted(self.files.items()) if n.startswith(prefix) and self.skeletons.get(n) is None}
 
 
@@ -102,12 +102,8 @@ class CheckpointStore:
 
     # writing ---------------------------------------------------------------------------------------------
     def save(self, point: str, meta: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), files: dict[str, Path | dict[str, Any]] | None = None,
-             drop: tuple[str, ...] = ()) -> bool:
+             copy: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> bool:
         try:
-            for name, source in (files or {}).items():
-                if not self._stage(name, source):
-                    return False
             return self._save(point, meta, parts, copy, drop)
         except (TransientError, Unreadable):
             raise

@@ -317,8 +317,8 @@ def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None
         progress(0.8, "putting back the pruned weights")
         if state.store is None:
             state.resumer.apply_weights({n: lin for i in layers for n, lin in state.adapter.layer_linears(i).items()})
-        elif state.resumer.layer_files():  # the layers' files: a streamed run reads its layers from them
-            state.store.read_from(list(state.resumer.layer_files().values()))
+        elif files := state.resumer.layer_files():  # the layers' files: a streamed run reads its layers from them
+            state.store.read_from(list(files.values()))
         else:  # a whole-model weights part (an earlier release): put in layer by layer, each written to scratch
             for i in layers:
                 with state.layer_scope(i, write=True):
@@ -481,7 +481,7 @@ def _layer_part(state: RunState, layer: int) -> Any:
     """A pruned layer's checkpoint part: a streamed layer's scratch file as it is, else its pruned weights under
     their own names."""
     if state.store is not None:
-        return state.store.written()[layer]
+        return state.store.written(layer)
     return {f"{n}.weight": lin.weight for n, lin in state.adapter.layer_linears(layer).items()}
 
 

@@ -99,12 +99,11 @@ class Resumer:
         return {"checkpoint": ck.point, "stage": POINT_STAGE[ck.point].value, "step": ck.meta.get("step")}
 
     def save(self, point: str, report: dict[str, Any], parts: dict[str, Any] | None = None,
-             copy: tuple[str, ...] = (), step: int | None = None, files: dict[str, Any] | None = None,
-             drop: tuple[str, ...] = ()) -> None:
+             copy: tuple[str, ...] = (), step: int | None = None, drop: tuple[str, ...] = ()) -> None:
         if self.store is None or (self.checkpoint is not None and not self.reached(point)):
             return  # never behind the checkpoint this run resumed from
         parts = {**(parts or {}), "rng": torch.get_rng_state()}
-        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy, files=files, drop=drop):
+        if self.store.save(point, {"report": report, "step": step}, parts, copy=copy, drop=drop):
             self.writes.append(dict(self.store.last_write))
             self._last = (point, step)
             failpoints.reach(f"checkpoint:{point}")
@@ -135,10 +134,11 @@ class Resumer:
     def pruning_resume(self) -> tuple[int, list[torch.Tensor], str] | None:
         """(layers done, the next layer's calibration inputs, the digest of the calibration tokens they came from)
         when the checkpoint was taken inside pruning."""
-        if not self.pruning_step():
+        step = self.pruning_step()
+        if not step:
             return None
         saved = self.checkpoint.part("calibration")  # type: ignore[union-attr]
-        return self.pruning_step(), saved["hidden"], saved["digest"]
+        return step, saved["hidden"], saved["digest"]
 
     def pruned_layers(self, n_layers: int) -> range:
         """The layers whose pruned weights the checkpoint holds."""
