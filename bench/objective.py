@@ -374,6 +374,7 @@ def render(store: harness.Store, command: str) -> str:
                         gaps.append("—" if g is None else f"{100 * g:.0f}%")
                     rows.append([METHOD_LABELS[mkey], train, objective, len(runs), *values, *gaps])
         lines += [harness.markdown_table(header, rows, _show), ""]
+    lines += _task_accuracy(store, dense)
     lines += render_selection(store)
     notes = store.read_text("notes.md")
     if notes:
@@ -382,6 +383,34 @@ def render(store: harness.Store, command: str) -> str:
     if costs:
         lines += ["## Cost of the dense targets", "", costs, ""]
     return "\n".join(lines)
+
+
+TASKS = (("BoolQ", "boolq"), ("PIQA", "piqa"), ("OpenBookQA", "openbookqa"))
+
+
+def _task_accuracy(store: harness.Store, dense: dict[str, Any]) -> list[str]:
+    """Each task's accuracy beside the dense and pruned models': the mean can hide tasks moving apart."""
+    header = ["setting", "model", "train", "objective", "seeds", *(t[0] for t in TASKS)]
+    rows = []
+    for setting in plan.SETTINGS:
+        pruned = store.read(store.root / setting.key / "pruned.json")
+        if pruned is None:
+            continue
+        rows += [[setting.key, name, "—", "—", 1, *(_get(r["metrics"], (task, "acc")) for _, task in TASKS)]
+                 for name, r in (("dense", dense), ("pruned", pruned))]
+        for train in ("alpaca", "wikipedia"):
+            for mkey in METHOD_KEYS:
+                for objective in OBJECTIVES:
+                    runs = [json.loads(p.read_text()) for p in
+                            sorted((store.root / setting.key / run_key(mkey, objective, train)).glob("seed*.json"))]
+                    if runs:
+                        accs = [statistics.mean(_get(r["metrics"], (task, "acc")) for r in runs) for _, task in TASKS]
+                        rows.append([setting.key, METHOD_LABELS[mkey], train, objective, len(runs), *accs])
+    if not rows:
+        return []
+    return ["## Accuracy by task", "",
+            "The mean accuracy above, task by task (means over the seeds run).", "",
+            harness.markdown_table(header, rows, _show), ""]
 
 
 def _costs(store: harness.Store) -> str:
