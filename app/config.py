@@ -163,9 +163,10 @@ class Settings(BaseSettings):
                                                                   "a retry to resume from.")
     preempt_grace_s: float = Field(30.0, gt=0, description="On SIGTERM: time a worker gives its job to reach a "
                                                            "checkpoint before it hands the job back anyway and exits.")
-    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$",
-                               description="Where a worker computes: 'cpu', 'cuda' or 'cuda:N'; default: CUDA when "
-                                           "present.")
+    device: str | None = Field(None, pattern=r"^(cpu|cuda|cuda:\d+(,cuda:\d+)*)$",
+                               description="Where a worker computes: 'cpu', 'cuda' (every GPU it sees), 'cuda:N' or "
+                                           "a list 'cuda:0,cuda:1'; default: every GPU when there is one. A job runs "
+                                           "on the first; a model split over GPUs (model.split) uses them all.")
     max_device_memory: Annotated[int | None, BeforeValidator(parse_size)] = Field(
         None, gt=0, description="Most device memory a job may plan to use (bytes, or '40GiB'); default: the device's "
                                 "(on the CPU: the host's available memory).")

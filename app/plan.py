@@ -1,8 +1,9 @@
-"""A job's memory plan, from the model's config and the spec alone: no weights, no torch.
+"""A job's memory and time plan, from the model's config and the spec alone: no weights, no torch.
 
-For every stage the plan predicts the peak memory on the compute device and on the host, and the bytes the worker
-reads and writes. The API makes one at submit when it can read the model's config (a local directory), the worker
-makes one before any weight loads and refuses a job whose plan does not fit (``insufficient_memory``).
+For every stage the plan predicts the peak memory on the compute device and on the host, and the seconds it takes
+(app.plan_time: the stage's work at the device's speed), and for the job the bytes the worker reads and writes.
+The API makes one at submit when it can read the model's config (a local directory), the worker makes one before
+any weight loads and refuses a job whose plan does not fit (``insufficient_memory``).
 
 Each stage's peak is what stays resident (runtime, weights, what the method keeps) plus that stage's largest
 transient, and each transient is a count of tensors of a known shape:
@@ -30,7 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import PRUNING_METHODS, restoration_method
+from app.plan_time import NOMINAL, Speed, stage_work
 from app.schemas import JobSpec, Stage
+from app.shapes import PlanError, Shapes
+
+__all__ = ["GiB", "MiB", "Plan", "PlanError", "Shapes", "StagePlan", "make_plan", "split_layers", "submit_plan"]
 
 MiB = 2**20
 GiB = 2**30
@@ -63,94 +68,28 @@ def eval_logits(batch: int, seq: int, vocab: int) -> int:
     return batch * seq * vocab * 4
 
 
-class PlanError(ValueError):
-    """The config lacks what the plan needs."""
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What the plan needs from a decoder-only config."""
-
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    dtype: str  # the checkpoint's own dtype
-    qkv_bias: bool = False  # Qwen2's q/k/v biases
-    norms_per_layer: int = 2  # Gemma's four
-    qk_norm: bool = False  # Qwen3's and Gemma 3's per-head q/k norms
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], stored: str | None = None) -> Shapes:
-        """``stored``: the weights' own dtype (:func:`stored_dtype`), what loading picks when the config names
-        none."""
-        text = config.get("text_config") or config
-        try:
-            hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
-            kind = str(text.get("model_type", ""))
-            head_dim = int(text.get("head_dim") or hidden // heads)
-            return cls(
-                layers=int(text["num_hidden_layers"]), hidden=hidden, heads=heads,
-                kv_heads=int(text.get("num_key_value_heads") or heads), head_dim=head_dim,
-                intermediate=int(text["intermediate_size"]), vocab=int(text["vocab_size"]),
-                tied=bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings",
-                                                                    "gemma" in str(text.get("model_type"))))),
-                dtype=str(config.get("dtype") or config.get("torch_dtype") or text.get("dtype")
-                          or text.get("torch_dtype") or stored or "float32"),
-                qkv_bias=bool(text.get("attention_bias", False)) or kind == "qwen2",
-                norms_per_layer=4 if kind.startswith("gemma") else 2,
-                qk_norm=kind in ("qwen3", "gemma3_text", "gemma3"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"the model's config lacks a usable {exc}") from exc
-
-    @property
-    def attn(self) -> int:
-        return self.heads * self.head_dim
-
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(out, in) of the prunable Linears of one layer."""
-        h, a, kv, i = self.hidden, self.attn, self.kv_heads * self.head_dim, self.intermediate
-        return [(a, h), (kv, h), (kv, h), (h, a), (i, h), (i, h), (h, i)]
-
-    def linear_params(self) -> int:
-        return self.layers * sum(o * i for o, i in self.linear_shapes())
-
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer."""
-        per_layer = self.norms_per_layer * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
-        if self.qkv_bias:
-            per_layer += self.attn + 2 * self.kv_heads * self.head_dim
-        return sum(o * i for o, i in self.linear_shapes()) + per_layer
-
-    def params(self) -> int:
-        return self.layers * self.layer_params() + self.resident_params()
-
-    def resident_params(self) -> int:
-        """Parameters outside the decoder layers: embeddings, LM head (unless tied), final norm."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-
 @dataclass(frozen=True)
 class StagePlan:
     device_bytes: int
     host_bytes: int
+    seconds: float
 
 
 @dataclass(frozen=True)
 class Plan:
     device: str  # "cpu" or "cuda"
-    mode: str  # "whole" (the model in memory) or "streaming" (one decoder layer at a time: model.streaming)
+    mode: str  # "whole" (the model on one device), "split" (its layers spread over ``devices`` GPUs: model.split)
+    # or "streaming" (one decoder layer at a time: model.streaming)
     dtype: str
     params: int
     weight_bytes: int
     stages: dict[str, StagePlan]
     read_bytes: int
     write_bytes: int
+    seconds: float  # the whole job's, at ``speed``
+    speed: dict[str, Any]  # the device's rates the seconds assume (app.plan_time.Speed)
+    devices: int = 1  # GPUs the model is spread over; ``stages[...].device_bytes`` is the fullest one's
+    layer_devices: list[int] | None = None  # split: each decoder layer's GPU (index into the worker's devices)
 
     def peak(self, which: str = "device") -> tuple[str, int]:
         """(stage, bytes) of the largest prediction on the device or the host."""
@@ -184,10 +123,47 @@ def compute_dtype(spec: JobSpec, shapes: Shapes, gguf: bool = False) -> str:
     return "float32" if gguf or shapes.dtype not in DTYPE_BYTES else shapes.dtype
 
 
+def split_layers(shapes: Shapes, devices: int) -> list[int]:
+    """Each decoder layer's device when the model is spread over ``devices`` GPUs: contiguous runs of layers (an
+    activation crosses from one GPU to the next once per run), balanced by parameters with the embeddings on the
+    first GPU and the final norm and LM head on the last (on the first when they are tied to the embeddings)."""
+    if devices < 1:
+        raise ValueError("devices must be at least 1")
+    embed = shapes.vocab * shapes.hidden
+    head = shapes.hidden + (0 if shapes.tied else shapes.vocab * shapes.hidden)
+    layer = shapes.layer_params()
+    load = [0] * devices
+    load[0] += embed
+    load[0 if shapes.tied else devices - 1] += head
+    target = (sum(load) + shapes.layers * layer) / devices
+    out, d = [], 0
+    for i in range(shapes.layers):
+        remaining_layers, remaining_devices = shapes.layers - i, devices - d
+        # move on when this GPU is full, or when the later GPUs need at least one layer each
+        if d < devices - 1 and (load[d] + layer / 2 > target or remaining_layers < remaining_devices):
+            d += 1
+        load[d] += layer
+        out.append(d)
+    return out
+
+
+def device_params(shapes: Shapes, layer_devices: list[int], devices: int) -> list[int]:
+    """Parameters each GPU holds under :func:`split_layers`' placement."""
+    load = [0] * devices
+    load[0] += shapes.vocab * shapes.hidden
+    load[0 if shapes.tied else devices - 1] += shapes.hidden + (0 if shapes.tied else shapes.vocab * shapes.hidden)
+    for d in layer_devices:
+        load[d] += shapes.layer_params()
+    return load
+
+
 def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = False,
-              file_bytes: int | None = None, streaming: bool = False) -> Plan:
-    """The memory plan of ``spec`` on a model of ``shapes``, run on ``device`` ("cpu" or "cuda"), the whole model
-    in memory or (``streaming``) its decoder layers one at a time."""
+              file_bytes: int | None = None, streaming: bool = False, speed: Speed | None = None,
+              devices: int = 1) -> Plan:
+    """The plan of ``spec`` on a model of ``shapes``, run on ``device`` ("cpu" or "cuda"): the whole model on one
+    device, spread over ``devices`` GPUs (more than 1: layer by layer, :func:`split_layers`), or (``streaming``)
+    its decoder layers one at a time; ``speed``: the device's measured rates (default: the nominal ones of its
+    kind)."""
     dtype = compute_dtype(spec, shapes, gguf)
     b = DTYPE_BYTES[dtype]
     cuda = device.startswith("cuda")
@@ -239,25 +215,41 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     }
     runtime_host = RUNTIME_HOST + (RUNTIME_HOST_CUDA if cuda else 0)
     job_state = JOB_STATE + (EMBEDDING_MODEL if getattr(r, "negatives", None) == "minilm" else 0)
+    split = devices > 1
+    if split and (streaming or not cuda):
+        raise PlanError("a model is split over several GPUs only, and never streamed as well")
+    layer_devices = split_layers(shapes, devices) if split else None
     if streaming:  # the resident tensors and the layers in memory at once (two while training recomputes one)
         layer_b = shapes.layer_params() * b
         resident_b = shapes.resident_params() * b
         held = {s: resident_b + (2 if s == Stage.training else 1) * layer_b for s in Stage}
+    elif split:  # the fullest GPU's share; each GPU keeps the activations of its own layers while training
+        fullest = max(device_params(shapes, layer_devices, devices)) * b  # type: ignore[arg-type]
+        held = dict.fromkeys(Stage, fullest)
+        most_layers = max(layer_devices.count(d) for d in range(devices))  # type: ignore[union-attr]
+        per_token = most_layers * per_token_layer
+        transient[Stage.training] = tokens * (per_token + shapes.vocab * logit_bytes) if trains else 0
     else:
         held = dict.fromkeys(Stage, weights)
+    read = file_bytes if file_bytes is not None else params * DTYPE_BYTES.get(shapes.dtype, 4)
+    out_b = DTYPE_BYTES[dtype if spec.output.dtype == "auto" else spec.output.dtype]
+    speed = speed or NOMINAL["cuda" if cuda else "cpu"]
+    work = stage_work(spec, shapes, read, b, out_b, streaming=streaming)
     stages: dict[str, StagePlan] = {}
     for stage in planned_stages(spec):
         kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0) + targets_b
         if cuda:  # weights and transients on the device; the host keeps the runtime, the job's state and masks
             device_b = RUNTIME_DEVICE_CUDA + held[stage] + transient[stage]
-            host_b = runtime_host + kept + (held[stage] if stage == Stage.exporting else 0)
+            # exporting gathers the model's tensors on the host (all of them, when it was spread over GPUs)
+            host_b = runtime_host + kept + ((weights if split else held[stage]) if stage == Stage.exporting else 0)
         else:
             device_b = host_b = runtime_host + held[stage] + kept + transient[stage]
-        stages[stage.value] = StagePlan(device_b, host_b)
-    read = file_bytes if file_bytes is not None else params * DTYPE_BYTES.get(shapes.dtype, 4)
-    out_b = DTYPE_BYTES[dtype if spec.output.dtype == "auto" else spec.output.dtype]
-    return Plan(device="cuda" if cuda else "cpu", mode="streaming" if streaming else "whole", dtype=dtype,
-                params=params, weight_bytes=weights, stages=stages, read_bytes=read, write_bytes=params * out_b)
+        stages[stage.value] = StagePlan(device_b, host_b, round(work[stage].seconds(speed), 1))
+    return Plan(device="cuda" if cuda else "cpu",
+                mode="streaming" if streaming else "split" if split else "whole", dtype=dtype,
+                params=params, weight_bytes=weights, stages=stages, read_bytes=read, write_bytes=params * out_b,
+                seconds=round(sum(s.seconds for s in stages.values()), 1), speed=speed.to_dict(), devices=devices,
+                layer_devices=layer_devices)
 
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}

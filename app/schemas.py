@@ -73,6 +73,20 @@ class ModelSpec(Strict):
         "says the whole model does not fit; 'on' always; 'off' never (a job that does not fit then fails "
         "insufficient_memory). Safetensors models only, restoration restorelcc, bias or none.",
     )
+    split: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Spread the model over the worker's GPUs, a run of decoder layers on each (accelerate's device "
+        "map), so a model larger than one GPU but not than all of them runs at full speed. 'auto' splits only when "
+        "the memory plan says the whole model does not fit on one GPU but fits across them (before streaming is "
+        "considered); 'on' always (a worker with one GPU fails it device_unavailable); 'off' never.",
+    )
+
+    @model_validator(mode="after")
+    def _one_placement(self) -> ModelSpec:
+        if self.split == "on" and self.streaming == "on":
+            raise ValueError("model.split 'on' and model.streaming 'on' exclude each other: a split model keeps its "
+                             "layers on the GPUs, a streamed one brings them in one at a time")
+        return self
 
     @field_validator("gguf_file")
     @classmethod

@@ -66,37 +66,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     spec = _load_spec(args.spec)
     from app.plan import format_bytes
+    from app.plan_time import format_seconds
     from worker.errors import JobFailure
     from worker.model.load import checked_config, resolve_source
     from worker.run.check import streaming_problem
-    from worker.run.device import budget, choose_plan, job_device, plan_job
+    from worker.run.device import budget, choose_plan, job_devices, plan_job
 
     try:
         source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
         _, config = checked_config(source, spec)
         here = args.device is None
-        device = job_device() if here else args.device
+        devices = job_devices() if here else [args.device]
+        device = devices[0]
         streaming = spec.model.streaming == "on" and streaming_problem(spec, source, None) is None
-        plan = plan_job(spec, source, config, device, streaming=streaming)
+        plan = plan_job(spec, source, config, device, streaming=streaming, measure=here)
     except JobFailure as exc:
         print(f"error [{exc.code}]{f' ({exc.field})' if exc.field else ''}: {exc.message}", file=sys.stderr)
         return 2
     fits, why = True, ""
     if here:  # the plan this worker would run the job by, streamed or whole
         try:
-            plan = choose_plan(spec, source, config, budget(device), streaming_problem(spec, source, None))
+            plan = choose_plan(spec, source, config, budget(device, devices=devices),
+                               streaming_problem(spec, source, None))
         except JobFailure as exc:
             fits, why = False, exc.message
     out = plan.to_dict() | {"fits": fits, "why": why or None}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0 if fits else 3
-    print(f"{plan.params / 1e9:.2f}B parameters, {plan.dtype} on {plan.device}, {plan.mode} model: "
+    mode = f"split over {plan.devices} GPUs" if plan.mode == "split" else f"{plan.mode} model"
+    print(f"{plan.params / 1e9:.2f}B parameters, {plan.dtype} on {plan.device}, {mode}: "
           f"weights {format_bytes(plan.weight_bytes)}; reads {format_bytes(plan.read_bytes)}, "
-          f"writes {format_bytes(plan.write_bytes)}")
-    print(f"{'stage':<12}{'device':>12}{'host':>12}")
+          f"writes {format_bytes(plan.write_bytes)}; about {format_seconds(plan.seconds)} at this "
+          f"{'worker' if plan.speed['source'] == 'measured' else 'kind of device'}'s speed")
+    print(f"{'stage':<12}{'device':>12}{'host':>12}{'time':>10}")
     for stage, p in plan.stages.items():
-        print(f"{stage:<12}{format_bytes(p.device_bytes):>12}{format_bytes(p.host_bytes):>12}")
+        print(f"{stage:<12}{format_bytes(p.device_bytes):>12}{format_bytes(p.host_bytes):>12}"
+              f"{format_seconds(p.seconds):>10}")
     print("fits this worker" if fits else f"does not fit: {why}")
     return 0 if fits else 3
 

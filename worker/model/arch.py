@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 # model_type → a short family note (for messages and docs).
@@ -178,3 +179,10 @@ class DecoderAdapter:
             if mod is self.layers:
                 return name
         return "model.layers"
+
+
+def output_device(model: nn.Module) -> torch.device:
+    """The LM head's device: where the final hidden states are when ``logits_to_keep`` picks positions from them (the
+    last GPU of a model split over several, the only device otherwise). The logits come back on the input's."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.weight.device if head is not None else next(model.parameters()).device

@@ -13,7 +13,8 @@ always put back. The driver then, for each layer l:
 
 Peak memory: the model plus one layer's activations for all calibration samples. Statistics for all
 Linears of a layer come from the layer's inputs before any of its Linears is pruned.
-All tensors stay on the device of the model's input embeddings (single-device models).
+The captured inputs start on the device of the model's input embeddings; on a model split over GPUs each layer's
+hook moves them to that layer's GPU, where its outputs (the next layer's inputs) and its statistics stay.
 """
 
 from __future__ import annotations

@@ -509,8 +509,10 @@ def _first_lines(exc: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer): model in eval mode with ``use_cache`` off; tokenizer with a pad token.
+def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cpu",
+               device_map: dict[str, str] | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer): model in eval mode with ``use_cache`` off; tokenizer with a pad token. ``device_map``:
+    the model split over several GPUs (worker.model.placement), each module loaded straight onto its own.
 
     ``dtype='auto'`` keeps a checkpoint's own dtype; a GGUF is dequantized to float32 for 'auto'.
     Files that cannot be read or used fail as ModelNotFoundError / UnsupportedModelError naming ``source.field``.
@@ -529,19 +531,25 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
         with _reading(source, "weights"):
             model = AutoModelForCausalLM.from_pretrained(source.path.parent, dtype=torch_dtype, **kwargs)
         model = _plain_model(model, source.field)
+        if device_map:  # dequantized on the host, then spread over the GPUs
+            from accelerate import dispatch_model
+
+            model = dispatch_model(model, device_map)
         with _reading(source, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
     else:
         path = _ensure_hub_weights(source) if source.repo_id else source.path
         with _reading(source, "weights"):
             # On an accelerator the weights go straight there: the host never holds a second copy.
-            placed = {} if device == "cpu" else {"device_map": device}
+            placed = {"device_map": device_map} if device_map else {} if device == "cpu" else {"device_map": device}
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype),
                                                          **placed)
         with _reading(source, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(path)
     model.config.use_cache = False
-    model.to(device).eval()
+    if not device_map:
+        model.to(device)
+    model.eval()
     ensure_pad_token(tokenizer)
     return model, tokenizer
 

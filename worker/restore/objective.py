@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.model.arch import output_device
 from worker.model.data import IGNORE, Batch, pad_batch
 
 Sample = tuple[list[int], list[int]]  # (input ids, labels with the prompt masked)
@@ -79,7 +80,7 @@ def capture_dense_targets(model: nn.Module, samples: Sequence[Sample], pad_id: i
             continue
         where = {t: i for i, t in enumerate(keep)}
         logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                       use_cache=False, logits_to_keep=torch.tensor(keep, device=device)).logits
+                       use_cache=False, logits_to_keep=torch.tensor(keep, device=output_device(model))).logits
         for row, (j, w) in enumerate(zip(idx, wanted, strict=True)):
             if not w:
                 per_sample[j] = _empty(top_k)
@@ -139,11 +140,10 @@ def response_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=batch.input_ids.device), 0
     positions = keep.any(dim=0).nonzero().squeeze(1)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=positions
-    ).logits
-    picked = logits[keep[:, positions]].float()
-    return F.cross_entropy(picked, target[:, positions][keep[:, positions]], reduction="sum"), n
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+                   logits_to_keep=positions.to(output_device(model))).logits
+    picked = logits[keep[:, positions].to(logits.device)].float()
+    return F.cross_entropy(picked, target[:, positions][keep[:, positions]].to(logits.device), reduction="sum"), n
 
 
 class Objective(Protocol):
@@ -203,14 +203,16 @@ class DistillObjective:
             mask[b, t.positions[r].long()] = True
         keep = mask.any(dim=0).nonzero().squeeze(1)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-                       logits_to_keep=keep.to(device)).logits
+                       logits_to_keep=keep.to(output_device(model))).logits
+        device = logits.device
         picked = mask[:, keep].to(device)  # (B, P): row-major, so rows come out sample by sample, position order
         student = logits[picked].float().log_softmax(-1)
         index = torch.cat([torch.arange(r.start, r.stop) for r in rows])
         kl = bucket_kl(t.logp[index].to(device), t.rest[index].to(device), student, t.ids[index].to(device))
         loss = (1.0 - self.sft_weight) * kl.sum()
         if self.sft_weight:
-            nxt = torch.cat([batch.input_ids[b, t.positions[r].long().to(device) + 1] for b, r in enumerate(rows)])
+            ids = batch.input_ids.to(device)
+            nxt = torch.cat([ids[b, t.positions[r].long().to(device) + 1] for b, r in enumerate(rows)])
             loss = loss + self.sft_weight * F.nll_loss(student, nxt, reduction="sum")
         return loss, n
 

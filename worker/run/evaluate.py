@@ -61,7 +61,7 @@ def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Seque
     first = int(rows_first.min())  # earliest position whose next token is scored
     logits = _tail_logits(model, batch.input_ids, batch.attention_mask, first)
     start = batch.input_ids.shape[1] - logits.shape[1]
-    target = batch.labels[:, start + 1 :]
+    target = batch.labels[:, start + 1 :].to(logits.device)
     nll = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
     )

@@ -92,6 +92,7 @@ class RunState:
     zero_masks: Any = None  # ZeroMasks of the pruned model (worker.prune.measure)
     resumer: Resumer = field(default_factory=Resumer)
     device: str = "cpu"
+    devices: tuple[str, ...] = ()  # the GPUs a split model is spread over (the first is ``device``)
     store: Any = None  # LayerStore of a layer-streamed model (worker.model.streaming), else None
 
     def layer_scope(self, layer: int, write: bool = False) -> Any:
@@ -130,9 +131,9 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     out_dir.mkdir(parents=True, exist_ok=True)
     stages = planned_stages(spec)
     progress = StageProgress(reporter, stages)
-    meter = StageMeter(memory.device)
+    meter = StageMeter(memory.device, memory.available.devices if memory.plan.mode == "split" else ())
     state = RunState(spec=spec, out_dir=out_dir, checked=checked, method=checked.method,
-                     resumer=resumer or Resumer(), device=memory.device)
+                     resumer=resumer or Resumer(), device=memory.device, devices=memory.available.devices)
 
     runners: dict[Stage, Callable[[RunState, StageProgress, Reporter], None]] = {
         Stage.loading: _stage_loading,
@@ -234,20 +235,25 @@ class MemoryChoice:
 
 
 def plan_memory(spec: JobSpec, checked: Any, reporter: Reporter) -> MemoryChoice:
-    """Pick the device and plan the job's memory (whole or streamed), sent as a ``plan`` event; a plan that does not
-    fit fails the job here, before any weight loads (InsufficientMemoryFailure)."""
+    """Pick the device and plan the job's memory (whole, split over the worker's GPUs, or streamed), sent as a
+    ``plan`` event; a plan that does not fit fails the job here, before any weight loads
+    (InsufficientMemoryFailure)."""
     from worker.run.check import streaming_problem
-    from worker.run.device import budget, choose_plan, job_device, plan_job
+    from worker.run.device import budget, choose_plan, job_devices, plan_job
 
-    device = job_device()
-    available = budget(device)
+    devices = job_devices()
+    device = devices[0]
+    available = budget(device, devices=devices)
     problem = streaming_problem(spec, checked.source, checked.dense_source)
     event = {"source": "worker", "device": device, "device_name": available.name,
              "available_bytes": {"device": available.device_bytes, "host": available.host_bytes}}
+    if len(devices) > 1:
+        event["gpus"] = devices
     try:
         plan = choose_plan(spec, checked.source, checked.config, available, problem)
-    except InsufficientMemoryFailure:  # the plan refused: the streamed one only when streaming was asked for
-        refused = plan_job(spec, checked.source, checked.config, device, streaming=spec.model.streaming == "on")
+    except InsufficientMemoryFailure:  # the plan refused: the split or streamed one when that was asked for
+        refused = plan_job(spec, checked.source, checked.config, device, streaming=spec.model.streaming == "on",
+                           devices=len(devices) if spec.model.split == "on" else 1)
         reporter.event("plan", event | {"devices": {refused.device: refused.to_dict()}})
         raise
     reporter.event("plan", event | {"devices": {plan.device: plan.to_dict()}})
@@ -259,6 +265,8 @@ def _record_memory(state: RunState, memory: MemoryChoice) -> None:
     state.report["plan"] = memory.plan.to_dict()
     state.report["environment"].update(device=memory.device, device_name=memory.available.name,
                                        device_memory_bytes=memory.available.device_bytes)
+    if memory.plan.mode == "split":
+        state.report["environment"]["devices"] = list(memory.available.devices)
 
 
 
@@ -301,8 +309,18 @@ def _load(state: RunState, source: Any, name: str) -> tuple[Any, Any, Any]:
 
     if state.streaming:
         return load_streamed_model(source, state.spec.model.dtype, state.device, state.out_dir / f".{name}-layers")
-    model, tokenizer = load_model(source, state.spec.model.dtype, device=state.device)
+    model, tokenizer = load_model(source, state.spec.model.dtype, device=state.device, device_map=_device_map(state))
     return model, tokenizer, None
+
+
+def _device_map(state: RunState) -> dict[str, str] | None:
+    """Where each module goes when the plan split the model over several GPUs (worker.model.placement)."""
+    plan = state.report.get("plan") or {}
+    if plan.get("mode") != "split":
+        return None
+    from worker.model.placement import meta_model, split_device_map
+
+    return split_device_map(meta_model(state.checked.config), plan["layer_devices"], list(state.devices))
 
 
 def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None:

@@ -91,9 +91,11 @@ class StageMeter:
     resident set at the stage's start is what earlier stages left in memory, its anonymous part what is not a page
     of a memory-mapped file."""
 
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", devices: tuple[str, ...] = ()) -> None:
+        """``devices``: every GPU of a model split over several (``peak_gpu_mb`` is the fullest one's)."""
         self.stages: dict[str, dict[str, Any]] = {}
         self.device = device
+        self.devices = tuple(devices) or (device,)
 
     @contextmanager
     def measure(self, name: str):
@@ -103,7 +105,8 @@ class StageMeter:
         cuda = self.device.startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for d in self.devices:
+                torch.cuda.reset_peak_memory_stats(d)
         start = rss_bytes()
         sampler = _PeakSampler()
         sampler.start()
@@ -119,5 +122,5 @@ class StageMeter:
             entry["peak_rss_mb"] = round(max(entry["peak_rss_mb"], peak / 2**20), 1)
             entry["peak_anon_mb"] = round(max(entry.get("peak_anon_mb", 0.0), anon / 2**20), 1)
             if cuda:
-                gpu = torch.cuda.max_memory_allocated(self.device) / 2**20
+                gpu = max(torch.cuda.max_memory_allocated(d) for d in self.devices) / 2**20
                 entry["peak_gpu_mb"] = round(max(entry.get("peak_gpu_mb", 0.0), gpu), 1)

@@ -163,6 +163,11 @@ def _as_llama(model: nn.Module) -> nn.Module:
     new.generation_config = getattr(model, "generation_config", new.generation_config)
     new.config._name_or_path = getattr(src, "_name_or_path", "")
     new.config.dtype = getattr(src, "dtype", None)
+    placed = getattr(model, "hf_device_map", None)
+    if placed and getattr(model, "_hf_hook", None) is not None:  # split over GPUs: the same modules, map and hooks
+        from accelerate import dispatch_model
+
+        new = dispatch_model(new, device_map=dict(placed), force_hooks=True)
     return new.eval()
 
 

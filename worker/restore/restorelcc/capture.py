@@ -44,7 +44,7 @@ def capture_head_outputs(
     def make_hook(layer: int):
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0]  # (B, T, H*d)
-            picked = x[torch.arange(x.shape[0], device=x.device), rows]  # (B, H*d)
+            picked = x[torch.arange(x.shape[0], device=x.device), rows.to(x.device)]  # (B, H*d)
             current[layer] = picked.float().reshape(x.shape[0], n_heads, d).cpu()
 
         return hook

@@ -1,0 +1,68 @@
+"""This worker's device rates for the time plan (app.plan_time.Speed), measured once per device and dtype.
+
+Three short measurements on the job's device, about a second on a CPU and a few milliseconds on a GPU: one square
+matrix multiply in the compute dtype, a stable sort along the rows of a float32 matrix (what pruning's selection
+does), and a copy of host memory onto the device (what layer streaming does per layer). Storage rates are not
+measured (a cold read cannot be had without dropping the page cache); they are the device kind's nominal ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from functools import lru_cache
+
+from app.plan_time import NOMINAL, Speed
+
+MATMUL_SIZE = {"cpu": 1024, "cuda": 4096}
+SORT_SHAPE = (512, 4096)
+MOVE_BYTES = 32 * 2**20
+REPEATS = 3
+log = logging.getLogger(__name__)
+
+
+def _best_of(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    """The fastest of a few timed calls, after one untimed call (allocations, kernel selection)."""
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def device_speed(device: str, dtype: str) -> Speed:
+    """``device``: "cpu" or "cuda:N"; ``dtype``: the job's compute dtype ("bfloat16", ...). The time plan is an
+    estimate: a measurement that fails (a GPU another process has filled) gives the device kind's nominal rates,
+    labelled so, and the job goes on."""
+    try:
+        return _measured(device, dtype)
+    except (RuntimeError, ValueError, TypeError, AttributeError) as exc:  # torch's errors, an unknown dtype
+        kind = "cuda" if device.startswith("cuda") else "cpu"
+        log.warning("could not measure %s's speed (%s); the time plan uses nominal rates", device, exc)
+        return replace(NOMINAL[kind], source=f"nominal: measuring {device} failed ({type(exc).__name__})")
+
+
+@lru_cache(maxsize=8)
+def _measured(device: str, dtype: str) -> Speed:
+    import torch
+
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if kind == "cuda" else (lambda: None)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    n = MATMUL_SIZE[kind]
+    a = torch.randn(n, n, device=dev, dtype=getattr(torch, dtype), generator=gen)
+    matmul = 2 * n**3 / _best_of(lambda: a @ a, sync)
+    rows = torch.randn(*SORT_SHAPE, device=dev, generator=gen)
+    sort = rows.numel() / _best_of(lambda: torch.sort(rows, dim=1, stable=True), sync)
+    host = torch.empty(MOVE_BYTES, dtype=torch.uint8)
+    move = MOVE_BYTES / _best_of(lambda: host.to(dev, copy=True), sync)
+    nominal = NOMINAL[kind]
+    return Speed(matmul_flops=matmul, sort_elements=sort, read_bytes=nominal.read_bytes,
+                 write_bytes=nominal.write_bytes, move_bytes=move, source="measured")
