@@ -123,18 +123,23 @@ def compute_dtype(spec: JobSpec, shapes: Shapes, gguf: bool = False) -> str:
     return "float32" if gguf or shapes.dtype not in DTYPE_BYTES else shapes.dtype
 
 
+def _outside_layers(shapes: Shapes, devices: int) -> list[int]:
+    """Parameters each GPU holds besides decoder layers: the embeddings on the first, the final norm and LM head
+    on the last (on the first when the head is tied to the embeddings)."""
+    load = [0] * devices
+    load[0] += shapes.vocab * shapes.hidden
+    load[0 if shapes.tied else devices - 1] += shapes.hidden + (0 if shapes.tied else shapes.vocab * shapes.hidden)
+    return load
+
+
 def split_layers(shapes: Shapes, devices: int) -> list[int]:
     """Each decoder layer's device when the model is spread over ``devices`` GPUs: contiguous runs of layers (an
     activation crosses from one GPU to the next once per run), balanced by parameters with the embeddings on the
     first GPU and the final norm and LM head on the last (on the first when they are tied to the embeddings)."""
     if devices < 1:
         raise ValueError("devices must be at least 1")
-    embed = shapes.vocab * shapes.hidden
-    head = shapes.hidden + (0 if shapes.tied else shapes.vocab * shapes.hidden)
     layer = shapes.layer_params()
-    load = [0] * devices
-    load[0] += embed
-    load[0 if shapes.tied else devices - 1] += head
+    load = _outside_layers(shapes, devices)
     target = (sum(load) + shapes.layers * layer) / devices
     out, d = [], 0
     for i in range(shapes.layers):
@@ -149,9 +154,7 @@ def split_layers(shapes: Shapes, devices: int) -> list[int]:
 
 def device_params(shapes: Shapes, layer_devices: list[int], devices: int) -> list[int]:
     """Parameters each GPU holds under :func:`split_layers`' placement."""
-    load = [0] * devices
-    load[0] += shapes.vocab * shapes.hidden
-    load[0 if shapes.tied else devices - 1] += shapes.hidden + (0 if shapes.tied else shapes.vocab * shapes.hidden)
+    load = _outside_layers(shapes, devices)
     for d in layer_devices:
         load[d] += shapes.layer_params()
     return load
@@ -189,8 +192,14 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     seq = getattr(r, "max_seq_len", 256)
     tokens = batch * seq
     per_token_layer = (TRAIN_INTERMEDIATE_COPIES * shapes.intermediate + TRAIN_HIDDEN_COPIES * shapes.hidden) * b
-    # streaming keeps each layer's input and recomputes one layer's activations at a time
-    per_token = shapes.layers * shapes.hidden * b + per_token_layer if streaming else shapes.layers * per_token_layer
+    split = devices > 1
+    if split and (streaming or not cuda):
+        raise PlanError("a model is split over several GPUs only, and never streamed as well")
+    layer_devices = split_layers(shapes, devices) if split else None
+    # streaming keeps each layer's input and recomputes one layer's activations at a time; split, each GPU keeps
+    # its own layers' activations (the fullest GPU's count)
+    layers_kept = max(layer_devices.count(d) for d in range(devices)) if layer_devices else shapes.layers
+    per_token = shapes.layers * shapes.hidden * b + per_token_layer if streaming else layers_kept * per_token_layer
     distill = trains and r.needs_dense_targets()
     # distill: the student's float32 log-softmax and the rest-bucket's masked copy, beside the logits
     logit_bytes = TRAIN_LOGIT_BYTES + (DISTILL_LOGIT_BYTES if distill else 0)
@@ -215,20 +224,12 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     }
     runtime_host = RUNTIME_HOST + (RUNTIME_HOST_CUDA if cuda else 0)
     job_state = JOB_STATE + (EMBEDDING_MODEL if getattr(r, "negatives", None) == "minilm" else 0)
-    split = devices > 1
-    if split and (streaming or not cuda):
-        raise PlanError("a model is split over several GPUs only, and never streamed as well")
-    layer_devices = split_layers(shapes, devices) if split else None
     if streaming:  # the resident tensors and the layers in memory at once (two while training recomputes one)
         layer_b = shapes.layer_params() * b
         resident_b = shapes.resident_params() * b
         held = {s: resident_b + (2 if s == Stage.training else 1) * layer_b for s in Stage}
-    elif split:  # the fullest GPU's share; each GPU keeps the activations of its own layers while training
-        fullest = max(device_params(shapes, layer_devices, devices)) * b  # type: ignore[arg-type]
-        held = dict.fromkeys(Stage, fullest)
-        most_layers = max(layer_devices.count(d) for d in range(devices))  # type: ignore[union-attr]
-        per_token = most_layers * per_token_layer
-        transient[Stage.training] = tokens * (per_token + shapes.vocab * logit_bytes) if trains else 0
+    elif layer_devices:  # the fullest GPU's share
+        held = dict.fromkeys(Stage, max(device_params(shapes, layer_devices, devices)) * b)
     else:
         held = dict.fromkeys(Stage, weights)
     read = file_bytes if file_bytes is not None else params * DTYPE_BYTES.get(shapes.dtype, 4)

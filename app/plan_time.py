@@ -84,6 +84,10 @@ class Work:
     written: float = 0.0
     moved: float = 0.0
 
+    def __add__(self, other: Work) -> Work:
+        return Work(self.flops + other.flops, self.sorted + other.sorted, self.read + other.read,
+                    self.written + other.written, self.moved + other.moved)
+
     def seconds(self, speed: Speed) -> float:
         return (STAGE_START_S + self.flops / (MATMUL_EFFICIENCY * speed.matmul_flops)
                 + self.sorted / (SORT_EFFICIENCY * speed.sort_elements)
@@ -123,7 +127,7 @@ def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int,
 
     params = shapes.params()
     stack = shapes.layers * shapes.layer_params()  # the decoder layers: what captures run (no LM head)
-    layers_b = stack * dtype_bytes  # what streaming moves per pass
+    layers_b = stack * dtype_bytes if streaming else 0  # what streaming moves per pass (the whole model: nothing)
     r, p, ev = spec.restoration, spec.pruning, spec.evaluation
     method = restoration_method(r.method)
     seq = int(getattr(r, "max_seq_len", 256) * FILL)
@@ -158,7 +162,7 @@ def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int,
             flops += _sparsegpt_flops(shapes, cal_t)
         # streamed: each layer comes in once, is pruned and written to scratch, then the pruned model is evaluated
         pruning = Work(flops=flops, sorted=shapes.linear_params(), moved=layers_b + evaluation.moved,
-                       written=layers_b if streaming else 0)
+                       written=layers_b)
     merge_t = MERGE_CHECK_PASSES * batch * seq
     stages = {
         Stage.loading: loading,
@@ -168,17 +172,13 @@ def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int,
         # forward and backward; streaming recomputes each layer's forward in the backward
         Stage.training: Work(flops=(TRAIN_FLOPS + (2 if streaming else 0)) * params * micro * batch * seq,
                              moved=layers_b * 2 * micro),
-        Stage.merging: Work(flops=2 * params * merge_t, moved=layers_b * (1 + MERGE_CHECK_PASSES),
-                            written=layers_b if streaming else 0),
+        Stage.merging: Work(flops=2 * params * merge_t, moved=layers_b * (1 + MERGE_CHECK_PASSES), written=layers_b),
         Stage.evaluating: evaluation if method.trains else Work(),
-        Stage.exporting: Work(written=params * out_bytes, read=layers_b if streaming else 0),
+        Stage.exporting: Work(written=params * out_bytes, read=layers_b),
     }
     if p.method == "none":  # the given pruned model is measured in the first stage after loading
         first = Stage.probing if r.needs_activations() else Stage.training if method.trains else Stage.evaluating
-        w = stages[first]
-        stages[first] = Work(w.flops + evaluation.flops, w.sorted, w.read, w.written, w.moved + evaluation.moved)
-    if not streaming:  # the layers stay on the device
-        stages = {s: Work(w.flops, w.sorted, w.read, w.written, 0.0) for s, w in stages.items()}
+        stages[first] = stages[first] + evaluation
     return stages
 
 

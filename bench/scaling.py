@@ -148,18 +148,6 @@ def predicted_seconds(r: dict[str, Any]) -> dict[str, float] | None:
     return {stage: p.seconds for stage, p in plan.stages.items()}
 
 
-def time_ratios(results: list[dict[str, Any]]) -> list[float]:
-    """plan ÷ measured seconds for every stage of at least TIMED_STAGE_S, and for every whole job."""
-    out = []
-    for r in results:
-        pred = predicted_seconds(r)
-        if pred is None:
-            continue
-        out += [pred[st] / m["seconds"] for st, m in r["stages"].items() if m["seconds"] >= TIMED_STAGE_S]
-        out.append(sum(pred.values()) / sum(m["seconds"] for m in r["stages"].values()))
-    return out
-
-
 def _gb(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
@@ -167,9 +155,13 @@ def _gb(n: float) -> str:
 def _section(results: list[dict[str, Any]], device: str) -> list[str]:
     lines: list[str] = []
     worst = 0.0
+    ratios: list[float] = []  # plan ÷ measured seconds: every stage of at least TIMED_STAGE_S, every whole job
     for r in results:
         plan = r["plan"]["stages"]
         secs = predicted_seconds(r) or {}
+        if secs:
+            ratios += [secs[st] / m["seconds"] for st, m in r["stages"].items() if m["seconds"] >= TIMED_STAGE_S]
+            ratios.append(sum(secs.values()) / sum(m["seconds"] for m in r["stages"].values()))
         rows = []
         for stage, m in r["stages"].items():
             meas = measured_peak(m, device)
@@ -194,7 +186,6 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
                                           "peak GiB (measured)", "plan GiB", "plan / measured", "within 20%"],
                                          rows), ""]
     if results:
-        ratios = time_ratios(results)
         timed = (f" Time: the plan is between {min(ratios):.2f}× and {max(ratios):.2f}× the measured seconds of "
                  f"every stage of at least {TIMED_STAGE_S:.0f} s and of every whole job "
                  f"(shorter stages are mostly their fixed start cost)." if ratios else "")

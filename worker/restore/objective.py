@@ -142,8 +142,9 @@ def response_loss_sum(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int
     positions = keep.any(dim=0).nonzero().squeeze(1)
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
                    logits_to_keep=positions.to(output_device(model))).logits
-    picked = logits[keep[:, positions].to(logits.device)].float()
-    return F.cross_entropy(picked, target[:, positions][keep[:, positions]].to(logits.device), reduction="sum"), n
+    kept = keep[:, positions]
+    picked = logits[kept.to(logits.device)].float()
+    return F.cross_entropy(picked, target[:, positions][kept].to(logits.device), reduction="sum"), n
 
 
 class Objective(Protocol):

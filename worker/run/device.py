@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from app.config import Settings
@@ -133,8 +135,7 @@ def choose_plan(spec: Any, source: Any, config: Any, available: DeviceBudget, st
     (``model.streaming``: 'on', 'off', or 'auto': streamed only when neither of those fits). Raises
     InsufficientMemoryFailure when nothing fits, with the plans' numbers. ``measure``: as for :func:`plan_job`."""
 
-    def plan(**kwargs: Any) -> Plan:
-        return plan_job(spec, source, config, available.device, measure=measure, **kwargs)
+    plan = job_planner(spec, source, config, available.device, measure)
 
     gpus = len(available.devices) if available.device.startswith("cuda") else 1
     if spec.model.split == "on":
@@ -176,6 +177,12 @@ def plan_job(spec: Any, source: Any, config: Any, device: str, streaming: bool =
     """The job's plan (app.plan) from the model's config (as worker.model.load reads it); no weights. ``measure``:
     time it at this worker's measured speed on ``device`` (worker.run.speed), else at the device kind's nominal
     one."""
+    return job_planner(spec, source, config, device, measure)(streaming=streaming, devices=devices)
+
+
+def job_planner(spec: Any, source: Any, config: Any, device: str, measure: bool = True) -> Callable[..., Plan]:
+    """:func:`plan_job` with what every plan of the job shares (shapes, file sizes, the device's speed) read once;
+    call it with ``streaming`` or ``devices``."""
     gguf = source.kind == "gguf"
     path = source.path
     files = [path] if gguf else [*path.glob("*.safetensors")] if path.is_dir() else []
@@ -188,5 +195,4 @@ def plan_job(spec: Any, source: Any, config: Any, device: str, streaming: bool =
         from worker.run.speed import device_speed
 
         speed = device_speed(device, compute_dtype(spec, shapes, gguf))
-    return make_plan(spec, shapes, device, gguf=gguf, file_bytes=file_bytes, streaming=streaming, speed=speed,
-                     devices=devices)
+    return partial(make_plan, spec, shapes, device, gguf=gguf, file_bytes=file_bytes, speed=speed)

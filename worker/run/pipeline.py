@@ -93,6 +93,7 @@ class RunState:
     resumer: Resumer = field(default_factory=Resumer)
     device: str = "cpu"
     devices: tuple[str, ...] = ()  # the GPUs a split model is spread over (the first is ``device``)
+    device_map: dict[str, str] | None = None  # a split model's modules → GPUs, made at its first load
     store: Any = None  # LayerStore of a layer-streamed model (worker.model.streaming), else None
 
     def layer_scope(self, layer: int, write: bool = False) -> Any:
@@ -314,13 +315,17 @@ def _load(state: RunState, source: Any, name: str) -> tuple[Any, Any, Any]:
 
 
 def _device_map(state: RunState) -> dict[str, str] | None:
-    """Where each module goes when the plan split the model over several GPUs (worker.model.placement)."""
+    """Where each module goes when the plan split the model over several GPUs (worker.model.placement); the dense
+    reference and the model share it."""
     plan = state.report.get("plan") or {}
     if plan.get("mode") != "split":
         return None
-    from worker.model.placement import meta_model, split_device_map
+    if state.device_map is None:
+        from worker.model.placement import meta_model, split_device_map
 
-    return split_device_map(meta_model(state.checked.config), plan["layer_devices"], list(state.devices))
+        state.device_map = split_device_map(meta_model(state.checked.config), plan["layer_devices"],
+                                            list(state.devices))
+    return state.device_map
 
 
 def _resume_model(state: RunState, source: Any, progress: StageProgress) -> None:
