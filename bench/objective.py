@@ -16,7 +16,8 @@ Results: bench/results/objective/<setting>/<method>-<objective>-<train>/seed<k>.
 
 ``--select`` chooses the service's default objective the way the other defaults were chosen (docs/search.md): on
 selection rows no page scores — Alpaca-valid rows 300..599 (response perplexity) and WikiText sentences 200..999 —
-RestoreLCC at the service default, Wanda 50% (the search's setting), Alpaca training, seed 0, once per objective.
+RestoreLCC at the service default, Wanda 50% (the search's setting), Alpaca training, each objective with each seed
+(``--seeds``, default 0 and 1); a run's metrics are averaged over its seeds.
 The winner closes the larger share of the worse of its two gaps (the aim is the dense model on both kinds of text);
 on a tie the incumbent stays. Results: bench/results/objective/select/.
 """
@@ -93,10 +94,9 @@ def run_key(method: str, objective: str, train: str) -> str:
 def restoration(method: plan.Method, budget: plan.Budget, objective: str) -> dict[str, Any]:
     r = plan.restoration_spec(method, budget)
     r["objective"] = "sft" if objective == "sft" else "distill"
-    if objective != "sft":
+    if objective != "sft":  # every distill setting named: a method's defaults (RestoreLCC's mix) play no part
         r["distill_top_k"] = TOP_K
-    if objective == "mixed":
-        r["sft_weight"] = MIXED_WEIGHT
+        r["sft_weight"] = MIXED_WEIGHT if objective == "mixed" else 0.0
     return r
 
 
@@ -121,7 +121,7 @@ class Runner:
         return compare.setup(cmp_args)[0]
 
     def run_selection(self) -> None:
-        """Dense, pruned and RestoreLCC at the service default with each objective, on the selection rows."""
+        """Dense, pruned and RestoreLCC at the service default with each objective and seed, on the selection rows."""
         base = self._base()
         ev = selection_evaluation(self.store.root)
         setting = plan.setting_by_key(SELECT_SETTING)
@@ -133,14 +133,17 @@ class Runner:
                        lambda: self._evaluate(base.pruned_model(setting), ev, f"select/{setting.key}/pruned"),
                        f"select/{setting.key}/pruned")
         method = plan.method_by_key("restorelcc-default")
-        for objective in OBJECTIVES:
-            key = run_key(method.key, objective, "alpaca")
-            job = plan.restore_job(method, base.budget, plan.Data(harness.data("alpaca/train.jsonl"), "", "", ()), "",
-                                   base.dense_dir or "", 0)
-            job["restoration"] = restoration(method, base.budget, objective)
-            self.store.get(folder / setting.key / f"{key}.json", {"job": {**job, "model": None}, "evaluation": ev},
-                           lambda j=job, k=key: self._restore(base, setting, j, f"select-{k}", 0, ev, keep=True),
-                           f"select/{setting.key}/{key}")
+        for seed in self.seeds:
+            for objective in OBJECTIVES:
+                key = run_key(method.key, objective, "alpaca")
+                job = plan.restore_job(method, base.budget, plan.Data(harness.data("alpaca/train.jsonl"), "", "", ()),
+                                       "", base.dense_dir or "", seed)
+                job["restoration"] = restoration(method, base.budget, objective)
+                self.store.get(folder / setting.key / key / f"seed{seed}.json",
+                               {"job": {**job, "model": None}, "evaluation": ev},
+                               lambda j=job, k=key, sd=seed: self._restore(base, setting, j, f"select-{k}", sd, ev,
+                                                                           keep=True),
+                               f"select/{setting.key}/{key}/seed{seed}")
 
     def run(self) -> None:
         base = self._base()
@@ -269,35 +272,52 @@ def service_default() -> str:
     return "mixed" if r.sft_weight == MIXED_WEIGHT else "distill" if r.sft_weight == 0 else f"distill+{r.sft_weight}"
 
 
+def selection_runs(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """Each objective's selection results, one per seed run (objectives not run yet left out)."""
+    runs = {o: [json.loads(p.read_text()) for p in
+                sorted((folder / run_key("restorelcc-default", o, "alpaca")).glob("seed*.json"))] for o in OBJECTIVES}
+    return {o: r for o, r in runs.items() if r}
+
+
+def mean_metrics(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The selection metrics averaged over seeds, shaped like one run's ``metrics``."""
+    out: dict[str, Any] = {}
+    for stem, field in SELECT_METRICS.values():
+        out.setdefault(stem, {})[field] = statistics.mean(_get(r["metrics"], (stem, field)) for r in runs)
+    return out
+
+
 def render_selection(store: harness.Store) -> list[str]:
     folder = store.root / "select"
     dense, pruned = store.read(folder / "dense.json"), store.read(folder / SELECT_SETTING / "pruned.json")
-    runs = {o: store.read(folder / SELECT_SETTING / f"{run_key('restorelcc-default', o, 'alpaca')}.json")
-            for o in OBJECTIVES}
-    runs = {o: r for o, r in runs.items() if r is not None}
+    runs = selection_runs(folder / SELECT_SETTING)
     lines = ["## Choosing the default objective", "",
              "Like the other defaults (docs/search.md), on rows no table here scores: Alpaca-valid rows "
              f"{select_range('alpaca')} (response perplexity) and WikiText sentences {select_range('wikitext')}; "
-             "RestoreLCC at the "
-             "service default, Wanda 50%, Alpaca training, seed 0. The winner closes the larger share of the worse of "
-             "its two gaps; on a tie the incumbent (sft) stays. `python -m bench objective --select`.", ""]
+             "RestoreLCC at the service default, Wanda 50%, Alpaca training, each objective with each seed run "
+             "(metrics averaged over its seeds). The winner closes the larger share of the worse of its two gaps; on "
+             "a tie the incumbent (sft) stays. `python -m bench objective --select`.", ""]
     if dense is None or pruned is None or not runs:
         return lines + ["Not run yet.", ""]
-    shares = {o: selection_shares(r, pruned, dense) for o, r in runs.items()}
+    means = {o: {"metrics": mean_metrics(r)} for o, r in runs.items()}
+    shares = {o: selection_shares(m, pruned, dense) for o, m in means.items()}
 
     def ppls(result: dict[str, Any]) -> list[Any]:
         return [_get(result["metrics"], SELECT_METRICS[name]) for name in ("alpaca", "wikitext")]
 
-    rows = [["dense", *ppls(dense), "—", "—", "—"], ["pruned", *ppls(pruned), "—", "—", "—"]]
-    for o, r in runs.items():
+    def worse_by_seed(o: str) -> str:
+        return " / ".join(f"{100 * min(selection_shares(r, pruned, dense).values()):.0f}%" for r in runs[o])
+
+    rows = [["dense", "—", *ppls(dense), "—", "—", "—", "—"], ["pruned", "—", *ppls(pruned), "—", "—", "—", "—"]]
+    for o in runs:
         sh = shares[o]
-        rows.append([o, *ppls(r), f"{100 * sh['alpaca']:.0f}%", f"{100 * sh['wikitext']:.0f}%",
-                     f"{100 * min(sh.values()):.0f}%"])
-    lines += [harness.markdown_table(["objective", "Alpaca-select resp. ppl", "WikiText-select ppl",
-                                      "gap closed: Alpaca", "gap closed: WikiText", "worse of the two"], rows, _show),
-              ""]
-    if len(runs) < len(OBJECTIVES):
-        return lines + [f"Not every objective has run ({', '.join(runs)} so far): no choice yet.", ""]
+        rows.append([o, ", ".join(str(r["seed"]) for r in runs[o]), *ppls(means[o]), f"{100 * sh['alpaca']:.0f}%",
+                     f"{100 * sh['wikitext']:.0f}%", f"{100 * min(sh.values()):.0f}%", worse_by_seed(o)])
+    lines += [harness.markdown_table(["objective", "seeds", "Alpaca-select resp. ppl", "WikiText-select ppl",
+                                      "gap closed: Alpaca", "gap closed: WikiText", "worse of the two",
+                                      "worse of the two, each seed"], rows, _show), ""]
+    if len(runs) < len(OBJECTIVES) or len({len(r) for r in runs.values()}) > 1:
+        return lines + ["Not every objective has run with every seed yet: no choice yet.", ""]
     chosen, current = choose_objective(shares), service_default()
     lines += [f"Chosen: **{chosen}**. The service default is **{current}**"
               + (" — they agree." if chosen == current else " — **they disagree**: the default has not followed the "

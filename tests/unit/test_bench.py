@@ -716,6 +716,40 @@ def test_the_default_objective_is_the_one_whose_worse_gap_share_is_largest() -> 
     assert choose_objective({"distill": {"alpaca": 0.1, "wikitext": 0.2}}) == "distill"
 
 
+def test_the_selection_averages_each_objective_over_its_seeds_and_waits_for_every_seed(tmp_path) -> None:
+    from bench import objective
+
+    alpaca, wikitext = objective.SELECT_METRICS["alpaca"], objective.SELECT_METRICS["wikitext"]
+
+    def result(seed: int, alpaca_ppl: float, wikitext_ppl: float) -> dict:
+        return {"seed": seed, "metrics": {alpaca[0]: {alpaca[1]: alpaca_ppl}, wikitext[0]: {wikitext[1]: wikitext_ppl}}}
+
+    folder = tmp_path / "objective" / "select"
+    store = objective.harness.Store(tmp_path / "objective")
+    (folder / objective.SELECT_SETTING).mkdir(parents=True)
+    (folder / "dense.json").write_text(json.dumps(result(0, 6.0, 300.0)))
+    (folder / objective.SELECT_SETTING / "pruned.json").write_text(json.dumps(result(0, 14.0, 600.0)))
+
+    def put(obj: str, seed: int, a: float, w: float) -> None:
+        path = folder / objective.SELECT_SETTING / objective.run_key("restorelcc-default", obj, "alpaca")
+        path.mkdir(exist_ok=True)
+        (path / f"seed{seed}.json").write_text(json.dumps(result(seed, a, w)))
+
+    put("sft", 0, 9.0, 500.0), put("distill", 0, 10.0, 450.0), put("mixed", 0, 9.5, 470.0)
+    put("sft", 1, 11.0, 520.0)
+    runs = objective.selection_runs(folder / objective.SELECT_SETTING)
+    assert [r["seed"] for r in runs["sft"]] == [0, 1]
+    assert objective.mean_metrics(runs["sft"]) == {alpaca[0]: {alpaca[1]: 10.0}, wikitext[0]: {wikitext[1]: 510.0}}
+    page = "\n".join(objective.render_selection(store))
+    assert "no choice yet" in page and "Chosen" not in page  # sft has two seeds, the others one
+    put("distill", 1, 10.0, 450.0), put("mixed", 1, 9.5, 470.0)
+    page = "\n".join(objective.render_selection(store))
+    # worse shares, from the means: sft's WikiText (ln 600/510 / ln 2 = 23%), distill's Alpaca (ln 14/10 / ln 14/6 =
+    # 40%), mixed's WikiText (35%)
+    assert "| sft | 0, 1 | 10 | 510 | 40% | 23% | 23% | 26% / 21% |" in page
+    assert "Chosen: **distill**" in page
+
+
 def test_the_selection_rows_are_never_rows_the_page_scores(tmp_path, monkeypatch) -> None:
     from bench import objective
 
