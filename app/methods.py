@@ -45,7 +45,22 @@ DEFAULT_STEPS = 50  # the run length the defaults were searched and measured at 
 DEFAULT_HEADS = 0.8  # searched (docs/search.md)
 DEFAULT_DIRECTIONS = 0.66  # searched together with DEFAULT_HEADS (docs/search.md)
 Objective = Literal["sft", "distill"]
-DEFAULT_OBJECTIVE = "sft"  # measured against distill in docs/objective.md
+DEFAULT_OBJECTIVE: Objective = "sft"  # bias, LoRA and DoRA: the objective selection (docs/objective.md) ran RestoreLCC
+# RestoreLCC's objective: distill mixed with the next-token loss, chosen by the selection on held-out rows over two
+# seeds (docs/objective.md), as its other defaults were (docs/search.md)
+RESTORELCC_OBJECTIVE: Objective = "distill"
+RESTORELCC_SFT_WEIGHT = 0.5
+# The distill-only settings and the values an sft job holds them at
+DISTILL_ONLY: dict[str, Any] = {"distill_tokens": "response", "distill_top_k": 64, "sft_weight": 0.0}
+OBJECTIVE_HELP = (
+    "What training moves the model toward: 'sft', the training data (next-token loss on the responses, the paper's "
+    "recipe); 'distill', the dense model (KL divergence from its next-token distribution on the training text, "
+    f"captured while the dense model is loaded), mixed with the next-token loss by sft_weight. Default: "
+    f"'{RESTORELCC_OBJECTIVE}' with sft_weight {RESTORELCC_SFT_WEIGHT} for RestoreLCC (chosen by the selection in "
+    f"docs/objective.md), '{DEFAULT_OBJECTIVE}' for the other methods."
+)
+SFT_WEIGHT_HELP = ("distill: weight w of the next-token loss mixed in, (1 - w)·KL + w·CE per token; 0 is pure "
+                   f"distillation. Default: {RESTORELCC_SFT_WEIGHT} for RestoreLCC, 0 for the other methods.")
 
 
 class RestorationConfig(Strict):
@@ -108,29 +123,27 @@ class TrainingConfig(RestorationConfig):
                            "epoch, but a batch is less varied. On by default: the defaults were measured with it."
     )
     max_seq_len: int = Field(256, ge=8, le=32_768, description="Longest training sequence in tokens.")
-    objective: Objective = Field(
-        DEFAULT_OBJECTIVE,
-        description="What training moves the model toward: 'sft', the training data (next-token loss on the "
-        "responses, the paper's recipe); 'distill', the dense model (KL divergence from its next-token "
-        "distribution on the training text, captured while the dense model is loaded). See docs/objective.md.",
-    )
+    objective: Objective = Field(DEFAULT_OBJECTIVE, description=OBJECTIVE_HELP)
     distill_tokens: Literal["response", "all"] = Field(
-        "response", description="distill: the positions distilled — those predicting a response token, or every "
-                                "token of the text (prompt included).")
+        DISTILL_ONLY["distill_tokens"], description="distill: the positions distilled — those predicting a response "
+                                                    "token, or every token of the text (prompt included).")
     distill_top_k: int = Field(
-        64, ge=1, le=4096, description="distill: dense log-probabilities kept per position (the rest of the "
-                                        "vocabulary is one bucket); 6·k + 8 bytes per token.")
-    sft_weight: float = Field(
-        0.0, ge=0, le=1, description="distill: weight w of the next-token loss mixed in, (1 - w)·KL + w·CE per "
-                                     "token; 0 is pure distillation.")
+        DISTILL_ONLY["distill_top_k"], ge=1, le=4096,
+        description="distill: dense log-probabilities kept per position (the rest of the vocabulary is one bucket); "
+                    "6·k + 8 bytes per token.")
+    sft_weight: float = Field(DISTILL_ONLY["sft_weight"], ge=0, le=1, description=SFT_WEIGHT_HELP)
 
     @model_validator(mode="after")
     def _objective_settings(self) -> TrainingConfig:
+        """An sft job holds the distill-only settings at their sft values: naming another is refused, and a
+        method's distill default (RestoreLCC's sft_weight) does not show in its spec."""
         if self.objective == "sft":
-            stray = [f for f in ("distill_tokens", "distill_top_k", "sft_weight")
-                     if getattr(self, f) != type(self).model_fields[f].default]
+            stray = [f for f, v in DISTILL_ONLY.items() if getattr(self, f) != v and f in self.model_fields_set]
             if stray:
                 raise ValueError(f"restoration.{stray[0]} applies to restoration.objective 'distill' only")
+            for f, v in DISTILL_ONLY.items():
+                if getattr(self, f) != v:
+                    setattr(self, f, v)
         return self
 
     def needs_dense_targets(self) -> bool:
@@ -183,6 +196,8 @@ class HeadConfig(TrainingConfig):
 class RestoreLCCConfig(HeadConfig):
     method: Literal["restorelcc"] = Field("restorelcc", description="RestoreLCC: learned per-head compensation "
                                           "along each head's lost directions, folded into an o_proj bias.")
+    objective: Objective = Field(RESTORELCC_OBJECTIVE, description=OBJECTIVE_HELP)
+    sft_weight: float = Field(RESTORELCC_SFT_WEIGHT, ge=0, le=1, description=SFT_WEIGHT_HELP)
     directions: float | None = Field(
         DEFAULT_DIRECTIONS, gt=0, le=4096,
         description="Learn magnitudes β over each chosen head's top-K lost directions only (K + head_dim "

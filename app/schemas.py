@@ -7,7 +7,7 @@ and validated here, so a bad spec is refused with a message naming the field bef
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
@@ -263,6 +263,18 @@ class JobSpec(Strict):
         if PRUNING_METHODS[self.pruning.method].needs_calibration and not (self.data.calibration or self.data.train):
             raise ValueError(f"pruning.method '{self.pruning.method}' needs data.calibration or data.train")
         return self
+
+    def left_out(self, paths: Iterable[tuple[str, ...]]) -> frozenset[tuple[str, ...]]:
+        """Those of ``paths`` (field names from the top) that the request did not name: they took their defaults."""
+        out = set()
+        for path in paths:
+            node: Any = self
+            for name in path:
+                if not isinstance(node, BaseModel) or name not in node.model_fields_set:
+                    out.add(tuple(path))
+                    break
+                node = getattr(node, name)
+        return frozenset(out)
 
     def data_paths(self) -> dict[str, str]:
         """Every local data path in the spec, keyed by its field name (for path-root checks)."""

@@ -20,7 +20,7 @@ from app.paths import PathRefused, check_spec_files, check_spec_paths
 from app.plan import submit_plan
 from app.schemas import JobSpec, JobStatus
 from app.store.artifacts import ArtifactStore, job_prefix
-from app.store.jobs import CancelResult, IdempotencyConflict, JobNotFinished, JobStore, QuotaExceeded
+from app.store.jobs import CHANGED_DEFAULTS, CancelResult, IdempotencyConflict, JobNotFinished, JobStore, QuotaExceeded
 from app.store.models import Job
 from app.tenancy import Quota, TenantPolicy, choose_queue, worker_queues
 from app.webhooks.urls import UrlRefused, check_url
@@ -171,7 +171,7 @@ class JobService:
             job, created = self.jobs.create(
                 tenant, body, idempotency_key, retry_of, plan=plan, queue=self._queue(spec, plan),
                 priority=spec.resources.priority, quota=quota if quota != Quota() else None,
-                retry_after_s=self.settings.quota_retry_after_s)
+                retry_after_s=self.settings.quota_retry_after_s, left_out=spec.left_out(CHANGED_DEFAULTS))
         except IdempotencyConflict as e:
             raise ApiError(
                 409, "idempotency_conflict",

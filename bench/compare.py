@@ -515,7 +515,9 @@ def markdown(results: list[dict[str, Any]], dense: dict[str, Any] | None, budget
         f"{b['calibration_samples']} × {b['calibration_seq_len']} tokens of `alpaca/train.jsonl`, pruning seed 0), "
         "restored by every method from the same saved copy. Every method gets the same budget: "
         f"{b['steps']} AdamW steps × batch {b['batch_size']} of `alpaca/train.jsonl` pairs (first "
-        f"{b['train_samples']} rows, loss on response tokens, max {b['max_seq_len']} tokens), the seed's "
+        f"{b['train_samples']} rows, the next-token loss on response tokens (objective `sft`, the paper's recipe; "
+        "RestoreLCC's default objective is now distill mixed with it, chosen in [objective.md](objective.md)), "
+        f"max {b['max_seq_len']} tokens), the seed's "
         "shuffle" + (", batches of similar length (`group_by_length`)" if b.get("group_by_length") else "")
         + f". RestoreLCC and the bias rows: lr {b['lr_offsets']:g}, heads {b['heads']:g} of all, except the rows "
         f"that name their own (probing on {b['probe_samples']} pairs). LoRA/DoRA: r 8, alpha 16, q_proj and "

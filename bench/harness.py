@@ -107,12 +107,28 @@ _IN_RESULTS = re.compile(r'"[^"]*/bench/results/')
 
 
 def normalise(obj: Any) -> Any:
-    """Comparable form of a fingerprint: key order ignored, and paths under the shared data folder or under a
+    """Comparable form of a fingerprint: key order ignored, paths under the shared data folder or under a
     checkout's bench/results (the search's selection rows) written relative to them, so results stay reusable
-    from another checkout or machine."""
+    from another checkout or machine, and a restoration's objective settings left out where they hold their sft
+    values (results made before the objective setting existed name none)."""
     text = json.dumps(obj, sort_keys=True)
     root = json.dumps(str(SHARED_DATA.resolve()))[1:-1]
-    return json.loads(_IN_RESULTS.sub('"$RESULTS/', text.replace(root, "$SHARED_DATA")))
+    return _without_sft_settings(json.loads(_IN_RESULTS.sub('"$RESULTS/', text.replace(root, "$SHARED_DATA"))))
+
+
+def _without_sft_settings(obj: Any) -> Any:
+    from app.methods import DISTILL_ONLY
+
+    sft = {"objective": "sft", **DISTILL_ONLY}
+    if isinstance(obj, list):
+        return [_without_sft_settings(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: _without_sft_settings(v) for k, v in obj.items()}
+    r = out.get("restoration")
+    if isinstance(r, dict):
+        out["restoration"] = {k: v for k, v in r.items() if k not in sft or v != sft[k]}
+    return out
 
 
 class LogReporter:

@@ -64,7 +64,8 @@ def job_spec(model: Path, prune: str, a: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": {"id": str(model), "dtype": a["dtype"], "streaming": "on" if a.get("streaming") else "off"},
         "pruning": pruning,
-        "restoration": {"method": "restorelcc", "probe_samples": max(4, a["samples"]), "max_steps": a["steps"],
+        "restoration": {"method": "restorelcc", "objective": "sft", "probe_samples": max(4, a["samples"]),
+                        "max_steps": a["steps"],
                         "batch_size": 4, "max_seq_len": a["seq_len"], "train_samples": 64,
                         "negatives": a.get("negatives", "minilm")},
         "data": {"train": harness.data("alpaca/train.jsonl")},

@@ -57,7 +57,7 @@ def measure_checkpoints(a: dict[str, Any], model_dir: str) -> dict[str, Any]:
     spec = JobSpec.model_validate({
         "model": {"id": model_dir},
         "pruning": {"method": "wanda", "sparsity": 0.5, "calibration_samples": n},
-        "restoration": {"method": "restorelcc", "probe_samples": n, "train_samples": n},
+        "restoration": {"method": "restorelcc", "objective": "sft", "probe_samples": n, "train_samples": n},
         "data": {"train": harness.data("alpaca/train.jsonl")},
         "evaluation": {"perplexity": [harness.data("eval/wikitext_sentences.jsonl")],
                        "response_perplexity": [harness.data("alpaca/valid.jsonl")], "limit": a["eval_limit"]},
@@ -300,7 +300,8 @@ def section(checkpoints: dict[str, Any] | None, polling: dict[str, Any] | None, 
                          f"{s['stage_seconds']:.1f} s", f"{100 * share:.2f} %",
                          "yes" if share <= targets["checkpoint_share"] else "**no**"])
         out += [f"**Checkpoints** (SmolLM2-135M-Instruct, float32, {c['machine']['threads']} threads, "
-                f"{c['date']}): one job at the service default — Wanda 50%, RestoreLCC, {c['steps']} steps, "
+                f"{c['date']}): one job at the service default — Wanda 50%, RestoreLCC (objective sft), "
+                f"{c['steps']} steps, "
                 f"checkpoints at the default interval (every 50 steps) into a local artifact store; "
                 f"{c['settings']['samples']} calibration, probe and training samples, {c['settings']['eval_limit']} "
                 f"rows per evaluation set. Goal: each stage's writes ≤ {100 * targets['checkpoint_share']:g} % of "

@@ -77,9 +77,28 @@ ADDED_DEFAULTS: dict[tuple[str, ...], Any] = {
 }
 
 
-def hash_view(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as its idempotency hash sees it (without ADDED_DEFAULTS' fields at their defaults)."""
+# Defaults changed since idempotency keys were first stored, with the value a request that left the field out got
+# before the change: such a request is hashed as if it still got it, so repeated after the upgrade it finds the job
+# it created before. (A request that names the earlier value hashes the same: the two were one request before.)
+CHANGED_DEFAULTS: dict[tuple[str, ...], Any] = {
+    ("restoration", "objective"): "sft", ("restoration", "sft_weight"): 0.0,  # RestoreLCC's objective (0007)
+}
+
+
+def hash_view(spec: dict[str, Any], left_out: frozenset[tuple[str, ...]] = frozenset()) -> dict[str, Any]:
+    """The spec as its idempotency hash sees it: the CHANGED_DEFAULTS fields in ``left_out`` (those the request did
+    not name) at their earlier defaults, and ADDED_DEFAULTS' fields left out while they hold their defaults."""
     view = dict(spec)
+    for path in left_out & CHANGED_DEFAULTS.keys():
+        *parents, name = path
+        parent = view
+        for key in parents:
+            if not isinstance(parent.get(key), dict):
+                break
+            parent[key] = parent = dict(parent[key])
+        else:
+            if name in parent:  # a field of the spec's own method (a restoration method 'none' has no objective)
+                parent[name] = CHANGED_DEFAULTS[path]
     for path, default in ADDED_DEFAULTS.items():
         *parents, name = path
         parent = view
@@ -125,14 +144,15 @@ class JobStore:
     def create(
         self, tenant: str, spec: dict[str, Any], idempotency_key: str | None = None, retry_of: str | None = None,
         plan: dict[str, Any] | None = None, queue: str | None = None, priority: int = 5, quota: Quota | None = None,
-        retry_after_s: int = 30,
+        retry_after_s: int = 30, left_out: frozenset[tuple[str, ...]] = frozenset(),
     ) -> tuple[Job, bool]:
         """Record a queued job (``retry_of``: the job it retries). With an idempotency key, the first request wins
         and later ones get its job (``created`` False); a different body under the same key raises
         :class:`IdempotencyConflict`. The tenant's ``quota`` is checked in the same transaction (under a per-tenant
         lock): over max_queued or creates_per_minute → :class:`QuotaExceeded`; with a max_running limit the job is
-        recorded held back, for :meth:`admit` to release."""
-        view = hash_view(spec)
+        recorded held back, for :meth:`admit` to release. ``left_out``: the spec's CHANGED_DEFAULTS fields its request
+        did not name (:func:`hash_view`)."""
+        view = hash_view(spec, left_out)
         digest = request_hash(view if retry_of is None else {"retry_of": retry_of, "spec": view})
         if idempotency_key is not None:
             existing = self._by_idempotency(tenant, idempotency_key, digest)

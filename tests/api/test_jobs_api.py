@@ -23,6 +23,28 @@ def test_create_returns_202_location_and_queued_job(api):
     assert got["id"] == job["id"] and got["created_at"] and got["error"] is None and got["metrics"] == {}
 
 
+def test_a_request_repeated_across_restorelccs_objective_default_change_finds_its_job(api):
+    """RestoreLCC's default objective changed from sft to the mix (docs/objective.md). A pipeline that repeats a
+    request sent before the change, with its Idempotency-Key, gets the job that request made; the same body without
+    a key gets the new default; naming the new default explicitly under the old key is another request."""
+    from app.schemas import JobSpec
+
+    train = api.root / "data" / "train.jsonl"
+    train.write_text('{"prompt": "Say hi.", "response": " hi"}\n')
+    body = api.spec(restoration={"method": "restorelcc"}, data={"train": str(train)})
+    before = JobSpec.model_validate(body).model_dump(mode="json")  # as the release before the change resolved it
+    before["restoration"] |= {"objective": "sft", "sft_weight": 0.0}
+    old, _ = api.services.jobs.create("alice", before, idempotency_key="nightly")
+    again = api.client.post("/v1/jobs", json=body, headers={**api.h(), "Idempotency-Key": "nightly"})
+    assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == old.id
+    assert again.json()["spec"]["restoration"]["objective"] == "sft"
+    new = api.client.post("/v1/jobs", json=body, headers=api.h()).json()
+    assert (new["spec"]["restoration"]["objective"], new["spec"]["restoration"]["sft_weight"]) == ("distill", 0.5)
+    named = {**body, "restoration": {"method": "restorelcc", "objective": "distill", "sft_weight": 0.5}}
+    r = api.client.post("/v1/jobs", json=named, headers={**api.h(), "Idempotency-Key": "nightly"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict"
+
+
 def test_list_newest_first_with_cursor_and_status_filter(api):
     ids = [api.create()["id"] for _ in range(5)]
     api.create("bob")

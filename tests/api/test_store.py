@@ -14,7 +14,7 @@ from sqlalchemy import update
 from app.methods import restoration_config
 from app.schemas import JobSpec, JobStatus, Stage
 from app.store.db import current_revision, head_revision, make_engine, upgrade
-from app.store.jobs import JobNotFinished, JobStore, hash_view, request_hash, stale_cutoff
+from app.store.jobs import CHANGED_DEFAULTS, JobNotFinished, JobStore, hash_view, request_hash, stale_cutoff
 from app.store.models import Job, utcnow
 from app.store.polls import PostgresPolls, ThreadedPolls, make_polls
 from worker.service.store_reporter import StoreReporter, jsonable
@@ -105,7 +105,7 @@ def test_upgrade_head_is_idempotent(db_url):
     engine = make_engine(db_url)
     upgrade(engine)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0006"
+    assert current_revision(engine) == head_revision() == "0007"
     engine.dispose()
 
 
@@ -145,14 +145,63 @@ def test_stored_specs_keep_only_their_methods_restoration_settings(db_url):
     for m, job_id in ids.items():
         spec = stored.get(job_id).spec
         validated = JobSpec.model_validate(spec).restoration.model_dump(mode="json")  # + fields added since
-        assert spec["restoration"] == hash_view({"restoration": validated})["restoration"]
-        retry = JobSpec.model_validate({**base, "restoration": {"method": m}}).model_dump(mode="json")
-        job, created = stored.create("t", retry, idempotency_key=m)
+        expected = hash_view({"restoration": validated})["restoration"]
+        assert spec["restoration"] == expected | ({"objective": "sft"} if m != "none" else {})  # + revision 0007
+        retry = JobSpec.model_validate({**base, "restoration": {"method": m}})
+        job, created = stored.create("t", retry.model_dump(mode="json"), idempotency_key=m,
+                                     left_out=retry.left_out(CHANGED_DEFAULTS))
         assert (job.id, created) == (job_id, False), m
     assert "lora_r" not in stored.get(ids["restorelcc"]).spec["restoration"]
     assert "directions" not in stored.get(ids["bias"]).spec["restoration"]
     assert "heads" not in stored.get(ids["lora"]).spec["restoration"]
     assert stored.get(ids["none"]).spec["restoration"] == {"method": "none"}
+    engine.dispose()
+
+
+def test_stored_specs_without_an_objective_keep_running_with_sft(db_url):
+    """A job stored before restoration.objective existed ran (or will run) with sft; RestoreLCC's default has
+    changed since, so the upgrade writes sft into its spec, and the same request repeated with its
+    Idempotency-Key still finds it. A spec naming its objective, and a method that does not train, are left as
+    they are."""
+    engine = make_engine(db_url)
+    upgrade(engine, "0006")
+    base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
+    jobs = sa.table("jobs", *(sa.column(c) for c in ("id", "tenant", "status", "progress", "progress_message",
+                                                      "attempts", "retries")),
+                    sa.column("spec", sa.JSON), sa.column("metrics", sa.JSON), sa.column("created_at", sa.DateTime))
+    idempotency = sa.table("idempotency", *(sa.column(c) for c in ("tenant", "key", "request_hash", "job_id")),
+                           sa.column("created_at", sa.DateTime))
+    pre_objective = ("distill_tokens", "distill_top_k", "sft_weight", "objective")
+    rows = {}
+    for name, restoration in (("restorelcc", {"method": "restorelcc"}), ("lora", {"method": "lora"}),
+                              ("none", {"method": "none"}),
+                              ("named", {"method": "restorelcc", "objective": "distill", "sft_weight": 0.25})):
+        spec = JobSpec.model_validate({**base, "restoration": restoration}).model_dump(mode="json")
+        if name != "named":  # as a release before the objective setting stored it
+            spec["restoration"] = {k: v for k, v in spec["restoration"].items() if k not in pre_objective}
+        rows[name] = (f"{name:0<32}", spec)
+    with engine.begin() as conn:
+        for name, (job_id, spec) in rows.items():
+            conn.execute(jobs.insert().values(id=job_id, tenant="t", status="queued", progress=0.0,
+                                              progress_message="queued", metrics={}, attempts=0, retries=0,
+                                              created_at=utcnow(), spec=spec))
+            conn.execute(idempotency.insert().values(tenant="t", key=name, request_hash=request_hash(hash_view(spec)),
+                                                     job_id=job_id, created_at=utcnow()))
+    upgrade(engine)
+    stored = JobStore(engine)
+    for name in ("restorelcc", "lora"):
+        job_id, before = rows[name]
+        spec = stored.get(job_id).spec
+        assert spec["restoration"] == {**before["restoration"], "objective": "sft"}
+        assert JobSpec.model_validate(spec).restoration.objective == "sft"
+    assert stored.get(rows["none"][0]).spec == rows["none"][1]
+    assert stored.get(rows["named"][0]).spec == rows["named"][1]
+    for name in ("restorelcc", "lora", "named"):  # the same requests again, after the upgrade
+        restoration = {"method": name} if name != "named" else rows["named"][1]["restoration"]
+        again = JobSpec.model_validate({**base, "restoration": restoration})
+        job, created = stored.create("t", again.model_dump(mode="json"), idempotency_key=name,
+                                     left_out=again.left_out(CHANGED_DEFAULTS))
+        assert (job.id, created) == (rows[name][0], False), name
     engine.dispose()
 
 

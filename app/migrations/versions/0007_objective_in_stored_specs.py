@@ -1,0 +1,46 @@
+"""Stored specs name their restoration objective.
+
+RestoreLCC's default objective changed from 'sft' to the one the selection in docs/objective.md chose. The worker
+validates a stored spec again before it runs it, so a RestoreLCC job stored before the objective setting existed
+would have run with the new default instead of the one it was submitted under. Every stored spec of a training
+method that names no objective gets 'sft', the only objective there was. The idempotency hashes stay as they are: the
+hash leaves out an objective of 'sft' (app.store.jobs.ADDED_DEFAULTS). The method list is that of this revision,
+fixed here on purpose.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-30
+"""
+
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+TRAINING_METHODS = ("restorelcc", "bias", "lora", "dora")
+jobs = sa.table("jobs", sa.column("seq", sa.Integer), sa.column("spec", sa.JSON))
+
+
+def with_objective(spec: Any) -> Any:
+    """``spec`` with ``restoration.objective`` 'sft' where its method trains and it names none (else unchanged)."""
+    r = spec.get("restoration") if isinstance(spec, dict) else None
+    if not isinstance(r, dict) or r.get("method", "restorelcc") not in TRAINING_METHODS or "objective" in r:
+        return spec
+    return {**spec, "restoration": {**r, "objective": "sft"}}
+
+
+def upgrade() -> None:
+    conn = op.get_bind()
+    for seq, spec in conn.execute(sa.select(jobs.c.seq, jobs.c.spec)).all():
+        new = with_objective(spec)
+        if new != spec:
+            conn.execute(jobs.update().where(jobs.c.seq == seq).values(spec=new))
+
+
+def downgrade() -> None:
+    """Nothing to undo: revision 0006's specs accept an objective of 'sft'."""
