@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import PRUNING_METHODS, restoration_method
-from app.plan_time import NOMINAL, Speed, stage_work
+from app.plan_time import NOMINAL, Speed, distilled_samples, stage_work
 from app.schemas import JobSpec, Stage
 from app.shapes import PlanError, Shapes
 
@@ -206,8 +206,8 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     train_t = tokens * (per_token + shapes.vocab * logit_bytes) if trains else 0
     # the dense targets' capture (loading): a batch's logits in the model's dtype, one row's in float32 twice
     capture_t = batch * seq * shapes.vocab * b + 2 * seq * shapes.vocab * 4 if distill else 0
-    # ... and the targets kept from then on: at most every token of every training sample, 6k + 8 bytes each
-    targets_b = getattr(r, "train_samples", 0) * seq * (6 * getattr(r, "distill_top_k", 0) + 8) if distill else 0
+    # ... and the targets kept from then on: at most every token of the samples training sees, 6k + 8 bytes each
+    targets_b = distilled_samples(spec) * seq * (6 * getattr(r, "distill_top_k", 0) + 8) if distill else 0
     probe_t = 4 * batch * seq * shapes.intermediate * b if r.needs_activations() else 0
     # the merge check: logits of a check batch, and o_proj's weights in float64, before and after
     merge_t = int(1.5 * eval_logits(batch, seq, shapes.vocab)) + 2 * shapes.hidden * shapes.attn * 8

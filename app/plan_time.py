@@ -110,6 +110,15 @@ def _micro_batches(spec: JobSpec) -> int:
     return int(getattr(r, "epochs", 1)) * math.ceil(getattr(r, "train_samples", 0) / max(1, r.batch_size))
 
 
+def distilled_samples(spec: JobSpec) -> int:
+    """The training samples whose dense targets the loading stage captures: those training will see (with
+    ``max_steps``, its batches' samples; at most every sample). 0 without the distill objective."""
+    r = spec.restoration
+    if not restoration_method(r.method).trains or not r.needs_dense_targets():
+        return 0
+    return min(getattr(r, "train_samples", 0), _micro_batches(spec) * getattr(r, "batch_size", 8))
+
+
 def _sparsegpt_flops(shapes: Shapes, tokens: int) -> float:
     """Per prunable Linear (out × in): the Hessian from the calibration inputs (2·in²·tokens), its inverse's
     Cholesky factor (≈in³) and the column-by-column updates of the weights (2·out·in²)."""
@@ -140,7 +149,7 @@ def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int,
     contrastive = getattr(r, "head_selection", None) == "probe"
     dense_probe_t = prompt_t + (2 * probes * seq if contrastive else 0)
     micro = _micro_batches(spec) if method.trains else 0
-    capture_t = min(getattr(r, "train_samples", 0), micro * batch) * seq if r.needs_dense_targets() else 0
+    capture_t = distilled_samples(spec) * seq
     has_dense = p.method != "none" or bool(spec.model.dense)
 
     def passes(tokens: int, per_batch: int) -> int:

@@ -296,7 +296,8 @@ def render_selection(store: harness.Store) -> list[str]:
              f"{select_range('alpaca')} (response perplexity) and WikiText sentences {select_range('wikitext')}; "
              "RestoreLCC at the service default, Wanda 50%, Alpaca training, each objective with each seed run "
              "(metrics averaged over its seeds). The winner closes the larger share of the worse of its two gaps; on "
-             "a tie the incumbent (sft) stays. `python -m bench objective --select`.", ""]
+             "a tie the incumbent (sft, the default when the selection ran) stays. `python -m bench objective "
+             "--select`.", ""]
     if dense is None or pruned is None or not runs:
         return lines + ["Not run yet.", ""]
     means = {o: {"metrics": mean_metrics(r)} for o, r in runs.items()}

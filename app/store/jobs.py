@@ -77,11 +77,14 @@ ADDED_DEFAULTS: dict[tuple[str, ...], Any] = {
 }
 
 
-# Defaults changed since idempotency keys were first stored, with the value a request that left the field out got
-# before the change: such a request is hashed as if it still got it, so repeated after the upgrade it finds the job
-# it created before. (A request that names the earlier value hashes the same: the two were one request before.)
+# How an idempotency key's request hash was made. 1: before RestoreLCC's default objective changed (revision 0007);
+# 2: since. A key is compared in the way it was stored.
+HASH_VERSION = 2
+# Defaults changed since version-1 keys were stored, with the value a request that left the field out got before
+# the change: compared with a version-1 key, such a request is hashed as if it still got it, so repeated after the
+# upgrade it finds the job it created before. (Naming the earlier value hashes the same: one request before.)
 CHANGED_DEFAULTS: dict[tuple[str, ...], Any] = {
-    ("restoration", "objective"): "sft", ("restoration", "sft_weight"): 0.0,  # RestoreLCC's objective (0007)
+    ("restoration", "objective"): "sft", ("restoration", "sft_weight"): 0.0,  # RestoreLCC's objective
 }
 
 
@@ -115,6 +118,16 @@ def hash_view(spec: dict[str, Any], left_out: frozenset[tuple[str, ...]] = froze
 
 def request_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def request_digests(spec: dict[str, Any], left_out: frozenset[tuple[str, ...]], retry_of: str | None = None
+                    ) -> dict[int, str]:
+    """A request's hash in each HASH_VERSION: the current one of the spec as it resolves now, version 1 with the
+    CHANGED_DEFAULTS fields it left out at their earlier defaults."""
+    def digest(view: dict[str, Any]) -> str:
+        return request_hash(view if retry_of is None else {"retry_of": retry_of, "spec": view})
+
+    return {HASH_VERSION: digest(hash_view(spec)), 1: digest(hash_view(spec, left_out))}
 
 
 def new_job_id() -> str:
@@ -151,11 +164,10 @@ class JobStore:
         :class:`IdempotencyConflict`. The tenant's ``quota`` is checked in the same transaction (under a per-tenant
         lock): over max_queued or creates_per_minute → :class:`QuotaExceeded`; with a max_running limit the job is
         recorded held back, for :meth:`admit` to release. ``left_out``: the spec's CHANGED_DEFAULTS fields its request
-        did not name (:func:`hash_view`)."""
-        view = hash_view(spec, left_out)
-        digest = request_hash(view if retry_of is None else {"retry_of": retry_of, "spec": view})
+        did not name (compared with a key stored before they changed, :func:`request_digests`)."""
+        digests = request_digests(spec, left_out, retry_of)
         if idempotency_key is not None:
-            existing = self._by_idempotency(tenant, idempotency_key, digest)
+            existing = self._by_idempotency(tenant, idempotency_key, digests)
             if existing is not None:
                 return existing, False
         now = utcnow()
@@ -169,21 +181,22 @@ class JobStore:
                 if quota is not None:
                     self._lock_tenant(s, tenant)
                     if idempotency_key is not None:  # a concurrent twin may have created it: answer with it
-                        twin = self._by_idempotency_in(s, tenant, idempotency_key, digest)
+                        twin = self._by_idempotency_in(s, tenant, idempotency_key, digests)
                         if twin is not None:
                             return twin, False
                     self._check_quota(s, tenant, quota, now, retry_after_s)
                 s.add(job)
                 s.flush()
                 if idempotency_key is not None:
-                    s.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digest, job_id=job.id))
+                    s.add(IdempotencyKey(tenant=tenant, key=idempotency_key, request_hash=digests[HASH_VERSION],
+                                         hash_version=HASH_VERSION, job_id=job.id))
                 data: dict[str, Any] = {"status": "queued"} if retry_of is None else {"status": "queued",
                                                                                       "retry_of": retry_of}
                 self._status_event(s, job.id, data)
         except IntegrityError:
             if idempotency_key is None:
                 raise
-            existing = self._by_idempotency(tenant, idempotency_key, digest)
+            existing = self._by_idempotency(tenant, idempotency_key, digests)
             if existing is None:
                 raise
             return existing, False
@@ -255,12 +268,13 @@ class JobStore:
         with self.session() as s:
             return s.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id)).rowcount or 0
 
-    def _by_idempotency(self, tenant: str, key: str, digest: str) -> Job | None:
+    def _by_idempotency(self, tenant: str, key: str, digests: dict[int, str]) -> Job | None:
         with self.session() as s:
-            return self._by_idempotency_in(s, tenant, key, digest)
+            return self._by_idempotency_in(s, tenant, key, digests)
 
     @staticmethod
-    def _by_idempotency_in(s: Session, tenant: str, key: str, digest: str) -> Job | None:
+    def _by_idempotency_in(s: Session, tenant: str, key: str, digests: dict[int, str]) -> Job | None:
+        """The job recorded under ``key``, when the request matches it in the key's own hash version."""
         row = s.execute(
             select(IdempotencyKey, Job)
             .join(Job, Job.id == IdempotencyKey.job_id)
@@ -269,7 +283,7 @@ class JobStore:
         if row is None:
             return None
         idem, job = row
-        if idem.request_hash != digest:
+        if idem.request_hash != digests.get(idem.hash_version):
             raise IdempotencyConflict(job.id)
         return job
 

@@ -151,6 +151,8 @@ class IdempotencyKey(Base):
     tenant: Mapped[str] = mapped_column(String(128), nullable=False)
     key: Mapped[str] = mapped_column(String(255), nullable=False)
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    # how request_hash was made (app.store.jobs.HASH_VERSION); rows stored before revision 0007 are version 1
+    hash_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 

@@ -26,8 +26,13 @@ def test_create_returns_202_location_and_queued_job(api):
 def test_a_request_repeated_across_restorelccs_objective_default_change_finds_its_job(api):
     """RestoreLCC's default objective changed from sft to the mix (docs/objective.md). A pipeline that repeats a
     request sent before the change, with its Idempotency-Key, gets the job that request made; the same body without
-    a key gets the new default; naming the new default explicitly under the old key is another request."""
+    a key gets the new default; naming the new default explicitly under the old key is another request. Keys stored
+    since compare requests as they resolve now: sft and the default are two requests, the default named or left
+    out one."""
+    import sqlalchemy as sa
+
     from app.schemas import JobSpec
+    from app.store.models import IdempotencyKey
 
     train = api.root / "data" / "train.jsonl"
     train.write_text('{"prompt": "Say hi.", "response": " hi"}\n')
@@ -35,6 +40,8 @@ def test_a_request_repeated_across_restorelccs_objective_default_change_finds_it
     before = JobSpec.model_validate(body).model_dump(mode="json")  # as the release before the change resolved it
     before["restoration"] |= {"objective": "sft", "sft_weight": 0.0}
     old, _ = api.services.jobs.create("alice", before, idempotency_key="nightly")
+    with api.services.jobs.session() as s:  # ... and hashed it (revision 0007 marks such keys version 1)
+        s.execute(sa.update(IdempotencyKey).where(IdempotencyKey.job_id == old.id).values(hash_version=1))
     again = api.client.post("/v1/jobs", json=body, headers={**api.h(), "Idempotency-Key": "nightly"})
     assert again.headers["idempotent-replayed"] == "true" and again.json()["id"] == old.id
     assert again.json()["spec"]["restoration"]["objective"] == "sft"
@@ -43,6 +50,14 @@ def test_a_request_repeated_across_restorelccs_objective_default_change_finds_it
     named = {**body, "restoration": {"method": "restorelcc", "objective": "distill", "sft_weight": 0.5}}
     r = api.client.post("/v1/jobs", json=named, headers={**api.h(), "Idempotency-Key": "nightly"})
     assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_conflict"
+
+    fresh = {**api.h(), "Idempotency-Key": "after-the-change"}
+    first = api.client.post("/v1/jobs", json=body, headers=fresh).json()
+    assert api.client.post("/v1/jobs", json=named, headers=fresh).json()["id"] == first["id"]
+    sft = {**body, "restoration": {"method": "restorelcc", "objective": "sft"}}
+    assert api.client.post("/v1/jobs", json=sft, headers=fresh).status_code == 409
+    pure = {**body, "restoration": {"method": "restorelcc", "objective": "distill", "sft_weight": 0}}
+    assert api.client.post("/v1/jobs", json=pure, headers=fresh).status_code == 409
 
 
 def test_list_newest_first_with_cursor_and_status_filter(api):

@@ -73,6 +73,22 @@ def test_what_grows_each_prediction():
     assert "training" not in none.stages and "probing" not in none.stages
 
 
+def test_dense_targets_are_planned_for_the_samples_training_sees():
+    """The distill objective (RestoreLCC's default) keeps dense targets for the samples its max_steps batches use:
+    a training set a hundred times larger plans the same memory; epochs use every sample."""
+    shapes = Shapes.from_config(LLAMA_7B)
+
+    def host(**restoration) -> int:
+        return make_plan(spec(restoration=restoration), shapes, "cpu").stages["training"].host_bytes
+
+    used = 50 * 8  # the default max_steps × batch_size
+    assert host(train_samples=used) == host(train_samples=100 * used)
+    per_sample = 256 * (6 * 64 + 8)  # max_seq_len tokens of top-64 targets
+    assert host(train_samples=used) - host(train_samples=used, objective="sft") >= used * per_sample
+    all_of_them = host(train_samples=100 * used, max_steps=None, epochs=1)
+    assert all_of_them - host(train_samples=used) >= 99 * used * per_sample
+
+
 def test_check_names_the_stage_and_the_numbers():
     plan = make_plan(spec(), Shapes.from_config(LLAMA_7B), "cuda")
     check_plan(plan, DeviceBudget("cuda:0", "a GPU", 80 * GiB, 200 * GiB))

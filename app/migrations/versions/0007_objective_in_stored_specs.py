@@ -4,8 +4,9 @@ RestoreLCC's default objective changed from 'sft' to the one the selection in do
 validates a stored spec again before it runs it, so a RestoreLCC job stored before the objective setting existed
 would have run with the new default instead of the one it was submitted under. Every stored spec of a training
 method that names no objective gets 'sft', the only objective there was. The idempotency hashes stay as they are: the
-hash leaves out an objective of 'sft' (app.store.jobs.ADDED_DEFAULTS). The method list is that of this revision,
-fixed here on purpose.
+hash leaves out an objective of 'sft' (app.store.jobs.ADDED_DEFAULTS); they become hash version 1, compared with
+a request as the release before the change would have resolved it, while keys stored from now on (version 2) are
+compared with the request as it resolves now. The method list is that of this revision, fixed here on purpose.
 
 Revision ID: 0007
 Revises: 0006
@@ -35,12 +36,22 @@ def with_objective(spec: Any) -> Any:
 
 
 def upgrade() -> None:
+    # Plain ADD COLUMN (no batch copy), as in 0006
+    op.add_column("idempotency", sa.Column("hash_version", sa.Integer(), nullable=False, server_default="1"))
     conn = op.get_bind()
-    for seq, spec in conn.execute(sa.select(jobs.c.seq, jobs.c.spec)).all():
-        new = with_objective(spec)
-        if new != spec:
-            conn.execute(jobs.update().where(jobs.c.seq == seq).values(spec=new))
+    last = -1
+    while True:  # a page of specs at a time: a long job history need not fit in memory
+        rows = conn.execute(sa.select(jobs.c.seq, jobs.c.spec).where(jobs.c.seq > last).order_by(jobs.c.seq)
+                            .limit(500)).all()
+        if not rows:
+            break
+        for seq, spec in rows:
+            new = with_objective(spec)
+            if new != spec:
+                conn.execute(jobs.update().where(jobs.c.seq == seq).values(spec=new))
+        last = rows[-1][0]
 
 
 def downgrade() -> None:
-    """Nothing to undo: revision 0006's specs accept an objective of 'sft'."""
+    """The hash version goes; revision 0006's specs accept an objective of 'sft'."""
+    op.drop_column("idempotency", "hash_version")  # plain DROP COLUMN, as in 0006
