@@ -119,6 +119,23 @@ def _flat_dump(base: dict, method: str) -> dict:
     return spec  # without the sections added since (revision 0006), as a row of that time holds it
 
 
+def _store_as_before(engine, rows: dict[str, tuple[str, dict, str]]) -> None:
+    """Queued jobs as an earlier revision stored them, each under an Idempotency-Key: key → (job id, spec, request
+    hash). Only the columns every revision since 0001 has (today's models have later ones)."""
+    jobs = sa.table("jobs", *(sa.column(c) for c in ("id", "tenant", "status", "progress", "progress_message",
+                                                      "attempts", "retries")),
+                    sa.column("spec", sa.JSON), sa.column("metrics", sa.JSON), sa.column("created_at", sa.DateTime))
+    idempotency = sa.table("idempotency", *(sa.column(c) for c in ("tenant", "key", "request_hash", "job_id")),
+                           sa.column("created_at", sa.DateTime))
+    with engine.begin() as conn:
+        for key, (job_id, spec, digest) in rows.items():
+            conn.execute(jobs.insert().values(id=job_id, tenant="t", status="queued", progress=0.0,
+                                              progress_message="queued", metrics={}, attempts=0, retries=0,
+                                              created_at=utcnow(), spec=spec))
+            conn.execute(idempotency.insert().values(tenant="t", key=key, request_hash=digest, job_id=job_id,
+                                                     created_at=utcnow()))
+
+
 def test_stored_specs_keep_only_their_methods_restoration_settings(db_url):
     """Specs stored before restoration became per-method (one flat section holding every method's settings) are
     cut down to their method's own, so the worker can validate them again, and a request retried with the same
@@ -126,20 +143,9 @@ def test_stored_specs_keep_only_their_methods_restoration_settings(db_url):
     engine = make_engine(db_url)
     upgrade(engine, "0001")
     base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
-    jobs = sa.table("jobs", *(sa.column(c) for c in ("id", "tenant", "status", "progress", "progress_message",
-                                                      "attempts", "retries")),
-                    sa.column("spec", sa.JSON), sa.column("metrics", sa.JSON), sa.column("created_at", sa.DateTime))
-    idempotency = sa.table("idempotency", *(sa.column(c) for c in ("tenant", "key", "request_hash", "job_id")),
-                           sa.column("created_at", sa.DateTime))
     ids = {m: f"{m:0<32}" for m in ("restorelcc", "bias", "lora", "none")}
-    with engine.begin() as conn:  # rows as revision 0001 stored them (today's models have later columns)
-        for m, job_id in ids.items():
-            old = _flat_dump(base, m)
-            conn.execute(jobs.insert().values(id=job_id, tenant="t", status="queued", progress=0.0,
-                                              progress_message="queued", metrics={}, attempts=0, retries=0,
-                                              created_at=utcnow(), spec=old))
-            conn.execute(idempotency.insert().values(tenant="t", key=m, request_hash=request_hash(old),
-                                                     job_id=job_id, created_at=utcnow()))
+    olds = {m: _flat_dump(base, m) for m in ids}
+    _store_as_before(engine, {m: (job_id, olds[m], request_hash(olds[m])) for m, job_id in ids.items()})
     upgrade(engine)
     stored = JobStore(engine)
     for m, job_id in ids.items():
@@ -166,11 +172,6 @@ def test_stored_specs_without_an_objective_keep_running_with_sft(db_url):
     engine = make_engine(db_url)
     upgrade(engine, "0006")
     base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
-    jobs = sa.table("jobs", *(sa.column(c) for c in ("id", "tenant", "status", "progress", "progress_message",
-                                                      "attempts", "retries")),
-                    sa.column("spec", sa.JSON), sa.column("metrics", sa.JSON), sa.column("created_at", sa.DateTime))
-    idempotency = sa.table("idempotency", *(sa.column(c) for c in ("tenant", "key", "request_hash", "job_id")),
-                           sa.column("created_at", sa.DateTime))
     pre_objective = ("distill_tokens", "distill_top_k", "sft_weight", "objective")
     rows = {}
     for name, restoration in (("restorelcc", {"method": "restorelcc"}), ("lora", {"method": "lora"}),
@@ -180,13 +181,8 @@ def test_stored_specs_without_an_objective_keep_running_with_sft(db_url):
         if name != "named":  # as a release before the objective setting stored it
             spec["restoration"] = {k: v for k, v in spec["restoration"].items() if k not in pre_objective}
         rows[name] = (f"{name:0<32}", spec)
-    with engine.begin() as conn:
-        for name, (job_id, spec) in rows.items():
-            conn.execute(jobs.insert().values(id=job_id, tenant="t", status="queued", progress=0.0,
-                                              progress_message="queued", metrics={}, attempts=0, retries=0,
-                                              created_at=utcnow(), spec=spec))
-            conn.execute(idempotency.insert().values(tenant="t", key=name, request_hash=request_hash(hash_view(spec)),
-                                                     job_id=job_id, created_at=utcnow()))
+    _store_as_before(engine, {name: (job_id, spec, request_hash(hash_view(spec))) for name, (job_id, spec) in
+                              rows.items()})
     upgrade(engine)
     stored = JobStore(engine)
     for name in ("restorelcc", "lora"):
