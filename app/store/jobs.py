@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.schemas import JobStatus
 from app.store.db import session_factory
-from app.store.models import Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
+from app.store.models import HASH_VERSION, Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
 from app.tenancy import Quota
 from app.webhooks.payload import event_payload
 
@@ -77,9 +77,6 @@ ADDED_DEFAULTS: dict[tuple[str, ...], Any] = {
 }
 
 
-# How an idempotency key's request hash was made. 1: before RestoreLCC's default objective changed (revision 0007);
-# 2: since. A key is compared in the way it was stored.
-HASH_VERSION = 2
 # Defaults changed since version-1 keys were stored, with the value a request that left the field out got before
 # the change: compared with a version-1 key, such a request is hashed as if it still got it, so repeated after the
 # upgrade it finds the job it created before. (Naming the earlier value hashes the same: one request before.)
@@ -123,7 +120,8 @@ def request_hash(spec: dict[str, Any]) -> str:
 def request_digests(spec: dict[str, Any], left_out: frozenset[tuple[str, ...]], retry_of: str | None = None
                     ) -> dict[int, str]:
     """A request's hash in each HASH_VERSION: the current one of the spec as it resolves now, version 1 with the
-    CHANGED_DEFAULTS fields it left out at their earlier defaults."""
+    CHANGED_DEFAULTS fields it left out at their earlier defaults. A later version keeps every earlier one's digest
+    here: a key is compared in its own version."""
     def digest(view: dict[str, Any]) -> str:
         return request_hash(view if retry_of is None else {"retry_of": retry_of, "spec": view})
 

@@ -144,6 +144,11 @@ class Delivery(Base):
     )
 
 
+# How an idempotency key's request hash is made. 1: before RestoreLCC's default objective changed (revision 0007);
+# 2: since. A key is compared in the way it was stored (app.store.jobs.request_digests).
+HASH_VERSION = 2
+
+
 class IdempotencyKey(Base):
     __tablename__ = "idempotency"
 
@@ -151,8 +156,8 @@ class IdempotencyKey(Base):
     tenant: Mapped[str] = mapped_column(String(128), nullable=False)
     key: Mapped[str] = mapped_column(String(255), nullable=False)
     request_hash: Mapped[str] = mapped_column(String(64), nullable=False)
-    # how request_hash was made (app.store.jobs.HASH_VERSION); rows stored before revision 0007 are version 1
-    hash_version: Mapped[int] = mapped_column(Integer, nullable=False, server_default="1")
+    # how request_hash was made (app.store.jobs.request_digests); rows stored before revision 0007 are version 1
+    hash_version: Mapped[int] = mapped_column(Integer, nullable=False, default=HASH_VERSION, server_default="1")
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
 

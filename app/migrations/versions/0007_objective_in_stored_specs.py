@@ -53,5 +53,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """The hash version goes; revision 0006's specs accept an objective of 'sft'."""
+    """The hash version goes (upgrading again marks every key version 1, a request that left the objective out
+    then compared as sft); revision 0006's specs accept an objective of 'sft'."""
     op.drop_column("idempotency", "hash_version")  # plain DROP COLUMN, as in 0006
