@@ -113,18 +113,19 @@ def normalise(obj: Any) -> Any:
     values (results made before the objective setting existed name none)."""
     text = json.dumps(obj, sort_keys=True)
     root = json.dumps(str(SHARED_DATA.resolve()))[1:-1]
-    return _without_sft_settings(json.loads(_IN_RESULTS.sub('"$RESULTS/', text.replace(root, "$SHARED_DATA"))))
-
-
-def _without_sft_settings(obj: Any) -> Any:
     from app.methods import DISTILL_ONLY
 
-    sft = {"objective": "sft", **DISTILL_ONLY}
+    return _without(json.loads(_IN_RESULTS.sub('"$RESULTS/', text.replace(root, "$SHARED_DATA"))),
+                    {"objective": "sft", **DISTILL_ONLY})
+
+
+def _without(obj: Any, sft: dict[str, Any]) -> Any:
+    """``obj`` with every restoration section's ``sft`` settings left out where they hold those values."""
     if isinstance(obj, list):
-        return [_without_sft_settings(v) for v in obj]
+        return [_without(v, sft) for v in obj]
     if not isinstance(obj, dict):
         return obj
-    out = {k: _without_sft_settings(v) for k, v in obj.items()}
+    out = {k: _without(v, sft) for k, v in obj.items()}
     r = out.get("restoration")
     if isinstance(r, dict):
         out["restoration"] = {k: v for k, v in r.items() if k not in sft or v != sft[k]}

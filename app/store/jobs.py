@@ -85,31 +85,32 @@ CHANGED_DEFAULTS: dict[tuple[str, ...], Any] = {
 }
 
 
+def _own_parent(view: dict[str, Any], parents: list[str]) -> dict[str, Any] | None:
+    """The dict at ``parents`` in ``view``, copied along the way so that changing it leaves the spec alone; None
+    where the path is not there."""
+    parent = view
+    for key in parents:
+        child = parent.get(key)
+        if not isinstance(child, dict):
+            return None
+        parent[key] = parent = dict(child)
+    return parent
+
+
 def hash_view(spec: dict[str, Any], left_out: frozenset[tuple[str, ...]] = frozenset()) -> dict[str, Any]:
     """The spec as its idempotency hash sees it: the CHANGED_DEFAULTS fields in ``left_out`` (those the request did
     not name) at their earlier defaults, and ADDED_DEFAULTS' fields left out while they hold their defaults."""
     view = dict(spec)
     for path in left_out & CHANGED_DEFAULTS.keys():
         *parents, name = path
-        parent = view
-        for key in parents:
-            if not isinstance(parent.get(key), dict):
-                break
-            parent[key] = parent = dict(parent[key])
-        else:
-            if name in parent:  # a field of the spec's own method (a restoration method 'none' has no objective)
-                parent[name] = CHANGED_DEFAULTS[path]
+        parent = _own_parent(view, parents)
+        if parent is not None and name in parent:  # a field of the spec's own method ('none' has no objective)
+            parent[name] = CHANGED_DEFAULTS[path]
     for path, default in ADDED_DEFAULTS.items():
         *parents, name = path
-        parent = view
-        for key in parents:
-            child = parent.get(key)
-            if not isinstance(child, dict):
-                break
-            parent[key] = parent = dict(child)
-        else:
-            if name in parent and parent[name] == default:
-                del parent[name]
+        parent = _own_parent(view, parents)
+        if parent is not None and name in parent and parent[name] == default:
+            del parent[name]
     return view
 
 
