@@ -351,6 +351,18 @@ def gap_closed(restored: float, pruned: float, dense: float, higher_better: bool
     return None if ld == lp else (lp - lr) / (lp - ld)
 
 
+def gap_cell(col: tuple[str, tuple[str, ...]], mean: float | None, per_seed: list[float | None],
+             dense: float | None, pruned: float | None) -> str:
+    """The gap closed by the mean over seeds, and with two seeds or more the range the single seeds span."""
+    if col is ACC and None not in (dense, pruned) and abs(dense - pruned) < MIN_ACC_GAP:
+        return f"n/a (dense − pruned {100 * (dense - pruned):+.1f} points)"
+    if None in (mean, dense, pruned) or (g := gap_closed(mean, pruned, dense, col is ACC)) is None:
+        return "—"
+    seeds = [gap_closed(v, pruned, dense, col is ACC) for v in per_seed if v is not None]
+    spread = f" ({100 * min(seeds):.0f} to {100 * max(seeds):.0f})" if len(seeds) >= 2 else ""
+    return f"{100 * g:.0f}%{spread}"
+
+
 def render(store: harness.Store, command: str) -> str:
     dense = store.read(store.root / "dense.json")
     lines = ["# Restoring toward the dense model: sft vs distill", "",
@@ -358,7 +370,8 @@ def render(store: harness.Store, command: str) -> str:
              (__doc__ or "").split("\n\n", 2)[2].split("Results:")[0].strip().replace("\n", " "), "",
              "'gap closed' = the share of the pruned→dense gap a restored model closes (perplexities on a log "
              "scale): 100% is the dense model, 0% the pruned one, negative is worse than pruned, above 100% past "
-             "the dense model (the model moved toward something else). Values are means over the seeds run. "
+             "the dense model (the model moved toward something else). Values are means over the seeds run; with two "
+             "seeds or more, the gap each single seed closed follows in brackets (lowest to highest). "
              f"Objective 'mixed' is distill with sft_weight {MIXED_WEIGHT}: (1 − w)·KL + w·CE per token.", ""]
     if dense is None:
         return "\n".join(lines + ["Nothing measured yet."]) + "\n"
@@ -385,14 +398,8 @@ def render(store: harness.Store, command: str) -> str:
                         continue
                     values = [statistics.mean(v) if (v := [x for r in runs if (x := _get(r["metrics"], c[1]))
                                                              is not None]) else None for c in cols]
-                    gaps = []
-                    for c, v in zip(cols, values, strict=True):
-                        d, p = _get(dense["metrics"], c[1]), _get(pruned["metrics"], c[1])
-                        if c is ACC and None not in (d, p) and abs(d - p) < MIN_ACC_GAP:
-                            gaps.append(f"n/a (dense − pruned {100 * (d - p):+.1f} points)")
-                            continue
-                        g = gap_closed(v, p, d, c is ACC) if None not in (v, d, p) else None
-                        gaps.append("—" if g is None else f"{100 * g:.0f}%")
+                    gaps = [gap_cell(c, v, [_get(r["metrics"], c[1]) for r in runs], _get(dense["metrics"], c[1]),
+                                     _get(pruned["metrics"], c[1])) for c, v in zip(cols, values, strict=True)]
                     rows.append([METHOD_LABELS[mkey], train, objective, len(runs), *values, *gaps])
         lines += [harness.markdown_table(header, rows, _show), ""]
     lines += _task_accuracy(store, dense)

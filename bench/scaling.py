@@ -3,13 +3,19 @@
     python -m bench scaling                                   # 135M, 0.5B, 1B, 2B Llama shapes, bf16, this CPU
     python -m bench scaling --shapes llama2-7b                # one 7B-shaped run (weights ≈13.8 GB)
     python -m bench scaling --device cuda --shapes llama2-7b,llama3-8b --prune wanda,sparsegpt:2:4   # GPU check
+    python -m bench scaling --shapes 135m,0.5b,1b --objective mixed  # RestoreLCC's default objective
     python -m bench scaling --render-only                     # rewrite docs/scaling.md
 
 Each shape is a random-weight Llama model written by bench.shapes (no download) and run as one job in a process of
 its own (`restorelcc run`), with small sample counts: the point is the growth, not the quality. Per stage the page
 shows seconds and peak memory (resident set on the CPU, torch's peak on a GPU), the plan's prediction and their
-ratio, and fits the exponent k in cost ∝ parameters^k over the CPU sizes. One result per shape, pruning method and
-device is kept under bench/results/ (or --store) and reused while its settings match.
+ratio, and fits the exponent k in cost ∝ parameters^k over the CPU sizes. One result per shape, pruning method,
+objective and device is kept under bench/results/ (or --store) and reused while its settings match.
+
+``--objective`` sets the training objective: ``sft`` (the first runs' objective, kept for their results), ``mixed``
+(RestoreLCC's default: distillation from the dense model's top-k next-token log-probabilities, captured while
+loading, mixed half and half with the instruction loss) or ``distill``. The distilled runs measure what sft runs
+cannot: the capture in the loading stage and the vocabulary-wide log-softmax in training.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ PAGE = harness.DOCS / "scaling.md"
 CPU_SHAPES = ("135m", "0.5b", "1b", "2b")
 TARGET_RATIO = 0.20  # the plan is within 20% of the measured peak
 TIMED_STAGE_S = 5.0  # stages shorter than this are mostly fixed start costs: their time ratio is shown, not judged
+OBJECTIVES = {"sft": {"objective": "sft"}, "distill": {"objective": "distill", "sft_weight": 0.0},
+              "mixed": {"objective": "distill", "sft_weight": 0.5}}
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -52,6 +60,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
                     help="how probing picks negatives (tfidf needs no embedding model: the GPU check uses it)")
     ap.add_argument("--streaming", action="store_true",
                     help="stream the decoder layers (model.streaming 'on'); kept beside the whole-model results")
+    ap.add_argument("--objective", default="sft", choices=list(OBJECTIVES),
+                    help="training objective: sft, distill, or mixed (RestoreLCC's default; see above)")
     ap.add_argument("--build-on", default="cpu", choices=["cpu", "cuda"], help="where the random weights are drawn")
     ap.add_argument("--again", action="store_true", help="measure anew even when a result is stored")
 
@@ -64,8 +74,8 @@ def job_spec(model: Path, prune: str, a: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": {"id": str(model), "dtype": a["dtype"], "streaming": "on" if a.get("streaming") else "off"},
         "pruning": pruning,
-        "restoration": {"method": "restorelcc", "objective": "sft", "probe_samples": max(4, a["samples"]),
-                        "max_steps": a["steps"],
+        "restoration": {"method": "restorelcc", **OBJECTIVES[a.get("objective", "sft")],
+                        "probe_samples": max(4, a["samples"]), "max_steps": a["steps"],
                         "batch_size": 4, "max_seq_len": a["seq_len"], "train_samples": 64,
                         "negatives": a.get("negatives", "minilm")},
         "data": {"train": harness.data("alpaca/train.jsonl")},
@@ -97,6 +107,7 @@ def measure(shape: str, prune: str, a: dict[str, Any], tokenizer: Path, build_on
             "tokens": {k: v for k, v in tokens.items() if v},
             "plan": report["plan"], "environment": report["environment"], "seconds": time.perf_counter() - t0,
             "model_sha256": digest.hexdigest(), "checks": report.get("checks", {}),
+            "dense_targets": report.get("dense_targets"),
             "machine": harness.machine(), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -116,8 +127,15 @@ def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
 
 
-def _path(store: Path, shape: str, prune: str, device: str, dtype: str, streaming: bool = False) -> Path:
-    return store / f"scaling-{shape}-{prune.replace(':', '')}-{device}-{dtype}{'-streaming' if streaming else ''}.json"
+def _path(store: Path, shape: str, prune: str, device: str, dtype: str, streaming: bool = False,
+          objective: str = "sft") -> Path:
+    tail = ("" if objective == "sft" else f"-{objective}") + ("-streaming" if streaming else "")
+    return store / f"scaling-{shape}-{prune.replace(':', '')}-{device}-{dtype}{tail}.json"
+
+
+def objective_of(r: dict[str, Any]) -> str:
+    """The run's objective (results made before the axis existed were sft)."""
+    return r.get("fingerprint", {}).get("objective", "sft")
 
 
 def _streamed(r: dict[str, Any]) -> bool:
@@ -127,7 +145,12 @@ def _streamed(r: dict[str, Any]) -> bool:
 def _stored(store: Path) -> list[dict[str, Any]]:
     out = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(store.glob("scaling-*.json"))
            if not p.name.endswith(".stale.json")]
-    return sorted(out, key=lambda r: (r["environment"]["device"] != "cpu", r["prune"], r["params"]))
+    return sorted(out, key=_order)
+
+
+def _order(r: dict[str, Any]) -> tuple[bool, bool, str, int]:
+    """The page's order: CPU before GPU, sft runs before distilled ones, then pruning method and size."""
+    return r["environment"]["device"] != "cpu", objective_of(r) != "sft", r["prune"], r["params"]
 
 
 def predicted_seconds(r: dict[str, Any]) -> dict[str, float] | None:
@@ -142,7 +165,7 @@ def predicted_seconds(r: dict[str, Any]) -> dict[str, float] | None:
         return None
     fp = r["fingerprint"]
     a = {"samples": fp["samples"], "steps": fp["steps"], "seq_len": fp["seq_len"], "dtype": fp["dtype"],
-         "negatives": fp.get("negatives", "minilm"), "streaming": _streamed(r)}
+         "negatives": fp.get("negatives", "minilm"), "streaming": _streamed(r), "objective": objective_of(r)}
     spec = JobSpec.model_validate(job_spec(Path("model"), r["prune"], a))
     plan = make_plan(spec, Shapes.from_config(SHAPES[r["shape"]].config(fp["dtype"])), r["plan"]["device"],
                      file_bytes=r["plan"]["read_bytes"], streaming=_streamed(r), speed=Speed(**speed))
@@ -180,9 +203,15 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
         timed = (f" The time plan: {sum(secs.values()):.0f} s, at the rates the worker measured ("
                  f"{speed['matmul_flops'] / 1e9:,.0f} GFLOP/s matrix multiply, {speed['sort_elements'] / 1e6:,.0f} M "
                  f"elements/s sorted, {speed['move_bytes'] / 1e9:.1f} GB/s onto the device)." if speed else "")
-        lines += [f"### {r['shape']} ({r['params'] / 1e9:.2f}B parameters, {r['plan']['dtype']}, {r['prune']}) — "
-                  f"{env.get('device_name', env['device'])}, {r['date']}", "",
-                  f"Weights {_gb(r['plan']['weight_bytes'])} GiB; the whole job {r['seconds']:.0f} s.{timed}", "",
+        objective = "" if objective_of(r) == "sft" else f", objective {objective_of(r)}"
+        targets = r.get("dense_targets")
+        captured = (f" Dense targets: {targets['tokens']:,} tokens at top-{targets['top_k']}, "
+                    f"{targets['bytes'] / 2**20:.1f} MiB ({targets['bytes_per_token']:.0f} bytes per token), captured "
+                    f"in {targets['seconds']:.1f} s of the loading stage." if targets else "")
+        lines += [f"### {r['shape']} ({r['params'] / 1e9:.2f}B parameters, {r['plan']['dtype']}, {r['prune']}"
+                  f"{objective}) — {env.get('device_name', env['device'])}, {r['date']}", "",
+                  f"Weights {_gb(r['plan']['weight_bytes'])} GiB; the whole job {r['seconds']:.0f} s.{timed}{captured}",
+                  "",
                   harness.markdown_table(["stage", "seconds", "plan s", "plan / measured (time)", "tokens/s",
                                           "peak GiB (measured)", "plan GiB", "plan / measured", "within 20%"],
                                          rows), ""]
@@ -196,7 +225,8 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
 
 
 def _exponents(results: list[dict[str, Any]]) -> list[str]:
-    cpu = [r for r in results if r["environment"]["device"] == "cpu" and r["prune"] == "wanda"]
+    cpu = [r for r in results if r["environment"]["device"] == "cpu" and r["prune"] == "wanda"
+           and objective_of(r) == "sft"]
     if len(cpu) < 2:
         return []
     params = [r["params"] for r in cpu]
@@ -215,10 +245,13 @@ def _exponents(results: list[dict[str, Any]]) -> list[str]:
 
 def _streaming(results: list[dict[str, Any]]) -> list[str]:
     """Each streamed run beside the whole-model run of the same shape: peak host memory, and the exported model."""
-    whole = {(r["shape"], r["prune"], r["environment"]["device"]): r for r in results if not _streamed(r)}
+    def key(r: dict[str, Any]) -> tuple[str, str, str, str]:
+        return r["shape"], r["prune"], r["environment"]["device"], objective_of(r)
+
+    whole = {key(r): r for r in results if not _streamed(r)}
     rows, verdicts = [], []
     for s in (r for r in results if _streamed(r)):
-        w = whole.get((s["shape"], s["prune"], s["environment"]["device"]))
+        w = whole.get(key(s))
         weights = s["plan"]["weight_bytes"]
         anon = max(m.get("peak_anon_mb", m["peak_rss_mb"]) for m in s["stages"].values()) * 2**20
         peak = max(m["peak_rss_mb"] for m in s["stages"].values()) * 2**20
@@ -244,6 +277,7 @@ def _streaming(results: list[dict[str, Any]]) -> list[str]:
 
 
 def render(results: list[dict[str, Any]], command: str) -> str:
+    results = sorted(results, key=_order)
     streamed = [r for r in results if _streamed(r)]
     results = [r for r in results if not _streamed(r)] + streamed
     cpu = [r for r in results if r["environment"]["device"] == "cpu" and not _streamed(r)]
@@ -257,7 +291,10 @@ def render(results: list[dict[str, Any]], command: str) -> str:
              "(app/plan_time.py: the stage's work at the rates the worker measured on its device before the job), "
              "recomputed from the stored rates by the current code. The time plan is an estimate for scheduling, "
              "not a limit: with a few samples, stages of a few seconds are mostly fixed costs, and the token counts "
-             "assume rows half as long as their limit (these runs' WikiText sentences are shorter).", ""]
+             "assume rows half as long as their limit (these runs' WikiText sentences are shorter). Runs trained "
+             "with the sft objective come first; a heading that names another objective trained RestoreLCC's default "
+             "(mixed: the dense model's top-k targets captured while loading, half the loss from them) or pure "
+             "distillation (`--objective`).", ""]
     lines += _exponents(cpu)
     lines += ["## CPU", ""] + (_section(cpu, "cpu") or ["Not measured yet.", ""])
     lines += _streaming(results)
@@ -280,15 +317,17 @@ def main(args: argparse.Namespace, argv: list[str]) -> int:
     store = harness.Store(store_dir)
     if not args.render_only:
         a = {"dtype": args.dtype, "device": args.device, "samples": args.samples, "steps": args.steps,
-             "seq_len": args.seq_len, "work": args.work, "negatives": args.negatives, "streaming": args.streaming}
+             "seq_len": args.seq_len, "work": args.work, "negatives": args.negatives, "streaming": args.streaming,
+             "objective": args.objective}
         tokenizer = Path(args.tokenizer) if args.tokenizer else Path(harness.model_path(harness.models()[0]))
         for prune in args.prune.split(","):
             for shape in args.shapes.split(","):
-                path = _path(store_dir, shape, prune, args.device, args.dtype, args.streaming)
+                path = _path(store_dir, shape, prune, args.device, args.dtype, args.streaming, args.objective)
                 if args.again:
                     path.unlink(missing_ok=True)
                 fp = {k: v for k, v in a.items()
-                      if k != "work" and (k, v) not in (("negatives", "minilm"), ("streaming", False))}
+                      if k != "work" and (k, v) not in (("negatives", "minilm"), ("streaming", False),
+                                                        ("objective", "sft"))}
                 fp |= {"shape": shape, "prune": prune}
                 store.get(path, fp, lambda s=shape, p=prune: measure(s, p, a, tokenizer, args.build_on),
                           f"{shape} {prune}")

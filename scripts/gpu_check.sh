@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue "Scale"): random-weight Llama-2-7B- and Llama-3-8B-shaped models in bf16, built on
 # the GPU machine itself, each pruned (Wanda 50%, SparseGPT 2:4) and restored with RestoreLCC at the service default
-# with small sample counts; seconds, tokens/s and peak memory per stage beside the memory plan's predictions.
+# with small sample counts; seconds, tokens/s and peak memory per stage beside the memory plan's predictions. The
+# default objective (mixed: dense targets captured while loading, a vocabulary-wide log-softmax in training) comes
+# first; then the sft runs the plan was first built on.
 #
 #   bash scripts/gpu_check.sh prepare    # here, with network: .gpu/ = tokenizer, a slice of the data, wheels
 #   bash scripts/gpu_check.sh            # there (device run, carry .gpu): results under $OUT (or bench/results/gpu)
@@ -48,10 +50,15 @@ mkdir -p "$STORE"
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
 "cuda", torch.cuda.is_available())'
 # Most important first: a run stopped at its limit has done these.
-for job in ${GPU_CHECK_JOBS:-llama2-7b/wanda llama3-8b/sparsegpt:2:4 llama2-7b/sparsegpt:2:4 llama3-8b/wanda}; do
-    shape=${job%%/*} prune=${job#*/}
-    echo "== $shape $prune ($(date -u +%H:%M:%S))"
-    "$PY" -m bench scaling --device "$DEVICE" --shapes "$shape" --prune "$prune" --negatives tfidf \
+# A job is SHAPE/PRUNE[/OBJECTIVE] (objective sft when left out).
+JOBS="llama2-7b/wanda/mixed llama3-8b/sparsegpt:2:4/mixed llama2-7b/wanda llama3-8b/sparsegpt:2:4"
+for job in ${GPU_CHECK_JOBS:-$JOBS}; do
+    shape=${job%%/*} rest=${job#*/}
+    prune=${rest%%/*} objective=sft
+    [ "$prune" != "$rest" ] && objective=${rest#*/}
+    echo "== $shape $prune $objective ($(date -u +%H:%M:%S))"
+    "$PY" -m bench scaling --device "$DEVICE" --shapes "$shape" --prune "$prune" --objective "$objective" \
+        --negatives tfidf \
         --tokenizer "$BUNDLE/tokenizer" --work "$WORK" --store "$STORE" --build-on "$DEVICE"
 done
 echo "== done ($(date -u +%H:%M:%S)); results in $STORE"

@@ -694,6 +694,29 @@ def test_scaling_fits_the_exponent_and_flags_a_plan_off_by_more_than_a_fifth() -
     assert "**no**" in bad and "No GPU has run" not in bad and "**30%**" in bad
 
 
+def test_scaling_runs_the_default_objective_on_a_path_and_heading_of_its_own() -> None:
+    from app.schemas import JobSpec
+    from bench import scaling
+
+    a = {"samples": 8, "steps": 4, "seq_len": 128, "dtype": "bfloat16", "objective": "mixed"}
+    r = JobSpec.model_validate(scaling.job_spec(Path("model"), "wanda", a)).restoration
+    assert (r.objective, r.sft_weight) == ("distill", 0.5)
+    sft_spec = scaling.job_spec(Path("m"), "wanda", {**a, "objective": "sft"})
+    assert JobSpec.model_validate(sft_spec).restoration.objective == "sft"
+    store = Path("s")
+    assert scaling._path(store, "1b", "sparsegpt:2:4", "cuda", "bfloat16", objective="mixed").name \
+        == "scaling-1b-sparsegpt24-cuda-bfloat16-mixed.json"
+    assert scaling._path(store, "1b", "wanda", "cpu", "bfloat16").name == "scaling-1b-wanda-cpu-bfloat16.json"
+    sft = [_scaling_result("a", 10**8, 1000, 1100), _scaling_result("b", 10**9, 4000, 3700)]
+    mixed = {**_scaling_result("b", 10**9, 4000, 4000), "fingerprint": {"objective": "mixed"},
+             "dense_targets": {"tokens": 2048, "top_k": 64, "bytes": 2**20, "bytes_per_token": 512.0, "seconds": 3.0}}
+    page = scaling.render([mixed, *sft], "c")
+    assert "### b (1.00B parameters, bfloat16, wanda, objective mixed)" in page
+    assert "Dense targets: 2,048 tokens at top-64, 1.0 MiB (512 bytes per token), captured in 3.0 s" in page
+    assert page.index("### b (1.00B parameters, bfloat16, wanda) ") < page.index("wanda, objective mixed")
+    assert "| s @ a | s @ b | k" in page  # the growth fit takes the sft runs only, one per size
+
+
 def test_the_objective_page_measures_the_gap_on_a_log_scale() -> None:
     from bench.objective import gap_closed
 
@@ -703,6 +726,17 @@ def test_the_objective_page_measures_the_gap_on_a_log_scale() -> None:
     assert gap_closed(700.0, 600.0, 400.0) < 0 < 1 < gap_closed(300.0, 600.0, 400.0)
     assert gap_closed(0.40, 0.30, 0.50, higher_better=True) == pytest.approx(0.5)
     assert gap_closed(1.0, 2.0, 2.0) is None
+
+
+def test_a_gap_closed_over_two_seeds_shows_the_range_of_the_single_seeds() -> None:
+    from bench.objective import ACC, PPL_COLUMNS, gap_cell
+
+    ppl = PPL_COLUMNS[0]
+    assert gap_cell(ppl, 500.0, [500.0], 400.0, 600.0) == "45%"  # one seed: no range
+    assert gap_cell(ppl, (600.0 * 400.0) ** 0.5, [600.0, 400.0], 400.0, 600.0) == "50% (0 to 100)"
+    assert gap_cell(ACC, 0.45, [0.40, 0.50], 0.50, 0.40) == "50% (0 to 100)"
+    assert gap_cell(ACC, 0.45, [0.44, 0.46], 0.41, 0.40).startswith("n/a (dense − pruned +1.0 points)")
+    assert gap_cell(ppl, None, [], 400.0, 600.0) == "—"
 
 
 def test_the_default_objective_is_the_one_whose_worse_gap_share_is_largest() -> None:
