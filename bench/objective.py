@@ -359,8 +359,8 @@ def gap_cell(col: tuple[str, tuple[str, ...]], mean: float | None, per_seed: lis
     if None in (mean, dense, pruned) or (g := gap_closed(mean, pruned, dense, col is ACC)) is None:
         return "—"
     seeds = [gap_closed(v, pruned, dense, col is ACC) for v in per_seed if v is not None]
-    spread = f" ({100 * min(seeds):.0f} to {100 * max(seeds):.0f})" if len(seeds) >= 2 else ""
-    return f"{100 * g:.0f}%{spread}"
+    spread = f" ({round(100 * min(seeds))} to {round(100 * max(seeds))})" if len(seeds) >= 2 else ""
+    return f"{round(100 * g)}%{spread}"  # round(): never a "-0"
 
 
 def render(store: harness.Store, command: str) -> str:

@@ -51,11 +51,12 @@ mkdir -p "$STORE"
 "cuda", torch.cuda.is_available())'
 # Most important first: a run stopped at its limit has done these.
 # A job is SHAPE/PRUNE[/OBJECTIVE] (objective sft when left out).
-JOBS="llama2-7b/wanda/mixed llama3-8b/sparsegpt:2:4/mixed llama2-7b/wanda llama3-8b/sparsegpt:2:4"
+JOBS="llama2-7b/wanda/mixed llama3-8b/sparsegpt:2:4/mixed llama2-7b/wanda llama3-8b/sparsegpt:2:4
+      llama2-7b/sparsegpt:2:4 llama3-8b/wanda"
 for job in ${GPU_CHECK_JOBS:-$JOBS}; do
     shape=${job%%/*} rest=${job#*/}
     prune=${rest%%/*} objective=sft
-    [ "$prune" != "$rest" ] && objective=${rest#*/}
+    [ "$prune" != "$rest" ] && objective=${rest#*/} && objective=${objective:-sft}
     echo "== $shape $prune $objective ($(date -u +%H:%M:%S))"
     "$PY" -m bench scaling --device "$DEVICE" --shapes "$shape" --prune "$prune" --objective "$objective" \
         --negatives tfidf \

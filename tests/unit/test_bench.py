@@ -737,6 +737,7 @@ def test_a_gap_closed_over_two_seeds_shows_the_range_of_the_single_seeds() -> No
     assert gap_cell(ACC, 0.45, [0.40, 0.50], 0.50, 0.40) == "50% (0 to 100)"
     assert gap_cell(ACC, 0.45, [0.44, 0.46], 0.41, 0.40).startswith("n/a (dense − pruned +1.0 points)")
     assert gap_cell(ppl, None, [], 400.0, 600.0) == "—"
+    assert gap_cell(ppl, 605.0, [600.5, 609.5], 400.0, 600.0) == "-2% (-4 to 0)"  # a seed a hair worse: never "-0"
 
 
 def test_the_default_objective_is_the_one_whose_worse_gap_share_is_largest() -> None:
