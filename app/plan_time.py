@@ -1,7 +1,7 @@
 """The time part of a job's plan: each stage's work, counted from the config's shapes and the spec, and the seconds
 it takes at a device's speed. No weights, no torch.
 
-A stage's work is counted in four units, each with the rate that limits it:
+A stage's work is counted in six units, each with the rate that limits it:
 
 - ``flops``: matrix-multiply floating-point operations (forward passes 2 per parameter and token; training
   :data:`TRAIN_FLOPS` per parameter and token, 2 more when streaming recomputes each layer; SparseGPT's Hessians,
@@ -10,7 +10,10 @@ A stage's work is counted in four units, each with the rate that limits it:
   SparseGPT's mask choice);
 - ``read`` and ``written``: bytes of weights read from and written to storage;
 - ``moved``: in layer streaming, the decoder layers' bytes brought to the compute device, once per pass over the
-  layers (every batch's forward; training's backward recomputes each layer once more).
+  layers (every batch's forward; training's backward recomputes each layer once more);
+- ``steps``: steps of a loop of small dependent tensor operations, one per input column of every Linear that
+  SparseGPT prunes (each column's update waits for the previous one). On a GPU a step costs the latency of its
+  kernel launches, not its arithmetic: for a 7B model these steps, not the flops, are most of SparseGPT's time.
 
 Token counts: calibration sequences are windows of ``seq_len`` tokens; instruction rows and evaluation rows are
 counted at :data:`FILL` of their limit (``max_seq_len``: padded batches run at their longest row's length, most
@@ -18,12 +21,12 @@ rows end well short of the limit), every evaluation set at its ``limit`` rows (o
 Data much shorter or longer than that moves the prediction with it. A job's time is the sum of its stages'; each
 stage also pays a fixed start cost (imports, tokenization, hooks).
 
-:class:`Speed` holds the rates. A worker measures the matrix-multiply and sort rates on its own device in the
-job's dtype (worker.run.speed.device_speed) and applies the efficiencies below, fitted to measured stage times
-of Llama-shaped models from 135M to 7B parameters on a CPU (``python -m bench scaling``, docs/scaling.md, where
-every prediction stands beside its measurement; unchecked on a GPU so far); the API, which cannot measure the
-worker's device, uses :data:`NOMINAL` for each device kind. The matrix-multiply rate is measured in the job's
-dtype, the sort in float32 (what pruning sorts).
+:class:`Speed` holds the rates. A worker measures on its own device the matrix-multiply rate in the job's dtype,
+the sort rate in float32 (what pruning sorts) and the seconds of one SparseGPT column step
+(worker.run.speed.device_speed), and applies the efficiencies below, fitted to measured stage times of
+Llama-shaped models from 135M to 7B parameters on a CPU and checked at 7B and 8B on an H200 (``python -m bench
+scaling``, docs/scaling.md, where every prediction stands beside its measurement); the API, which cannot measure
+the worker's device, uses :data:`NOMINAL` for each device kind.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class Speed:
     read_bytes: float  # storage → memory, bytes per second
     write_bytes: float  # memory → storage
     move_bytes: float  # a streamed layer's tensors from the (cached) file onto the compute device
+    step_s: float = 0.0  # seconds per step of a loop of small dependent operations (measured: SparseGPT's columns)
     source: str = "nominal"  # "measured" (on this worker's device) or "nominal" (a typical device of its kind)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,10 +73,14 @@ class Speed:
 
 
 # A typical device of each kind, for plans made where the worker's device cannot be measured (the API at submit).
-# The CPU figures are those of the bench machine (docs/scaling.md); the CUDA ones a data-centre GPU's.
+# The CPU figures are those of the bench machine (docs/scaling.md); the CUDA ones a data-centre GPU's. The CUDA
+# column step is an H200's (docs/scaling.md): 162 µs while SparseGPT's loop still checked every N:M group for NaN,
+# at least 127 µs without that check (a run after the change had not ended when the device time did).
 NOMINAL: dict[str, Speed] = {
-    "cpu": Speed(matmul_flops=0.8e12, sort_elements=35e6, read_bytes=400e6, write_bytes=400e6, move_bytes=4e9),
-    "cuda": Speed(matmul_flops=400e12, sort_elements=4e9, read_bytes=2e9, write_bytes=1e9, move_bytes=10e9),
+    "cpu": Speed(matmul_flops=0.8e12, sort_elements=35e6, read_bytes=400e6, write_bytes=400e6, move_bytes=4e9,
+                 step_s=250e-6),
+    "cuda": Speed(matmul_flops=400e12, sort_elements=4e9, read_bytes=2e9, write_bytes=1e9, move_bytes=10e9,
+                  step_s=150e-6),
 }
 
 
@@ -83,15 +91,17 @@ class Work:
     read: float = 0.0
     written: float = 0.0
     moved: float = 0.0
+    steps: float = 0.0
 
     def __add__(self, other: Work) -> Work:
         return Work(self.flops + other.flops, self.sorted + other.sorted, self.read + other.read,
-                    self.written + other.written, self.moved + other.moved)
+                    self.written + other.written, self.moved + other.moved, self.steps + other.steps)
 
     def seconds(self, speed: Speed) -> float:
         return (STAGE_START_S + self.flops / (MATMUL_EFFICIENCY * speed.matmul_flops)
                 + self.sorted / (SORT_EFFICIENCY * speed.sort_elements)
-                + self.read / speed.read_bytes + self.written / speed.write_bytes + self.moved / speed.move_bytes)
+                + self.read / speed.read_bytes + self.written / speed.write_bytes + self.moved / speed.move_bytes
+                + self.steps * speed.step_s)
 
 
 def _eval_tokens(spec: JobSpec) -> int:
@@ -124,6 +134,11 @@ def _sparsegpt_flops(shapes: Shapes, tokens: int) -> float:
     Cholesky factor (≈in³) and the column-by-column updates of the weights (2·out·in²)."""
     per_layer = sum(2 * i * i * tokens + i**3 + 2 * o * i * i for o, i in shapes.linear_shapes())
     return shapes.layers * per_layer
+
+
+def sparsegpt_columns(shapes: Shapes) -> int:
+    """SparseGPT's sequential steps: one per input column of every prunable Linear."""
+    return shapes.layers * sum(i for _, i in shapes.linear_shapes())
 
 
 def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int, out_bytes: int,
@@ -170,8 +185,9 @@ def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int,
         if p.method == "sparsegpt":
             flops += _sparsegpt_flops(shapes, cal_t)
         # streamed: each layer comes in once, is pruned and written to scratch, then the pruned model is evaluated
+        steps = sparsegpt_columns(shapes) if p.method == "sparsegpt" else 0
         pruning = Work(flops=flops, sorted=shapes.linear_params(), moved=layers_b + evaluation.moved,
-                       written=layers_b)
+                       written=layers_b, steps=steps)
     merge_t = MERGE_CHECK_PASSES * batch * seq
     stages = {
         Stage.loading: loading,

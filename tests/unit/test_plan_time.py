@@ -25,7 +25,7 @@ from tests.unit.test_plan import LLAMA_7B, spec
 from worker.run.speed import device_speed
 
 SHAPES = Shapes.from_config(LLAMA_7B)
-RATES = Speed(matmul_flops=1e12, sort_elements=1e8, read_bytes=1e9, write_bytes=5e8, move_bytes=4e9)
+RATES = Speed(matmul_flops=1e12, sort_elements=1e8, read_bytes=1e9, write_bytes=5e8, move_bytes=4e9, step_s=50e-6)
 
 
 def work(s: JobSpec, streaming: bool = False) -> dict[Stage, Work]:
@@ -33,9 +33,9 @@ def work(s: JobSpec, streaming: bool = False) -> dict[Stage, Work]:
 
 
 def test_seconds_are_each_unit_of_work_at_its_rate_plus_the_start_cost():
-    w = Work(flops=3e12, sorted=2e8, read=4e9, written=1e9, moved=8e9)
+    w = Work(flops=3e12, sorted=2e8, read=4e9, written=1e9, moved=8e9, steps=1e5)
     expected = (STAGE_START_S + 3e12 / (MATMUL_EFFICIENCY * 1e12) + 2e8 / (SORT_EFFICIENCY * 1e8)
-                + 4e9 / 1e9 + 1e9 / 5e8 + 8e9 / 4e9)
+                + 4e9 / 1e9 + 1e9 / 5e8 + 8e9 / 4e9 + 1e5 * 50e-6)
     assert w.seconds(RATES) == pytest.approx(expected)
     assert Work().seconds(RATES) == STAGE_START_S
 
@@ -80,6 +80,18 @@ def test_pruning_sorts_every_prunable_weight_and_sparsegpt_adds_its_updates():
     assert work(already_pruned)[Stage.pruning] == Work()
 
 
+def test_sparsegpt_takes_one_sequential_step_per_input_column_of_every_linear():
+    # 7B: 32 layers × (4096 columns each for q, k, v, o, gate and up, 11008 for down)
+    assert work(spec(pruning={"method": "sparsegpt"}))[Stage.pruning].steps == 32 * (6 * 4096 + 11008)
+    assert work(spec())[Stage.pruning].steps == 0  # Wanda chooses each matrix's mask at once
+    plan = make_plan(spec(pruning={"method": "sparsegpt"}), SHAPES, "cuda", speed=RATES)
+    slower = make_plan(spec(pruning={"method": "sparsegpt"}), SHAPES, "cuda",
+                       speed=Speed(**RATES.to_dict() | {"step_s": 150e-6}))
+    # on a GPU the steps are most of SparseGPT's time: 1.1M columns at 100 µs more each
+    assert slower.stages["pruning"].seconds - plan.stages["pruning"].seconds == pytest.approx(
+        32 * (6 * 4096 + 11008) * 100e-6, abs=0.2)
+
+
 def test_streaming_moves_the_layers_once_per_pass_and_the_whole_model_moves_nothing():
     s = spec(restoration={"max_steps": 10})
     layers_b = SHAPES.layers * SHAPES.layer_params() * 2
@@ -108,7 +120,8 @@ def test_the_plan_carries_each_stages_seconds_its_total_and_the_rates_used():
 def test_a_worker_measures_its_own_rates_once():
     first = device_speed("cpu", "float32")
     assert first.source == "measured"
-    assert all(math.isfinite(v) and v > 0 for v in (first.matmul_flops, first.sort_elements, first.move_bytes))
+    assert all(math.isfinite(v) and v > 0
+               for v in (first.matmul_flops, first.sort_elements, first.move_bytes, first.step_s))
     assert first.read_bytes == NOMINAL["cpu"].read_bytes  # storage is not measured
     assert device_speed("cpu", "float32") is first
 

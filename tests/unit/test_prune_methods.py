@@ -148,6 +148,18 @@ def test_sparsegpt_nm_exact_pattern(nm: tuple[int, int]) -> None:
     assert torch.equal(new_w == 0, ~keep)
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_sparsegpt_fails_on_a_nan_weight_although_its_mask_choices_skip_the_check(nm) -> None:
+    # the column loop checks nothing (a check waits for the device); the result is checked once
+    rows, cols = 8, 64
+    h = HessianAccumulator(cols)
+    h.add(_correlated_inputs(cols, 256, rank=8, seed=3))
+    w = _linear(rows, cols, seed=2).weight.detach().clone()
+    w[3, 6] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        sparsegpt_prune_weight(w, h.H, 0.5, nm)
+
+
 def test_sparsegpt_dead_inputs_are_pruned_first_and_count_stays_exact() -> None:
     rows, cols = 8, 64
     x = _correlated_inputs(cols, 256, rank=8, seed=3)

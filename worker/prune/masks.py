@@ -47,13 +47,15 @@ def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask
 
 
-def unstructured_mask(scores: torch.Tensor, sparsity: float, group: Group = "row") -> torch.Tensor:
+def unstructured_mask(scores: torch.Tensor, sparsity: float, group: Group = "row", *,
+                      check: bool = True) -> torch.Tensor:
     """Remove exactly ``prune_count(group_size, sparsity)`` lowest scores in each comparison group.
 
     ``group="row"`` compares the inputs of each output row (Wanda's choice); ``group="tensor"``
-    compares all entries of the matrix (classic magnitude pruning).
+    compares all entries of the matrix (classic magnitude pruning). ``check``: as in :func:`nm_mask`.
     """
-    _check_scores(scores)
+    if check:
+        _check_scores(scores)
     if group == "row":
         cols = scores.shape[1]
         return _keep_top(scores, cols - prune_count(cols, sparsity))
@@ -63,9 +65,13 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: Group = "row
     raise ValueError(f"group must be 'row' or 'tensor', got {group!r}")
 
 
-def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the top ``n`` of every ``m`` consecutive inputs in each row (exactly ``n`` kept per group)."""
-    _check_scores(scores)
+def nm_mask(scores: torch.Tensor, n: int, m: int, *, check: bool = True) -> torch.Tensor:
+    """Keep the top ``n`` of every ``m`` consecutive inputs in each row (exactly ``n`` kept per group).
+
+    ``check=False`` skips the NaN check, which waits for the device: for callers in a loop over columns (SparseGPT)
+    that check their result once instead."""
+    if check:
+        _check_scores(scores)
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     rows, cols = scores.shape

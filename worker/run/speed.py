@@ -1,9 +1,11 @@
 """This worker's device rates for the time plan (app.plan_time.Speed), measured once per device and dtype.
 
-Three short measurements on the job's device, under a second on a CPU and a few milliseconds on a GPU: one square
+Four short measurements on the job's device, under a second on a CPU and a fraction of one on a GPU: one square
 matrix multiply in the compute dtype, a stable sort along the rows of a float32 matrix (what pruning's selection
-does), and a copy of host memory onto the device (what layer streaming does per layer). Storage rates are not
-measured (a cold read cannot be had without dropping the page cache); they are the device kind's nominal ones.
+does), a copy of host memory onto the device (what layer streaming does per layer), and SparseGPT on a small
+matrix, per column (its column loop is bound by the latency of small operations, which no rate above shows; the
+2:4 pattern's loop, a little costlier than the unstructured one). Storage rates are not measured (a cold read
+cannot be had without dropping the page cache); they are the device kind's nominal ones.
 """
 
 from __future__ import annotations
@@ -13,12 +15,19 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from app.plan_time import NOMINAL, Speed
+
+if TYPE_CHECKING:
+    import torch
 
 MATMUL_SIZE = {"cpu": 512, "cuda": 4096}
 SORT_SHAPE = (256, 4096)
 MOVE_BYTES = 32 * 2**20
+# SparseGPT's rows and columns: few rows, so that a column's step is its fixed cost; fewer columns on a CPU, where a
+# step takes a few hundred microseconds
+STEP_ROWS, STEP_COLUMNS = 64, {"cpu": 256, "cuda": 1024}
 REPEATS = 2
 SLOW_S = 0.25
 log = logging.getLogger(__name__)
@@ -70,6 +79,18 @@ def _measured(device: str, dtype: str) -> Speed:
     sort = rows.numel() / _best_of(lambda: torch.sort(rows, dim=1, stable=True), sync)
     host = torch.empty(MOVE_BYTES, dtype=torch.uint8)
     move = MOVE_BYTES / _best_of(lambda: host.to(dev, copy=True), sync)
+    step = _sparsegpt_step(dev, STEP_COLUMNS[kind], gen, sync)
     nominal = NOMINAL[kind]
     return Speed(matmul_flops=matmul, sort_elements=sort, read_bytes=nominal.read_bytes,
-                 write_bytes=nominal.write_bytes, move_bytes=move, source="measured")
+                 write_bytes=nominal.write_bytes, move_bytes=move, step_s=step, source="measured")
+
+
+def _sparsegpt_step(dev: torch.device, cols: int, gen: torch.Generator, sync: Callable[[], None]) -> float:
+    """Seconds per column of SparseGPT's update loop (2:4) on ``dev``."""
+    import torch
+
+    from worker.prune.sparsegpt import sparsegpt_prune_weight
+
+    weight = torch.randn(STEP_ROWS, cols, device=dev, generator=gen)
+    hessian = torch.eye(cols, device=dev)
+    return _best_of(lambda: sparsegpt_prune_weight(weight, hessian, 0.5, nm=(2, 4)), sync) / cols
