@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import RESTORELCC_OBJECTIVE, RESTORELCC_SFT_WEIGHT
+from app.plan_time import sparsegpt_columns
+from app.shapes import Shapes
 from bench import harness
 from bench.shapes import SHAPES, build
 
@@ -154,23 +156,38 @@ def _order(r: dict[str, Any]) -> tuple[bool, bool, str, int]:
     return r["environment"]["device"] != "cpu", objective_of(r) != "sft", r["prune"], r["params"]
 
 
+def stored_speed(r: dict[str, Any]) -> dict[str, Any] | None:
+    """The rates the run's worker measured; a rate measured only by later workers (SparseGPT's column step) is the
+    device kind's nominal one. None for a result made before plans had a time part."""
+    from app.plan_time import NOMINAL
+
+    speed = r["plan"].get("speed")
+    if not speed:
+        return None
+    return NOMINAL[r["plan"]["device"].split(":")[0]].to_dict() | speed
+
+
 def predicted_seconds(r: dict[str, Any]) -> dict[str, float] | None:
     """Each stage's seconds as the current time plan (app.plan_time) predicts them at the speed the run's worker
-    measured; None for a result made before plans had a time part."""
-    from app.plan import Shapes, make_plan
+    measured (:func:`stored_speed`); None for a result made before plans had a time part."""
+    from app.plan import make_plan
     from app.plan_time import Speed
     from app.schemas import JobSpec
 
-    speed = r["plan"].get("speed")
+    speed = stored_speed(r)
     if not speed:
         return None
     fp = r["fingerprint"]
     a = {"samples": fp["samples"], "steps": fp["steps"], "seq_len": fp["seq_len"], "dtype": fp["dtype"],
          "negatives": fp.get("negatives", "minilm"), "streaming": _streamed(r), "objective": objective_of(r)}
     spec = JobSpec.model_validate(job_spec(Path("model"), r["prune"], a))
-    plan = make_plan(spec, Shapes.from_config(SHAPES[r["shape"]].config(fp["dtype"])), r["plan"]["device"],
+    plan = make_plan(spec, _shapes(r), r["plan"]["device"],
                      file_bytes=r["plan"]["read_bytes"], streaming=_streamed(r), speed=Speed(**speed))
     return {stage: p.seconds for stage, p in plan.stages.items()}
+
+
+def _shapes(r: dict[str, Any]) -> Shapes:
+    return Shapes.from_config(SHAPES[r["shape"]].config(r["fingerprint"]["dtype"]))
 
 
 def _gb(n: float) -> str:
@@ -200,10 +217,19 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
                          f"{tokens / m['seconds']:,.0f}" if tokens else "—", _gb(meas),
                          _gb(pred), f"{ratio:.2f}", "yes" if abs(ratio - 1) <= TARGET_RATIO else "**no**"])
         env = r["environment"]
-        speed = r["plan"].get("speed")
+        speed = stored_speed(r)
+        sparsegpt = r["prune"].startswith("sparsegpt")
+        step = ""
+        if speed and sparsegpt:
+            nominal = "" if "step_s" in r["plan"]["speed"] else " (nominal: not measured by that worker)"
+            step = f", {speed['step_s'] * 1e6:,.0f} µs per SparseGPT column step{nominal}"
         timed = (f" The time plan: {sum(secs.values()):.0f} s, at the rates the worker measured ("
                  f"{speed['matmul_flops'] / 1e9:,.0f} GFLOP/s matrix multiply, {speed['sort_elements'] / 1e6:,.0f} M "
-                 f"elements/s sorted, {speed['move_bytes'] / 1e9:.1f} GB/s onto the device)." if speed else "")
+                 f"elements/s sorted, {speed['move_bytes'] / 1e9:.1f} GB/s onto the device{step})." if speed else "")
+        if sparsegpt:
+            columns = sparsegpt_columns(_shapes(r))
+            per_column = r["stages"]["pruning"]["seconds"] / columns
+            timed += f" SparseGPT's {columns:,} column steps: {per_column * 1e6:,.0f} µs each over the pruning stage."
         objective = "" if objective_of(r) == "sft" else f", objective {objective_of(r)}"
         targets = r.get("dense_targets")
         captured = (f" Dense targets: {targets['tokens']:,} tokens at top-{targets['top_k']}, "
@@ -302,7 +328,16 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     lines += _streaming(results)
     if streamed:
         lines += ["### Streamed runs, stage by stage", ""] + _section(streamed, "cpu")
-    lines += ["## GPU", ""] + (_section(gpu, "cuda") or [
+    if gpu:
+        lines += ["## GPU", "",
+                  "Made by `scripts/gpu_check.sh` on the GPU named in each heading: one job each, on a machine that "
+                  "started bare (its first job also pays CUDA's start-up, in whichever stage first needs it). "
+                  "SparseGPT's column loop is a long chain of small operations, bound by the latency of launching "
+                  "them rather than by arithmetic: the time plan counts its column steps at a step time each "
+                  "worker measures; the nominal GPU step (app/plan_time.py), which runs measured before workers "
+                  "measured it are predicted with, was set from the SparseGPT run below, so that run's time "
+                  "prediction is not a check.", ""]
+    lines += ([] if gpu else ["## GPU", ""]) + (_section(gpu, "cuda") or [
         "No GPU has run `scripts/gpu_check.sh` yet: every figure above is from a CPU. Until one does, the plan's "
         "GPU predictions (weights and transients on the device, the runtime on the host, and the time at the "
         "rates a GPU worker measures) are unchecked.", ""])

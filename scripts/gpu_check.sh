@@ -46,6 +46,8 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 STORE=${OUT:-bench/results/gpu}
 WORK=${GPU_CHECK_WORK:-/tmp/restorelcc-gpu-check}
 mkdir -p "$STORE"
+failed=""
+df -h "$(dirname "$WORK")" | tail -1
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
 "cuda", torch.cuda.is_available())'
@@ -58,8 +60,11 @@ for job in ${GPU_CHECK_JOBS:-$JOBS}; do
     prune=${rest%%/*} objective=sft
     [ "$prune" != "$rest" ] && objective=${rest#*/} && objective=${objective:-sft}
     echo "== $shape $prune $objective ($(date -u +%H:%M:%S))"
+    # A failed job is reported and the next one runs: the device time is too short to stop at the first failure.
     "$PY" -m bench scaling --device "$DEVICE" --shapes "$shape" --prune "$prune" --objective "$objective" \
         --negatives tfidf \
-        --tokenizer "$BUNDLE/tokenizer" --work "$WORK" --store "$STORE" --build-on "$DEVICE"
+        --tokenizer "$BUNDLE/tokenizer" --work "$WORK" --store "$STORE" --build-on "$DEVICE" \
+        || { echo "== FAILED: $job"; failed="$failed $job"; }
 done
-echo "== done ($(date -u +%H:%M:%S)); results in $STORE"
+echo "== done ($(date -u +%H:%M:%S)); results in $STORE${failed:+; failed:$failed}"
+[ -z "$failed" ]

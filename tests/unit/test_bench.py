@@ -806,3 +806,21 @@ def test_the_selection_rows_are_never_rows_the_page_scores(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="inside the scored rows"):
         objective.selection_files(tmp_path)
 
+
+
+def test_scaling_predicts_a_run_whose_worker_did_not_measure_the_sparsegpt_step_at_the_nominal_one() -> None:
+    from app.plan_time import NOMINAL
+    from bench import scaling
+
+    # an H200 run made before workers measured SparseGPT's column step
+    r = json.loads((harness.RESULTS / "scaling-llama3-8b-sparsegpt24-cuda-bfloat16-mixed.json").read_text())
+    assert "step_s" not in r["plan"]["speed"]
+    assert scaling.stored_speed(r)["step_s"] == NOMINAL["cuda"].step_s
+    columns = 32 * (6 * 4096 + 14336)  # Llama-3-8B: q, k, v, o, gate and up take 4096 inputs, down 14336
+    measured = {**r, "plan": {**r["plan"], "speed": {**r["plan"]["speed"], "step_s": 1e-6}}}
+    assert scaling.predicted_seconds(r)["pruning"] - scaling.predicted_seconds(measured)["pruning"] == pytest.approx(
+        columns * (NOMINAL["cuda"].step_s - 1e-6), abs=0.2)
+    section = "\n".join(scaling._section([r], "cuda"))
+    assert "per SparseGPT column step (nominal: not measured by that worker)" in section
+    assert f"SparseGPT's {columns:,} column steps" in section
+    assert "nominal" not in "\n".join(scaling._section([measured], "cuda"))
