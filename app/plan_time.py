@@ -24,9 +24,10 @@ stage also pays a fixed start cost (imports, tokenization, hooks).
 :class:`Speed` holds the rates. A worker measures on its own device the matrix-multiply rate in the job's dtype,
 the sort rate in float32 (what pruning sorts) and the seconds of one SparseGPT column step
 (worker.run.speed.device_speed), and applies the efficiencies below, fitted to measured stage times of
-Llama-shaped models from 135M to 7B parameters on a CPU and checked at 7B and 8B on an H200 (``python -m bench
-scaling``, docs/scaling.md, where every prediction stands beside its measurement); the API, which cannot measure
-the worker's device, uses :data:`NOMINAL` for each device kind.
+Llama-shaped models from 135M to 7B parameters on a CPU (``python -m bench scaling``, docs/scaling.md, where every
+prediction stands beside its measurement). On an H200 at 7B and 8B they predict well under the measured times
+(whole jobs about half; stages of a few seconds, which are mostly fixed costs, less): the time plan is not yet
+fitted to a GPU. The API, which cannot measure the worker's device, uses :data:`NOMINAL` for each device kind.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Speed:
     read_bytes: float  # storage → memory, bytes per second
     write_bytes: float  # memory → storage
     move_bytes: float  # a streamed layer's tensors from the (cached) file onto the compute device
-    step_s: float = 0.0  # seconds per step of a loop of small dependent operations (measured: SparseGPT's columns)
+    step_s: float  # seconds per step of a loop of small dependent operations (measured: SparseGPT's columns)
     source: str = "nominal"  # "measured" (on this worker's device) or "nominal" (a typical device of its kind)
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,9 +74,10 @@ class Speed:
 
 
 # A typical device of each kind, for plans made where the worker's device cannot be measured (the API at submit).
-# The CPU figures are those of the bench machine (docs/scaling.md); the CUDA ones a data-centre GPU's. The CUDA
-# column step is an H200's (docs/scaling.md): 162 µs while SparseGPT's loop still checked every N:M group for NaN,
-# at least 127 µs without that check (a run after the change had not ended when the device time did).
+# The CPU figures are those of the bench machine (docs/scaling.md; its column step measured as a worker does, at 64
+# rows: taller matrices cost more per column on a CPU); the CUDA ones a data-centre GPU's. The CUDA column step is an
+# H200's (docs/scaling.md): 162 µs while SparseGPT's loop still checked every N:M group for NaN; without the check,
+# a rerun of the same job had not ended 226 s in (258 s before), so at least about 127 µs.
 NOMINAL: dict[str, Speed] = {
     "cpu": Speed(matmul_flops=0.8e12, sort_elements=35e6, read_bytes=400e6, write_bytes=400e6, move_bytes=4e9,
                  step_s=250e-6),

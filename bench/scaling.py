@@ -201,9 +201,15 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
     for r in results:
         plan = r["plan"]["stages"]
         secs = predicted_seconds(r) or {}
+        # a SparseGPT run whose worker did not measure the column step: its pruning (and so its whole job) is
+        # predicted at the nominal step, set from such runs, so it is no check of the plan
+        unchecked = {"pruning"} if r["prune"].startswith("sparsegpt") and secs \
+            and "step_s" not in r["plan"]["speed"] else set()
         if secs:
-            ratios += [secs[st] / m["seconds"] for st, m in r["stages"].items() if m["seconds"] >= TIMED_STAGE_S]
-            ratios.append(sum(secs.values()) / sum(m["seconds"] for m in r["stages"].values()))
+            ratios += [secs[st] / m["seconds"] for st, m in r["stages"].items()
+                       if m["seconds"] >= TIMED_STAGE_S and st not in unchecked]
+            if not unchecked:
+                ratios.append(sum(secs.values()) / sum(m["seconds"] for m in r["stages"].values()))
         rows = []
         for stage, m in r["stages"].items():
             meas = measured_peak(m, device)
@@ -221,7 +227,7 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
         sparsegpt = r["prune"].startswith("sparsegpt")
         step = ""
         if speed and sparsegpt:
-            nominal = "" if "step_s" in r["plan"]["speed"] else " (nominal: not measured by that worker)"
+            nominal = "" if "step_s" in r["plan"]["speed"] else ", nominal: not measured by that worker"
             step = f", {speed['step_s'] * 1e6:,.0f} µs per SparseGPT column step{nominal}"
         timed = (f" The time plan: {sum(secs.values()):.0f} s, at the rates the worker measured ("
                  f"{speed['matmul_flops'] / 1e9:,.0f} GFLOP/s matrix multiply, {speed['sort_elements'] / 1e6:,.0f} M "
@@ -329,14 +335,17 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     if streamed:
         lines += ["### Streamed runs, stage by stage", ""] + _section(streamed, "cpu")
     if gpu:
+        unmeasured = [r for r in gpu if "step_s" not in (r["plan"].get("speed") or {})]
         lines += ["## GPU", "",
                   "Made by `scripts/gpu_check.sh` on the GPU named in each heading: one job each, on a machine that "
                   "started bare (its first job also pays CUDA's start-up, in whichever stage first needs it). "
                   "SparseGPT's column loop is a long chain of small operations, bound by the latency of launching "
                   "them rather than by arithmetic: the time plan counts its column steps at a step time each "
-                  "worker measures; the nominal GPU step (app/plan_time.py), which runs measured before workers "
-                  "measured it are predicted with, was set from the SparseGPT run below, so that run's time "
-                  "prediction is not a check.", ""]
+                  "worker measures."
+                  + (" Runs made before workers measured it are predicted at the nominal GPU step "
+                     "(app/plan_time.py), which was set from such a SparseGPT run: the summary leaves out those "
+                     "runs' SparseGPT pruning and whole-job times, which are no check of the plan."
+                     if unmeasured else ""), ""]
     lines += ([] if gpu else ["## GPU", ""]) + (_section(gpu, "cuda") or [
         "No GPU has run `scripts/gpu_check.sh` yet: every figure above is from a CPU. Until one does, the plan's "
         "GPU predictions (weights and transients on the device, the runtime on the host, and the time at the "

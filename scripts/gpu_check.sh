@@ -47,7 +47,7 @@ STORE=${OUT:-bench/results/gpu}
 WORK=${GPU_CHECK_WORK:-/tmp/restorelcc-gpu-check}
 mkdir -p "$STORE"
 failed=""
-df -h "$(dirname "$WORK")" | tail -1
+df -h "$(dirname "$WORK")" 2>/dev/null | tail -1 || true
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__,
 "cuda", torch.cuda.is_available())'

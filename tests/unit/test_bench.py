@@ -821,6 +821,6 @@ def test_scaling_predicts_a_run_whose_worker_did_not_measure_the_sparsegpt_step_
     assert scaling.predicted_seconds(r)["pruning"] - scaling.predicted_seconds(measured)["pruning"] == pytest.approx(
         columns * (NOMINAL["cuda"].step_s - 1e-6), abs=0.2)
     section = "\n".join(scaling._section([r], "cuda"))
-    assert "per SparseGPT column step (nominal: not measured by that worker)" in section
+    assert "per SparseGPT column step, nominal: not measured by that worker" in section
     assert f"SparseGPT's {columns:,} column steps" in section
     assert "nominal" not in "\n".join(scaling._section([measured], "cuda"))

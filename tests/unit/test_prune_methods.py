@@ -148,14 +148,15 @@ def test_sparsegpt_nm_exact_pattern(nm: tuple[int, int]) -> None:
     assert torch.equal(new_w == 0, ~keep)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_sparsegpt_fails_on_a_nan_weight_although_its_mask_choices_skip_the_check(nm) -> None:
+def test_sparsegpt_fails_on_a_non_finite_weight_although_its_mask_choices_skip_the_check(nm, bad) -> None:
     # the column loop checks nothing (a check waits for the device); the result is checked once
     rows, cols = 8, 64
     h = HessianAccumulator(cols)
     h.add(_correlated_inputs(cols, 256, rank=8, seed=3))
     w = _linear(rows, cols, seed=2).weight.detach().clone()
-    w[3, 6] = float("nan")
+    w[3, 6] = bad
     with pytest.raises(ValueError, match="not finite"):
         sparsegpt_prune_weight(w, h.H, 0.5, nm)
 
