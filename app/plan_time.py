@@ -77,7 +77,7 @@ class Speed:
 # The CPU figures are those of the bench machine (docs/scaling.md; its column step measured as a worker does, at 64
 # rows: taller matrices cost more per column on a CPU); the CUDA ones a data-centre GPU's. The CUDA column step is an
 # H200's (docs/scaling.md): 162 µs while SparseGPT's loop still checked every N:M group for NaN; without the check,
-# a rerun of the same job had not ended 226 s in (258 s before), so at least about 127 µs.
+# a rerun of the same job (the model built anew) had not ended about 230 s in (273 s before), so at least about 127 µs.
 NOMINAL: dict[str, Speed] = {
     "cpu": Speed(matmul_flops=0.8e12, sort_elements=35e6, read_bytes=400e6, write_bytes=400e6, move_bytes=4e9,
                  step_s=250e-6),
