@@ -27,7 +27,7 @@ SORT_SHAPE = (256, 4096)
 MOVE_BYTES = 32 * 2**20
 # SparseGPT's rows and columns: few rows, so that a column's step is its fixed cost (on a CPU taller matrices cost
 # more per column, their in-block updates being bound by memory, which the plan does not count yet)
-STEP_ROWS, STEP_COLUMNS = 64, {"cpu": 256, "cuda": 512}
+STEP_ROWS, STEP_COLUMNS = 64, {"cpu": 64, "cuda": 512}
 REPEATS = 2
 SLOW_S = 0.25
 log = logging.getLogger(__name__)
