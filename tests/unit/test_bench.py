@@ -694,15 +694,19 @@ def test_scaling_fits_the_exponent_and_flags_a_plan_off_by_more_than_a_fifth() -
     assert "**no**" in bad and "No GPU has run" not in bad and "**30%**" in bad
 
 
-def test_scaling_runs_the_default_objective_on_a_path_and_heading_of_its_own(tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from app.schemas import JobSpec
-    from bench import scaling
-
-    for name in ("alpaca/train.jsonl", "eval/wikitext_sentences.jsonl"):  # the spec names them; nothing reads them
+@pytest.fixture
+def scaling_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data files a scaling job's spec names (nothing reads them): a fresh clone may have no shared data."""
+    for name in ("alpaca/train.jsonl", "eval/wikitext_sentences.jsonl"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text('{"text": "x"}\n')
     monkeypatch.setattr(harness, "SHARED_DATA", tmp_path)
+
+
+def test_scaling_runs_the_default_objective_on_a_path_and_heading_of_its_own(scaling_data) -> None:
+    from app.schemas import JobSpec
+    from bench import scaling
+
     a = {"samples": 8, "steps": 4, "seq_len": 128, "dtype": "bfloat16", "objective": "mixed"}
     r = JobSpec.model_validate(scaling.job_spec(Path("model"), "wanda", a)).restoration
     assert (r.objective, r.sft_weight) == ("distill", 0.5)
@@ -808,7 +812,7 @@ def test_the_selection_rows_are_never_rows_the_page_scores(tmp_path, monkeypatch
 
 
 
-def test_scaling_predicts_a_run_whose_worker_did_not_measure_the_sparsegpt_step_at_the_nominal_one() -> None:
+def test_scaling_predicts_a_run_whose_worker_did_not_measure_the_sparsegpt_step_at_the_nominal(scaling_data) -> None:
     from app.plan_time import NOMINAL
     from bench import scaling
 
