@@ -184,10 +184,11 @@ def stage_work(spec: JobSpec, shapes: Shapes, file_bytes: int, dtype_bytes: int,
         cal_t = p.calibration_samples * p.seq_len if PRUNING_METHODS[p.method].needs_calibration else 0
         # each layer runs twice over the calibration inputs: once to collect statistics, once for the next input
         flops = 2 * 2 * stack * cal_t + evaluation.flops
+        steps = 0
         if p.method == "sparsegpt":
             flops += _sparsegpt_flops(shapes, cal_t)
+            steps = sparsegpt_columns(shapes)
         # streamed: each layer comes in once, is pruned and written to scratch, then the pruned model is evaluated
-        steps = sparsegpt_columns(shapes) if p.method == "sparsegpt" else 0
         pruning = Work(flops=flops, sorted=shapes.linear_params(), moved=layers_b + evaluation.moved,
                        written=layers_b, steps=steps)
     merge_t = MERGE_CHECK_PASSES * batch * seq

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import RESTORELCC_OBJECTIVE, RESTORELCC_SFT_WEIGHT
-from app.plan_time import sparsegpt_columns
+from app.plan_time import NOMINAL, Speed, sparsegpt_columns
 from app.shapes import Shapes
 from bench import harness
 from bench.shapes import SHAPES, build
@@ -159,8 +159,6 @@ def _order(r: dict[str, Any]) -> tuple[bool, bool, str, int]:
 def stored_speed(r: dict[str, Any]) -> dict[str, Any] | None:
     """The rates the run's worker measured; a rate measured only by later workers (SparseGPT's column step) is the
     device kind's nominal one. None for a result made before plans had a time part."""
-    from app.plan_time import NOMINAL
-
     speed = r["plan"].get("speed")
     if not speed:
         return None
@@ -171,7 +169,6 @@ def predicted_seconds(r: dict[str, Any]) -> dict[str, float] | None:
     """Each stage's seconds as the current time plan (app.plan_time) predicts them at the speed the run's worker
     measured (:func:`stored_speed`); None for a result made before plans had a time part."""
     from app.plan import make_plan
-    from app.plan_time import Speed
     from app.schemas import JobSpec
 
     speed = stored_speed(r)
@@ -184,6 +181,11 @@ def predicted_seconds(r: dict[str, Any]) -> dict[str, float] | None:
     plan = make_plan(spec, _shapes(r), r["plan"]["device"],
                      file_bytes=r["plan"]["read_bytes"], streaming=_streamed(r), speed=Speed(**speed))
     return {stage: p.seconds for stage, p in plan.stages.items()}
+
+
+def _step_measured(r: dict[str, Any]) -> bool:
+    """Whether the run's worker measured SparseGPT's column step (later workers do)."""
+    return "step_s" in (r["plan"].get("speed") or {})
 
 
 def _shapes(r: dict[str, Any]) -> Shapes:
@@ -201,14 +203,14 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
     for r in results:
         plan = r["plan"]["stages"]
         secs = predicted_seconds(r) or {}
+        sparsegpt = r["prune"].startswith("sparsegpt")
         # a SparseGPT run whose worker did not measure the column step: its pruning (and so its whole job) is
         # predicted at the nominal step, set from such runs, so it is no check of the plan
-        unchecked = {"pruning"} if r["prune"].startswith("sparsegpt") and secs \
-            and "step_s" not in r["plan"]["speed"] else set()
+        nominal_step = sparsegpt and not _step_measured(r)
         if secs:
             ratios += [secs[st] / m["seconds"] for st, m in r["stages"].items()
-                       if m["seconds"] >= TIMED_STAGE_S and st not in unchecked]
-            if not unchecked:
+                       if m["seconds"] >= TIMED_STAGE_S and not (nominal_step and st == "pruning")]
+            if not nominal_step:
                 ratios.append(sum(secs.values()) / sum(m["seconds"] for m in r["stages"].values()))
         rows = []
         for stage, m in r["stages"].items():
@@ -224,10 +226,9 @@ def _section(results: list[dict[str, Any]], device: str) -> list[str]:
                          _gb(pred), f"{ratio:.2f}", "yes" if abs(ratio - 1) <= TARGET_RATIO else "**no**"])
         env = r["environment"]
         speed = stored_speed(r)
-        sparsegpt = r["prune"].startswith("sparsegpt")
         step = ""
         if speed and sparsegpt:
-            nominal = "" if "step_s" in r["plan"]["speed"] else ", nominal: not measured by that worker"
+            nominal = ", nominal: not measured by that worker" if nominal_step else ""
             step = f", {speed['step_s'] * 1e6:,.0f} µs per SparseGPT column step{nominal}"
         timed = (f" The time plan: {sum(secs.values()):.0f} s, at the rates the worker measured ("
                  f"{speed['matmul_flops'] / 1e9:,.0f} GFLOP/s matrix multiply, {speed['sort_elements'] / 1e6:,.0f} M "
@@ -334,10 +335,9 @@ def render(results: list[dict[str, Any]], command: str) -> str:
     lines += _streaming(results)
     if streamed:
         lines += ["### Streamed runs, stage by stage", ""] + _section(streamed, "cpu")
+    lines += ["## GPU", ""]
     if gpu:
-        unmeasured = [r for r in gpu if "step_s" not in (r["plan"].get("speed") or {})]
-        lines += ["## GPU", "",
-                  "Made by `scripts/gpu_check.sh` on the GPU named in each heading: one job each, on a machine that "
+        lines += ["Made by `scripts/gpu_check.sh` on the GPU named in each heading: one job each, on a machine that "
                   "started bare (its first job also pays CUDA's start-up, in whichever stage first needs it). "
                   "SparseGPT's column loop is a long chain of small operations, bound by the latency of launching "
                   "them rather than by arithmetic: the time plan counts its column steps at a step time each "
@@ -345,8 +345,8 @@ def render(results: list[dict[str, Any]], command: str) -> str:
                   + (" Runs made before workers measured it are predicted at the nominal GPU step "
                      "(app/plan_time.py), which was set from such a SparseGPT run: the summary leaves out those "
                      "runs' SparseGPT pruning and whole-job times, which are no check of the plan."
-                     if unmeasured else ""), ""]
-    lines += ([] if gpu else ["## GPU", ""]) + (_section(gpu, "cuda") or [
+                     if not all(_step_measured(r) for r in gpu) else ""), ""]
+    lines += (_section(gpu, "cuda") or [
         "No GPU has run `scripts/gpu_check.sh` yet: every figure above is from a CPU. Until one does, the plan's "
         "GPU predictions (weights and transients on the device, the runtime on the host, and the time at the "
         "rates a GPU worker measures) are unchecked.", ""])

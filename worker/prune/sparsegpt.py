@@ -126,8 +126,8 @@ def sparsegpt_prune_weight(
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
-    # Checked once here rather than in every mask choice above: a check waits for the device, and once per N:M
-    # group it made the loop several times slower on a GPU. NaN or infinite inputs end here as non-finite weights.
+    # Checked once here rather than in every mask choice above: a check waits for the device, which once per N:M
+    # group held the loop up (docs/scaling.md). NaN or infinite inputs end here as non-finite weights.
     if not bool(torch.isfinite(W).all()):
         raise ValueError("SparseGPT: the pruned weights are not finite (NaN or infinite weights or calibration inputs)")
     W.masked_fill_(~mask, 0)
