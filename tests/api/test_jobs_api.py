@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 
+import httpx
 import pytest
 
 from app.schemas import JobStatus
+from tests.conftest import Api, api_settings, serve_in_thread
 
 
 def test_create_returns_202_location_and_queued_job(api):
@@ -182,28 +182,33 @@ def _sse(text: str) -> list[tuple[str, dict]]:
     return out
 
 
-def test_event_stream_is_live_and_ends_when_the_job_finishes(api):
-    jobs = api.services.jobs
-    job = api.create()["id"]
+def test_event_stream_is_live_and_ends_when_the_job_finishes(tmp_path, db_url):
+    """What is written after the stream opened reaches it: the job runs only once the stream's first event (its
+    history) has arrived, and the stream ends with the job. On a real server, so that the response streams."""
+    from app.main import create_app
 
-    def work() -> None:
-        time.sleep(0.3)
-        jobs.claim(job, "w")
-        for stage in ("loading", "pruning"):
-            jobs.set_stage(job, stage)
-            time.sleep(0.2)
-        jobs.finish(job, JobStatus.succeeded)
-
-    t = threading.Thread(target=work)
-    t.start()
-    t0 = time.monotonic()
-    r = api.client.get(f"/v1/jobs/{job}/events", headers={**api.h(), "Accept": "text/event-stream"})
-    t.join()
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = _sse(r.text)
+    app = create_app(api_settings(tmp_path, db_url))
+    api = Api(None, app.state.services, tmp_path)
+    jobs = app.state.services.jobs
+    lines: list[str] = []
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=api.h(), timeout=60) as http:
+        created = http.post("/v1/jobs", json=api.spec())
+        assert created.status_code == 202, created.text
+        job = created.json()["id"]
+        with http.stream("GET", f"/v1/jobs/{job}/events", headers={"Accept": "text/event-stream"}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            ran = False
+            for line in r.iter_lines():
+                lines.append(line)
+                if not ran and line == "" and _sse("\n".join(lines)):
+                    ran = True
+                    jobs.claim(job, "w")
+                    for stage in ("loading", "pruning"):
+                        jobs.set_stage(job, stage)
+                    jobs.finish(job, JobStatus.succeeded)
+    events = _sse("\n".join(lines))
     assert [name for name, _ in events] == ["status", "status", "stage", "stage", "status", "end"]
-    assert events[-1][1] == {"status": "succeeded"}
-    assert time.monotonic() - t0 < 10
+    assert events[0][1]["data"]["status"] == "queued" and events[-1][1] == {"status": "succeeded"}
 
 
 @pytest.mark.parametrize(

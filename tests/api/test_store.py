@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from datetime import timedelta
 
 import pytest
@@ -244,12 +243,13 @@ def test_the_sweep_requeues_lost_jobs_with_runs_left_and_fails_the_rest(store):
     queued, _ = store.create("t", {})
     for j in (fresh, stale, spent, cancelling):
         store.claim(j.id, "w")
+    store.request_cancel(cancelling.id)
+    lost_at = utcnow() - timedelta(minutes=10)  # the last heartbeat of the three lost runs
     with store.session() as s:  # the spent job has already been run twice
         s.execute(update(Job).where(Job.id == spent.id).values(attempts=2))
-    store.request_cancel(cancelling.id)
-    time.sleep(0.05)
+        s.execute(update(Job).where(Job.id.in_([stale.id, spent.id, cancelling.id])).values(heartbeat_at=lost_at))
     store.heartbeat(fresh.id)
-    cutoff = utcnow() - timedelta(milliseconds=20)
+    cutoff = utcnow() - timedelta(minutes=1)
     requeued, ended = store.recover_lost(cutoff, max_attempts=2)
     assert requeued == [stale.id] and sorted(ended) == sorted([spent.id, cancelling.id])
     again = store.get(stale.id)
@@ -268,8 +268,7 @@ def test_take_over_only_when_stale_and_requeue_respects_run_after(store):
     job, _ = store.create("t", {})
     store.claim(job.id, "w1")
     assert not store.take_over(job.id, "w2", stale_cutoff(60))
-    time.sleep(0.02)
-    assert store.take_over(job.id, "w2", utcnow())
+    assert store.take_over(job.id, "w2", utcnow() + timedelta(seconds=1))  # every heartbeat so far counts as stale
     row = store.get(job.id)
     assert row.worker == "w2" and row.attempts == 2
     assert store.requeue(job.id, utcnow() + timedelta(seconds=60), "network")
@@ -284,8 +283,7 @@ def test_a_run_taken_over_can_no_longer_write(store):
     old = StoreReporter(store, job.id, progress_interval_s=0, cancel_poll_s=0, attempt=1)
     old.progress(0.2, "w1 working")
     assert store.get(job.id).progress == pytest.approx(0.2) and not old.cancel_requested()
-    time.sleep(0.02)
-    assert store.take_over(job.id, "w2", utcnow())
+    assert store.take_over(job.id, "w2", utcnow() + timedelta(seconds=1))
     assert not store.heartbeat(job.id, attempt=1) and store.heartbeat(job.id, attempt=2)
     assert not store.set_stage(job.id, "training", attempt=1)
     assert not store.set_progress(job.id, 0.9, "stale", attempt=1)

@@ -223,7 +223,7 @@ def test_receiver_that_does_not_answer_times_out(receiver):
     assert attempt.status_code is None
     assert "timeout" in attempt.error.lower()
     assert "ReadTimeout" in attempt.error
-    assert 400 <= attempt.duration_ms < 10_000
+    assert attempt.duration_ms >= 400  # it waited out the 0.5 s read timeout
     assert receiver.arrived.wait(5)  # it was sent: the receiver just never answered
     assert [r.path for r in receiver.seen()] == ["/slow"]
 

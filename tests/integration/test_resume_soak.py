@@ -17,7 +17,7 @@ from tests.integration.test_service_celery import running_service
 pytestmark = pytest.mark.postgres
 JOBS = 10
 KILLS = 10
-MAX_ATTEMPTS = 3  # the default
+MAX_ATTEMPTS = KILLS + 1  # no job can run out of runs, so every one must succeed (the limit is tested apart)
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +59,9 @@ def test_ten_random_kills_lose_nothing(service, tiny_assets):
     resumed = 0
     for job_id, job in finals.items():
         record = service.jobs.get(job_id)
-        lost_too_often = job.status.value == "failed" and job.error.code == "worker_lost" and \
-            record.attempts >= MAX_ATTEMPTS
-        assert job.status.value == "succeeded" or lost_too_often, (job_id, job.status, job.error, record.attempts)
-        if job.status.value == "succeeded":
-            shas.add({a.name: a.sha256 for a in service.jobs.artifacts(job_id)}["model/model.safetensors"])
-            assert record.checkpoint_bytes == 0
+        assert job.status.value == "succeeded", (job_id, job.status, job.error, record.attempts)
+        shas.add({a.name: a.sha256 for a in service.jobs.artifacts(job_id)}["model/model.safetensors"])
+        assert record.checkpoint_bytes == 0
         resumed += sum(1 for e in service.client.events(job_id) if e.kind == "resumed")
     assert len(shas) == 1  # every run of the same spec, interrupted or not, exported the same bytes
     assert resumed >= 3  # kills mid-job resumed from checkpoints rather than starting over

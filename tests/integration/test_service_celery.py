@@ -17,7 +17,15 @@ import pytest
 
 from app.client import Client
 from app.main import create_app
-from tests.conftest import KEYS, api_settings, check_downloaded_model, pg_schema, serve_in_thread, stop_group
+from tests.conftest import (
+    KEYS,
+    api_settings,
+    check_downloaded_model,
+    pg_schema,
+    serve_in_thread,
+    stop_group,
+    wait_until,
+)
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).parents[2]
@@ -151,11 +159,8 @@ def test_cancel_queued_and_running_jobs(service, tiny_assets):
     assert c.cancel(queued.id).status.value == "cancelled"  # at once, never runs
 
     # Cancel the running job while it evaluates the dense model (a long step between checkpoints).
-    deadline = time.monotonic() + 60
-    while c.get(slow.id).stage is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: c.get(slow.id).stage, 60, lambda: service.log.read_text()[-4000:], alive=service.worker)
     assert c.cancel(slow.id).status.value in ("cancelling", "cancelled")
-    t0 = time.monotonic()
     final = service.wait_status(slow.id, {"cancelled", "succeeded", "failed"}, timeout=60)
     assert final.status.value == "cancelled", final.error
     events = c.events(slow.id)
@@ -163,9 +168,11 @@ def test_cancel_queued_and_running_jobs(service, tiny_assets):
     later_stages = [e.data["stage"] for e in events if e.kind == "stage" and e.seq > cancel_seq]
     assert len(later_stages) <= 1, later_stages  # stopped at the next checkpoint
     assert c.artifacts(slow.id) == []
-    assert time.monotonic() - t0 < 30
 
-    time.sleep(1)  # the worker has moved past the cancelled job's message by now
+    # One worker process takes the queue in order: once a job sent after the cancelled one has run, the worker
+    # has had the cancelled job's message, and dropped it.
+    after = c.create(tiny_assets.spec())
+    assert service.wait_status(after.id, {"succeeded", "failed", "cancelled"}).status.value == "succeeded"
     q_events = c.events(queued.id)
     assert [e.data["status"] for e in q_events if e.kind == "status"] == ["queued", "cancelled"]
     assert c.get(queued.id).started_at is None
@@ -178,7 +185,7 @@ def test_missing_model_fails_fast_and_the_worker_goes_on(service, tiny_assets):
     failed = service.wait_status(bad.id, {"succeeded", "failed", "cancelled"}, timeout=60)
     assert failed.status.value == "failed"
     assert failed.error.code == "model_not_found" and "does-not-exist" in failed.error.message
-    assert (failed.finished_at - failed.started_at).total_seconds() < 10
+    assert [e.data["stage"] for e in c.events(bad.id) if e.kind == "stage"] in ([], ["loading"])  # no work done
     assert service.wait_status(good.id, {"succeeded", "failed"}).status.value == "succeeded"
 
 

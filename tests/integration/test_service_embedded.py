@@ -183,19 +183,17 @@ def test_stopping_serve_leaves_no_orphan_worker(tmp_path, tiny_assets, sig):
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "DATABASE_URL") and not k.startswith("RESTORELCC_")}
     env.update({"PYTHONPATH": str(ROOT), "RESTORELCC_DATA_DIR": str(tmp_path / "d")})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "serve", "--port", str(free_port())],
-        env=env, cwd=tiny_assets.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "serve.log"
+    with open(log, "w") as log_f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "serve", "--port", str(free_port())],
+            env=env, cwd=tiny_assets.root, stdout=log_f, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 60
-        workers: list[int] = []
-        while not workers:
-            assert proc.poll() is None and time.monotonic() < deadline
-            workers = _children(proc.pid)
-            time.sleep(0.2)
-        time.sleep(2)  # let the worker start its loop
+        # The worker logs this once it holds its slot, with its signal handlers and parent watch in place.
+        wait_until(lambda: "embedded worker polling" in log.read_text(), 60, log.read_text, alive=proc)
+        workers = _children(proc.pid)
+        assert workers, log.read_text()
         os.kill(proc.pid, sig)
         proc.wait(timeout=30)
         assert all(_gone(w, 20) for w in workers), f"worker(s) {workers} outlived serve ({sig.name})"

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import sentencepiece as spm
 import torch
 
 from tests.tiny import choice_rows, instruction_rows, make_config, make_tokenizer, write_jsonl
@@ -22,8 +23,6 @@ from worker.errors import DataError
 from worker.model.data import IGNORE, ChoiceItem, encode_joined, encode_pair
 from worker.restore.restorelcc.capture import build_probe_inputs
 from worker.run.evaluate import _choice_rows, _shared_context, choice_logliks, response_perplexity
-
-spm = pytest.importorskip("sentencepiece")
 
 PROMPT = "### Instruction:\nName three colours of a river.\n\n### Response:"
 RESPONSE = " some words about the river and the colour of water."
