@@ -419,13 +419,16 @@ class JobStore:
 
     # Transitions ------------------------------------------------------------------------------------
     def _update(self, s: Session, job_id: str, allowed: tuple[str, ...], attempt: int | None = None,
-                **values: Any) -> bool:
+                stale_before: datetime | None = None, **values: Any) -> bool:
         """Update a job in one of the ``allowed`` states; with ``attempt``, only while that run still owns it
-        (a job taken over by another worker has a higher ``attempts``: the old run's writes are refused)."""
+        (a job taken over by another worker has a higher ``attempts``: the old run's writes are refused); with
+        ``stale_before``, only while its last heartbeat is older than that (its worker has not come back)."""
         values.setdefault("updated_at", utcnow())
         q = update(Job).where(Job.id == job_id, Job.status.in_(allowed))
         if attempt is not None:
             q = q.where(Job.attempts == attempt)
+        if stale_before is not None:
+            q = q.where(Job.heartbeat_at < stale_before)
         return s.execute(q.values(**values)).rowcount == 1
 
     def claim(self, job_id: str, worker: str) -> bool:
@@ -491,9 +494,11 @@ class JobStore:
         metrics: dict[str, Any] | None = None,
         allowed: tuple[str, ...] = ACTIVE,
         attempt: int | None = None,
+        stale_before: datetime | None = None,
     ) -> bool:
         """An active job ends ``status`` (succeeded / failed / cancelled); a finished one stays as it is.
-        With ``attempt``, only if that run still owns the job."""
+        With ``attempt``, only if that run still owns the job; with ``stale_before``, only if its heartbeat is
+        older than that."""
         now = utcnow()
         values: dict[str, Any] = {"status": status.value, "finished_at": now, "heartbeat_at": now}
         if error is not None:
@@ -504,7 +509,7 @@ class JobStore:
             values["progress"] = 1.0
         values["progress_message"] = status.value
         with self.session() as s:
-            ok = self._update(s, job_id, allowed, attempt, **values)
+            ok = self._update(s, job_id, allowed, attempt, stale_before, **values)
             if ok:
                 data: dict[str, Any] = {"status": status.value}
                 if error is not None:
@@ -538,25 +543,42 @@ class JobStore:
                 self._status_event(s, job_id, {"status": "queued", "reason": reason})
             return ok
 
-    def recover_lost(self, stale_before: datetime, max_attempts: int) -> tuple[list[str], list[str]]:
+    def recover_lost(self, stale_before: datetime, max_attempts: int, time_limit_s: float | None = None
+                     ) -> tuple[list[str], list[str]]:
         """Active jobs with a heartbeat older than ``stale_before`` lost their worker. A running job that has runs
         left goes back to ``queued`` to run again (the caller sends it to the broker); one that has had
-        ``max_attempts`` runs → failed (``worker_lost``); cancelling → cancelled. Returns (requeued, ended)."""
+        ``max_attempts`` runs → failed (``worker_lost``); one whose lost run had lasted ``time_limit_s`` (it was
+        killed by the hard time limit, and would only hit it again) → failed (``time_limit``); cancelling →
+        cancelled. Each change is made only while the heartbeat is still stale and the run is the one seen, so a
+        worker that comes back, or a redelivered task that took the job over meanwhile, keeps it. Returns
+        (requeued, ended)."""
         with self.session() as s:
             lost = list(s.execute(
-                select(Job.id, Job.attempts, Job.stage).where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
+                select(Job.id, Job.status, Job.attempts, Job.stage, Job.started_at, Job.heartbeat_at)
+                .where(Job.status.in_(ACTIVE), Job.heartbeat_at < stale_before)
             ).all())
         requeued: list[str] = []
         ended: list[str] = []
-        for job_id, attempts, stage in lost:
-            where = f", the last time during {stage}" if stage else ""
-            if attempts < max_attempts and self._requeue_lost(job_id, stale_before, attempts):
-                requeued.append(job_id)
-            elif self.finish(job_id, JobStatus.failed, (
-                    "worker_lost", f"worker lost {attempts} time{'s' if attempts != 1 else ''} while running this "
-                                   f"job{where} (the limit is {max_attempts} runs); no heartbeat since "
-                                   f"{stale_before.isoformat()}"), allowed=(JobStatus.running.value,)) or \
-                    self.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
+        for job_id, status, attempts, stage, started_at, heartbeat_at in lost:
+            fence = {"attempt": attempts, "stale_before": stale_before}
+            if status == JobStatus.cancelling.value:
+                if self.finish(job_id, JobStatus.cancelled, allowed=(status,), **fence):
+                    ended.append(job_id)
+                continue
+            ran_s = (heartbeat_at - started_at).total_seconds() if started_at is not None else 0.0
+            if time_limit_s is not None and ran_s >= time_limit_s:
+                error = ("time_limit", f"the job ran past its hard time limit ({ran_s:.0f} s without a result); "
+                                       "it is not run again")
+            elif attempts < max_attempts:
+                if self._requeue_lost(job_id, stale_before, attempts):
+                    requeued.append(job_id)
+                continue
+            else:
+                where = f", the last time during {stage}" if stage else ""
+                error = ("worker_lost", f"worker lost {attempts} time{'s' if attempts != 1 else ''} while running "
+                                        f"this job{where} (the limit is {max_attempts} runs); no heartbeat since "
+                                        f"{stale_before.isoformat()}")
+            if self.finish(job_id, JobStatus.failed, error, allowed=(status,), **fence):
                 ended.append(job_id)
         return requeued, ended
 

@@ -115,3 +115,17 @@ def test_celery_pool_processes_are_recycled_per_job_by_default(tmp_path):
     assert make_celery(s).conf.worker_max_tasks_per_child == 1
     s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", worker_max_tasks_per_child=None)
     assert make_celery(s).conf.worker_max_tasks_per_child is None
+
+
+def test_celery_gives_back_a_message_whose_task_hit_the_hard_time_limit(tmp_path):
+    """Celery acknowledges such a message by default, and the job would wait for the sweep; rejected, it comes back
+    at once and the redelivered task fails the job ``time_limit`` (a run killed by the limit is not run again)."""
+    from worker.service.celery_app import make_celery
+
+    app = make_celery(api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}"))
+
+    @app.task(name="restorelcc.test.probe")
+    def probe() -> None:
+        return None
+
+    assert probe.acks_late and probe.reject_on_worker_lost and probe.acks_on_timeout is False

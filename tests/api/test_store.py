@@ -264,6 +264,43 @@ def test_the_sweep_requeues_lost_jobs_with_runs_left_and_fails_the_rest(store):
     assert store.recover_lost(cutoff, max_attempts=2) == ([], [])
 
 
+def test_the_sweep_leaves_a_job_whose_worker_came_back_while_it_looked(store, monkeypatch):
+    """The race the sweep must lose: it saw a stale heartbeat, then the worker beat again before the sweep wrote.
+    The job keeps running; it is neither queued again nor failed worker_lost (it has runs left)."""
+    job, _ = store.create("t", {})
+    store.claim(job.id, "w")
+    with store.session() as s:
+        s.execute(update(Job).where(Job.id == job.id).values(heartbeat_at=utcnow() - timedelta(minutes=10)))
+    requeue = store._requeue_lost
+
+    def beat_first(*args):
+        assert store.heartbeat(job.id)  # the worker comes back between the sweep's read and its write
+        return requeue(*args)
+
+    monkeypatch.setattr(store, "_requeue_lost", beat_first)
+    assert store.recover_lost(utcnow() - timedelta(minutes=1), max_attempts=2) == ([], [])
+    row = store.get(job.id)
+    assert (row.status, row.attempts, row.error_code) == ("running", 1, None)
+
+
+def test_the_sweep_fails_a_run_the_hard_time_limit_killed_rather_than_run_it_again(store):
+    killed, _ = store.create("t", {})
+    short, _ = store.create("t", {})
+    for j in (killed, short):
+        store.claim(j.id, "w")
+    now = utcnow()
+    with store.session() as s:  # killed ran 2 h before its last beat; short, 5 min
+        s.execute(update(Job).where(Job.id == killed.id).values(
+            started_at=now - timedelta(hours=2, minutes=10), heartbeat_at=now - timedelta(minutes=10)))
+        s.execute(update(Job).where(Job.id == short.id).values(
+            started_at=now - timedelta(minutes=15), heartbeat_at=now - timedelta(minutes=10)))
+    requeued, ended = store.recover_lost(now - timedelta(minutes=1), max_attempts=3, time_limit_s=3600)
+    assert (requeued, ended) == ([short.id], [killed.id])
+    row = store.get(killed.id)
+    assert (row.status, row.error_code) == ("failed", "time_limit") and "hard time limit" in row.error_message
+    assert store.get(short.id).status == "queued"
+
+
 def test_take_over_only_when_stale_and_requeue_respects_run_after(store):
     job, _ = store.create("t", {})
     store.claim(job.id, "w1")

@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import wait_until
 from tests.integration.test_service_celery import running_service
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(900)]  # a hang guard: ten jobs, ten worker restarts
 JOBS = 10
 KILLS = 10
 MAX_ATTEMPTS = KILLS + 1  # no job can run out of runs, so every one must succeed (the limit is tested apart)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from app.store.artifacts import ArtifactNotFound, ArtifactStore
-from worker.errors import TransientError
+from worker.errors import TransientError, is_out_of_memory
 
 log = logging.getLogger("restorelcc.checkpoints")
 
@@ -108,6 +108,8 @@ class CheckpointStore:
         except (TransientError, Unreadable):
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):  # packing a part or copying it off the device: never retried
+                raise
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
     def stage(self, name: str, source: Path | dict[str, Any]) -> bool:
@@ -121,6 +123,8 @@ class CheckpointStore:
         except (TransientError, Unreadable):
             raise
         except Exception as exc:
+            if is_out_of_memory(exc):  # packing a part or copying it off the device: never retried
+                raise
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
     def _stage(self, name: str, source: Path | dict[str, Any]) -> bool:

@@ -1,6 +1,7 @@
 """The Celery app (Redis broker) and the thin ``restorelcc.run_job`` task.
 
-Reliability: late acks, prefetch 1, a task whose worker process dies is rejected back to the queue,
+Reliability: late acks, prefetch 1, a task whose worker process dies or hits the hard time limit is rejected back
+to the queue,
 soft/hard time limits from settings, broker visibility timeout longer than the hard limit. The job store,
 not Celery's result backend, holds job state. On start (and every ``sweep_interval_s``) the worker fails
 jobs whose heartbeat went stale (``worker_lost``) and re-sends queued jobs whose broker message was lost.
@@ -29,6 +30,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
+        task_acks_on_timeout=False,  # a task killed by the hard time limit: back to the queue, then failed there
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         task_soft_time_limit=settings.soft_time_limit_s,

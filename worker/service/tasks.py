@@ -152,12 +152,16 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
     return _execute(ctx, job)
 
 
+def _hard_limit_run_s(settings: Settings) -> float:
+    """How long a run lasts, from its start to its last heartbeat, when the hard time limit kills it."""
+    return settings.hard_time_limit_s - 2 * settings.heartbeat_s
+
+
 def _hit_hard_limit(job: Job, settings: Settings) -> bool:
     """Whether the run that lost this job had been running for (about) the hard time limit when it died."""
     if job.started_at is None or job.heartbeat_at is None:
         return False
-    ran = (job.heartbeat_at - job.started_at).total_seconds()
-    return ran >= settings.hard_time_limit_s - 2 * settings.heartbeat_s
+    return (job.heartbeat_at - job.started_at).total_seconds() >= _hard_limit_run_s(settings)
 
 
 def _heartbeat_stale(job: Job, settings: Settings) -> bool:
@@ -485,7 +489,8 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
             dispatch_held(ctx.jobs, TenantPolicy(ctx.settings), enqueuer)
         except Exception:  # a quota file the worker cannot read must not stop the recovery below
             log.warning("could not release held jobs", exc_info=True)
-    requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts)
+    requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts,
+                                            _hard_limit_run_s(ctx.settings))
     for job_id in requeued:
         log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)
         if send is not None:
