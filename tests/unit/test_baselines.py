@@ -191,6 +191,10 @@ def test_bad_targets_and_detach():
     with pytest.raises(SpecError):
         train_adapter(model, _batches(), _spec("lora", lora_targets=["embed_tokens"]))
     assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    with pytest.raises(SpecError) as err:  # peft alone would train q_proj and drop the misspelt entry
+        train_adapter(model, _batches(), _spec("lora", lora_targets=["q_proj", "v_prj"]))
+    assert err.value.field == "restoration.lora_targets" and "'v_prj' names no module" in err.value.message
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
     batch = _batches(4, 4)[0]
     ref = _logits(model, batch)
     baseline, _ = train_adapter(model, _batches(), _spec("lora", max_steps=2))

@@ -470,3 +470,16 @@ def test_files_spoiled_after_the_check_fail_with_the_field_they_belong_to(tmp_pa
     spoil_weights = Spoiler(Stage.loading, lambda: truncate(d / WEIGHTS, 0.5))
     assert failure(lambda: run_pipeline(job(str(d), train), tmp_path / "out2", spoil_weights)) == (
         "unsupported_model", "model.id")
+
+
+def test_too_little_calibration_text_fails_naming_calibration_samples(tmp_path, tiny, train):
+    """Never quietly fewer calibration sequences than the spec asks for: the field to change is named, the message
+    names the data file too."""
+    from worker.reporting import NullReporter
+    from worker.run.pipeline import run_pipeline
+
+    spec = job(str(tiny), train, pruning={"method": "wanda", "calibration_samples": 64, "seq_len": 64})
+    with pytest.raises(DataError) as err:
+        run_pipeline(spec, tmp_path / "out", NullReporter())
+    assert (err.value.code, err.value.field) == ("invalid_data", "pruning.calibration_samples")
+    assert err.value.message.startswith("data.train: pruning.calibration_samples asks for 64 sequences")

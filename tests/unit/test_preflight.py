@@ -69,3 +69,27 @@ def test_more_directions_than_a_head_has_are_refused_naming_the_field(tmp_path, 
         check_job(spec(model, train, method="restorelcc", directions=17))
     assert (err.value.code, err.value.field) == ("invalid_spec", "restoration.directions")
     assert check_job(spec(model, train, method="restorelcc", directions=16)).method.config.directions == 16
+
+
+def test_more_heads_than_the_model_has_are_refused_naming_the_field(tmp_path, train):
+    model = save_tiny("llama", tmp_path / "m")  # 2 layers × 4 heads
+    for restoration in ({"method": "restorelcc", "heads": 9},
+                        {"method": "restorelcc", "heads": 9, "head_selection": "random"},
+                        {"method": "bias", "heads": 9, "head_selection": "random"}):
+        with pytest.raises(JobFailure) as err:
+            check_job(spec(model, train, **restoration))
+        assert (err.value.code, err.value.field) == ("invalid_spec", "restoration.heads")
+        assert "restoration.heads 9 exceeds the model's 8 attention heads" in err.value.message
+    assert check_job(spec(model, train, method="restorelcc", heads=8)).method.config.heads == 8
+    assert check_job(spec(model, train, method="restorelcc", heads=0.99)).method.config.heads == 0.99  # a fraction
+    assert check_job(spec(model, train, method="bias", heads=9, head_selection="all")).method is not None  # unused
+
+
+def test_a_lora_target_naming_no_module_is_refused_before_loading(tmp_path, train):
+    model = save_tiny("llama", tmp_path / "m")
+    with pytest.raises(JobFailure) as err:
+        check_job(spec(model, train, method="dora", lora_targets=["q_proj", "v_prj"]))
+    assert (err.value.code, err.value.field) == ("invalid_spec", "restoration.lora_targets")
+    assert "'v_prj' names no module" in err.value.message and "'q_proj'" not in err.value.message
+    full = ["model.layers.1.self_attn.q_proj", "mlp.down_proj"]  # a full name, or its last dotted parts
+    assert check_job(spec(model, train, method="lora", lora_targets=full)).method.config.lora_targets == full

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from app.schemas import PruningSpec
 from tests.tiny import SUPPORTED_KINDS, instruction_rows, make_config, make_model, make_tokenizer, text_rows
-from worker.errors import Cancelled
+from worker.errors import Cancelled, DataError, UnsupportedModelError
 from worker.model.arch import DecoderAdapter
 from worker.model.calibration import (
     build_calibration_batches,
@@ -309,9 +309,42 @@ def test_build_calibration_batches(tokenizer) -> None:
     assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b, strict=True))
     c = build_calibration_batches(tokenizer, texts, n_samples=5, seq_len=16, batch_size=2, seed=2)
     assert not all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, c, strict=True))
-    # Too little text: fewer sequences; shorter than one sequence: the whole stream.
-    few = build_calibration_batches(tokenizer, texts[:2], n_samples=50, seq_len=16, batch_size=8, seed=0)
+    # Just enough text: every sequence asked for; one token less: refused, never quietly fewer sequences.
     stream_len = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts[:2])
-    assert sum(x.input_ids.shape[0] for x in few) == stream_len // 16
-    one = build_calibration_batches(tokenizer, texts[:1], n_samples=4, seq_len=512, batch_size=2, seed=0)
-    assert len(one) == 1 and one[0].input_ids.shape == (1, len(tokenizer(texts[0])["input_ids"]) + 1)
+    exact = build_calibration_batches(tokenizer, texts[:2], n_samples=stream_len // 4, seq_len=4, batch_size=8,
+                                      seed=0)
+    assert sum(x.input_ids.shape[0] for x in exact) == stream_len // 4
+    for n_samples, seq_len in ((50, 16), (1, stream_len + 1)):  # fewer sequences; shorter than one sequence
+        with pytest.raises(DataError) as err:
+            build_calibration_batches(tokenizer, texts[:2], n_samples=n_samples, seq_len=seq_len, batch_size=8, seed=0)
+        assert err.value.field == "pruning.calibration_samples"
+        assert f"holds {stream_len} tokens, enough for {stream_len // seq_len}" in err.value.message
+
+
+@pytest.mark.parametrize(("method", "bad"), [("magnitude", float("nan")), ("wanda", float("nan")),
+                                             ("sparsegpt", float("nan")), ("sparsegpt", float("inf"))])
+def test_non_finite_weights_fail_as_an_unsupported_model_naming_the_module(
+    method: str, bad: float, stream_batches: list[Batch]
+) -> None:
+    model = make_model("llama")
+    adapter = DecoderAdapter(model)
+    with torch.no_grad():
+        adapter.layers[1].mlp.down_proj.weight[3, 5] = bad
+    with pytest.raises(UnsupportedModelError) as err:
+        prune_model(model, adapter, PruningSpec(method=method), None if method == "magnitude" else stream_batches)
+    assert (err.value.code, err.value.field) == ("unsupported_model", "model.id")
+    assert "weights are not finite" in err.value.message and "model.layers.1.mlp.down_proj" in err.value.message
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_non_finite_calibration_activations_fail_naming_the_module_they_enter(
+    method: str, stream_batches: list[Batch]
+) -> None:
+    model = make_model("llama")
+    adapter = DecoderAdapter(model)
+    with torch.no_grad():  # a norm is no pruned Linear: every Linear's weights stay finite, its inputs do not
+        adapter.layers[1].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(UnsupportedModelError) as err:
+        prune_model(model, adapter, PruningSpec(method=method), stream_batches)
+    assert err.value.field == "model.id"
+    assert "calibration activations entering model.layers.1.self_attn.q_proj are not finite" in err.value.message

@@ -60,3 +60,11 @@ def test_a_missing_embedding_model_fails_instead_of_falling_back(monkeypatch, mi
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError):
         choose_negatives(RESPONSES, backend="auto")  # type: ignore[arg-type]
+
+
+def test_tfidf_reports_character_ngrams_when_the_responses_hold_no_words():
+    # no token of two word characters: TF-IDF's word vocabulary is empty; the report must not say "tfidf"
+    neg, backend = choose_negatives(["A", "B!", "a.", "?!"], backend="tfidf")
+    assert backend == "tfidf-char"
+    assert neg[0] == 2 and neg[2] == 0  # "A" and "a." share their character n-grams
+    assert choose_negatives(["A", "a word"], backend="tfidf")[1] == "tfidf"  # one word is enough for words

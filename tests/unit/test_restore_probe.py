@@ -80,7 +80,9 @@ def test_head_count_and_selection_modes():
     assert head_count(0.01, 10) == 1
     assert head_count(4, 10) == 4
     assert head_count(4.0, 10) == 4
-    assert head_count(50, 10) == 10
+    assert head_count(10, 10) == 10
+    with pytest.raises(ValueError, match="exceeds the 10 heads"):
+        head_count(11, 10)  # refused, not capped
     with pytest.raises(ValueError):
         head_count(2.5, 10)
     scores = torch.arange(12.0).reshape(3, 4)

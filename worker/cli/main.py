@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
+
+# What ``serve`` and ``worker`` import from the API extras (pyproject's ``api``); submit, status and download need
+# only the base install (httpx).
+SERVICE_PACKAGES = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "celery")
 
 
 def _load_spec(path: str):
@@ -186,13 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="restorelcc-demo", help="where the result goes (default ./restorelcc-demo)")
     p.set_defaults(func=cmd_demo)
 
-    try:
-        from worker.cli.service import add_commands
-    except ImportError:  # the API extras are not installed
-        pass
-    else:
-        add_commands(sub)
+    from worker.cli.service import add_commands  # imports nothing of the extras: an error here is a bug to see
+
+    service = service_extras_installed()
+    add_commands(sub, service=service)
+    if not service:
+        parser.epilog = "serve and worker need the API extras: pip install 'restorelcc[api]'"
     return parser
+
+
+def service_extras_installed() -> bool:
+    """Whether the API extras are installed (any of their packages is there), so that ``serve`` and ``worker`` are
+    offered. An install that lacks only some of them still offers both: the command fails naming the package."""
+    return any(importlib.util.find_spec(name) is not None for name in SERVICE_PACKAGES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -300,8 +300,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: Any) -> None:
-    """Add serve, worker, submit, status and download to the ``restorelcc`` CLI."""
+def add_commands(subparsers: Any, service: bool = True) -> None:
+    """Add submit, status and download to the ``restorelcc`` CLI, and with ``service`` (the API extras are installed)
+    serve and worker."""
+    if service:
+        _add_service_commands(subparsers)
+    _add_client_commands(subparsers)
+
+
+def _add_service_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP API (and, with no broker configured, a local worker)")
     p.add_argument("--host", default=None, help="interface to bind (env RESTORELCC_HOST; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port (env RESTORELCC_PORT; default 8000)")
@@ -322,6 +329,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_worker)
 
+
+def _add_client_commands(subparsers: Any) -> None:
     p = subparsers.add_parser("submit", help="submit a job spec to the service")
     p.add_argument("spec", help="job spec JSON file")
     p.add_argument("--wait", action="store_true", help="wait until the job has finished, showing progress")

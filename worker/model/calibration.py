@@ -235,9 +235,9 @@ def build_calibration_batches(
 
     The texts are shuffled (seeded), tokenised one by one (each with the tokenizer's special tokens and
     an EOS separator) and concatenated until ``n_samples · seq_len`` tokens are there; the stream is cut into
-    consecutive non-overlapping sequences of exactly ``seq_len`` tokens, so no padding is needed. With too
-    little text there are fewer sequences (at least one: the whole stream when it is shorter than
-    ``seq_len``).
+    consecutive non-overlapping sequences of exactly ``seq_len`` tokens, so no padding is needed. Too little
+    text for ``n_samples`` sequences is a :class:`DataError` naming ``pruning.calibration_samples`` (never
+    quietly fewer sequences than the spec asks for).
     """
     if n_samples < 1 or seq_len < 1 or batch_size < 1:
         raise ValueError("n_samples, seq_len and batch_size must be positive")
@@ -255,7 +255,11 @@ def build_calibration_batches(
             break
     if not stream:
         raise DataError("calibration texts produced no tokens")
-    count = min(n_samples, len(stream) // seq_len)
-    seqs = [stream[k * seq_len : (k + 1) * seq_len] for k in range(count)] or [stream[:seq_len]]
+    if len(stream) < need:
+        raise DataError(
+            f"pruning.calibration_samples asks for {n_samples} sequences of {seq_len} tokens ({need} tokens), but "
+            f"the calibration text holds {len(stream)} tokens, enough for {len(stream) // seq_len}: give more text, "
+            "or lower pruning.calibration_samples or pruning.seq_len", field="pruning.calibration_samples")
+    seqs = [stream[k * seq_len : (k + 1) * seq_len] for k in range(n_samples)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
     return [pad_batch(seqs[k : k + batch_size], pad_id) for k in range(0, len(seqs), batch_size)]

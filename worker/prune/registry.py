@@ -22,6 +22,9 @@ class Accumulator(Protocol):
     def add(self, x: torch.Tensor) -> None:
         """Add (tokens, in_features) inputs of one Linear."""
 
+    def finite(self) -> bool:
+        """Whether every statistic is finite (False: a NaN or infinite input was added)."""
+
 
 @dataclass(frozen=True)
 class PruneMethod:

@@ -7,10 +7,11 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 from torch import nn
 
 from app.schemas import PruningSpec
-from worker.errors import Cancelled
+from worker.errors import Cancelled, UnsupportedModelError
 from worker.model.arch import DecoderAdapter, check_nm_fits
 from worker.model.calibration import build_calibration_batches, calibrate_layerwise, inference_state
 from worker.model.data import Batch
@@ -63,7 +64,13 @@ def prune_model(
 
     def on_layer(index: int, stats: dict[str, Any]) -> None:
         for name, lin in adapter.prunable_linears(index).items():
-            method.apply(lin, stats.get(name), spec.sparsity, nm)
+            try:
+                method.apply(lin, stats.get(name), spec.sparsity, nm)
+            except ValueError as exc:
+                failure = _non_finite(adapter, index, lin, stats.get(name))
+                if failure is None:
+                    raise
+                raise failure from exc
         if progress is not None:
             progress((index + 1) / n_layers, f"{method.name}: pruned layer {index + 1}/{n_layers}")
 
@@ -93,3 +100,16 @@ def prune_model(
     summary["guarantee"] = method.guarantee
     summary["seconds"] = round(time.monotonic() - t0, 3)
     return summary
+
+
+def _non_finite(adapter: DecoderAdapter, index: int, lin: nn.Linear, stats: Any) -> UnsupportedModelError | None:
+    """Why pruning ``lin`` failed when its weights or its calibration inputs are not finite, else None (the pure
+    tensor functions raise a plain ValueError; only here is it known which module of which model it was)."""
+    name = next(n for n, m in adapter.layer_linears(index).items() if m is lin)
+    if not bool(torch.isfinite(lin.weight).all()):
+        return UnsupportedModelError(f"the model's weights are not finite (NaN or infinite) in {name}", "model.id")
+    if stats is not None and not stats.finite():
+        return UnsupportedModelError(
+            f"the calibration activations entering {name} are not finite (NaN or infinite): weights before it "
+            "(embeddings, norms) are not finite, or the activations overflow model.dtype", "model.id")
+    return None

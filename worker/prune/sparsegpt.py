@@ -56,6 +56,9 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x, alpha=2.0 / total)
         self.tokens = total
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.H).all())
+
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H); raises the damping if needed."""

@@ -27,6 +27,9 @@ class ColumnNormAccumulator:
         self.sq_sum += x.pow(2).sum(dim=0)
         self.tokens += x.shape[0]
 
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.sq_sum).all())
+
     @property
     def norms(self) -> torch.Tensor:
         """‖X_j‖₂ for every input feature j (float32)."""

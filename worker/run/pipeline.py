@@ -286,10 +286,12 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
         model, tokenizer, store = _load(state, dense_source, "dense")
-        _measure_dense(state, model, tokenizer, store.adapter if store else _adapter(model, "model.dense"), progress,
-                       reporter)
-        if store is not None:
-            store.close()
+        try:
+            _measure_dense(state, model, tokenizer, store.adapter if store else _adapter(model, "model.dense"),
+                           progress, reporter)
+        finally:  # its hooks go whatever happens (a failure, a cancellation)
+            if store is not None:
+                store.close()
         del model, store
         _free_memory()
 
@@ -473,8 +475,9 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
                 batch_size=max(1, min(8, spec.pruning.calibration_samples)),
                 seed=spec.seed,
             )
-        except DataError as exc:
-            raise DataError(exc.message, field="data.calibration" if spec.data.calibration else "data.train") from exc
+        except DataError as exc:  # the file it read, unless it names a field of its own (calibration_samples)
+            field = "data.calibration" if spec.data.calibration else "data.train"
+            raise DataError(f"{field}: {exc.message}", field=exc.field or field) from exc
     digest = _calibration_digest(calibration)
     resume = state.resumer.pruning_resume()
     if resume is not None and resume[2] != digest:

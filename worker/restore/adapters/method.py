@@ -8,8 +8,8 @@ from typing import Any
 
 from app.methods import AdapterConfig
 from worker.model.data import Batch
-from worker.restore.adapters.peft import AdapterBaseline, merge_adapter, save_adapter, train_adapter
-from worker.restore.method import Job, Progress, RestoreMethod, TrainStats, logits
+from worker.restore.adapters.peft import AdapterBaseline, check_targets, merge_adapter, save_adapter, train_adapter
+from worker.restore.method import Job, Preflight, Progress, RestoreMethod, TrainStats, logits
 from worker.restore.train import TrainControl
 
 
@@ -19,6 +19,12 @@ class Adapter(RestoreMethod):
     def __init__(self, config: AdapterConfig, seed: int):
         super().__init__(config, seed)
         self.baseline: AdapterBaseline | None = None
+
+    def preflight(self, pre: Preflight) -> None:
+        """A target naming no module is refused before any weight loads (the model's structure, without weights)."""
+        from worker.model.placement import meta_model
+
+        check_targets(self.config.lora_targets, meta_model(pre.model_config).named_modules())
 
     def train(self, job: Job, batches: Any, control: TrainControl) -> TrainStats:
         self.baseline, stats = train_adapter(job.model, batches, self.config, seed=self.seed, **control.options())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,18 @@ def inference_overhead(targets: Mapping[str, tuple[int, int]], r: int, dora: boo
     return out
 
 
+def check_targets(targets: Sequence[str], modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Every entry of ``restoration.lora_targets`` names at least one module, matched as peft matches a list (the
+    module's full name, or its last dotted parts): peft itself refuses only a list that matches nothing at all."""
+    modules = list(modules)
+    names = [n for n, _ in modules]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)})
+        raise SpecError(f"restoration.lora_targets: {', '.join(map(repr, missing))} names no module of the model "
+                        f"(its Linear layers: {', '.join(linears)})", field="restoration.lora_targets")
+
+
 def _adapter_layers(model: nn.Module) -> dict[str, LoraLayer]:
     return {name: mod for name, mod in model.named_modules() if isinstance(mod, LoraLayer)}
 
@@ -119,6 +131,7 @@ def attach_adapter(model: nn.Module, r: AdapterConfig, seed: int = 0) -> Adapter
     """Inject a freshly initialised LoRA/DoRA adapter (seeded; B = 0, so the model's outputs are unchanged)."""
     if hasattr(model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise ValueError("the model already carries a peft adapter")
+    check_targets(r.lora_targets, model.named_modules())
     linear_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     had_hook = hasattr(model, "_require_grads_hook")
     device = next(model.parameters()).device

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from app.methods import HeadConfig
+from worker.errors import SpecError
 from worker.model.arch import ArchInfo, DecoderAdapter
 from worker.model.data import Batch
 from worker.model.load import transformers_config
@@ -43,6 +44,10 @@ class OffsetMethod(RestoreMethod):
 
     def preflight(self, pre: Preflight) -> None:
         check_mergeable(transformers_config(pre.model_config))  # exportable once merged (UnsupportedModelError)
+        heads, info = self.config.heads, pre.info
+        if self.config.head_selection != "all" and heads >= 1 and heads > info.total_heads:
+            raise SpecError(f"restoration.heads {heads:g} exceeds the model's {info.total_heads} attention heads "
+                            f"({info.num_layers} layers × {info.num_heads})", field="restoration.heads")
 
     def choose(self, info: ArchInfo, scores: torch.Tensor | None = None, tiebreak: torch.Tensor | None = None) -> None:
         """Choose the heads (worker.restore.offsets.selection.choose_heads) and record them in the report."""

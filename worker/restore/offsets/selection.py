@@ -19,11 +19,13 @@ def rank_heads(scores: torch.Tensor, tiebreak: torch.Tensor | None = None) -> to
 
 
 def head_count(heads: float | int, total: int) -> int:
-    """A fraction of all heads (0 < x < 1, rounded, at least 1) or a whole count (capped at ``total``)."""
+    """A fraction of all heads (0 < x < 1, rounded, at least 1) or a whole count (at most ``total``)."""
     if 0 < heads < 1:
         return max(1, round(heads * total))
     if heads >= 1 and float(heads).is_integer():
-        return min(int(heads), total)
+        if heads > total:
+            raise ValueError(f"heads {heads:g} exceeds the {total} heads there are")
+        return int(heads)
     raise ValueError(f"heads must be a fraction in (0, 1) or a whole count ≥ 1, got {heads}")
 
 

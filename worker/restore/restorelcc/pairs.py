@@ -39,15 +39,19 @@ def _minilm_embeddings(texts: Sequence[str], device: str | None, batch_size: int
     return np.asarray(emb, dtype=np.float32)
 
 
-def _tfidf_embeddings(texts: Sequence[str]) -> np.ndarray:
+TFIDF_CHAR = "tfidf-char"  # the backend reported when the responses hold no words (see _tfidf_embeddings)
+
+
+def _tfidf_embeddings(texts: Sequence[str]) -> tuple[np.ndarray, str]:
+    """(TF-IDF vectors, the backend used): word vectors, or character 1–3-grams (reported as ``tfidf-char``) when
+    the responses hold no word of two or more letters (e.g. only punctuation or single letters)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     try:
-        m = TfidfVectorizer(sublinear_tf=True).fit_transform(list(texts))
-    except ValueError:  # empty vocabulary (e.g. only punctuation): fall back to character n-grams
-        m = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3)).fit_transform(list(texts))
-    dense = m.toarray().astype(np.float32)  # rows are L2-normalised by default
-    return dense
+        m, used = TfidfVectorizer(sublinear_tf=True).fit_transform(list(texts)), "tfidf"
+    except ValueError:  # an empty vocabulary
+        m, used = TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 3)).fit_transform(list(texts)), TFIDF_CHAR
+    return m.toarray().astype(np.float32), used  # rows are L2-normalised by default
 
 
 def most_similar_other(embeddings: np.ndarray) -> list[int]:
@@ -69,14 +73,15 @@ def choose_negatives(
     device: str | None = None,
     batch_size: int = 64,
 ) -> tuple[list[int], str]:
-    """(negative index per sample, backend used). Never returns a sample's own index.
+    """(negative index per sample, backend used: ``backend``, or ``tfidf-char`` when "tfidf" found no words and
+    compared character n-grams). Never returns a sample's own index.
 
     Raises ``EmbeddingModelError`` when ``backend`` is "minilm" and the model cannot be loaded.
     """
     if backend == "minilm":
-        emb = _minilm_embeddings(responses, device, batch_size)
+        emb, used = _minilm_embeddings(responses, device, batch_size), backend
     elif backend == "tfidf":
-        emb = _tfidf_embeddings(responses)
+        emb, used = _tfidf_embeddings(responses)
     else:
         raise ValueError(f"unknown similarity backend {backend!r}")
-    return most_similar_other(emb), backend
+    return most_similar_other(emb), used
