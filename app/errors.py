@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.fields import FieldError
 from app.schemas import ErrorBody
 
 log = logging.getLogger("restorelcc.api")
@@ -101,7 +102,9 @@ def validation_error(errors: list[dict[str, Any]], strip_body: bool = True) -> A
         return ApiError(400, "invalid_json", f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
     field = _loc_to_field(loc, strip_body)
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if etype == "value_error":
+    if isinstance(named := first.get("ctx", {}).get("error"), FieldError):
+        field = named.field  # a rule that names its field itself (a path from the spec's top)
+    elif etype == "value_error":
         # A rule over several fields ("data.train is required: ...", on the whole spec or one section):
         # name the field the message names, when it lies inside the validated part.
         m = _DOTTED.search(msg)

@@ -45,6 +45,27 @@ def check_path(v: str) -> str:
     return v
 
 
+class FieldError(ValueError):
+    """A rule's failure that names its field itself, as a dotted path from the spec's top (such as
+    ``evaluation.limits.<key>``, which no pattern over the message could find): the API's 422 names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+def looks_local(model_ref: str) -> bool:
+    """Whether ``model.id`` (or ``model.dense``) names a local path rather than a hub id: absolute, ``./``/``../``/``~``
+    paths and ``.gguf`` files are local; anything else is a hub id (the schema and the worker's loader share it).
+
+    A bare relative name such as ``org/name`` is never looked up on disk, even when it happens to exist
+    relative to the worker's directory: in the service that would load files outside the allowed roots.
+    (`restorelcc run` turns relative paths that exist into absolute ones before it gets here.)
+    """
+    ref = model_ref.strip()
+    return ref.startswith(("/", ".", "~")) or ref.lower().endswith(".gguf")
+
+
 Text = Annotated[str, Field(max_length=MAX_NAME_CHARS), AfterValidator(_text)]
 PathText = Annotated[str, Field(min_length=1, max_length=PATH_MAX_BYTES), AfterValidator(check_path)]
 

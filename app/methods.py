@@ -167,8 +167,9 @@ class HeadConfig(TrainingConfig):
 
     heads: float = Field(
         DEFAULT_HEADS, gt=0,
-        description="Heads to compensate: a fraction of all heads (0 < x < 1) or a count (a whole number ≥ 1). "
-        "The default was chosen by the setting search in docs/search.md.",
+        description="Heads to compensate: a fraction of all heads (0 < x < 1) or a count (a whole number ≥ 1, at "
+        "most the model's attention heads: layers × heads). The default was chosen by the setting search in "
+        "docs/search.md.",
     )
     head_selection: Literal["probe", "random", "all"] = Field(
         "probe", description="How heads are chosen: contrastive probing, at random (seeded), or all heads."
@@ -264,6 +265,7 @@ class RestorationMethod:
     mergeable: bool = True  # folds into the model's own weights (nothing extra at inference)
     default_lr: float | None = None  # AdamW lr when the spec leaves restoration.lr unset
     streams: bool = True  # runs on a layer-streamed model (model.streaming)
+    exports_adapter: bool = False  # exports an unmerged adapter (adapter/), which output.format 'adapter' names
 
 
 _RESTORATION: dict[str, RestorationMethod] = {}
@@ -300,8 +302,10 @@ def restoration_methods() -> dict[str, RestorationMethod]:
 for _m in (
     RestorationMethod("restorelcc", RestoreLCCConfig, "RestoreLCC", default_lr=3e-3),
     RestorationMethod("bias", BiasConfig, "a learned bias per chosen head", default_lr=3e-3),
-    RestorationMethod("lora", LoRAConfig, "LoRA, merged with the mask re-applied", default_lr=1e-3, streams=False),
-    RestorationMethod("dora", DoRAConfig, "DoRA, merged with the mask re-applied", default_lr=1e-3, streams=False),
+    RestorationMethod("lora", LoRAConfig, "LoRA, merged with the mask re-applied", default_lr=1e-3, streams=False,
+                      exports_adapter=True),
+    RestorationMethod("dora", DoRAConfig, "DoRA, merged with the mask re-applied", default_lr=1e-3, streams=False,
+                      exports_adapter=True),
     RestorationMethod("none", NoRestoration, "no restoration", trains=False),
 ):
     register_restoration(_m)

@@ -1,22 +1,29 @@
-"""Prometheus metrics: HTTP request counts and latency, jobs created, jobs by status and checkpoint storage (read
-from the store)."""
+"""Prometheus metrics: HTTP request counts and latency, jobs created, jobs by status, checkpoint storage and webhook
+deliveries (read from the store), and whether the store could be read."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.schemas import JobStatus
 
+log = logging.getLogger("restorelcc.api")
+T = TypeVar("T")
+
 
 class JobStatusCollector(Collector):
-    """``restorelcc_jobs{status}``: how many jobs the store holds in each status, and
-    ``restorelcc_checkpoint_bytes``: what their checkpoints hold in the artifact store, at scrape time."""
+    """``restorelcc_jobs{status}``: how many jobs the store holds in each status, ``restorelcc_checkpoint_bytes``:
+    what their checkpoints hold in the artifact store, and ``restorelcc_webhook_deliveries{state}``, read from the
+    job store at scrape time. ``restorelcc_database_up`` is 1 when every read succeeded; a read that fails (the
+    database is unreachable) leaves its family out of the scrape and sets it to 0, rather than reporting zeros."""
 
     def __init__(self, counts: Callable[[], dict[str, int]], checkpoint_bytes: Callable[[], int] | None = None,
                  deliveries: Callable[[], dict[str, int]] | None = None):
@@ -25,30 +32,37 @@ class JobStatusCollector(Collector):
         self._deliveries = deliveries
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        g = GaugeMetricFamily("restorelcc_jobs", "Jobs in the job store by status", labels=["status"])
-        try:
-            counts = self._counts()
-        except Exception:
-            counts = {}
-        for status in JobStatus:
-            g.add_metric([status.value], counts.get(status.value, 0))
-        yield g
+        failed: list[str] = []
+        counts = _read(self._counts, "restorelcc_jobs", failed)
+        if counts is not None:
+            g = GaugeMetricFamily("restorelcc_jobs", "Jobs in the job store by status", labels=["status"])
+            for status in JobStatus:
+                g.add_metric([status.value], counts.get(status.value, 0))
+            yield g
         if self._checkpoint_bytes is not None:
-            c = GaugeMetricFamily("restorelcc_checkpoint_bytes", "Bytes held by job checkpoints in the artifact store")
-            try:
-                c.add_metric([], self._checkpoint_bytes())
-                yield c
-            except Exception:
-                pass
+            held = _read(self._checkpoint_bytes, "restorelcc_checkpoint_bytes", failed)
+            if held is not None:
+                yield GaugeMetricFamily("restorelcc_checkpoint_bytes",
+                                        "Bytes held by job checkpoints in the artifact store", value=held)
         if self._deliveries is not None:
-            d = GaugeMetricFamily("restorelcc_webhook_deliveries", "Webhook deliveries by state", labels=["state"])
-            try:
-                counts = self._deliveries()
-            except Exception:
-                return
-            for state in ("pending", "delivered", "failed"):
-                d.add_metric([state], counts.get(state, 0))
-            yield d
+            states = _read(self._deliveries, "restorelcc_webhook_deliveries", failed)
+            if states is not None:
+                d = GaugeMetricFamily("restorelcc_webhook_deliveries", "Webhook deliveries by state", labels=["state"])
+                for state in ("pending", "delivered", "failed"):
+                    d.add_metric([state], states.get(state, 0))
+                yield d
+        yield GaugeMetricFamily("restorelcc_database_up", "1 when this scrape read the job store; 0 when a read "
+                                "failed (the families it feeds are left out)", value=0 if failed else 1)
+
+
+def _read(read: Callable[[], T], family: str, failed: list[str]) -> T | None:
+    """``read()``, or None (``family`` appended to ``failed``, a warning logged) when the database fails it."""
+    try:
+        return read()
+    except SQLAlchemyError as e:
+        log.warning("metrics: %s left out: the job store could not be read: %s", family, e)
+        failed.append(family)
+        return None
 
 
 class Metrics:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from enum import StrEnum
+from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
@@ -18,12 +19,14 @@ from app.fields import (
     MAX_EVAL_FILES,
     MAX_LIMITS,
     NAME_MAX_BYTES,
+    FieldError,
     PathText,
     Strict,
     Text,
     check_http_url,
     check_path,
     check_s3_uri,
+    looks_local,
 )
 from app.methods import (
     BUILT_IN_RESTORATION,
@@ -32,6 +35,7 @@ from app.methods import (
     RestorationConfig,
     restoration_config,
     restoration_method,
+    restoration_methods,
 )
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -53,7 +57,9 @@ class ModelSpec(Strict):
     id: PathText = Field(
         description="A Hugging Face hub id, a local Hugging Face model directory, or a local .gguf file.",
     )
-    revision: Text | None = Field(None, description="Hub revision (branch, tag or commit); hub ids only.")
+    revision: Text | None = Field(
+        None, description="Hub revision (branch, tag or commit); hub ids only: refused with a local model.id.",
+    )
     dtype: Dtype = Field(
         "auto",
         description="Compute dtype. 'auto' keeps the checkpoint's dtype (float32 for GGUF, which is dequantized).",
@@ -86,6 +92,13 @@ class ModelSpec(Strict):
         if self.split == "on" and self.streaming == "on":
             raise ValueError("model.split 'on' and model.streaming 'on' exclude each other: a split model keeps its "
                              "layers on the GPUs, a streamed one brings them in one at a time")
+        return self
+
+    @model_validator(mode="after")
+    def _revision_of_a_hub_id(self) -> ModelSpec:
+        if self.revision is not None and looks_local(self.id):
+            raise ValueError("model.revision applies to a Hugging Face hub id only, and model.id is a local path "
+                             "(absolute, ./, ../, ~ or a .gguf file): drop model.revision")
         return self
 
     @field_validator("gguf_file")
@@ -156,6 +169,12 @@ class DataSpec(Strict):
     )
 
 
+def eval_set_stem(path: str) -> str:
+    """The name an evaluation file goes by in evaluation.limits (and the report): its file name without the last
+    suffix, as the worker's ``Path(path).stem`` gives it."""
+    return PurePosixPath(path).stem
+
+
 class EvaluationSpec(Strict):
     perplexity: list[PathText] = Field(
         default_factory=list, max_length=MAX_EVAL_FILES, description="Plain-text JSONL files ({text})."
@@ -171,11 +190,23 @@ class EvaluationSpec(Strict):
     limit: int | None = Field(500, ge=1, description="Rows per set: a fixed prefix. null for all rows.")
     limits: dict[Text, Annotated[int, Field(ge=1)]] = Field(
         default_factory=dict, max_length=MAX_LIMITS,
-        description="Per-set row limits keyed by file stem (e.g. 'boolq'), overriding limit.",
+        description="Per-set row limits keyed by file stem (e.g. 'boolq' for /data/boolq.jsonl), overriding limit. "
+        "A key that is the stem of no file in perplexity, response_perplexity or tasks is refused.",
     )
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per evaluation forward pass.")
     max_seq_len: int = Field(512, ge=8, le=32_768, description="Longest evaluated sequence in tokens.")
     dense: bool = Field(True, description="Also evaluate the dense (unpruned) model for comparison.")
+
+    @model_validator(mode="after")
+    def _limits_name_files(self) -> EvaluationSpec:
+        """Each key of ``limits`` is the stem of a file it limits (the worker looks limits up by file stem)."""
+        stems = {eval_set_stem(p) for p in (*self.perplexity, *self.response_perplexity, *self.tasks)}
+        for key in self.limits:
+            if key not in stems:
+                named = ", ".join(repr(s) for s in sorted(stems)[:8]) + (", ..." if len(stems) > 8 else "")
+                raise FieldError(f"evaluation.limits.{key}", "names no evaluation file: the keys are the stems of the "
+                                 f"files in perplexity, response_perplexity and tasks ({named or 'none given'})")
+        return self
 
 
 class OutputSpec(Strict):
@@ -183,7 +214,8 @@ class OutputSpec(Strict):
         "merged",
         description="Which result is the one to deploy. Both export model/ (the restoration merged in, pruned "
         "zeros kept); LoRA/DoRA jobs always also export the unmerged adapter in adapter/. 'adapter' names "
-        "adapter/ (applied to the pruned model) as the primary result in report.json's output.primary.",
+        "adapter/ (applied to the pruned model) as the primary result in report.json's output.primary; "
+        "it needs a restoration.method that exports an adapter (lora or dora).",
     )
     dtype: Dtype = Field("auto", description="dtype of the exported weights; 'auto' keeps the compute dtype.")
     destination: Annotated[str, Field(max_length=1024), AfterValidator(check_s3_uri)] | None = Field(
@@ -260,6 +292,10 @@ class JobSpec(Strict):
                 "model.dense is required: restoration.objective 'distill' learns from the dense model, and "
                 "pruning.method 'none' means model.id is already pruned"
             )
+        if self.output.format == "adapter" and not restoration_method(r.method).exports_adapter:
+            adapters = " or ".join(f"'{m.name}'" for m in restoration_methods().values() if m.exports_adapter)
+            raise ValueError(f"output.format 'adapter' needs a restoration.method that exports an adapter "
+                             f"({adapters}); restoration.method '{r.method}' exports model/ only")
         if PRUNING_METHODS[self.pruning.method].needs_calibration and not (self.data.calibration or self.data.train):
             raise ValueError(f"pruning.method '{self.pruning.method}' needs data.calibration or data.train")
         return self

@@ -28,12 +28,29 @@ class FileDownload(StreamingResponse):
     media_type = "application/octet-stream"
 
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE = re.compile(r"^bytes=([0-9]*)-([0-9]*)$")
+_POS_DIGITS = 18  # positions with more significant digits lie past the end of any file (sizes are below 2**63)
+_BEYOND = 10**_POS_DIGITS
+
+
+def _position(digits: str) -> int:
+    """A byte position as given (leading zeros allowed); one too long for any file is :data:`_BEYOND`, so that no
+    header makes the server convert thousands of digits (which Python refuses past 4300)."""
+    significant = digits.lstrip("0") or "0"
+    return int(significant) if len(significant) <= _POS_DIGITS else _BEYOND
+
+
+def _before(b: str, a: str) -> bool:
+    """Whether the position written ``b`` is below the one written ``a``, compared exactly at any length."""
+    b, a = b.lstrip("0"), a.lstrip("0")
+    return (len(b), b) < (len(a), a)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """One ``bytes=a-b`` / ``a-`` / ``-n`` range → inclusive (start, end); None = serve the whole file
-    (no header, several ranges, or a malformed one, as RFC 9110 allows). Unsatisfiable → 416."""
+    (no header, several ranges, or a malformed one, as RFC 9110 allows). Unsatisfiable → 416. Positions may
+    have any number of digits (RFC 9110 sets no limit): a first position past the end is unsatisfiable, a last
+    position or suffix length past it stops at the end."""
     if not header:
         return None
     m = _RANGE.match(header.strip().replace(" ", ""))
@@ -41,16 +58,16 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     a, b = m.group(1), m.group(2)
     if not a:  # suffix: the last n bytes
-        n = int(b)
+        n = _position(b)
         if n == 0 or size == 0:
             raise _unsatisfiable(size)
         return max(0, size - n), size - 1
-    start = int(a)
-    end = int(b) if b else size - 1
-    if b and end < start:
+    if b and _before(b, a):
         return None
+    start = _position(a)
     if start >= size:
         raise _unsatisfiable(size)
+    end = _position(b) if b else size - 1
     return start, min(end, size - 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -30,6 +31,8 @@ from app.store.models import Delivery, Event, Job
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _LOCATION = {"Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}}}
+MAX_SEQ = 2**31 - 1  # event seqs are the store's Integer column: 32 bits on PostgreSQL
+_SEQ = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit also takes '²', which int() refuses
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
                        description="Repeat a request safely: one job per key and tenant.")
@@ -166,23 +169,33 @@ async def job_events(
     request: Request,
     principal: PrincipalDep,
     services: ServicesDep,
-    after: Annotated[int | None, Query(ge=0, description="Only events with seq > after")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="Only events with seq > after")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    last_event_id: Annotated[str | None, Header(
+        alias="Last-Event-ID", description=f"The seq of the last event received (0 to {MAX_SEQ}, ASCII digits); "
+                                           "takes precedence over `after`.")] = None,
 ) -> Response:
-    """The ordered event log. With `Accept: text/event-stream`, a live stream that ends when the job ends."""
+    """The ordered event log. With `Accept: text/event-stream`, a live stream that ends when the job ends.
+    `Last-Event-ID` (what an EventSource sends when it reconnects) resumes after that seq, in either form."""
     await polled_job(services, principal.tenant, job_id)
+    start = after if last_event_id is None else last_event_seq(last_event_id)
     if "text/event-stream" in request.headers.get("accept", ""):
-        start = after
-        if last_event_id and last_event_id.isdigit():
-            start = int(last_event_id)
         return StreamingResponse(
             _stream(request, services, job_id, start),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    events = await services.polls.events(job_id, after, limit)
+    events = await services.polls.events(job_id, start, limit)
     return JSONResponse([event_public(e).model_dump(mode="json") for e in events])
+
+
+def last_event_seq(value: str) -> int:
+    """The seq a ``Last-Event-ID`` header names; anything else (what this service never sends as an event id) is a
+    422 naming the header."""
+    if not _SEQ.fullmatch(value) or int(value) > MAX_SEQ:
+        raise ApiError(422, "invalid_header", f"Last-Event-ID: must be an event seq, 0 to {MAX_SEQ} in ASCII digits",
+                       "Last-Event-ID")
+    return int(value)
 
 
 def delivery_public(d: Delivery) -> DeliveryPublic:

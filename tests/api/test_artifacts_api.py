@@ -74,6 +74,27 @@ def test_download_full_range_and_etag(api, finished):
     assert r.status_code == 200
 
 
+def test_range_positions_of_any_length_follow_rfc_9110(api, finished):
+    """Positions have no digit limit in RFC 9110; ones with thousands of digits (past what Python converts) are
+    answered as the range means: a first position past the end is 416, a suffix length or last position past it
+    stops at the end. A last position below the first is an invalid range: ignored, the whole file."""
+    job, src = finished
+    data = (src / "report.json").read_bytes()
+    url = f"/v1/jobs/{job}/artifacts/report.json"
+    huge = "9" * 5000
+    r = api.client.get(url, headers={**api.h(), "Range": f"bytes={huge}-"})
+    assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data)}", r.text
+    assert r.json()["error"] == {"code": "range_not_satisfiable", "message": "requested range not satisfiable",
+                                 "field": "Range"}
+    for header, lo in ((f"bytes=-{huge}", 0), (f"bytes=3-{huge}", 3), (f"bytes={'0' * 5000}3-{huge}", 3)):
+        r = api.client.get(url, headers={**api.h(), "Range": header})
+        assert r.status_code == 206, (header[:20], r.text)
+        assert r.content == data[lo:] and r.headers["content-range"] == f"bytes {lo}-{len(data) - 1}/{len(data)}"
+    for header in (f"bytes={huge}-{'9' * 4999}", "bytes=²-"):  # last < first; a digit that is not ASCII
+        r = api.client.get(url, headers={**api.h(), "Range": header.encode("latin-1")})
+        assert r.status_code == 200 and r.content == data, header[:20]
+
+
 def test_downloads_are_files_whatever_their_name(api, finished):
     """As /openapi.json says: application/octet-stream, even for report.json."""
     job, src = finished

@@ -173,6 +173,55 @@ def test_events_json_list_in_order(api):
     assert got["status"] == "succeeded" and got["progress"]["fraction"] == 1.0 and got["metrics"] == {"sparsity": 0.5}
 
 
+def _finished_job(api: Api) -> tuple[str, list[int]]:
+    """A succeeded job and the seqs of its events."""
+    job = api.create()["id"]
+    api.services.jobs.claim(job, "w")
+    api.services.jobs.finish(job, JobStatus.succeeded)
+    return job, [e["seq"] for e in api.client.get(f"/v1/jobs/{job}/events", headers=api.h()).json()]
+
+
+@pytest.mark.parametrize("accept", ["application/json", "text/event-stream"])
+def test_last_event_id_resumes_after_that_seq_in_either_form(api, accept):
+    """What an EventSource sends on reconnecting wins over `after` (the URL it reconnects to still carries it)."""
+    job, seqs = _finished_job(api)
+    assert len(seqs) == 3
+    r = api.client.get(f"/v1/jobs/{job}/events?after=0",
+                       headers={**api.h(), "Accept": accept, "Last-Event-ID": str(seqs[0])})
+    assert r.status_code == 200, r.text
+    got = [e["seq"] for e in r.json()] if accept == "application/json" else [
+        data["seq"] for name, data in _sse(r.text) if name != "end"]
+    assert got == seqs[1:]
+
+
+@pytest.mark.parametrize("value", ["²".encode("latin-1"), "9" * 5000, str(2**31), "9" * 10, "-1", "+1", "1.0", " ",
+                                   "0x1", ""])
+@pytest.mark.parametrize("accept", ["application/json", "text/event-stream"])
+def test_a_last_event_id_that_is_no_seq_is_422_naming_the_header(api, value, accept):
+    """Only ASCII digits up to the largest seq the store holds (32 bits on PostgreSQL): '²' passes str.isdigit but
+    not int(), thousands of digits are past what int() takes."""
+    job, _ = _finished_job(api)
+    r = api.client.get(f"/v1/jobs/{job}/events", headers={**api.h(), "Accept": accept, "Last-Event-ID": value})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err == {"code": "invalid_header", "field": "Last-Event-ID",
+                   "message": "Last-Event-ID: must be an event seq, 0 to 2147483647 in ASCII digits"}
+
+
+def test_after_is_bounded_by_the_largest_seq(api):
+    """The largest seq the store holds (PostgreSQL's 32-bit integer) is a valid (empty) page on both stores, as
+    `after` and as Last-Event-ID; one more is a 422 naming `after`, not the store's overflow (a 500)."""
+    job, _ = _finished_job(api)
+    r = api.client.get(f"/v1/jobs/{job}/events?after={2**31 - 1}", headers=api.h())
+    assert r.status_code == 200 and r.json() == [], r.text
+    r = api.client.get(f"/v1/jobs/{job}/events", headers={**api.h(), "Last-Event-ID": str(2**31 - 1)})
+    assert r.status_code == 200 and r.json() == [], r.text
+    for after in (str(2**31), str(2**63), "1" + "0" * 5000):
+        r = api.client.get(f"/v1/jobs/{job}/events?after={after}", headers=api.h())
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["field"] == "after"
+
+
 def _sse(text: str) -> list[tuple[str, dict]]:
     out = []
     for block in text.strip().split("\n\n"):

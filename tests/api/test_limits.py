@@ -147,19 +147,21 @@ def test_the_largest_spec_within_every_cap_is_accepted(api):
     time is measured separately; see docs/api.md)."""
     data = api.root / "data"
 
-    def longest(tag: str) -> str:
-        p = f"{data}/{tag}"
-        return p + "/x" * ((PATH_MAX_BYTES - len(p)) // 2)
+    def longest(tag: str, name: str = "x") -> str:
+        p, tail = f"{data}/{tag}", f"/{name}"
+        return p + "/x" * ((PATH_MAX_BYTES - len(p) - len(tail)) // 2) + tail
 
+    lists = ("perplexity", "response_perplexity", "tasks")
+    stems = [f"{i:02d}" + "s" * (MAX_NAME_CHARS - 2) for i in range(MAX_LIMITS)]  # each file's name, a limits key
+    assert len(lists) * MAX_EVAL_FILES == MAX_LIMITS
     spec = api.spec(
         restoration={"method": "lora", "lora_targets": [f"{i:02d}" + "t" * (MAX_NAME_CHARS - 2)
                                                         for i in range(MAX_LORA_TARGETS)]},
         data={"train": longest("t"), "calibration": longest("c")},
-        evaluation={k: [longest(f"{k}{i}") for i in range(MAX_EVAL_FILES)]
-                    for k in ("perplexity", "response_perplexity", "tasks")}
-        | {"limits": {f"{i:02d}" + "s" * (MAX_NAME_CHARS - 2): 5 for i in range(MAX_LIMITS)}},
+        evaluation={k: [longest(f"{k}{i}", stems[n * MAX_EVAL_FILES + i]) for i in range(MAX_EVAL_FILES)]
+                    for n, k in enumerate(lists)}
+        | {"limits": {stem: 5 for stem in stems}},
     )
-    spec["model"]["revision"] = "r" * MAX_NAME_CHARS
     body = json.dumps(spec).encode()
     assert len(body) < Settings().max_body_bytes
     assert all(len(p.encode()) <= PATH_MAX_BYTES for p in spec["evaluation"]["tasks"])

@@ -104,7 +104,7 @@ def test_upgrade_head_is_idempotent(db_url):
     engine = make_engine(db_url)
     upgrade(engine)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0007"
+    assert current_revision(engine) == head_revision() == "0008"
     engine.dispose()
 
 
@@ -197,6 +197,34 @@ def test_stored_specs_without_an_objective_keep_running_with_sft(db_url):
         job, created = stored.create("t", again.model_dump(mode="json"), idempotency_key=name,
                                      left_out=again.left_out(CHANGED_DEFAULTS))
         assert (job.id, created) == (rows[name][0], False), name
+    engine.dispose()
+
+
+def test_stored_specs_lose_the_settings_their_worker_ignored(db_url):
+    """Settings the API refuses now but accepted (and the worker ignored) before: a revision with a local model, an
+    adapter output for a method that exports none, a limits key naming no file. The upgrade removes them, so the
+    job validates again and runs as it would have; everything else, and a spec without them, stays as it was."""
+    engine = make_engine(db_url)
+    upgrade(engine, "0007")
+    base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}, "pruning": {"method": "magnitude"},
+            "restoration": {"method": "none"}}
+    old = {**base, "model": {"id": "/m", "revision": "main", "dtype": "auto"},
+           "output": {"format": "adapter"},
+           "evaluation": {"perplexity": ["/d/wiki.jsonl"], "tasks": ["/d/boolq.jsonl"],
+                          "limits": {"wiki": 10, "boolq": 20, "piqa": 30}}}
+    lora = {**base, "model": {"id": "org/m", "revision": "v1"}, "restoration": {"method": "lora", "objective": "sft"},
+            "output": {"format": "adapter"}}
+    rows = {n * 32: spec for n, spec in (("a", old), ("b", lora), ("c", base))}
+    _store_as_before(engine, {job_id: (job_id, spec, request_hash(spec)) for job_id, spec in rows.items()})
+    with pytest.raises(ValueError):
+        JobSpec.model_validate(old)
+    upgrade(engine)
+    stored = JobStore(engine)
+    spec = stored.get("a" * 32).spec
+    assert spec["model"] == {"id": "/m", "dtype": "auto"} and spec["output"] == {"format": "merged"}
+    assert spec["evaluation"]["limits"] == {"wiki": 10, "boolq": 20}
+    JobSpec.model_validate(spec)  # the worker can run it again
+    assert stored.get("b" * 32).spec == lora and stored.get("c" * 32).spec == base
     engine.dispose()
 
 

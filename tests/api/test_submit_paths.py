@@ -44,15 +44,16 @@ def test_a_path_over_path_max_is_422(api):
 @pytest.mark.parametrize("bad", ["a\x00b", "a\nb", "a\tb", "a\x1bb", "a\x7fb", "a\x85b"])
 def test_control_characters_in_paths_and_names_are_422(api, bad):
     _refused(_post(api, data={"train": str(api.root / "data" / bad)}), "data.train", "invalid_spec")
-    _refused(_post(api, model={"id": str(api.root / "models" / "m"), "revision": bad}), "model.revision",
-             "invalid_spec")
+    # a hub id: a revision with a local model.id is refused whatever it holds
+    err = _refused(_post(api, model={"id": "org/m", "revision": bad}), "model.revision", "invalid_spec")
+    assert "hub id only" not in err["message"]
 
 
 def test_unpaired_surrogates_are_422_not_a_store_error(api):
-    body = ('{"model": {"id": "%s", "revision": "a\\ud800b"}, "pruning": {"method": "magnitude"},'
-            ' "restoration": {"method": "none"}}' % (api.root / "models" / "m"))
+    body = ('{"model": {"id": "org/m", "revision": "a\\ud800b"}, "pruning": {"method": "magnitude"},'
+            ' "restoration": {"method": "none"}}')  # a hub id: with a local one any revision is refused
     r = api.client.post("/v1/jobs", content=body, headers={**api.h(), "Content-Type": "application/json"})
-    _refused(r, "model.revision", "invalid_spec")
+    assert "hub id only" not in _refused(r, "model.revision", "invalid_spec")["message"]
 
 
 def test_unresolvable_paths_are_422_not_500(api):

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from app.fields import looks_local
 from app.schemas import JobSpec
 from worker.errors import (
     MISSING,
@@ -63,16 +64,6 @@ class ModelSource:
 
 # ---------------------------------------------------------------------------------------------
 # resolution
-
-
-def _looks_like_path(model_id: str) -> bool:
-    """Absolute, ``./``/``../``/``~`` paths and ``.gguf`` files are local; anything else is a hub id.
-
-    A bare relative name such as ``org/name`` is never looked up on disk, even when it happens to exist
-    relative to the worker's directory: in the service that would load files outside the allowed roots.
-    (`restorelcc run` turns relative paths that exist into absolute ones before it gets here.)
-    """
-    return model_id.startswith(("/", ".", "~")) or model_id.lower().endswith(".gguf")
 
 
 def _offline() -> bool:
@@ -180,7 +171,7 @@ def resolve_source(model_id: str, revision: str | None = None, gguf_file: str | 
     GGUF file) is fetched here, the weights are fetched by ``load_model``.
     """
     model_id = model_id.strip()
-    if _looks_like_path(model_id):
+    if looks_local(model_id):
         path = Path(os.path.expanduser(model_id))  # unlike Path.expanduser, leaves "~nobody/x" as it is
         problem = path_problem(path, "any")
         if problem:

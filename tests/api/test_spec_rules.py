@@ -1,0 +1,90 @@
+"""Spec fields that the worker would ignore are refused at submit with a 422 naming the field: an adapter output of
+a method that exports none, a per-set limit that limits no file, a hub revision of a local model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.schemas import JobSpec
+from tests.conftest import Api
+
+
+def _refused(api: Api, spec: dict, field: str) -> str:
+    r = api.client.post("/v1/jobs", json=spec, headers=api.h())
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == field and err["code"] == "invalid_spec", err
+    return err["message"]
+
+
+def _train(api: Api) -> str:
+    path = api.root / "data" / "train.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n')
+    return str(path)
+
+
+@pytest.mark.parametrize("method", ["restorelcc", "bias", "none"])
+def test_an_adapter_output_needs_a_method_that_exports_one(api, method):
+    spec = api.spec(restoration={"method": method}, data={"train": _train(api)}, output={"format": "adapter"})
+    message = _refused(api, spec, "output.format")
+    assert f"restoration.method '{method}' exports model/ only" in message and "'lora' or 'dora'" in message
+
+
+def test_the_default_method_with_an_adapter_output_is_refused_too(api):
+    spec = api.spec(data={"train": _train(api)}, output={"format": "adapter"})
+    del spec["restoration"]  # restorelcc
+    _refused(api, spec, "output.format")
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_and_dora_may_name_their_adapter_the_result(api, method):
+    job = api.create(restoration={"method": method}, data={"train": _train(api)}, output={"format": "adapter"})
+    assert job["spec"]["output"]["format"] == "adapter" and job["spec"]["restoration"]["method"] == method
+
+
+def _eval_files(api: Api) -> dict[str, list[str]]:
+    data = api.root / "data"
+    return {"perplexity": [str(data / "wikitext_sentences.jsonl")],
+            "response_perplexity": [str(data / "alpaca" / "valid.jsonl"), str(data / "held.out.jsonl")],
+            "tasks": [str(data / "boolq.jsonl"), str(data / "piqa")]}
+
+
+def test_every_limit_key_that_the_worker_would_use_is_accepted(api):
+    """The worker looks a set's limit up by its file's stem (worker.run.evaluate: ``Path(path).stem``): the file
+    name without its last suffix, whichever list the file is in."""
+    files = _eval_files(api)
+    limits = {"wikitext_sentences": 300, "valid": 100, "held.out": 5, "boolq": 50, "piqa": 20}
+    assert set(limits) == {Path(p).stem for paths in files.values() for p in paths}
+    job = api.create(evaluation={**files, "limits": limits})
+    assert job["spec"]["evaluation"]["limits"] == limits
+
+
+@pytest.mark.parametrize("key", ["boolq.jsonl", "Boolq", "held", "alpaca", "valid.jsonl", "", "mean_acc"])
+def test_a_limit_key_that_names_no_evaluation_file_is_422_naming_the_key(api, key):
+    message = _refused(api, api.spec(evaluation={**_eval_files(api), "limits": {"boolq": 5, key: 3}}),
+                       f"evaluation.limits.{key}")
+    assert message.startswith(f"evaluation.limits.{key}: names no evaluation file") and "'boolq'" in message
+
+
+def test_a_limit_key_without_any_evaluation_file_is_422(api):
+    message = _refused(api, api.spec(evaluation={"limits": {"boolq": 3}}), "evaluation.limits.boolq")
+    assert "none given" in message
+
+
+@pytest.mark.parametrize("model_id", ["{root}/models/tiny", "{root}/models/tiny.gguf", "~/models/tiny",
+                                      "./models/tiny", "../tiny", "org/tiny.GGUF", " /models/tiny"])
+def test_a_revision_of_a_local_model_is_422_naming_model_revision(api, model_id):
+    """Local by the worker's rule (worker.model.load: absolute, ./, ../, ~, or a .gguf file): it never reads a
+    revision for those."""
+    spec = api.spec(model={"id": model_id.format(root=api.root), "revision": "v1"})
+    message = _refused(api, spec, "model.revision")
+    assert "hub id only" in message
+
+
+@pytest.mark.parametrize("model_id", ["org/tiny", "tiny", "org/tiny.safetensors-v2"])
+def test_a_revision_of_a_hub_id_is_kept(model_id):
+    spec = JobSpec.model_validate({"model": {"id": model_id, "revision": "v1"}, "restoration": {"method": "none"},
+                                   "pruning": {"method": "magnitude"}})
+    assert spec.model.revision == "v1"
