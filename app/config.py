@@ -208,6 +208,9 @@ class Settings(BaseSettings):
             raise ValueError("visibility_timeout_s must exceed hard_time_limit_s")
         if self.heartbeat_s >= self.stale_after_s:
             raise ValueError("heartbeat_s must be less than stale_after_s, or a running job looks lost between beats")
+        if self.hard_time_limit_s <= self.stale_after_s + 4 * self.heartbeat_s:
+            raise ValueError("hard_time_limit_s must exceed stale_after_s + 4 × heartbeat_s, or every lost run looks "
+                             "killed by the hard limit")
         return self
 
     # Derived values -------------------------------------------------------------------------------------

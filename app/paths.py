@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 from app.config import Settings
+from app.fields import looks_local
 from app.schemas import JobSpec
 
 # "org/name" or "name": what a Hugging Face hub id looks like (and a local path does not claim to be).
@@ -32,7 +33,8 @@ class PathRefused(ValueError):
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return bool(_HUB_ID.match(value)) and not value.endswith(".gguf") and ".." not in value
+    """A well-formed hub id that the loader would fetch from the hub (``looks_local``: not a local path)."""
+    return not looks_local(value) and bool(_HUB_ID.match(value)) and ".." not in value
 
 
 def check_local_path(value: str, roots: list[Path], field: str) -> str:
@@ -97,7 +99,7 @@ def resolve(path: str) -> str:
 
 def check_model_ref(value: str, settings: Settings, field: str) -> str | None:
     """The resolved local path of a model reference, or None for an allowed hub id."""
-    if looks_like_hub_id(value) and not value.startswith(("/", "~", ".")):
+    if looks_like_hub_id(value):
         if not settings.allow_hub_models:
             raise PathRefused(field, f"{field}: hub models are not allowed on this service; give a local path")
         if len(value) > HUB_ID_MAX:

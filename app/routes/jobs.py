@@ -178,7 +178,8 @@ async def job_events(
     """The ordered event log. With `Accept: text/event-stream`, a live stream that ends when the job ends.
     `Last-Event-ID` (what an EventSource sends when it reconnects) resumes after that seq, in either form."""
     await polled_job(services, principal.tenant, job_id)
-    start = after if last_event_id is None else last_event_seq(last_event_id)
+    seen = (last_event_id or "").strip()  # empty (or blank): no event received yet
+    start = last_event_seq(seen) if seen else after
     if "text/event-stream" in request.headers.get("accept", ""):
         return StreamingResponse(
             _stream(request, services, job_id, start),

@@ -101,6 +101,9 @@ def test_unsafe_settings_are_refused(tmp_path):
         Settings(soft_time_limit_s=100, hard_time_limit_s=50)
     with pytest.raises(ValueError, match="heartbeat_s must be less than stale_after_s"):
         Settings(stale_after_s=1)  # the default heartbeat (10 s) would make every running job look lost
+    with pytest.raises(ValueError, match=r"hard_time_limit_s must exceed stale_after_s \+ 4 × heartbeat_s"):
+        Settings(soft_time_limit_s=100, hard_time_limit_s=150)  # the default stale wait (120 s) + 4 beats (40 s)
+    Settings(soft_time_limit_s=100, hard_time_limit_s=161)
 
 
 def test_dev_open_serves_without_a_key(tmp_path):
@@ -166,6 +169,19 @@ def test_paths_inside_the_roots_and_allowed_hub_ids_are_accepted(tmp_path, roots
         spec["evaluation"] = {"tasks": [str(roots / "data" / "train.jsonl"), str(roots / "outside" / "x")]}
         r = c.post("/v1/jobs", json=spec, headers={"Authorization": "Bearer key-alice-123"})
         assert r.status_code == 422 and r.json()["error"]["field"] == "evaluation.tasks.1"
+
+
+def test_a_gguf_file_named_like_a_hub_id_is_a_path_checked_against_the_roots(tmp_path, roots):
+    """The loader opens any id ending in .gguf (in any case) as a local file, so the API must not take it for a hub
+    id, even with hub models allowed: a relative one lies outside every root."""
+    s = api_settings(tmp_path, f"sqlite:///{tmp_path / 'j.db'}", model_roots=[roots / "models"],
+                     data_roots=[roots / "data"], allow_hub_models=True)
+    with TestClient(create_app(s)) as c:
+        for model_id in ("org/m.gguf", "org/m.GGUF", "m.Gguf"):
+            spec = {"model": {"id": model_id}, "pruning": {"method": "magnitude"}, "restoration": {"method": "none"}}
+            r = c.post("/v1/jobs", json=spec, headers={"Authorization": "Bearer key-alice-123"})
+            assert r.status_code == 422, (model_id, r.text)
+            assert (r.json()["error"]["field"], r.json()["error"]["code"]) == ("model.id", "path_not_allowed")
 
 
 def test_importing_the_app_does_not_import_torch_or_the_worker():

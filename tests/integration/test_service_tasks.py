@@ -87,6 +87,11 @@ def test_invalid_stored_spec_and_refused_paths_fail_without_running(tmp_path, ti
     job, _ = ctx.jobs.create("t", {"model": {"id": "/x"}, "pruning": {"sparsity": 7}})
     assert run_job(job.id, ctx).outcome is Outcome.failed
     assert ctx.jobs.get(job.id).error_code == "invalid_spec"
+    named = tiny_assets.spec()  # a rule that names its field itself: the error event names it as the API would
+    named["evaluation"]["limits"] = {"no-such-set": 5}
+    job, _ = ctx.jobs.create("t", named)
+    assert run_job(job.id, ctx).outcome is Outcome.failed
+    assert [e.data["field"] for e in ctx.jobs.events(job.id) if e.kind == "error"] == ["evaluation.limits.no-such-set"]
     spec = tiny_assets.spec()
     spec["data"]["train"] = "/etc/passwd"  # roots changed since acceptance, or a crafted record
     job, _ = ctx.jobs.create("t", JobSpec.model_validate(spec).model_dump(mode="json"))
@@ -253,6 +258,31 @@ def test_a_redelivered_job_with_no_runs_left_ends_worker_lost_without_a_restart(
     assert run_job(job_id, ctx).outcome is Outcome.failed
     job = ctx.jobs.get(job_id)
     assert (job.status, job.error_code, job.attempts) == ("failed", "worker_lost", 2)
+    assert not [e for e in ctx.jobs.events(job_id) if e.data.get("restarted")]
+
+
+def test_a_redelivered_job_killed_by_the_hard_time_limit_ends_time_limit_without_a_restart(tmp_path, tiny_assets):
+    """Celery gives back the message of a task the hard limit killed. The redelivered task finds a run that lasted
+    the limit (here one that had itself taken the job over: it started a stale wait after Celery's clock did) and
+    ends the job time_limit once its heartbeat is stale, with runs left, and without taking it over first."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.store.models import Job
+
+    ctx = _ctx(tmp_path, tiny_assets, heartbeat_s=0.05, stale_after_s=0.2, soft_time_limit_s=50,
+               hard_time_limit_s=60, max_attempts=3)
+    job_id = _submit(ctx, tiny_assets.spec())
+    assert ctx.jobs.claim(job_id, "gone:1")
+    last_beat = utcnow() - timedelta(seconds=1)
+    ran = timedelta(seconds=60 - 0.2 - 2 * 0.05)  # killed at 60 s by Celery's clock, started after a stale wait
+    with ctx.jobs.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(started_at=last_beat - ran, heartbeat_at=last_beat))
+    assert run_job(job_id, ctx).outcome is Outcome.failed
+    job = ctx.jobs.get(job_id)
+    assert (job.status, job.error_code, job.attempts) == ("failed", "time_limit", 1)
+    assert "hard time limit of 60 s" in job.error_message
     assert not [e for e in ctx.jobs.events(job_id) if e.data.get("restarted")]
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.config import Settings, get_settings
+from app.fields import FieldError
 from app.paths import PathRefused, check_spec_paths
 from app.schemas import JobSpec, JobStatus
 from app.service import Enqueuer, dispatch_held, is_job_id
@@ -118,29 +119,23 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
             return Result(Outcome.noop)
     elif status is JobStatus.cancelling:
         # Its worker was asked to stop; if that worker is gone, finish the cancellation here.
-        stale = _heartbeat_stale(job, ctx.settings)
-        if stale and ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,)):
+        if _heartbeat_stale(job, ctx.settings) and ctx.jobs.finish(
+                job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,), **_fence(ctx, job)):
             return Result(Outcome.cancelled)
         return Result(Outcome.noop)
-    elif job.attempts >= ctx.settings.max_attempts:
-        # No runs left: once its worker is surely gone, end it rather than take it over and start again.
-        error = (("time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s} s")
+    elif job.attempts >= ctx.settings.max_attempts or _hit_hard_limit(job, ctx.settings):
+        # No runs left, or the last one was killed by the hard time limit (its message came back: Celery rejects
+        # it) and would only hit it again: once its worker is surely gone, end it rather than run it again.
+        error = (("time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s:g} s")
                  if _hit_hard_limit(job, ctx.settings) else
                  ("worker_lost", f"worker lost {job.attempts} times while running this job"
                                  f"{f', the last time during {job.stage}' if job.stage else ''}; giving up"))
         if _wait_stale(ctx, job) and ctx.jobs.finish(job_id, JobStatus.failed, error,
-                                                     allowed=(JobStatus.running.value,)):
+                                                     allowed=(JobStatus.running.value,), **_fence(ctx, job)):
             return Result(Outcome.failed)
         return Result(Outcome.noop)
     elif not _take_over(ctx, job):
         return Result(Outcome.noop)
-    elif _hit_hard_limit(job, ctx.settings):
-        # The last run was killed by the hard time limit (its process dies, so Celery redelivers the task):
-        # running it again would only hit the limit again.
-        ctx.jobs.finish(job_id, JobStatus.failed, (
-            "time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s} s"),
-            allowed=(JobStatus.running.value,))
-        return Result(Outcome.failed)
 
     job = ctx.jobs.get(job_id)
     if job is None:
@@ -153,8 +148,15 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
 
 
 def _hard_limit_run_s(settings: Settings) -> float:
-    """How long a run lasts, from its start to its last heartbeat, when the hard time limit kills it."""
-    return settings.hard_time_limit_s - 2 * settings.heartbeat_s
+    """How long a run lasts at least, from its start to its last heartbeat, when the hard time limit kills it. Celery's
+    clock starts with the task; a run that took a job over started up to a stale wait later (``_wait_stale``)."""
+    return settings.hard_time_limit_s - settings.stale_after_s - 4 * settings.heartbeat_s
+
+
+def _fence(ctx: WorkerContext, job: Job) -> dict[str, Any]:
+    """Write only while the run seen in ``job`` still owns it and its heartbeat is stale (its worker has not come back
+    between the check and the write)."""
+    return {"attempt": job.attempts, "stale_before": stale_cutoff(ctx.settings.stale_after_s)}
 
 
 def _hit_hard_limit(job: Job, settings: Settings) -> bool:
@@ -350,6 +352,8 @@ def _drop_checkpoints(ctx: WorkerContext, job_id: str) -> None:
 def _error_field(e: ValidationError) -> str | None:
     """The spec field of a validation error's first problem ("model.id"), if it names one."""
     errors = e.errors()
+    if errors and isinstance(named := errors[0].get("ctx", {}).get("error"), FieldError):
+        return named.field  # a rule that names its field itself (evaluation.limits.<key>)
     loc = errors[0].get("loc", ()) if errors else ()
     return ".".join(str(x) for x in loc) or None
 
@@ -478,9 +482,10 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
           enqueuer: Enqueuer | None = None) -> list[str]:
     """Recovery: jobs active with no heartbeat for twice ``stale_after_s`` lost their worker. One with runs left
     (fewer than ``max_attempts``) goes back to ``queued`` and, with ``send``, to the broker: it runs again even
-    when other jobs wait ahead of its redelivered message; the others are failed ``worker_lost`` (cancelling
-    ones → cancelled). Twice, so that a redelivered task (which takes a job over once it is ``stale_after_s``
-    stale) gets the first chance to re-run it. Returns the ids changed."""
+    when other jobs wait ahead of its redelivered message; one whose lost run lasted the hard time limit is failed
+    ``time_limit``, the others ``worker_lost`` (cancelling ones → cancelled). Twice, so that a redelivered task
+    (which takes a job over once it is ``stale_after_s`` stale) gets the first chance to re-run it. Returns the ids
+    changed."""
     ctx = ctx or get_context()
     clean_scratch(ctx)
     expire_checkpoints(ctx)
@@ -496,7 +501,8 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
         if send is not None:
             send(job_id)
     for job_id in ended:
-        log.warning("job %s: worker lost (stale heartbeat) and no runs left; ended", job_id)
+        log.warning("job %s: worker lost (stale heartbeat); ended: no runs left, the hard time limit, or cancelling",
+                    job_id)
     return requeued + ended
 
 
