@@ -208,12 +208,19 @@ class Settings(BaseSettings):
             raise ValueError("visibility_timeout_s must exceed hard_time_limit_s")
         if self.heartbeat_s >= self.stale_after_s:
             raise ValueError("heartbeat_s must be less than stale_after_s, or a running job looks lost between beats")
-        if self.hard_time_limit_s <= self.stale_after_s + 4 * self.heartbeat_s:
+        if self.hard_limit_run_s <= 0:
             raise ValueError("hard_time_limit_s must exceed stale_after_s + 4 × heartbeat_s, or every lost run looks "
                              "killed by the hard limit")
         return self
 
     # Derived values -------------------------------------------------------------------------------------
+    @property
+    def hard_limit_run_s(self) -> float:
+        """How long a run lasts at least, from its start to its last heartbeat, when the hard time limit kills it.
+        Celery's clock starts with the task; a run that took a job over started up to a stale wait (stale_after_s
+        and a few beats) later."""
+        return self.hard_time_limit_s - self.stale_after_s - 4 * self.heartbeat_s
+
     @property
     def embedded(self) -> bool:
         """True when no broker is configured: jobs run on this machine."""

@@ -585,14 +585,9 @@ class JobStore:
     def _requeue_lost(self, job_id: str, stale_before: datetime, attempts: int) -> bool:
         """running with a stale heartbeat → queued, to be run again (from its newest checkpoint)."""
         with self.session() as s:
-            res = s.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.attempts == attempts)
-                .where(Job.heartbeat_at < stale_before)
-                .values(status=JobStatus.queued.value, run_after=None, stage=None, progress=0.0, metrics={},
-                        progress_message="worker lost; queued to run again", updated_at=utcnow())
-            )
-            ok = res.rowcount == 1
+            ok = self._update(s, job_id, (JobStatus.running.value,), attempts, stale_before,
+                              status=JobStatus.queued.value, run_after=None, stage=None, progress=0.0, metrics={},
+                              progress_message="worker lost; queued to run again")
             if ok:
                 self._status_event(s, job_id, {"status": "queued", "reason": "worker lost", "runs": attempts})
             return ok

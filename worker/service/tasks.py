@@ -123,11 +123,11 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
                 job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,), **_fence(ctx, job)):
             return Result(Outcome.cancelled)
         return Result(Outcome.noop)
-    elif job.attempts >= ctx.settings.max_attempts or _hit_hard_limit(job, ctx.settings):
+    elif (killed := _hit_hard_limit(job, ctx.settings)) or job.attempts >= ctx.settings.max_attempts:
         # No runs left, or the last one was killed by the hard time limit (its message came back: Celery rejects
         # it) and would only hit it again: once its worker is surely gone, end it rather than run it again.
         error = (("time_limit", f"the job ran past its hard time limit of {ctx.settings.hard_time_limit_s:g} s")
-                 if _hit_hard_limit(job, ctx.settings) else
+                 if killed else
                  ("worker_lost", f"worker lost {job.attempts} times while running this job"
                                  f"{f', the last time during {job.stage}' if job.stage else ''}; giving up"))
         if _wait_stale(ctx, job) and ctx.jobs.finish(job_id, JobStatus.failed, error,
@@ -147,12 +147,6 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
     return _execute(ctx, job)
 
 
-def _hard_limit_run_s(settings: Settings) -> float:
-    """How long a run lasts at least, from its start to its last heartbeat, when the hard time limit kills it. Celery's
-    clock starts with the task; a run that took a job over started up to a stale wait later (``_wait_stale``)."""
-    return settings.hard_time_limit_s - settings.stale_after_s - 4 * settings.heartbeat_s
-
-
 def _fence(ctx: WorkerContext, job: Job) -> dict[str, Any]:
     """Write only while the run seen in ``job`` still owns it and its heartbeat is stale (its worker has not come back
     between the check and the write)."""
@@ -163,7 +157,7 @@ def _hit_hard_limit(job: Job, settings: Settings) -> bool:
     """Whether the run that lost this job had been running for (about) the hard time limit when it died."""
     if job.started_at is None or job.heartbeat_at is None:
         return False
-    return (job.heartbeat_at - job.started_at).total_seconds() >= _hard_limit_run_s(settings)
+    return (job.heartbeat_at - job.started_at).total_seconds() >= settings.hard_limit_run_s
 
 
 def _heartbeat_stale(job: Job, settings: Settings) -> bool:
@@ -495,7 +489,7 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
         except Exception:  # a quota file the worker cannot read must not stop the recovery below
             log.warning("could not release held jobs", exc_info=True)
     requeued, ended = ctx.jobs.recover_lost(stale_cutoff(2 * ctx.settings.stale_after_s), ctx.settings.max_attempts,
-                                            _hard_limit_run_s(ctx.settings))
+                                            ctx.settings.hard_limit_run_s)
     for job_id in requeued:
         log.warning("job %s: worker lost (stale heartbeat); queued to run again", job_id)
         if send is not None:
