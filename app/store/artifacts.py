@@ -24,6 +24,19 @@ class ArtifactNotFound(KeyError):
     pass
 
 
+def is_storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store or the local disk failing (an OSError: disk full, connection refused, timeout;
+    or any boto3/botocore error), which may pass when tried again, rather than a bug, which would not."""
+    if isinstance(exc, OSError):
+        return True
+    try:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        return False
+    return isinstance(exc, (BotoCoreError, ClientError, Boto3Error))
+
+
 @dataclass(frozen=True)
 class Stored:
     key: str

@@ -70,3 +70,34 @@ def test_api_serves_artifacts_from_s3(s3_endpoint, tmp_path):
         assert c.delete(f"/v1/jobs/{job}", headers=h).status_code == 204
         with pytest.raises(ArtifactNotFound):
             store.size(st.key)
+
+
+def test_real_s3_failures_count_as_storage_failures_and_checkpoints_retry_them(s3_endpoint, tmp_path):
+    """What a real S3 server and a closed port raise is what the worker retries (a checkpoint write becomes a
+    TransientError); a bug would not be (tests/unit/test_checkpoint_failures.py)."""
+    import socket
+
+    import torch
+
+    from app.store.artifacts import is_storage_failure
+    from worker.errors import TransientError
+    from worker.run.checkpoints import CheckpointStore
+
+    f = tmp_path / "r.json"
+    f.write_text("{}")
+    no_bucket = S3Store("never-created", endpoint_url=s3_endpoint, access_key_id="testing",
+                        secret_access_key="testing")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    unreachable = S3Store("b", endpoint_url=f"http://127.0.0.1:{closed_port}", access_key_id="testing",
+                          secret_access_key="testing")
+    for store in (no_bucket, unreachable):
+        with pytest.raises(Exception) as info:
+            store.put_file(job_key("j", "r.json"), f)
+        assert is_storage_failure(info.value), repr(info.value)
+        checkpoints = CheckpointStore(store, "jobs/j/checkpoint/", "fp", tmp_path / "scratch")
+        with pytest.raises(TransientError, match="could not write a checkpoint"):
+            checkpoints.save("training", {"step": 1}, {"state": {"w": torch.ones(3)}})
+        with pytest.raises(TransientError, match="could not read checkpoints"):
+            checkpoints.load()

@@ -1,5 +1,6 @@
-"""How a failed checkpoint write reaches the job: a storage failure may pass when tried again (TransientError, the
-job is retried); running out of memory never does (it stays itself, and the job fails ``out_of_memory``)."""
+"""How a failed checkpoint write or read reaches the job: a storage failure may pass when tried again (TransientError,
+the job is retried); running out of memory or a bug never does (it stays itself, and the job fails ``out_of_memory``
+or ``internal_error``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import ClientError, EndpointConnectionError
 
 from app.store.artifacts import LocalStore
 from worker.errors import TransientError
-from worker.run.checkpoints import CheckpointStore
+from worker.run.checkpoints import CheckpointStore, _io_failure
 
 
 class FailingStore(LocalStore):
@@ -19,6 +22,9 @@ class FailingStore(LocalStore):
         self.error = error
 
     def put_file(self, *args, **kwargs):
+        raise self.error
+
+    def open_range(self, *args, **kwargs):
         raise self.error
 
 
@@ -37,9 +43,42 @@ def test_out_of_memory_while_checkpointing_is_not_made_transient(tmp_path, error
         store.stage("layer-0", {"w": torch.ones(3)})
 
 
-def test_a_storage_failure_while_checkpointing_is_transient(tmp_path):
-    store = _checkpoints(tmp_path, OSError(28, "No space left on device"))
-    with pytest.raises(TransientError, match="No space left on device"):
-        store.save("training", {"step": 1}, {"state": {"w": torch.ones(3)}})
-    with pytest.raises(TransientError, match="No space left on device"):
-        store.stage("layer-0", {"w": torch.ones(3)})
+STORAGE_FAILURES = [
+    OSError(28, "No space left on device"),
+    ConnectionRefusedError(111, "Connection refused"),
+    EndpointConnectionError(endpoint_url="http://s3.internal:9000"),
+    ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate"}}, "PutObject"),
+    S3UploadFailedError("Failed to upload: An error occurred (InternalError)"),
+]
+
+
+@pytest.mark.parametrize("error", STORAGE_FAILURES, ids=lambda e: type(e).__name__)
+def test_a_storage_failure_while_checkpointing_is_transient(tmp_path, error):
+    store = _checkpoints(tmp_path, error)
+    for write in (lambda: store.save("training", {"step": 1}, {"state": {"w": torch.ones(3)}}),
+                  lambda: store.stage("layer-0", {"w": torch.ones(3)}), store.load):
+        with pytest.raises(TransientError) as info:
+            write()
+        assert info.value.__cause__ is error
+
+
+@pytest.mark.parametrize("error", [TypeError("unsupported operand"), KeyError("step"), AttributeError("no attr")],
+                         ids=lambda e: type(e).__name__)
+def test_a_bug_while_checkpointing_stays_itself_and_is_not_retried(tmp_path, error):
+    store = _checkpoints(tmp_path, error)
+    for call in (lambda: store.save("training", {"step": 1}, {"state": {"w": torch.ones(3)}}),
+                 lambda: store.stage("layer-0", {"w": torch.ones(3)}), store.load):
+        with pytest.raises(type(error)) as info:
+            call()
+        assert info.value is error
+
+
+def test_a_scratch_disk_failure_reported_by_safetensors_counts_as_storage(tmp_path):
+    """safetensors raises its own error type, not an OSError, for a file it cannot write."""
+    from safetensors.torch import save_file
+
+    with pytest.raises(Exception) as info:
+        save_file({"w": torch.ones(3)}, str(tmp_path / "missing" / "part.safetensors"))
+    assert type(info.value).__name__ == "SafetensorError"
+    assert _io_failure(info.value)
+    assert not _io_failure(type(info.value)("Error while serializing: tensor is not contiguous"))

@@ -108,8 +108,11 @@ def test_make_mask_dispatches_and_errors() -> None:
     assert torch.equal(make_mask(s, 0.5, None, "tensor"), unstructured_mask(s, 0.5, "tensor"))
     with pytest.raises(ValueError, match="group"):
         unstructured_mask(s, 0.5, group="column")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="NaN"):
-        unstructured_mask(torch.full((2, 4), float("nan")), 0.5)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError, match="not finite"):
+            unstructured_mask(torch.full((2, 4), bad), 0.5)
+        with pytest.raises(ValueError, match="not finite"):
+            nm_mask(torch.full((2, 4), bad), 2, 4)
     with pytest.raises(ValueError, match="2-D"):
         unstructured_mask(torch.randn(8), 0.5)
 

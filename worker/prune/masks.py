@@ -33,8 +33,8 @@ def prune_count(group_size: int, sparsity: float) -> int:
 def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D (out × in) matrix, got shape {tuple(scores.shape)}")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN")
+    if not bool(torch.isfinite(scores).all()):  # an infinite weight would be kept and poison every output
+        raise ValueError("scores are not finite (NaN or infinite)")
 
 
 def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -68,8 +68,8 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: Group = "row
 def nm_mask(scores: torch.Tensor, n: int, m: int, *, check: bool = True) -> torch.Tensor:
     """Keep the top ``n`` of every ``m`` consecutive inputs in each row (exactly ``n`` kept per group).
 
-    ``check=False`` skips the NaN check, which waits for the device: for callers in a loop over columns (SparseGPT)
-    that check their result once instead."""
+    ``check=False`` skips the finiteness check, which waits for the device: for callers in a loop over columns
+    (SparseGPT) that check their result once instead."""
     if check:
         _check_scores(scores)
     if not 0 < n < m:

@@ -6,7 +6,8 @@ sha256. Parts accumulate: a later checkpoint names the parts it changed and keep
 are written once). Writes are atomic and ordered: the part files first, the manifest last, and only then are the
 files it no longer names deleted; a reader checks every file's sha256 against the manifest before it uses
 anything, and the spec fingerprint before that. A checkpoint that fails either check is never read. A store that
-cannot be reached or written is a TransientError: the job goes back to the queue and resumes later.
+cannot be reached or written is a TransientError: the job goes back to the queue and resumes later. Anything else
+raised on the way (out of memory, a bug) stays itself and fails the job: trying again would not help.
 Importing this module does not import torch (the service imports it before a job needs torch).
 """
 
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.store.artifacts import ArtifactNotFound, ArtifactStore
-from worker.errors import TransientError, is_out_of_memory
+from app.store.artifacts import ArtifactNotFound, ArtifactStore, is_storage_failure
+from worker.errors import TransientError
 
 log = logging.getLogger("restorelcc.checkpoints")
 
@@ -72,6 +73,12 @@ class Checkpoint:
         return {n: f for n, f in sorted(self.files.items()) if n.startswith(prefix) and self.skeletons.get(n) is None}
 
 
+def _io_failure(exc: BaseException) -> bool:
+    """The store or the scratch disk failing, which may pass when tried again. safetensors reports a disk error
+    as its own SafetensorError naming an I/O error."""
+    return is_storage_failure(exc) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))
+
+
 class Unreadable(Exception):
     """A checkpoint that is missing a file, fails its sha256, or was written for another spec or format."""
 
@@ -105,10 +112,8 @@ class CheckpointStore:
              copy: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> bool:
         try:
             return self._save(point, meta, parts, copy, drop)
-        except (TransientError, Unreadable):
-            raise
         except Exception as exc:
-            if is_out_of_memory(exc):  # packing a part or copying it off the device: never retried
+            if not _io_failure(exc):  # out of memory packing a part, or a bug: never retried
                 raise
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
@@ -120,10 +125,8 @@ class CheckpointStore:
         run may no longer write."""
         try:
             return self._stage(name, source)
-        except (TransientError, Unreadable):
-            raise
         except Exception as exc:
-            if is_out_of_memory(exc):  # packing a part or copying it off the device: never retried
+            if not _io_failure(exc):  # out of memory packing a part, or a bug: never retried
                 raise
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
@@ -250,6 +253,8 @@ class CheckpointStore:
                 try:
                     self._adopt(found)
                 except Exception as exc:
+                    if not _io_failure(exc):
+                        raise
                     raise TransientError(f"could not copy the checkpoint of {prefix}: {exc}") from exc
             else:
                 self._drop_unnamed()
@@ -263,6 +268,8 @@ class CheckpointStore:
         except ArtifactNotFound:
             return None
         except Exception as exc:
+            if not _io_failure(exc):
+                raise
             raise TransientError(f"could not read checkpoints from the artifact store: {exc}") from exc
         try:
             manifest = json.loads(raw)
@@ -285,6 +292,8 @@ class CheckpointStore:
             except ArtifactNotFound as exc:
                 raise Unreadable(f"part {name} is missing") from exc
             except Exception as exc:
+                if not _io_failure(exc):
+                    raise
                 raise TransientError(f"could not read checkpoints from the artifact store: {exc}") from exc
             if h.hexdigest() != ref["sha256"]:
                 raise Unreadable(f"part {name} fails its sha256 check")

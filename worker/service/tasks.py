@@ -34,7 +34,15 @@ from app.fields import FieldError
 from app.paths import PathRefused, check_spec_paths
 from app.schemas import JobSpec, JobStatus
 from app.service import Enqueuer, dispatch_held, is_job_id
-from app.store.artifacts import ArtifactStore, attempt_prefix, checkpoint_prefix, job_key, job_prefix, make_store
+from app.store.artifacts import (
+    ArtifactStore,
+    attempt_prefix,
+    checkpoint_prefix,
+    is_storage_failure,
+    job_key,
+    job_prefix,
+    make_store,
+)
 from app.store.db import make_engine
 from app.store.jobs import JobStore, stale_cutoff
 from app.store.models import Job, utcnow
@@ -422,6 +430,8 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None 
                 stored = ctx.artifacts.put_file(job_key(job_id, name, attempt), path)
                 break
             except Exception as e:
+                if not is_storage_failure(e):  # a bug: another try would not help
+                    raise
                 if k == tries - 1:
                     raise TransientError(f"artifact upload failed for {name}: {e}") from e
                 time.sleep(2 ** k)
