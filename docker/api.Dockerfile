@@ -11,6 +11,7 @@ COPY app ./app
 COPY worker ./worker
 RUN pip install ".[api]" && python -c "import app.main, sys; assert 'torch' not in sys.modules"
 
+RUN mkdir -p /home/restorelcc/data && chown -R restorelcc:restorelcc /home/restorelcc
 USER restorelcc
 ENV RESTORELCC_HOST=0.0.0.0 RESTORELCC_PORT=8000 RESTORELCC_DATA_DIR=/home/restorelcc/data
 EXPOSE 8000

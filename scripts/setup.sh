@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv and installs torch (CPU build) first, then restorelcc with its development extras.
+# Creates .venv and installs torch first (from the configured package index: PyPI's Linux wheel is the CUDA build;
+# a torch already in .venv is kept if it is this version), then restorelcc with its development extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
