@@ -8,14 +8,19 @@ any weight loads and refuses a job whose plan does not fit (``insufficient_memor
 Each stage's peak is what stays resident (runtime, weights, what the method keeps) plus that stage's largest
 transient, and each transient is a count of tensors of a known shape:
 
-- evaluation: the logits of one batch in float32 (a quarter more for the loss taken from them);
+- evaluation: the logits of one batch in the model's dtype, and one row of them in float32 twice (the loss is
+  taken row by row);
 - pruning: per weight matrix, the float32 scores and a stable sort's values and int64 indices (≈18 bytes an
   element); SparseGPT also holds the layer's Hessian and its inverse Cholesky factor (≈5 copies of in² in float64
   on the CPU, float32 on a GPU);
 - training: autograd's saved activations per token and layer (four intermediate-width and eight hidden-width
   tensors in the compute dtype) and the logits with their gradient;
-- probing: forward passes over probe batches, no gradients (a few intermediate-width activations);
-- merging: the merge check's logits and o_proj's weights in float64;
+- probing: forward passes over probe batches, no gradients (a few intermediate-width activations); on the host,
+  the per-head captures of the probe rows (float32, N × layers × heads × head_dim each: the dense model's prompt,
+  response and negative from loading on, the pruned model's prompt from probing) and, while extracting, the
+  probe's features or the SVD's inputs and factors (about four captures more);
+- merging: the merge check's logits and o_proj's weights in float64; an adapter's merge also copies its largest
+  weight three times (kept before, peft's safe copy, the update);
 - exporting: the safetensors writer's buffers.
 
 The constants below were read off the code and checked against measured peaks of Llama-shaped models from 135M to
@@ -51,7 +56,7 @@ RUNTIME_DEVICE_CUDA = 600 * MiB
 JOB_STATE = 120 * MiB
 # The sentence-embedding model contrastive probing loads for its negatives (restoration.negatives "minilm").
 EMBEDDING_MODEL = 130 * MiB
-EVAL_LOGIT_COPIES = 1.25  # float32 logits of one evaluation batch, scored in place
+EVAL_ROW_COPIES = 2  # scoring: one row's logits in float32 and its log-softmax, beside the batch's logits
 PRUNE_BYTES_PER_ELEMENT = 18  # float32 scores, sort values + int64 indices, masks
 HESSIAN_COPIES = 5
 TRAIN_INTERMEDIATE_COPIES = 4
@@ -61,11 +66,29 @@ DISTILL_LOGIT_BYTES = 8  # distill adds per logit: the float32 log-softmax kept 
 
 
 EXPORT_BUFFER_SHARE = 16  # the safetensors writer's buffers: about 1/16 of the weights
+ADAPTER_MERGE_COPIES = 3  # merging an adapter into one weight: the weight kept before, peft's safe copy, the delta
+EXTRACT_CAPTURE_COPIES = 4  # extracting: the probe features (2N rows × 2 head_dim) or the SVD's copies, in captures
+
+
+def captured_activations(spec: JobSpec, shapes: Shapes) -> dict[Stage, int]:
+    """Host bytes of the per-head captures the method keeps, by stage (none once extracted)."""
+    r = spec.restoration
+    if not r.needs_activations():
+        return {}
+    one = getattr(r, "probe_samples", 0) * shapes.layers * shapes.heads * shapes.head_dim * 4
+    dense = 3 if getattr(r, "head_selection", None) == "probe" else 1  # prompt (+ response and negative)
+    return {Stage.loading: dense * one, Stage.pruning: dense * one, Stage.probing: (dense + 1) * one,
+            Stage.extracting: (dense + 1 + EXTRACT_CAPTURE_COPIES) * one}
 
 
 def eval_logits(batch: int, seq: int, vocab: int) -> int:
     """Bytes of one batch's logits in float32."""
     return batch * seq * vocab * 4
+
+
+def eval_scoring(batch: int, seq: int, vocab: int, dtype_bytes: int) -> int:
+    """Bytes of scoring one evaluation batch: its logits in the model's dtype, and one row at a time in float32."""
+    return batch * seq * vocab * dtype_bytes + EVAL_ROW_COPIES * seq * vocab * 4
 
 
 @dataclass(frozen=True)
@@ -175,7 +198,7 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     masks = shapes.linear_params() // 8 if spec.pruning.method != "none" else 0
     ev = spec.evaluation
     evaluates = bool(ev.perplexity or ev.response_perplexity or ev.tasks)
-    eval_t = int(EVAL_LOGIT_COPIES * eval_logits(ev.batch_size, ev.max_seq_len, shapes.vocab)) if evaluates else 0
+    eval_t = eval_scoring(ev.batch_size, ev.max_seq_len, shapes.vocab, b) if evaluates else 0
     r = spec.restoration
     max_elems = max(o * i for o, i in shapes.linear_shapes())
     max_in = max(i for _, i in shapes.linear_shapes())
@@ -211,6 +234,8 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     probe_t = 4 * batch * seq * shapes.intermediate * b if r.needs_activations() else 0
     # the merge check: logits of a check batch, and o_proj's weights in float64, before and after
     merge_t = int(1.5 * eval_logits(batch, seq, shapes.vocab)) + 2 * shapes.hidden * shapes.attn * 8
+    if restoration_method(r.method).exports_adapter:  # an adapter's merge: the weight before, peft's copy, the delta
+        merge_t += ADAPTER_MERGE_COPIES * max_elems * b
 
     transient = {
         Stage.loading: max(eval_t if ev.dense else 0, probe_t, capture_t),
@@ -224,6 +249,7 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     }
     runtime_host = RUNTIME_HOST + (RUNTIME_HOST_CUDA if cuda else 0)
     job_state = JOB_STATE + (EMBEDDING_MODEL if getattr(r, "negatives", None) == "minilm" else 0)
+    captures = captured_activations(spec, shapes)
     if streaming:  # the resident tensors and the layers in memory at once (two while training recomputes one)
         layer_b = shapes.layer_params() * b
         resident_b = shapes.resident_params() * b
@@ -238,7 +264,8 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     work = stage_work(spec, shapes, read, b, out_b, streaming=streaming)
     stages: dict[str, StagePlan] = {}
     for stage in planned_stages(spec):
-        kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0) + targets_b
+        kept = job_state + (masks if stage not in (Stage.loading, Stage.pruning) else 0) + targets_b + \
+            captures.get(stage, 0)
         if cuda:  # weights and transients on the device; the host keeps the runtime, the job's state and masks
             device_b = RUNTIME_DEVICE_CUDA + held[stage] + transient[stage]
             # exporting gathers the model's tensors on the host (all of them, when it was spread over GPUs)

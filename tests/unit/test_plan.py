@@ -59,6 +59,24 @@ def test_on_a_gpu_the_weights_are_on_the_device_and_not_on_the_host():
     assert plan.stages["pruning"].host_bytes < plan.weight_bytes / 4
 
 
+def test_the_probe_captures_are_planned_on_the_host_from_loading_to_extracting():
+    shapes = Shapes.from_config(LLAMA_7B)
+    capture = 1000 * 32 * 32 * 128 * 4  # a float32 capture of 1000 probe rows: N × layers × heads × head_dim
+
+    def grows(selection: str) -> dict[str, float]:
+        """Host bytes 1000 more probe rows add to each stage, in captures."""
+        plans = [make_plan(spec(restoration={"probe_samples": n, "head_selection": selection}), shapes, "cuda")
+                 for n in (1000, 2000)]
+        return {stage: (plans[1].stages[stage].host_bytes - p.host_bytes) / capture
+                for stage, p in plans[0].stages.items()}
+
+    # the dense prompt, response and negative from loading; the pruned prompt from probing; the probe's features
+    assert grows("probe") == {"loading": 3, "pruning": 3, "probing": 4, "extracting": 8, "training": 0,
+                              "merging": 0, "evaluating": 0, "exporting": 0}
+    assert grows("random") == {"loading": 1, "pruning": 1, "probing": 2, "extracting": 6, "training": 0,
+                               "merging": 0, "evaluating": 0, "exporting": 0}
+
+
 def test_what_grows_each_prediction():
     shapes = Shapes.from_config(LLAMA_7B)
     wanda = make_plan(spec(), shapes, "cuda").stages["pruning"].device_bytes
@@ -178,3 +196,15 @@ def test_a_config_without_a_dtype_is_planned_in_the_weights_own(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"\xff" * 16)
     assert stored_dtype(tmp_path / "broken") is None and stored_dtype(tmp_path / "nothing") is None
+
+
+def test_an_adapters_merge_plans_three_copies_of_the_largest_weight_and_scoring_one_row_in_float32():
+    shapes = Shapes.from_config(LLAMA_7B)
+    largest = 11008 * 4096 * 2  # a bf16 MLP projection
+    lora = make_plan(spec(restoration={"method": "lora"}), shapes, "cuda").stages["merging"].device_bytes
+    bias = make_plan(spec(restoration={"method": "bias"}), shapes, "cuda").stages["merging"].device_bytes
+    assert lora - bias == 3 * largest
+    batch, seq, vocab = 4, 128, 32000  # spec()'s evaluation
+    evaluating = make_plan(spec(), shapes, "cuda").stages["evaluating"].device_bytes
+    weights = 6_738_415_616 * 2
+    assert evaluating - (weights + 600 * 2**20) == batch * seq * vocab * 2 + 2 * seq * vocab * 4

@@ -51,6 +51,17 @@ def test_copies_never_share_storage_unless_asked(tmp_path):
     assert tensors["0"].data_ptr() == weight.data_ptr()
 
 
+def test_without_copies_only_a_tensor_sharing_an_earlier_ones_storage_is_copied(tmp_path):
+    base, other = torch.arange(10.0), torch.randn(6)
+    obj = {"a": base[:5], "b": base[5:], "c": other, "again": other}
+    tensors, skeleton = pack(obj, copy=False)
+    assert tensors["0"].data_ptr() == base.data_ptr() and tensors["2"].data_ptr() == other.data_ptr()
+    assert tensors["1"].data_ptr() != base[5:].data_ptr() and tensors["3"].data_ptr() != other.data_ptr()
+    save_file(tensors, str(tmp_path / "shared.safetensors"))  # refused if any two still shared memory
+    back = unpack(load_file(str(tmp_path / "shared.safetensors")), skeleton)
+    assert all(torch.equal(back[k], v) for k, v in obj.items())
+
+
 @dataclass
 class Foreign:
     x: int

@@ -117,3 +117,22 @@ def test_a_state_for_other_parameters_is_refused():
     model = Tiny()
     with pytest.raises(ValueError, match="do not match"):
         train_parameters(model, [model.out.weight], _source("list"), lr=0.1, max_steps=3, resume=saved[-1])
+
+
+def test_a_state_saved_with_more_gpus_resumes_on_a_worker_with_fewer(monkeypatch):
+    """The CUDA random states are per device; a worker that sees fewer GPUs sets those it has, instead of failing
+    (torch.cuda.set_rng_state_all indexes a generator per saved state). The CUDA calls are recorded, not run."""
+    import dataclasses
+
+    _, ref, _ = _train(_source("list"))
+    _, _, saved = _train(_source("list"), stop_at=4)
+    state = dataclasses.replace(saved[-1], cuda_rng=[torch.tensor([i], dtype=torch.uint8) for i in range(4)])
+    set_states: list[tuple[int, int]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: set_states.append((int(s[0]), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("indexes every saved device"))
+    _, stats, _ = _train(_source("list"), resume=state)
+    assert set_states == [(0, 0), (1, 1)]
+    assert stats["loss_curve"] == ref["loss_curve"]

@@ -288,7 +288,9 @@ class _Run:
         self.epoch_generator = s.epoch_generator.clone()
         torch.set_rng_state(s.rng)
         if s.cuda_rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(s.cuda_rng)
+            # A job may resume on a worker that sees fewer GPUs (a requeue, a hand-off): set those it has.
+            for index, state in enumerate(s.cuda_rng[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
 
 
 def _cpu(obj: Any) -> Any:

@@ -62,10 +62,12 @@ def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Seque
     logits = _tail_logits(model, batch.input_ids, batch.attention_mask, first)
     start = batch.input_ids.shape[1] - logits.shape[1]
     target = batch.labels[:, start + 1 :].to(logits.device)
-    nll = F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
-    )
-    return torch.stack([nll.double(), (target != -100).sum().double()]).cpu()
+    # Row by row: the float32 copy and log-softmax of one row beside the batch's logits, not of the whole batch
+    # (with a 128k vocabulary those would be twice the logits themselves).
+    nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for row in range(logits.shape[0]):
+        nll += F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=-100, reduction="sum").double()
+    return torch.stack([nll, (target != -100).sum().double()]).cpu()
 
 
 def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[list[int]], batch_size: int,

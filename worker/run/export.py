@@ -14,7 +14,8 @@ _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto") -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` so plain ``from_pretrained(directory)`` loads them.
 
-    A requested dtype is applied to the saved tensors only (the live model is not converted), and the saved
+    A requested dtype is applied to the saved tensors only (the live model is not converted), one tensor at a time
+    on the host: a cast copy of the whole model would need a second model's memory on its device(s). The saved
     config turns the KV cache back on, as generation elsewhere expects.
     """
     import torch
@@ -22,11 +23,12 @@ def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto
     directory.mkdir(parents=True, exist_ok=True)
     original = next(model.parameters()).dtype
     target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else original
-    state_dict = None
-    if target != original:
-        state_dict = {k: (v.to(target) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    with _saving(model.config, target):
-        model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    if target == original:
+        with _saving(model.config, target):
+            model.save_pretrained(directory, safe_serialization=True)
+    else:
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+        _write_model(model, model.config, directory, target, lambda name, t: (lambda: t))
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -50,34 +52,41 @@ def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dty
     the model's)."""
     import torch
 
+    directory.mkdir(parents=True, exist_ok=True)
+    target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else store.dtype
+    layer_names = {name for i in range(len(store.adapter.layers)) for name in store.names(i)}
+
+    def source(name: str, t: Any) -> Any:
+        return functools.partial(store.state_tensor, name) if name in layer_names else (lambda: t)
+
+    _write_model(model, config if config is not None else model.config, directory, target, source)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _write_model(model: Any, config: Any, directory: Path, target: Any, source: Any) -> None:
+    """The files ``save_pretrained`` writes (one safetensors file, the config, the generation config), each tensor
+    read by ``source(name, tensor)()`` only when its turn comes, cast to ``target`` (floating point) on the host."""
     from worker.model.safetensors_stream import Entry, write_safetensors
 
-    directory.mkdir(parents=True, exist_ok=True)
-    original = store.dtype
-    target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else original
-    config = config if config is not None else model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
-    layer_names = {name for i in range(len(store.adapter.layers)) for name in store.names(i)}
     entries = []
     for name, t in model.state_dict().items():
         if tied and name == "lm_head.weight":
             continue
         cast = target if t.is_floating_point() else t.dtype
-        source = functools.partial(store.state_tensor, name) if name in layer_names else (lambda v=t: v)
-        entries.append(Entry(name, cast, tuple(t.shape), functools.partial(_cast, source, cast)))
+        entries.append(Entry(name, cast, tuple(t.shape), functools.partial(_cast, source(name, t), cast)))
     write_safetensors(directory / "model.safetensors", entries, {"format": "pt"})
     with _saving(config, target):
         config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def _cast(read: Any, dtype: Any) -> Any:
-    return read().to(dtype)
+    return read().detach().to("cpu").to(dtype)
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -303,7 +303,7 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
         _measure_dense(state, state.model, state.tokenizer, state.adapter, progress, reporter)
     elif not state.prepared:  # already pruned, and the method needs nothing from a dense model
         _prepare(state, state.model, state.tokenizer, state.adapter, progress)
-    _save(state, "prepared", {"method": state.method.state()})
+    _save(state, "prepared", {"method": state.method.state()}, copy=("method",))
 
 
 def _load(state: RunState, source: Any, name: str) -> tuple[Any, Any, Any]:
@@ -565,7 +565,7 @@ def _probe(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         progress(1.0, "probed before the job resumed")
         return
     state.method.probe(state, progress)
-    _save(state, "probed", {"method": state.method.state()})
+    _save(state, "probed", {"method": state.method.state()}, copy=("method",))
 
 
 def _select(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
@@ -573,7 +573,7 @@ def _select(state: RunState, progress: StageProgress, reporter: Reporter) -> Non
         progress(1.0, "extracted before the job resumed")
         return
     state.method.select(state, progress, lambda: checkpoint(reporter))
-    _save(state, "selected", {"method": state.method.state()})
+    _save(state, "selected", {"method": state.method.state()}, copy=("method",))
 
 
 def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
@@ -662,11 +662,12 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
                         config)
     else:
         export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
-    if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero: check what was written
-        progress(0.6, "checking the saved weights' zeros")
-        if not _saved_zeros_match(state.out_dir / "model", state.zero_masks):
-            raise SpecError(f"output.dtype {state.spec.output.dtype} turns kept weights into zeros; "
-                            "export in a wider dtype", field="output.dtype")
+    if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero or large ones to infinity
+        progress(0.6, "checking the saved weights")
+        problem = _saved_weights_problem(state.out_dir / "model", state.zero_masks)
+        if problem is not None:
+            raise SpecError(f"output.dtype {state.spec.output.dtype} {problem}; export in a wider dtype",
+                            field="output.dtype")
     state.method.export(state, state.out_dir)
     if restoration_method(state.spec.restoration.method).trains:
         state.report["restoration"] = state.method.report
@@ -680,17 +681,22 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     _write_report(state)
 
 
-def _saved_zeros_match(directory: Path, masks: dict[str, Any]) -> bool:
+def _saved_weights_problem(directory: Path, masks: dict[str, Any]) -> str | None:
+    """What the cast to the output dtype broke in the saved tensors (kept weights flushed to zero, values beyond
+    the dtype's range turned infinite: bfloat16's range is float32's, float16's ends at 65504), or None."""
+    import torch
     from safetensors import safe_open
 
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensor = fh.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return f"turns values of {key} infinite"
                 name = key.removesuffix(".weight")
-                if (key.endswith(".weight") and name in masks
-                        and not bool(((fh.get_tensor(key) == 0).cpu() == masks[name]).all())):
-                    return False
-    return True
+                if key.endswith(".weight") and name in masks and not bool(((tensor == 0) == masks[name]).all()):
+                    return f"turns kept weights of {key} into zeros"
+    return None
 
 
 __all__ = ["run_pipeline", "planned_stages", "check_job", "StageProgress"]

@@ -17,7 +17,8 @@ Resume points, in pipeline order (each includes everything before it):
 
 Merging and exporting are redone from the last checkpoint: both are deterministic and cheap. A resumed run gives
 the same bytes as an uninterrupted one because every saved value is exact (safetensors, JSON floats) and the
-random states are saved with it.
+random states are saved with it — where the kernels themselves are deterministic (CPU; CUDA's attention backward is
+not, so on a GPU two uninterrupted runs already differ by as much).
 """
 
 from __future__ import annotations

@@ -18,9 +18,11 @@ Skeleton = Any
 
 
 def pack(obj: Any, copy: bool = True) -> tuple[dict[str, torch.Tensor], Skeleton]:
-    """(tensors by key, skeleton). ``copy=False`` saves contiguous CPU tensors as they are (model weights: no
-    second copy in memory); otherwise every tensor is copied, so none shares storage with another."""
+    """(tensors by key, skeleton). ``copy=False`` saves contiguous CPU tensors as they are (model weights, a
+    method's captured activations: no second copy in memory), copying only a tensor whose storage an earlier one
+    already uses (safetensors refuses shared storage); otherwise every tensor is copied."""
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
 
     def walk(x: Any) -> Skeleton:
         if x is None or isinstance(x, bool | int | float | str):
@@ -28,7 +30,14 @@ def pack(obj: Any, copy: bool = True) -> tuple[dict[str, torch.Tensor], Skeleton
         if isinstance(x, torch.Tensor):
             key = str(len(tensors))
             t = x.detach().cpu()
-            tensors[key] = t.contiguous() if not copy else t.clone(memory_format=torch.contiguous_format)
+            if not copy:
+                t = t.contiguous()
+                if t.untyped_storage().data_ptr() in storages:
+                    t = t.clone()
+                storages.add(t.untyped_storage().data_ptr())
+            else:
+                t = t.clone(memory_format=torch.contiguous_format)
+            tensors[key] = t
             return {"t": key}
         if isinstance(x, list):
             return [walk(v) for v in x]

@@ -219,6 +219,21 @@ def train_adapter(
     return baseline, stats
 
 
+NORM_CHUNK = 2**24  # elements per float32 chunk the merge's norms are taken over (64 MiB)
+
+
+def _squared_norms(merged: torch.Tensor, before: torch.Tensor) -> tuple[float, float]:
+    """(‖merged − before‖², ‖merged‖²) in float32 over row chunks: a 70B model's down projection in float32 whole
+    would be a few GB more, several times over, on a device sized for the weights."""
+    rows = max(1, NORM_CHUNK // max(1, merged[0].numel()))
+    update = total = 0.0
+    for i in range(0, merged.shape[0], rows):
+        now = merged[i : i + rows].to(torch.float32, copy=True)  # a copy even in float32: changed in place below
+        total += float(now.pow(2).sum())
+        update += float(now.sub_(before[i : i + rows]).pow_(2).sum())
+    return update, total
+
+
 @torch.no_grad()
 def merge_adapter(
     model: nn.Module, baseline: AdapterBaseline, zero_masks: Mapping[str, torch.Tensor] | None
@@ -248,8 +263,8 @@ def merge_adapter(
         before = weight.detach().clone()
         layer.merge(safe_merge=True, adapter_names=[ADAPTER_NAME])
         w = weight.data
-        update_sq += float((w.float() - before.float()).pow(2).sum())
-        merged_sq += float(w.float().pow(2).sum())
+        update, merged = _squared_norms(w, before)
+        update_sq, merged_sq = update_sq + update, merged_sq + merged
         del before
         mask = masks.get(name)
         if mask is None:

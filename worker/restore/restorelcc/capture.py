@@ -45,7 +45,7 @@ def capture_head_outputs(
         def hook(_module: torch.nn.Module, args: tuple) -> None:
             x = args[0]  # (B, T, H*d)
             picked = x[torch.arange(x.shape[0], device=x.device), rows.to(x.device)]  # (B, H*d)
-            current[layer] = picked.float().reshape(x.shape[0], n_heads, d).cpu()
+            current[layer] = picked.reshape(x.shape[0], n_heads, d)  # on the device: one copy per batch, below
 
         return hook
 
@@ -61,7 +61,8 @@ def capture_head_outputs(
             missing = [i for i in range(n_layers) if i not in current]
             if missing:
                 raise RuntimeError(f"o_proj of layers {missing} did not run during capture")
-            out.append(torch.stack([current[i] for i in range(n_layers)], dim=1))
+            # a model split over GPUs has its layers' outputs on several devices: gathered on the first
+            out.append(torch.stack([current[i].to(device) for i in range(n_layers)], dim=1).float().cpu())
             if progress is not None:
                 progress(k + 1, total)
     finally:

@@ -39,10 +39,13 @@ def probe_features(
     for name, t in (("dense_positive", dense_positive), ("dense_negative", dense_negative)):
         if t.shape != pruned_prompt.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(pruned_prompt.shape)}")
-    edited = pruned_prompt.float().reshape(n, layers * heads, d) + component.float().to(pruned_prompt.device)
-    pos = torch.cat([edited, dense_positive.float().reshape(n, layers * heads, d)], dim=-1)
-    neg = torch.cat([edited, dense_negative.float().reshape(n, layers * heads, d)], dim=-1)
-    x = torch.cat([pos, neg], dim=0)
+    # Written in place: x is the only new tensor (four captures' worth), not edited, pos and neg beside it.
+    x = torch.empty(2 * n, layers * heads, 2 * d, dtype=torch.float32, device=pruned_prompt.device)
+    x[:n, :, :d] = pruned_prompt.reshape(n, layers * heads, d)
+    x[:n, :, :d] += component.float().to(pruned_prompt.device)
+    x[n:, :, :d] = x[:n, :, :d]
+    x[:n, :, d:] = dense_positive.reshape(n, layers * heads, d)
+    x[n:, :, d:] = dense_negative.reshape(n, layers * heads, d)
     y = torch.cat([torch.ones(n), torch.zeros(n)])
     groups = torch.cat([torch.arange(n), torch.arange(n)])
     return x, y, groups

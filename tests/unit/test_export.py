@@ -1,0 +1,59 @@
+"""Exporting in another dtype: the saved files are those of the model converted first, byte for byte, while the
+live model keeps its own dtype (the cast goes one tensor at a time on the host, never a second model copy)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.tiny import SUPPORTED_KINDS, make_model, make_tokenizer
+from worker.run.export import export_model
+
+
+@pytest.mark.parametrize("kind", SUPPORTED_KINDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_export_in_another_dtype_writes_the_converted_models_files(kind, dtype, tmp_path):
+    model = make_model(kind).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_model(model, make_tokenizer(), tmp_path / "cast", dtype)
+    converted = copy.deepcopy(model).to(getattr(torch, dtype))
+    export_model(converted, make_tokenizer(), tmp_path / "converted")  # save_pretrained itself
+
+    a, b = tmp_path / "cast", tmp_path / "converted"
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    assert json.loads((a / "config.json").read_text())["dtype"] == dtype
+    assert all(v.dtype == torch.float32 and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    reloaded = AutoModelForCausalLM.from_pretrained(a)
+    assert reloaded.dtype == getattr(torch, dtype)
+    assert all(torch.equal(v, converted.state_dict()[k]) for k, v in reloaded.state_dict().items()
+               if k in converted.state_dict() and "rotary" not in k)  # rotary buffers are recomputed at load
+
+
+def _masks(model) -> dict[str, torch.Tensor]:
+    return {name: m.weight == 0 for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_a_cast_that_overflows_or_flushes_kept_weights_is_named(tmp_path):
+    from worker.run.pipeline import _saved_weights_problem
+
+    model = make_model("llama").eval()
+    masks = _masks(model)
+    export_model(model, make_tokenizer(), tmp_path / "fine", "float16")
+    assert _saved_weights_problem(tmp_path / "fine", masks) is None
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e6  # beyond float16's 65504
+    export_model(model, make_tokenizer(), tmp_path / "big", "float16")
+    assert _saved_weights_problem(tmp_path / "big", masks) == \
+        "turns values of model.layers.1.mlp.down_proj.weight infinite"
+    export_model(model, make_tokenizer(), tmp_path / "bf16", "bfloat16")  # float32's range: still finite
+    assert _saved_weights_problem(tmp_path / "bf16", masks) is None
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e-30  # below float16's smallest subnormal
+    export_model(model, make_tokenizer(), tmp_path / "tiny", "float16")
+    assert _saved_weights_problem(tmp_path / "tiny", masks) == \
+        "turns kept weights of model.layers.1.mlp.down_proj.weight into zeros"
