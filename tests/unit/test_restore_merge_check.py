@@ -228,3 +228,10 @@ def test_merge_stage_fails_the_job_on_a_corrupted_merge_in_bfloat16(tmp_path, mo
     checks = state.report["checks"]
     assert checks["merged_vs_hooked_max_abs_diff"] > 0  # measured (and within the old rule) before the check failed
     assert all(not state.adapter.o_proj(i)._forward_pre_hooks for i in range(2))
+
+
+def test_the_end_to_end_tolerance_grows_with_depth_past_the_measured_one():
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        base = token_rel_tolerance(dtype)
+        assert token_rel_tolerance(dtype, 2) == token_rel_tolerance(dtype, 30) == base
+        assert token_rel_tolerance(dtype, 80) == pytest.approx(base * 80 / 30)

@@ -92,7 +92,7 @@ class OffsetMethod(RestoreMethod):
         job.adapter = DecoderAdapter(job.model)
         merged = logits(job.model, check)
         max_abs, token_rel = logit_differences(hooked, merged, check.attention_mask)
-        tol = token_rel_tolerance(next(job.model.parameters()).dtype)
+        tol = token_rel_tolerance(next(job.model.parameters()).dtype, job.adapter.info.num_layers)
         checks = job.report.setdefault("checks", {})
         checks.update(merged_vs_hooked_max_abs_diff=max_abs, merged_vs_hooked_max_token_rel_diff=token_rel,
                       merged_vs_hooked_token_rel_tolerance=tol)
