@@ -57,7 +57,7 @@ def measure(a: dict[str, Any], model_dir: str) -> dict[str, Any]:
 
     from app.schemas import PruningSpec
     from worker.model.arch import DecoderAdapter
-    from worker.model.data import encode_pair, ensure_pad_token, pad_batch, read_instructions
+    from worker.model.data import batch_pad_id, encode_pair, pad_batch, read_instructions
     from worker.model.load import load_model, resolve_source
     from worker.prune.runner import prune_model
     from worker.restore.offsets.heads import inject
@@ -112,7 +112,7 @@ def measure(a: dict[str, Any], model_dir: str) -> dict[str, Any]:
     offsets = steps.make_offsets(heads, adapter.info, comps, seed=0)
     train = read_instructions(harness.data("alpaca/train.jsonl"), limit=a["probe"] + a["batch_size"])[a["probe"]:]
     enc = [encode_pair(tok, p, resp, a["max_len"]) for p, resp in train]
-    batch = pad_batch([e[0] for e in enc], ensure_pad_token(tok), labels=[e[1] for e in enc])
+    batch = pad_batch([e[0] for e in enc], batch_pad_id(tok), labels=[e[1] for e in enc])
     n_resp = int((batch.labels[:, 1:] != -100).sum())
     opt_r = torch.optim.AdamW(offsets.parameters(), lr=1e-2)
     lora_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16,

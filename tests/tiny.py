@@ -137,10 +137,10 @@ def choice_rows(n: int) -> list[dict]:
 
 def instruction_batches(n: int = 8, size: int = 4, max_len: int = 64) -> list:
     """Right-padded (prompt, response) batches of the tiny tokenizer, prompts masked out of the labels."""
-    from worker.model.data import encode_pair, ensure_pad_token, pad_batch
+    from worker.model.data import batch_pad_id, encode_pair, pad_batch
 
     tok = make_tokenizer()
-    pad = ensure_pad_token(tok)
+    pad = batch_pad_id(tok)
     enc = [encode_pair(tok, r["prompt"], r["response"], max_len) for r in instruction_rows(n)]
     return [
         pad_batch([e[0] for e in enc[i : i + size]], pad, [e[1] for e in enc[i : i + size]])

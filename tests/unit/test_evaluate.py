@@ -178,7 +178,7 @@ def test_evaluate_spec_names_limit_and_mean(mt, tmp_path):
     model.eval()
     assert set(res) == {"wiki", "valid", "boolq", "piqa", "mean_acc"}
     assert res["wiki"] == perplexity(model, tok, [r["text"] for r in text_rows(4)], 3, 64)
-    assert set(res["valid"]) == {"response_ppl", "nll", "tokens"}
+    assert set(res["valid"]) == {"response_ppl", "nll", "tokens", "rows_unscored"}
     assert res["boolq"]["n"] == 4 and res["piqa"]["n"] == 4
     items = [ChoiceItem(r["context"], r["choices"], r["label"]) for r in choice_rows(4)]
     assert res["boolq"] == multiple_choice(model, tok, items, 3, 64)
@@ -236,3 +236,21 @@ def test_one_token_choices_share_one_context_row(mt):
         for choice, ll in zip(item.choices, lls, strict=True):
             ref, _ = _nll_one(model, ctx + tok(choice, add_special_tokens=False)["input_ids"], len(ctx))
             assert ll == pytest.approx(-ref, rel=1e-4)
+
+
+def test_rows_a_long_prompt_leaves_without_a_response_token_are_counted_not_hidden(tmp_path):
+    from app.methods import LoRAConfig
+    from worker.restore.batches import training_samples
+    from worker.run.evaluate import response_perplexity
+
+    tok, model = make_tokenizer(), make_model("llama").eval()
+    pairs = [(r["prompt"], r["response"]) for r in instruction_rows(3)]
+    long_pair = ("word " * 200, " a response cut away")
+    scored = response_perplexity(model, tok, pairs, batch_size=2, max_len=64)
+    with_long = response_perplexity(model, tok, [*pairs, long_pair], batch_size=2, max_len=64)
+    assert scored["rows_unscored"] == 0 and with_long["rows_unscored"] == 1
+    assert with_long["tokens"] == scored["tokens"] and with_long["rows"] == 4
+    rows = instruction_rows(3) + [{"prompt": long_pair[0], "response": long_pair[1]}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    samples, left_out = training_samples(tok, str(path), LoRAConfig(max_seq_len=64))
+    assert (len(samples), left_out) == (3, 1)

@@ -57,3 +57,16 @@ def test_a_cast_that_overflows_or_flushes_kept_weights_is_named(tmp_path):
     export_model(model, make_tokenizer(), tmp_path / "tiny", "float16")
     assert _saved_weights_problem(tmp_path / "tiny", masks) == \
         "turns kept weights of model.layers.1.mlp.down_proj.weight into zeros"
+
+
+def test_the_exported_tokenizer_is_the_models_own_without_a_pad_token_it_never_had(tmp_path):
+    from worker.model.data import batch_pad_id
+
+    tok = make_tokenizer()
+    tok.pad_token = None
+    assert tok.pad_token_id is None and tok.eos_token_id is not None
+    assert batch_pad_id(tok) == tok.eos_token_id  # batches pad with EOS (masked)...
+    assert tok.pad_token_id is None  # ...without changing the tokenizer
+    export_model(make_model("llama").eval(), tok, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert saved.get("pad_token") is None

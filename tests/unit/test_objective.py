@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny import instruction_rows, make_model, make_tokenizer, prune_half_at_random
-from worker.model.data import IGNORE, encode_pair, ensure_pad_token, pad_batch
+from worker.model.data import IGNORE, batch_pad_id, encode_pair, pad_batch
 from worker.restore.objective import (
     CompletionObjective,
     DistillObjective,
@@ -25,7 +25,7 @@ from worker.restore.objective import (
 @pytest.fixture(scope="module")
 def setup():
     tok = make_tokenizer()
-    pad = ensure_pad_token(tok)
+    pad = batch_pad_id(tok)
     samples = [encode_pair(tok, r["prompt"], r["response"], 64) for r in instruction_rows(10)]
     return make_model("llama", seed=3), samples, pad
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.schemas import JobSpec
-from tests.tiny import instruction_rows, save_tiny, write_jsonl
+from tests.tiny import instruction_rows, save_tiny, text_rows, write_jsonl
 from worker.errors import JobFailure
 from worker.run.check import check_job
 
@@ -93,3 +93,19 @@ def test_a_lora_target_naming_no_module_is_refused_before_loading(tmp_path, trai
     assert "'v_prj' names no module" in err.value.message and "'q_proj'" not in err.value.message
     full = ["model.layers.1.self_attn.q_proj", "mlp.down_proj"]  # a full name, or its last dotted parts
     assert check_job(spec(model, train, method="lora", lora_targets=full)).method.config.lora_targets == full
+
+
+def test_a_sequence_longer_than_the_models_context_is_refused_naming_its_field(tmp_path, train):
+    model = save_tiny("llama", tmp_path / "m")  # max_position_embeddings 512
+    texts = str(write_jsonl(tmp_path / "texts.jsonl", text_rows(8)))
+    base = {"model": {"id": str(model)}, "data": {"train": str(train)}, "evaluation": {"perplexity": [texts]}}
+    for field, change in (("pruning.seq_len", {"pruning": {"method": "wanda", "seq_len": 513}}),
+                          ("restoration.max_seq_len", {"restoration": {"method": "lora", "max_seq_len": 1024}}),
+                          ("evaluation.max_seq_len", {"evaluation": {"perplexity": [texts], "max_seq_len": 600}})):
+        with pytest.raises(JobFailure) as err:
+            check_job(JobSpec.model_validate(base | change))
+        assert (err.value.code, err.value.field) == ("invalid_spec", field)
+        assert "exceeds the model's context of 512 tokens" in err.value.message
+    # magnitude pruning reads no calibration text, and what is not evaluated has no length to check
+    fine = base | {"pruning": {"method": "magnitude", "seq_len": 4096}, "evaluation": {"max_seq_len": 4096}}
+    assert check_job(JobSpec.model_validate(fine)).method is not None

@@ -276,3 +276,39 @@ def test_byte_level_bpe_encodes_as_before():
         else:
             want = [(ctx + c, c, False) for c in conts]
         assert _choice_rows(tok, [item], 512) == want
+
+
+def test_a_long_context_cut_from_the_left_keeps_bos_first(tok):
+    long_context = "Question: " + "the river " * 60 + "is it wet?\nAnswer:"
+    shared = _choice_rows(tok, [ChoiceItem(long_context, [" yes", " no"], 0)], 16)
+    multi = _choice_rows(tok, [ChoiceItem(long_context, [" some words", " the river is wet"], 1)], 16)
+    for ids, _, is_shared in shared + multi:
+        assert ids[0] == tok.bos_token_id and tok.bos_token_id not in ids[1:]
+        assert len(ids) == (15 if is_shared else 16)
+    full = _ids(tok, long_context + " some words")
+    assert multi[0][0] == full[:1] + full[-15:]  # BOS, then the end of the context and the whole choice
+    assert multi[0][1] == full[len(_ids(tok, long_context)):]
+
+
+def test_a_row_that_already_starts_with_bos_gets_it_once(tok):
+    from worker.model.data import encode_text
+
+    templated = tok.bos_token + PROMPT
+    assert _ids(tok, templated)[:2] == [tok.bos_token_id] * 2  # what the tokenizer itself does
+    assert encode_text(tok, templated, 128) == _ids(tok, PROMPT)
+    ids, labels = encode_pair(tok, templated, RESPONSE, 128)
+    assert ids == _ids(tok, PROMPT + RESPONSE) and labels.count(IGNORE) == len(_ids(tok, PROMPT))
+
+
+def test_probe_pairs_without_contrast_are_left_out(tok):
+    long_prompt = "### Instruction:\n" + "the river " * 80 + "\n\n### Response:"
+    pairs = [*PAIRS, (long_prompt, " first answer"), ("### Instruction:\nSay it.\n\n### Response:", " Yes, it is.")]
+    negatives = [1, 2, 0, 0, 2]  # the long prompt fills the window; the last pair's negative is its own response
+    probe = build_probe_inputs(tok, pairs, max_len=32, batch_size=2, negatives=negatives)
+    assert probe.n == 3 and probe.dropped == 2
+    rows = [ids[: int(m.sum())].tolist() for b in probe.positive for ids, m in zip(b.input_ids, b.attention_mask,
+                                                                                     strict=True)]
+    assert rows == [_ids(tok, p + r)[:32] for p, r in PAIRS]
+    assert sum(b.input_ids.shape[0] for b in probe.prompt) == sum(b.input_ids.shape[0] for b in probe.negative) == 3
+    plain = build_probe_inputs(tok, pairs, max_len=32, batch_size=2)  # no contrast asked: every pair stays
+    assert plain.n == 5 and plain.dropped == 0

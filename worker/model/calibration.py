@@ -30,7 +30,7 @@ from torch import nn
 
 from worker.errors import DataError
 from worker.model.arch import DecoderAdapter
-from worker.model.data import Batch, pad_batch
+from worker.model.data import Batch, pad_batch, token_ids
 
 
 class Accumulator(Protocol):
@@ -247,7 +247,7 @@ def build_calibration_batches(
     need = n_samples * seq_len
     stream: list[int] = []
     for i in order:
-        ids = list(tokenizer(texts[i], add_special_tokens=True)["input_ids"])
+        ids = token_ids(tokenizer, texts[i])
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
         stream.extend(ids)

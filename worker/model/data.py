@@ -168,31 +168,60 @@ def read_calibration_texts(path: str | Path, limit: int | None = None) -> list[s
     return out
 
 
-def ensure_pad_token(tokenizer: Any) -> int:
-    """Pad id for batching; reuses EOS (or 0) when the tokenizer has no pad token. Padding is masked anyway."""
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-        else:
-            return 0
-    return int(tokenizer.pad_token_id)
+def batch_pad_id(tokenizer: Any) -> int:
+    """Pad id for batching: the tokenizer's own, else EOS, else 0 (padding is masked anyway). The tokenizer is not
+    changed: the one exported with the restored model is the model's own, without a pad token it never had."""
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return 0
 
 
 def encode_text(tokenizer: Any, text: str, max_len: int) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])[:max_len]
+    return _ids(tokenizer, text, True)[:max_len]
 
 
 def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    """The text's ids; with ``special``, the tokenizer's own BOS once even when the text already starts with it
+    (rows written with a chat template begin with "<|begin_of_text|>", "<bos>" or "<s>")."""
+    ids = list(tokenizer(text, add_special_tokens=special)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if special and bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        del ids[0]
+    return ids
+
+
+def token_ids(tokenizer: Any, text: str) -> list[int]:
+    """The text's ids with the tokenizer's special tokens, as every model input is encoded."""
+    return _ids(tokenizer, text, True)
+
+
+def _special_counts(tokenizer: Any) -> tuple[int, int]:
+    """How many special tokens the tokenizer puts before and after a text (a BOS; an ``add_eos_token`` EOS)."""
+    plain, full = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return start, len(full) - start - len(plain)
+    return 0, 0
+
+
+def leading_specials(tokenizer: Any) -> int:
+    """How many special tokens the tokenizer puts before a text: 1 for a BOS-adding tokenizer, else 0."""
+    return _special_counts(tokenizer)[0]
+
+
+def cut_left(ids: Sequence[int], max_len: int, keep: int) -> list[int]:
+    """The last tokens of ``ids`` that fit ``max_len``, after its first ``keep`` (a BOS the model expects at
+    position 0 stays there)."""
+    if len(ids) <= max_len:
+        return list(ids)
+    keep = min(keep, max_len - 1)
+    return list(ids[:keep]) + list(ids[len(ids) - (max_len - keep):])
 
 
 def _appended_specials(tokenizer: Any) -> int:
     """How many special tokens the tokenizer appends after a text: 1 for an ``add_eos_token`` tokenizer, else 0."""
-    plain, full = _ids(tokenizer, "a", False), _ids(tokenizer, "a", True)
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return len(full) - start - len(plain)
-    return 0
+    return _special_counts(tokenizer)[1]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -32,7 +32,6 @@ from worker.errors import (
     path_problem,
 )
 from worker.model.arch import ArchInfo, UnsupportedArchitectureError, arch_info, check_nm_fits
-from worker.model.data import ensure_pad_token
 
 SourceKind = Literal["hf_dir", "gguf"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -502,8 +501,9 @@ def _first_lines(exc: BaseException, limit: int = 600) -> str:
 
 def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cpu",
                device_map: dict[str, str] | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer): model in eval mode with ``use_cache`` off; tokenizer with a pad token. ``device_map``:
-    the model split over several GPUs (worker.model.placement), each module loaded straight onto its own.
+    """(model, tokenizer): model in eval mode with ``use_cache`` off; the tokenizer as the model ships it.
+    ``device_map``: the model split over several GPUs (worker.model.placement), each module loaded straight onto
+    its own.
 
     ``dtype='auto'`` keeps a checkpoint's own dtype; a GGUF is dequantized to float32 for 'auto'.
     Files that cannot be read or used fail as ModelNotFoundError / UnsupportedModelError naming ``source.field``.
@@ -541,7 +541,6 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
     if not device_map:
         model.to(device)
     model.eval()
-    ensure_pad_token(tokenizer)
     return model, tokenizer
 
 
@@ -567,7 +566,6 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
         model, store = load_streamed(Path(path), torch_dtype, device, scratch)
     with _reading(source, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    ensure_pad_token(tokenizer)
     return model, tokenizer, store
 
 

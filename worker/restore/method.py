@@ -26,7 +26,7 @@ import torch
 from app.methods import RestorationConfig
 from app.schemas import JobSpec
 from worker.model.arch import ArchInfo, DecoderAdapter
-from worker.model.data import Batch, encode_text, ensure_pad_token, pad_batch, read_instructions
+from worker.model.data import Batch, batch_pad_id, encode_text, pad_batch, read_instructions
 from worker.restore.train import TrainControl
 
 Progress = Callable[[float, str], None]  # (fraction of the stage, message)
@@ -101,7 +101,7 @@ class RestoreMethod:
 def check_batch(tokenizer: Any, train_path: str, max_len: int = 64) -> Batch:
     """Two training texts: what merged logits are compared on."""
     pairs = read_instructions(train_path, limit=2)
-    pad = ensure_pad_token(tokenizer)
+    pad = batch_pad_id(tokenizer)
     return pad_batch([encode_text(tokenizer, p + r, max_len) for p, r in pairs], pad)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.methods import restoration_method
+from app.methods import PRUNING_METHODS, restoration_method
 from app.schemas import JobSpec
 from worker.errors import DataError, SpecError
 
@@ -32,6 +32,9 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
     rows = check_data_files(spec)
     source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
     info, config = checked_config(source, spec)
+    too_long = context_problem(spec, config)
+    if too_long is not None:
+        raise too_long
     dense_source = None
     if spec.pruning.method == "none" and spec.model.dense and restoration_method(spec.restoration.method).trains:
         dense_source = resolve_source(spec.model.dense, field="model.dense")
@@ -51,6 +54,26 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
     method = method_for(spec)
     method.preflight(Preflight(info, config, rows.get("data.train")))
     return CheckedJob(source, info, dense_source, method, config)
+
+
+def context_problem(spec: JobSpec, config: Any) -> SpecError | None:
+    """A sequence length the spec asks for beyond the model's context (``max_position_embeddings``): past it a
+    rotary model raises nothing and computes activations it was never trained on."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    context = getattr(text, "max_position_embeddings", None)
+    if not isinstance(context, int) or context <= 0:
+        return None
+    lengths = {"restoration.max_seq_len": getattr(spec.restoration, "max_seq_len", None)}
+    if PRUNING_METHODS[spec.pruning.method].needs_calibration:
+        lengths["pruning.seq_len"] = spec.pruning.seq_len
+    ev = spec.evaluation
+    if ev.perplexity or ev.response_perplexity or ev.tasks:
+        lengths["evaluation.max_seq_len"] = ev.max_seq_len
+    for field, length in lengths.items():
+        if length is not None and length > context:
+            return SpecError(f"{field} {length} exceeds the model's context of {context} tokens "
+                             "(max_position_embeddings)", field=field)
+    return None
 
 
 def streaming_problem(spec: JobSpec, source: Any, dense_source: Any) -> str | None:

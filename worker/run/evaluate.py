@@ -20,11 +20,13 @@ from app.schemas import EvaluationSpec
 from worker.errors import DataError
 from worker.model.data import (
     ChoiceItem,
+    batch_pad_id,
     chunks,
+    cut_left,
     encode_continuations,
     encode_pair,
     encode_text,
-    ensure_pad_token,
+    leading_specials,
     length_sorted,
     pad_batch,
     read_choices,
@@ -72,7 +74,7 @@ def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Seque
 
 def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[list[int]], batch_size: int,
                 what: str) -> dict[str, float]:
-    pad_id = ensure_pad_token(tokenizer)
+    pad_id = batch_pad_id(tokenizer)
     order = length_sorted(len(seqs), [len(s) for s in seqs])
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
@@ -82,7 +84,9 @@ def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[
     if tokens == 0:
         raise DataError(f"{what}: no tokens to score (every sequence is a single token or fully masked)")
     mean = nll / tokens
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens)}
+    # rows that add nothing (a prompt that fills max_len leaves no response token): counted, so the report says so
+    unscored = sum(1 for lab in labels if not any(x != -100 for x in lab[1:]))
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "rows": len(seqs), "rows_unscored": unscored}
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_len: int = 512
@@ -130,15 +134,16 @@ def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int
     get a row per choice (context + choice tokens).
     """
     rows = []
+    lead = leading_specials(tokenizer)  # a BOS stays first when a long context is cut
     for item in items:
         joined = _joined_choices(tokenizer, item)
         ctx = _shared_context(joined)
         if ctx is not None:
-            ids = ctx[-(max_len - 1):] if max_len > 1 else ctx[-1:]
+            ids = cut_left(ctx, max_len - 1, lead) if max_len > 1 else ctx[-1:]
             rows.append((ids, [j[-1] for j, _ in joined], True))
             continue
         for choice, (joint, n_ctx) in zip(item.choices, joined, strict=True):
-            ids = joint[-max_len:]  # keep the choice, cut the context's start if too long
+            ids = cut_left(joint, max_len, lead)  # keep the choice, cut the context's start if too long
             n = min(len(joint) - n_ctx, len(ids) - 1)
             if n < 1:
                 raise DataError(f"max_len {max_len} leaves no context before choice {choice!r}")
@@ -150,7 +155,7 @@ def choice_logliks(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batc
                    max_len: int = 512) -> list[list[float]]:
     """Summed log-likelihood of every choice's tokens given its item's context."""
     rows = _choice_rows(tokenizer, items, max_len)
-    pad_id = ensure_pad_token(tokenizer)
+    pad_id = batch_pad_id(tokenizer)
     scores: list[list[float]] = [[] for _ in rows]
     order = length_sorted(len(rows), [len(r[0]) for r in rows])
     device = _device(model)
@@ -215,7 +220,8 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                   ) -> dict[str, Any]:
     """Every set in ``evaluation``, keyed by file stem; ``mean_acc`` over the multiple-choice tasks.
 
-    ``{"wikitext_sentences": {"ppl", "nll", "tokens"}, "valid": {"response_ppl", "nll", "tokens"},
+    ``{"wikitext_sentences": {"ppl", "nll", "tokens", "rows", "rows_unscored"}, "valid": {"response_ppl", "nll",
+    "tokens", "rows_unscored"},
     "boolq": {"acc", "acc_norm", "n"}, "mean_acc": ...}``. ``limit`` takes a fixed prefix of each set.
     Sets already in ``done`` (an interrupted evaluation's results) are not evaluated again; ``on_set(results)``
     hears the results so far after every set.
@@ -246,7 +252,8 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                     results[name] = perplexity(model, tokenizer, read_texts(path, limit), bs, max_len)
                 elif kind == "response":
                     r = response_perplexity(model, tokenizer, read_instructions(path, limit), bs, max_len)
-                    results[name] = {"response_ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"]}
+                    results[name] = {"response_ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
+                                     "rows_unscored": r["rows_unscored"]}
                 else:
                     results[name] = multiple_choice(model, tokenizer, read_choices(path, limit), bs, max_len)
                     accs.append(results[name]["acc"])

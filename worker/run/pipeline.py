@@ -382,7 +382,7 @@ def _capture_dense_targets(state: RunState, model, tokenizer, progress: Callable
     now while it is in memory. Kept with the method's state, so every later checkpoint carries them."""
     import time
 
-    from worker.model.data import ensure_pad_token
+    from worker.model.data import batch_pad_id
     from worker.restore.batches import training_batches, training_samples
     from worker.restore.objective import capture_dense_targets
 
@@ -391,8 +391,8 @@ def _capture_dense_targets(state: RunState, model, tokenizer, progress: Callable
         return
     assert state.spec.data.train is not None
     start = time.monotonic()
-    pad = ensure_pad_token(tokenizer)
-    samples = training_samples(tokenizer, state.spec.data.train, r)
+    pad = batch_pad_id(tokenizer)
+    samples, _ = training_samples(tokenizer, state.spec.data.train, r)
     # only the samples training will see: with max_steps, its first max_steps × grad_accum batches
     batches = training_batches(tokenizer, state.spec.data.train, r, state.spec.seed)
     used = batches.samples_used(r.max_steps * r.grad_accum if r.max_steps is not None else None)
@@ -607,6 +607,8 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         objective=objective.name,
         train_tokens=stats["tokens"],
         train_seconds=round(stats["seconds"], 3),
+        train_samples=batches.n,
+        train_rows_without_response=batches.left_out,  # prompts that fill max_seq_len: nothing to learn from
     )
     method.report.update(stats.get("report", {}))
     reporter.metrics({"trainable_params": stats["trainable_params"], "train_steps": stats["steps"]})

@@ -15,7 +15,7 @@ import torch
 
 from worker.errors import DataError
 from worker.model.arch import DecoderAdapter
-from worker.model.data import IGNORE, Batch, chunks, encode_pair, ensure_pad_token, pad_batch
+from worker.model.data import IGNORE, Batch, batch_pad_id, chunks, encode_pair, pad_batch
 
 Progress = Callable[[int, int], None]  # (batches done, batches total or 0 when unknown)
 
@@ -85,6 +85,7 @@ class ProbeInputs:
     positive: list[Batch]
     negative: list[Batch] | None
     n: int
+    dropped: int = 0  # pairs left out: their own and their negative's sequences were the same tokens
 
 
 def _prompt_and_full(tokenizer, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
@@ -105,20 +106,28 @@ def build_probe_inputs(
 ) -> ProbeInputs:
     """Right-padded batches of prompts, prompt+response and (with ``negatives``) prompt+negative response.
 
-    Responses are truncated at the end to fit ``max_len`` (as in training).
+    Responses are truncated at the end to fit ``max_len`` (as in training). With ``negatives``, a pair whose
+    positive and negative sequences come out as the same tokens (a prompt that fills ``max_len``, or two responses
+    that agree as far as they fit) is left out: labelled both 1 and 0 on the same activations, it would only pull
+    every head's probe accuracy toward chance. ``ProbeInputs.dropped`` counts them.
     """
     if not pairs:
         raise ValueError("no probe pairs")
     if negatives is not None and len(negatives) != len(pairs):
         raise ValueError(f"{len(negatives)} negatives for {len(pairs)} pairs")
-    pad = ensure_pad_token(tokenizer)
+    pad = batch_pad_id(tokenizer)
     prompt_seqs, pos_seqs, neg_seqs = [], [], []
+    dropped = 0
     for i, (p, r) in enumerate(pairs):
         prompt_ids, full = _prompt_and_full(tokenizer, p, r, max_len)
+        if negatives is not None:
+            negative = _prompt_and_full(tokenizer, p, pairs[negatives[i]][1], max_len)[1]
+            if negative == full:
+                dropped += 1
+                continue
+            neg_seqs.append(negative)
         prompt_seqs.append(prompt_ids)
         pos_seqs.append(full)
-        if negatives is not None:
-            neg_seqs.append(_prompt_and_full(tokenizer, p, pairs[negatives[i]][1], max_len)[1])
 
     def batched(seqs: list[list[int]]) -> list[Batch]:
         return [pad_batch(list(c), pad) for c in chunks(seqs, batch_size)]
@@ -127,5 +136,6 @@ def build_probe_inputs(
         prompt=batched(prompt_seqs),
         positive=batched(pos_seqs),
         negative=batched(neg_seqs) if negatives is not None else None,
-        n=len(pairs),
+        n=len(prompt_seqs),
+        dropped=dropped,
     )

@@ -56,8 +56,14 @@ class RestoreLCC(OffsetMethod):
             progress(0.0, f"choosing contrastive negatives for {len(pairs)} probe pairs")
             negatives, backend = choose_negatives([resp for _, resp in pairs], r.negatives)
         self.probe_inputs = build_probe_inputs(tokenizer, pairs, r.max_seq_len, r.batch_size, negatives)
+        kept, dropped = self.probe_inputs.n, self.probe_inputs.dropped
+        if negatives is not None and kept < MIN_PROBE_ROWS:
+            raise DataError(f"data.train: {kept} of the {len(pairs)} probe pairs differ from their contrastive "
+                            f"negative within restoration.max_seq_len {r.max_seq_len} tokens; contrastive probing "
+                            f"needs at least {MIN_PROBE_ROWS} (the others' prompts fill the window, or their "
+                            "responses agree with the negative's as far as they fit)", field="data.train")
         self.dense = capture_dense(model, adapter, self.probe_inputs, batch_progress(progress, 0.1, 1.0, "dense"))
-        self.report.update(probe_samples=len(pairs), negatives_backend=backend)
+        self.report.update(probe_samples=len(pairs), probe_pairs_dropped=dropped, negatives_backend=backend)
 
     def probe(self, job: Job, progress: Progress) -> None:
         self.pruned = capture_pruned(job.model, job.adapter, self.probe_inputs,
