@@ -109,3 +109,24 @@ def test_a_sequence_longer_than_the_models_context_is_refused_naming_its_field(t
     # magnitude pruning reads no calibration text, and what is not evaluated has no length to check
     fine = base | {"pruning": {"method": "magnitude", "seq_len": 4096}, "evaluation": {"max_seq_len": 4096}}
     assert check_job(JobSpec.model_validate(fine)).method is not None
+
+
+def test_probing_fails_naming_the_data_when_too_few_pairs_have_any_contrast(tmp_path):
+    """Prompts that fill restoration.max_seq_len leave positive and negative the same tokens: such pairs are left
+    out, and with fewer than four left the job fails naming data.train instead of probing on noise."""
+    from tests.tiny import make_model, make_tokenizer
+    from worker.errors import DataError
+    from worker.model.arch import DecoderAdapter
+    from worker.restore.registry import method_for
+
+    rows = [{"prompt": f"question {i} " + "word " * 200, "response": f" answer {i}"} for i in range(3)]
+    rows += [{"prompt": r["prompt"], "response": r["response"]} for r in instruction_rows(3)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    job = JobSpec.model_validate({"model": {"id": str(tmp_path)}, "data": {"train": str(train)},
+                                  "restoration": {"method": "restorelcc", "negatives": "tfidf", "max_seq_len": 64}})
+    model = make_model("llama").eval()
+    method = method_for(job)
+    with pytest.raises(DataError) as err:
+        method.prepare(job, model, make_tokenizer(), DecoderAdapter(model), lambda *_: None)
+    assert err.value.field == "data.train"
+    assert "3 of the 6 probe pairs differ from their contrastive negative" in err.value.message
