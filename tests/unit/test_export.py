@@ -70,3 +70,25 @@ def test_the_exported_tokenizer_is_the_models_own_without_a_pad_token_it_never_h
     export_model(make_model("llama").eval(), tok, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert saved.get("pad_token") is None
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_a_model_over_the_shard_size_is_written_in_shards_with_an_index_as_save_pretrained_writes_them(dtype,
+                                                                                                      tmp_path):
+    model = make_model("llama").eval()
+    size = 60_000  # bytes: a few tensors a shard
+    export_model(model, make_tokenizer(), tmp_path / "ours", dtype, max_shard_size=size)
+    reference = copy.deepcopy(model).to(torch.bfloat16) if dtype == "bfloat16" else model
+    reference.save_pretrained(tmp_path / "theirs", max_shard_size=size)
+    ours = sorted(p.name for p in (tmp_path / "ours").glob("model*"))
+    assert ours == sorted(p.name for p in (tmp_path / "theirs").glob("model*"))
+    assert len(ours) > 3 and "model.safetensors.index.json" in ours
+    for name in ours:
+        a, b = (tmp_path / "ours" / name), (tmp_path / "theirs" / name)
+        if name.endswith(".json"):
+            assert json.loads(a.read_text()) == json.loads(b.read_text())
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in reloaded.state_dict().items()
+               if "rotary" not in k)

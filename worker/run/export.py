@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+MAX_SHARD_SIZE = "50GB"  # save_pretrained's own default: every export path shards the same way
 
 
-def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto") -> Path:
+def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto",
+                 max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """Save ``model`` (safetensors) and ``tokenizer`` so plain ``from_pretrained(directory)`` loads them.
 
     A requested dtype is applied to the saved tensors only (the live model is not converted), one tensor at a time
@@ -25,10 +28,10 @@ def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto
     target = getattr(torch, _DTYPES[dtype]) if dtype in _DTYPES else original
     if target == original:
         with _saving(model.config, target):
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
     else:
         model.config.architectures = [type(model).__name__]  # as save_pretrained records it
-        _write_model(model, model.config, directory, target, lambda name, t: (lambda: t))
+        _write_model(model, model.config, directory, target, lambda name, t: (lambda: t), max_shard_size)
     tokenizer.save_pretrained(directory)
     return directory
 
@@ -46,7 +49,7 @@ def _saving(config: Any, dtype: Any) -> Iterator[None]:
 
 
 def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dtype: str = "auto",
-                    config: Any = None) -> Path:
+                    config: Any = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
     """:func:`export_model` for a layer-streamed model (worker.model.streaming): the same files, tensor for tensor
     and byte for byte, written one tensor at a time from the layers' files. ``config``: the one to save (default
     the model's)."""
@@ -59,14 +62,19 @@ def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dty
     def source(name: str, t: Any) -> Any:
         return functools.partial(store.state_tensor, name) if name in layer_names else (lambda: t)
 
-    _write_model(model, config if config is not None else model.config, directory, target, source)
+    _write_model(model, config if config is not None else model.config, directory, target, source, max_shard_size)
     tokenizer.save_pretrained(directory)
     return directory
 
 
-def _write_model(model: Any, config: Any, directory: Path, target: Any, source: Any) -> None:
-    """The files ``save_pretrained`` writes (one safetensors file, the config, the generation config), each tensor
-    read by ``source(name, tensor)()`` only when its turn comes, cast to ``target`` (floating point) on the host."""
+def _write_model(model: Any, config: Any, directory: Path, target: Any, source: Any,
+                 max_shard_size: int | str = MAX_SHARD_SIZE) -> None:
+    """The files ``save_pretrained`` writes (the safetensors files, sharded as it shards them with an index beside
+    them, the config, the generation config), each tensor read by ``source(name, tensor)()`` only when its turn
+    comes, cast to ``target`` (floating point) on the host."""
+    import torch
+    from huggingface_hub import split_torch_state_dict_into_shards
+
     from worker.model.safetensors_stream import Entry, write_safetensors
 
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -77,7 +85,17 @@ def _write_model(model: Any, config: Any, directory: Path, target: Any, source: 
             continue
         cast = target if t.is_floating_point() else t.dtype
         entries.append(Entry(name, cast, tuple(t.shape), functools.partial(_cast, source(name, t), cast)))
-    write_safetensors(directory / "model.safetensors", entries, {"format": "pt"})
+    split = split_torch_state_dict_into_shards(
+        {e.name: torch.empty(e.shape, dtype=e.dtype, device="meta") for e in entries},
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size)
+    by_name = {e.name: e for e in entries}
+    for filename, names in split.filename_to_tensors.items():
+        write_safetensors(directory / filename, [by_name[n] for n in names], {"format": "pt"})
+    if split.is_sharded:
+        params = sum(torch.Size(e.shape).numel() for e in entries)
+        index = {"metadata": {"total_parameters": params, **split.metadata}, "weight_map": split.tensor_to_filename}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                               encoding="utf-8")
     with _saving(config, target):
         config.save_pretrained(directory)
     generation = getattr(model, "generation_config", None)
