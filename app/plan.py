@@ -86,9 +86,10 @@ def eval_logits(batch: int, seq: int, vocab: int) -> int:
     return batch * seq * vocab * 4
 
 
-def eval_scoring(batch: int, seq: int, vocab: int, dtype_bytes: int) -> int:
-    """Bytes of scoring one evaluation batch: its logits in the model's dtype, and one row at a time in float32."""
-    return batch * seq * vocab * dtype_bytes + EVAL_ROW_COPIES * seq * vocab * 4
+def eval_scoring(batch: int, seq: int, vocab: int, dtype_bytes: int, softcap: bool = False) -> int:
+    """Bytes of scoring one evaluation batch: its logits in the model's dtype (twice with a logit soft-cap, whose
+    division and tanh each make a copy), and one row at a time in float32."""
+    return (2 if softcap else 1) * batch * seq * vocab * dtype_bytes + EVAL_ROW_COPIES * seq * vocab * 4
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,7 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     masks = shapes.linear_params() // 8 if spec.pruning.method != "none" else 0
     ev = spec.evaluation
     evaluates = bool(ev.perplexity or ev.response_perplexity or ev.tasks)
-    eval_t = eval_scoring(ev.batch_size, ev.max_seq_len, shapes.vocab, b) if evaluates else 0
+    eval_t = eval_scoring(ev.batch_size, ev.max_seq_len, shapes.vocab, b, shapes.logit_softcap) if evaluates else 0
     r = spec.restoration
     max_elems = max(o * i for o, i in shapes.linear_shapes())
     max_in = max(i for _, i in shapes.linear_shapes())
@@ -225,7 +226,7 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     per_token = shapes.layers * shapes.hidden * b + per_token_layer if streaming else layers_kept * per_token_layer
     distill = trains and r.needs_dense_targets()
     # distill: the student's float32 log-softmax and the rest-bucket's masked copy, beside the logits
-    logit_bytes = TRAIN_LOGIT_BYTES + (DISTILL_LOGIT_BYTES if distill else 0)
+    logit_bytes = TRAIN_LOGIT_BYTES + (DISTILL_LOGIT_BYTES if distill else 0) + (2 * b if shapes.logit_softcap else 0)
     train_t = tokens * (per_token + shapes.vocab * logit_bytes) if trains else 0
     # the dense targets' capture (loading): a batch's logits in the model's dtype, one row's in float32 twice
     capture_t = batch * seq * shapes.vocab * b + 2 * seq * shapes.vocab * 4 if distill else 0

@@ -27,6 +27,7 @@ class Shapes:
     qkv_bias: bool = False  # Qwen2's q/k/v biases
     norms_per_layer: int = 2  # Gemma's four
     qk_norm: bool = False  # Qwen3's and Gemma 3's per-head q/k norms
+    logit_softcap: bool = False  # Gemma 2's final_logit_softcapping: tanh(logits / cap) · cap, copies of the logits
 
     @classmethod
     def from_config(cls, config: dict[str, Any], stored: str | None = None) -> Shapes:
@@ -48,6 +49,8 @@ class Shapes:
                 qkv_bias=bool(text.get("attention_bias", False)) or kind == "qwen2",
                 norms_per_layer=4 if kind.startswith("gemma") else 2,
                 qk_norm=kind in ("qwen3", "gemma3_text", "gemma3"),
+                # Gemma 2's config class defaults the cap to 30 when config.json leaves it out
+                logit_softcap=text.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None) is not None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"the model's config lacks a usable {exc}") from exc

@@ -52,6 +52,6 @@ PY
 )
 # The tiny-model job tests, run in the worker venv against the installed package: a copy of tests/ beside it,
 # so neither pytest nor the CLI it starts can import app/ or worker/ from the source tree.
-cp -r tests "$work/tests"
+cp -r tests pyproject.toml "$work/"  # pyproject.toml: pytest's settings (timeout, markers, -m 'not slow')
 (cd "$work" && "$work/worker/bin/python" -m pytest -q -p no:cacheprovider tests/integration/test_cli_run.py)
 echo "images: install steps checked (base image, CUDA build and GPU not checked here)"

@@ -26,15 +26,17 @@ class ArtifactNotFound(KeyError):
 
 def is_storage_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is the store or the local disk failing (an OSError: disk full, connection refused, timeout;
-    or any boto3/botocore error), which may pass when tried again, rather than a bug, which would not."""
+    a boto3/botocore error, the S3 server's answers included: an operator can fix a missing bucket or credentials
+    while the job waits), which may pass when tried again, rather than a bug, which would not (botocore's
+    ParamValidationError: a request this code built wrong)."""
     if isinstance(exc, OSError):
         return True
     try:
         from boto3.exceptions import Boto3Error
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
     except ImportError:  # pragma: no cover - boto3 is a dependency
         return False
-    return isinstance(exc, (BotoCoreError, ClientError, Boto3Error))
+    return isinstance(exc, (BotoCoreError, ClientError, Boto3Error)) and not isinstance(exc, ParamValidationError)
 
 
 @dataclass(frozen=True)

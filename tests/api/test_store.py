@@ -446,3 +446,25 @@ def test_an_unreachable_store_is_a_503_with_retry_after(tmp_path):
             client.portal.call(live.close)  # a pool opens again after it was closed (a second lifespan)
             client.portal.call(live.open)
             assert client.get(f"/v1/jobs/{'0' * 32}", headers=headers).status_code == 404
+
+
+def test_an_unreadable_job_store_makes_a_checkpoint_write_transient_not_a_failure(tmp_path):
+    """A run asks the job store whether it still owns the job before each checkpoint; when the database cannot be
+    read, the job goes back to the queue (TransientError), and no checkpoint is written without that answer."""
+    import torch
+
+    from app.store.artifacts import LocalStore
+    from tests.conftest import free_port
+    from worker.errors import TransientError
+    from worker.run.checkpoints import CheckpointStore
+
+    dead = JobStore(make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"))
+    reporter = StoreReporter(dead, "0" * 32, progress_interval_s=0, cancel_poll_s=0, attempt=1)
+    artifacts = LocalStore(tmp_path / "artifacts")
+    checkpoints = CheckpointStore(artifacts, "jobs/j/checkpoint/", "fp", tmp_path / "scratch",
+                                  may_write=lambda: not reporter.check_superseded())
+    with pytest.raises(TransientError, match="could not read the job store"):
+        checkpoints.save("training", {"step": 1}, {"state": {"w": torch.ones(3)}})
+    with pytest.raises(TransientError, match="could not read the job store"):
+        checkpoints.stage("layer-0", {"w": torch.ones(3)})
+    assert artifacts.list_prefix("jobs/") == []

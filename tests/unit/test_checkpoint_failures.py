@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from boto3.exceptions import S3UploadFailedError
-from botocore.exceptions import ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, EndpointConnectionError, ParamValidationError
 
 from app.store.artifacts import LocalStore
 from worker.errors import TransientError
@@ -62,7 +62,8 @@ def test_a_storage_failure_while_checkpointing_is_transient(tmp_path, error):
         assert info.value.__cause__ is error
 
 
-@pytest.mark.parametrize("error", [TypeError("unsupported operand"), KeyError("step"), AttributeError("no attr")],
+@pytest.mark.parametrize("error", [TypeError("unsupported operand"), KeyError("step"), AttributeError("no attr"),
+                                   ParamValidationError(report="Invalid type for parameter Key")],
                          ids=lambda e: type(e).__name__)
 def test_a_bug_while_checkpointing_stays_itself_and_is_not_retried(tmp_path, error):
     store = _checkpoints(tmp_path, error)

@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from app.schemas import JobSpec
 from tests.tiny import make_model, make_tokenizer, save_tiny
@@ -122,7 +122,7 @@ def test_hf_dir_resolves_and_loads(tmp_path):
     assert src.kind == "hf_dir" and src.path == d and src.repo_id is None
     model, tok = load_model(src)
     assert not model.training and model.config.use_cache is False
-    assert tok.pad_token_id is not None
+    assert tok.pad_token == AutoTokenizer.from_pretrained(d).pad_token  # the tokenizer as the model ships it
     torch.testing.assert_close(_logits(model), _logits(make_model("llama")))
     m16, _ = load_model(src, dtype="bfloat16")
     assert m16.dtype == torch.bfloat16
@@ -162,7 +162,7 @@ def test_gguf_loads_saves_and_reloads_identically(gguf_dir, tmp_path):
     d, source_model = gguf_dir
     model, tok = load_model(resolve_source(str(d / "tiny.gguf")))
     assert model.dtype == torch.float32 and not model.training and model.config.use_cache is False
-    assert tok.pad_token_id is not None and tok("hello world")["input_ids"]
+    assert tok("hello world")["input_ids"]
     # F32 GGUF: the q/k permutation round-trips exactly, so the logits are the source model's.
     torch.testing.assert_close(_logits(model), _logits(source_model), rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "out")

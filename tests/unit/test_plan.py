@@ -208,3 +208,15 @@ def test_an_adapters_merge_plans_three_copies_of_the_largest_weight_and_scoring_
     evaluating = make_plan(spec(), shapes, "cuda").stages["evaluating"].device_bytes
     weights = 6_738_415_616 * 2
     assert evaluating - (weights + 600 * 2**20) == batch * seq * vocab * 2 + 2 * seq * vocab * 4
+
+
+def test_a_logit_soft_cap_plans_another_copy_of_the_logits():
+    gemma2 = {"model_type": "gemma2", "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000,
+              "dtype": "bfloat16"}
+    capped, uncapped = Shapes.from_config(gemma2), Shapes.from_config(gemma2 | {"final_logit_softcapping": None})
+    assert capped.logit_softcap and not uncapped.logit_softcap  # Gemma 2's default cap applies when left out
+    assert not Shapes.from_config(LLAMA_7B).logit_softcap
+    a, b = (make_plan(spec(), s, "cuda").stages for s in (capped, uncapped))
+    assert a["evaluating"].device_bytes - b["evaluating"].device_bytes == 4 * 128 * 256000 * 2  # spec()'s batch
+    assert a["training"].device_bytes > b["training"].device_bytes

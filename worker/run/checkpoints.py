@@ -27,7 +27,7 @@ from worker.errors import TransientError
 
 log = logging.getLogger("restorelcc.checkpoints")
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: token ids changed (BOS once; probe pairs without contrast left out)
 MANIFEST = "checkpoint.json"
 
 
@@ -75,8 +75,9 @@ class Checkpoint:
 
 def _io_failure(exc: BaseException) -> bool:
     """The store or the scratch disk failing, which may pass when tried again. safetensors reports a disk error
-    as its own SafetensorError naming an I/O error."""
-    return is_storage_failure(exc) or (type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc))
+    as its own SafetensorError naming an I/O error ("I/O error: …" in recent releases, "IoError(Os { … })" before)."""
+    return is_storage_failure(exc) or (
+        type(exc).__name__ == "SafetensorError" and ("I/O error" in str(exc) or "IoError" in str(exc)))
 
 
 class Unreadable(Exception):

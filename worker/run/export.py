@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-MAX_SHARD_SIZE = "50GB"  # save_pretrained's own default: every export path shards the same way
+MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default, passed to it too: every export path shards alike
 
 
 def export_model(model: Any, tokenizer: Any, directory: Path, dtype: str = "auto",

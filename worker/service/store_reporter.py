@@ -14,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.schemas import JobStatus, Stage
 from app.store.jobs import JobStore
 from app.store.models import Job
+from worker.errors import TransientError
 from worker.service import preemption
 
 
@@ -141,8 +142,14 @@ class StoreReporter:
         return self._cancel
 
     def check_superseded(self) -> bool:
-        """True if another run has taken the job over (read now, not throttled)."""
-        self._note_owner(self.jobs.get(self.job_id))
+        """True if another run has taken the job over (read now, not throttled). A database that cannot be read is
+        a TransientError: a checkpoint is not written without knowing this run still owns the job, and the job is
+        put back to resume later rather than failed."""
+        try:
+            job = self.jobs.get(self.job_id)
+        except SQLAlchemyError as exc:
+            raise TransientError(f"could not read the job store to confirm this run owns the job: {exc}") from exc
+        self._note_owner(job)
         return self.superseded
 
     def _note_owner(self, job: Job | None) -> None:
