@@ -88,3 +88,22 @@ def test_a_revision_of_a_hub_id_is_kept(model_id):
     spec = JobSpec.model_validate({"model": {"id": model_id, "revision": "v1"}, "restoration": {"method": "none"},
                                    "pruning": {"method": "magnitude"}})
     assert spec.model.revision == "v1"
+
+
+def test_a_sequence_longer_than_the_models_context_is_422_at_submit_when_its_config_is_readable(api):
+    """The API reads a local model's config.json at submit (no weights, no torch): a sequence length past its
+    max_position_embeddings is refused there, naming the field, as the worker would refuse it (app.context)."""
+    import json
+
+    model = api.root / "models" / "ctx"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 128, "vocab_size": 320, "max_position_embeddings": 512}))
+    base = {"model": {"id": str(model)}, "data": {"train": _train(api)}}
+    for field, sections in (("pruning.seq_len", {"pruning": {"method": "wanda", "seq_len": 1024}}),
+                            ("restoration.max_seq_len", {"restoration": {"method": "lora", "max_seq_len": 600}})):
+        message = _refused(api, api.spec(**base, **sections), field)
+        assert "exceeds the model's context of 512 tokens" in message
+    job = api.create(**base, pruning={"method": "magnitude", "seq_len": 1024})  # magnitude reads no calibration text
+    assert job["spec"]["pruning"]["seq_len"] == 1024

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.methods import PRUNING_METHODS, restoration_method
+from app.context import context_problem as app_context_problem
+from app.methods import restoration_method
 from app.schemas import JobSpec
 from worker.errors import DataError, SpecError
 
@@ -57,23 +58,11 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
 
 
 def context_problem(spec: JobSpec, config: Any) -> SpecError | None:
-    """A sequence length the spec asks for beyond the model's context (``max_position_embeddings``): past it a
-    rotary model raises nothing and computes activations it was never trained on."""
+    """A sequence length past the model's context (app.context), as the failure naming its field."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     context = getattr(text, "max_position_embeddings", None)
-    if not isinstance(context, int) or context <= 0:
-        return None
-    lengths = {"restoration.max_seq_len": getattr(spec.restoration, "max_seq_len", None)}
-    if PRUNING_METHODS[spec.pruning.method].needs_calibration:
-        lengths["pruning.seq_len"] = spec.pruning.seq_len
-    ev = spec.evaluation
-    if ev.perplexity or ev.response_perplexity or ev.tasks:
-        lengths["evaluation.max_seq_len"] = ev.max_seq_len
-    for field, length in lengths.items():
-        if length is not None and length > context:
-            return SpecError(f"{field} {length} exceeds the model's context of {context} tokens "
-                             "(max_position_embeddings)", field=field)
-    return None
+    problem = app_context_problem(spec, context if isinstance(context, int) and context > 0 else None)
+    return SpecError(problem[1], field=problem[0]) if problem is not None else None
 
 
 def streaming_problem(spec: JobSpec, source: Any, dense_source: Any) -> str | None:
