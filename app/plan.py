@@ -333,11 +333,14 @@ def read_local_config(model_dir: str) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def submit_plan(spec: JobSpec, model_dir: str | None) -> dict[str, Any] | None:
+def submit_plan(spec: JobSpec, model_dir: str | None, config: dict[str, Any] | None = None
+                ) -> dict[str, Any] | None:
     """The plan the API stores at submit, for both device kinds (it does not know which worker will run the job);
     None when it cannot read the model's config (a hub id, a GGUF file, a config it does not understand). The
-    worker checks its own plan before loading weights either way."""
-    config = read_local_config(model_dir) if model_dir else None
+    worker checks its own plan before loading weights either way. ``config``: the model's config.json when the
+    caller has read it already."""
+    if config is None and model_dir:
+        config = read_local_config(model_dir)
     if config is None:
         return None
     try:

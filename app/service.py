@@ -170,7 +170,7 @@ class JobService:
             raise ApiError(422, "invalid_spec", too_long[1], too_long[0])
         self._check_integrations(tenant, spec)
         body: dict[str, Any] = spec.model_dump(mode="json")
-        plan = submit_plan(spec, local.get("model.id"))
+        plan = submit_plan(spec, local.get("model.id"), config)
         quota = self.policy.quota(tenant)
         try:
             job, created = self.jobs.create(

@@ -178,7 +178,7 @@ def batch_pad_id(tokenizer: Any) -> int:
 
 
 def encode_text(tokenizer: Any, text: str, max_len: int) -> list[int]:
-    return _ids(tokenizer, text, True)[:max_len]
+    return token_ids(tokenizer, text)[:max_len]
 
 
 def _ids(tokenizer: Any, text: str, special: bool) -> list[int]:

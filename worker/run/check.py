@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.context import config_context
 from app.context import context_problem as app_context_problem
 from app.methods import restoration_method
 from app.schemas import JobSpec
@@ -60,8 +61,8 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
 def context_problem(spec: JobSpec, config: Any) -> SpecError | None:
     """A sequence length past the model's context (app.context), as the failure naming its field."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    context = getattr(text, "max_position_embeddings", None)
-    problem = app_context_problem(spec, context if isinstance(context, int) and context > 0 else None)
+    problem = app_context_problem(spec, config_context(
+        {"max_position_embeddings": getattr(text, "max_position_embeddings", None)}))
     return SpecError(problem[1], field=problem[0]) if problem is not None else None
 
 

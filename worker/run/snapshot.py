@@ -32,9 +32,10 @@ def pack(obj: Any, copy: bool = True) -> tuple[dict[str, torch.Tensor], Skeleton
             t = x.detach().cpu()
             if not copy:
                 t = t.contiguous()
-                if t.untyped_storage().data_ptr() in storages:
+                storage = t.untyped_storage().data_ptr()
+                if storage in storages:
                     t = t.clone()
-                storages.add(t.untyped_storage().data_ptr())
+                storages.add(storage)
             else:
                 t = t.clone(memory_format=torch.contiguous_format)
             tensors[key] = t
