@@ -1,6 +1,6 @@
 """The sequence lengths a spec asks for, against the model's context (``max_position_embeddings``): past it a rotary
-model raises nothing and computes activations it was never trained on. One rule for the API (the config.json it
-reads at submit) and the worker (the config it checks before loading weights)."""
+model raises nothing and computes activations it was never trained on. One rule for the API (the config.json or GGUF
+header it reads at submit) and the worker (the config it checks before loading weights)."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 For every stage the plan predicts the peak memory on the compute device and on the host, and the seconds it takes
 (app.plan_time: the stage's work at the device's speed), and for the job the bytes the worker reads and writes.
-The API makes one at submit when it can read the model's config (a local directory), the worker makes one before
-any weight loads and refuses a job whose plan does not fit (``insufficient_memory``).
+The API makes one at submit when it can read the model's config (a local directory or GGUF file), the worker makes
+one before any weight loads and refuses a job whose plan does not fit (``insufficient_memory``).
 
 Each stage's peak is what stays resident (runtime, weights, what the method keeps) plus that stage's largest
 transient, and each transient is a count of tensors of a known shape:
@@ -35,12 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.gguf import GgufError, config_fields, local_gguf, read_header
 from app.methods import PRUNING_METHODS, restoration_method
 from app.plan_time import NOMINAL, Speed, distilled_samples, stage_work
 from app.schemas import JobSpec, Stage
 from app.shapes import PlanError, Shapes
 
-__all__ = ["GiB", "MiB", "Plan", "PlanError", "Shapes", "StagePlan", "make_plan", "split_layers", "submit_plan"]
+__all__ = ["GiB", "LocalModel", "MiB", "Plan", "PlanError", "Shapes", "StagePlan", "make_plan", "read_local_model",
+           "split_layers", "submit_plan"]
 
 MiB = 2**20
 GiB = 2**30
@@ -324,8 +326,18 @@ def stored_dtype(model_dir: str | Path) -> str | None:
     return None
 
 
-def read_local_config(model_dir: str) -> dict[str, Any] | None:
-    """config.json of a local Hugging Face directory; None when ``model_dir`` is no such directory."""
+@dataclass(frozen=True)
+class LocalModel:
+    """What the API reads of a local model at submit, no weights: its config (config.json, or a GGUF header's
+    geometry in config.json's terms), whether it is a GGUF file, and its weight files' dtype and bytes."""
+
+    config: dict[str, Any]
+    gguf: bool = False
+    stored: str | None = None
+    file_bytes: int | None = None
+
+
+def _read_config(model_dir: str) -> dict[str, Any] | None:
     try:
         raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -333,23 +345,35 @@ def read_local_config(model_dir: str) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
-def submit_plan(spec: JobSpec, model_dir: str | None, config: dict[str, Any] | None = None
-                ) -> dict[str, Any] | None:
+def read_local_model(path: str, gguf_file: str | None = None) -> LocalModel | None:
+    """A local Hugging Face directory's config.json, or a local GGUF file's header; None when ``path`` is neither
+    or it cannot be read here (the worker decides then)."""
+    try:
+        gguf = local_gguf(path, gguf_file)
+        if gguf is not None:
+            return LocalModel(config_fields(*read_header(gguf)), gguf=True, file_bytes=gguf.stat().st_size)
+        config = _read_config(path)
+        if config is None:
+            return None
+        files = [f for f in Path(path).glob("*.safetensors") if f.is_file()]
+        return LocalModel(config, stored=stored_dtype(path),
+                          file_bytes=sum(f.stat().st_size for f in files) if files else None)
+    except (GgufError, OSError):
+        return None
+
+
+def submit_plan(spec: JobSpec, model: LocalModel | None) -> dict[str, Any] | None:
     """The plan the API stores at submit, for both device kinds (it does not know which worker will run the job);
-    None when it cannot read the model's config (a hub id, a GGUF file, a config it does not understand). The
-    worker checks its own plan before loading weights either way. ``config``: the model's config.json when the
-    caller has read it already."""
-    if config is None and model_dir:
-        config = read_local_config(model_dir)
-    if config is None:
+    None without a local model it could read (a hub id) or with a config it does not understand. The worker checks
+    its own plan before loading weights either way."""
+    if model is None:
         return None
     try:
-        shapes = Shapes.from_config(config, stored_dtype(model_dir))  # type: ignore[arg-type]
-        files = [f for f in Path(model_dir).glob("*.safetensors") if f.is_file()]  # type: ignore[arg-type]
-        size = sum(f.stat().st_size for f in files) if files else None
-        return {"source": "submit", "devices": {d: make_plan(spec, shapes, d, file_bytes=size).to_dict()
+        shapes = Shapes.from_config(model.config, model.stored)
+        return {"source": "submit", "devices": {d: make_plan(spec, shapes, d, gguf=model.gguf,
+                                                             file_bytes=model.file_bytes).to_dict()
                                                 for d in ("cpu", "cuda")}}
-    except (PlanError, KeyError, OSError, ArithmeticError):
+    except (PlanError, KeyError, ArithmeticError):
         return None
 
 

@@ -18,7 +18,7 @@ from app.config import Settings
 from app.context import config_context, context_problem
 from app.errors import ApiError, not_found
 from app.paths import PathRefused, check_spec_files, check_spec_paths
-from app.plan import read_local_config, submit_plan
+from app.plan import read_local_model, submit_plan
 from app.schemas import JobSpec, JobStatus
 from app.store.artifacts import ArtifactStore, job_prefix
 from app.store.jobs import CHANGED_DEFAULTS, CancelResult, IdempotencyConflict, JobNotFinished, JobStore, QuotaExceeded
@@ -164,13 +164,13 @@ class JobService:
             check_spec_files(spec, local)
         except PathRefused as e:
             raise ApiError(422, e.code, e.message, e.field) from e
-        config = read_local_config(local["model.id"]) if local.get("model.id") else None
-        too_long = context_problem(spec, config_context(config)) if config is not None else None
+        model = read_local_model(local["model.id"], spec.model.gguf_file) if local.get("model.id") else None
+        too_long = context_problem(spec, config_context(model.config)) if model is not None else None
         if too_long is not None:
             raise ApiError(422, "invalid_spec", too_long[1], too_long[0])
         self._check_integrations(tenant, spec)
         body: dict[str, Any] = spec.model_dump(mode="json")
-        plan = submit_plan(spec, local.get("model.id"), config)
+        plan = submit_plan(spec, model)
         quota = self.policy.quota(tenant)
         try:
             job, created = self.jobs.create(

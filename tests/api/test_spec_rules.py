@@ -107,3 +107,39 @@ def test_a_sequence_longer_than_the_models_context_is_422_at_submit_when_its_con
         assert "exceeds the model's context of 512 tokens" in message
     job = api.create(**base, pruning={"method": "magnitude", "seq_len": 1024})  # magnitude reads no calibration text
     assert job["spec"]["pruning"]["seq_len"] == 1024
+
+
+def _gguf_header(path: Path, context: int) -> Path:
+    """A llama GGUF of header only (no tensors): all the API reads of one at submit."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(context)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(4)
+    w.add_vocab_size(320)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_local_gguf_is_read_at_submit_like_a_config_json(api, named):
+    """A GGUF file's header gives the API the context (a 422 naming the field) and the plan it stores, as config.json
+    does for a directory: given as the file itself, or as its directory and model.gguf_file."""
+    models = api.root / "models" / "gguf"
+    models.mkdir(parents=True)
+    path = _gguf_header(models / "tiny.gguf", context=512)
+    model = {"id": str(models), "gguf_file": "tiny.gguf"} if named else {"id": str(path)}
+    base = {"model": model, "data": {"train": _train(api)}}
+    message = _refused(api, api.spec(**base, pruning={"method": "wanda", "seq_len": 1024}), "pruning.seq_len")
+    assert "exceeds the model's context of 512 tokens" in message
+    job = api.create(**base, pruning={"method": "wanda", "seq_len": 256})
+    plan = job["plan"]["devices"]["cpu"]
+    assert job["plan"]["source"] == "submit" and plan["dtype"] == "float32"
+    assert plan["read_bytes"] == path.stat().st_size

@@ -158,6 +158,29 @@ def test_gguf_resolves(gguf_dir, how):
     assert src.kind == "gguf" and src.path.is_file() and src.path.suffix == ".gguf"
 
 
+@pytest.mark.parametrize("how", ["file", "dir", "dir+name"])
+def test_the_api_plans_the_gguf_the_worker_loads_as_the_worker_does(gguf_dir, how):
+    """At submit the API reads the GGUF header itself (app.gguf: no torch, no transformers): the file the worker
+    resolves, with the geometry and context the worker reads, so the plan it stores and routes the job by is the
+    worker's own."""
+    from app.plan import read_local_model, submit_plan
+    from worker.run.device import plan_job
+
+    d, _ = gguf_dir
+    ref, name = {"file": (d / "tiny.gguf", None), "dir": (d / "q8", None), "dir+name": (d, "tiny.gguf")}[how]
+    spec = JobSpec.model_validate({"model": {"id": str(ref), "gguf_file": name}, "data": {"train": "t.jsonl"}})
+    source = resolve_source(str(ref), gguf_file=name)
+    local = read_local_model(str(ref), name)
+    assert local is not None and local.gguf and local.file_bytes == source.path.stat().st_size
+    config = gguf_config(source.path)
+    assert local.config["max_position_embeddings"] == config.max_position_embeddings
+    made = submit_plan(spec, local)
+    assert made is not None
+    for device in ("cpu", "cuda"):
+        assert made["devices"][device] == plan_job(spec, source, config, device, measure=False).to_dict()
+    assert made["devices"]["cpu"]["dtype"] == "float32"  # a GGUF is dequantized to float32
+
+
 def test_gguf_loads_saves_and_reloads_identically(gguf_dir, tmp_path):
     d, source_model = gguf_dir
     model, tok = load_model(resolve_source(str(d / "tiny.gguf")))

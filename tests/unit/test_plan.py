@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from app.config import Settings, parse_size
-from app.plan import GiB, PlanError, Shapes, make_plan, planned_stages, submit_plan
+from app.plan import GiB, PlanError, Shapes, make_plan, planned_stages, read_local_model, submit_plan
 from app.schemas import JobSpec
 from tests.tiny import SUPPORTED_KINDS, make_config, make_model, save_tiny
 from worker.errors import InsufficientMemoryFailure
@@ -118,14 +118,14 @@ def test_check_names_the_stage_and_the_numbers():
 
 def test_submit_plan_reads_a_local_directory_and_nothing_else(tmp_path):
     model = save_tiny("llama", tmp_path / "m")
-    made = submit_plan(spec(model={"id": str(model)}), str(model))
+    made = submit_plan(spec(model={"id": str(model)}), read_local_model(str(model)))
     assert made is not None and made["source"] == "submit" and set(made["devices"]) == {"cpu", "cuda"}
     assert made["devices"]["cpu"]["params"] == sum(p.numel() for p in make_model("llama").parameters())
     assert made["devices"]["cpu"]["read_bytes"] == (model / "model.safetensors").stat().st_size
-    assert submit_plan(spec(), str(tmp_path / "missing")) is None
+    assert read_local_model(str(tmp_path / "missing")) is None and submit_plan(spec(), None) is None
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{"model_type": "llama"}')
-    assert submit_plan(spec(), str(tmp_path / "bad")) is None
+    assert submit_plan(spec(), read_local_model(str(tmp_path / "bad"))) is None
 
 
 @pytest.mark.parametrize(("text", "value"), [("40GiB", 40 * 2**30), ("512 MiB", 512 * 2**20), ("2e9", 2 * 10**9),
@@ -187,7 +187,8 @@ def test_a_config_without_a_dtype_is_planned_in_the_weights_own(tmp_path):
         config.pop(key, None)
     (d / "config.json").write_text(json.dumps(config))
     assert stored_dtype(d) == "bfloat16"
-    plan = submit_plan(JobSpec.model_validate({"model": {"id": str(d)}, "data": {"train": "t.jsonl"}}), str(d))
+    plan = submit_plan(JobSpec.model_validate({"model": {"id": str(d)}, "data": {"train": "t.jsonl"}}),
+                       read_local_model(str(d)))
     shapes = Shapes.from_config(config)
     assert plan["devices"]["cpu"]["dtype"] == "bfloat16"
     assert plan["devices"]["cpu"]["weight_bytes"] == shapes.params() * 2

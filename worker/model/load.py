@@ -9,7 +9,6 @@ result saves with ``save_pretrained`` and reloads with ``from_pretrained``.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
 
+from app import gguf as gguf_header
 from app.fields import looks_local
 from app.schemas import JobSpec
 from worker.errors import (
@@ -182,94 +182,15 @@ def resolve_source(model_id: str, revision: str | None = None, gguf_file: str | 
 # ---------------------------------------------------------------------------------------------
 # GGUF header (metadata only)
 
-_GGUF_FIXED = {0: "<B", 1: "<b", 7: "<?", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-_SMALL_ARRAY = 256  # longer arrays (vocabularies, merges) are returned as their length only
-
-
-class _CorruptHeader(Exception):
-    """A GGUF header that does not parse: cut short, or with lengths that run past the end of the file."""
-
 
 def read_gguf_header(path: str | Path, field: str = "model.id") -> tuple[dict[str, Any], list[str]]:
-    """(metadata, tensor names) of a GGUF file, reading only its header.
-
-    Long arrays such as the vocabulary are skipped and reported as their length, which keeps this
-    around ten milliseconds even for a 50k-token vocabulary. A file that cannot be read or is no GGUF
-    raises ModelNotFoundError; a truncated or corrupt header UnsupportedModelError (both naming ``field``).
+    """(metadata, tensor names) of a GGUF file, reading only its header (app.gguf). A file that cannot be read or
+    is no GGUF raises ModelNotFoundError; a GGUF the reader refuses UnsupportedModelError (both naming ``field``).
     """
     try:
-        with open(path, "rb") as fh:
-            magic = fh.read(4)
-            if magic != b"GGUF":
-                why = "it is empty" if not magic else "bad magic bytes"
-                raise ModelNotFoundError(f"{path} is not a GGUF file ({why})", field=field)
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse_gguf_header(buf, path, field)
-    except OSError as exc:
-        raise ModelNotFoundError(f"{path} cannot be read: {(exc.strerror or str(exc)).lower()}", field) from exc
-    except (_CorruptHeader, struct.error, OverflowError, RecursionError) as exc:
-        raise UnsupportedModelError(f"{path}: truncated or corrupt GGUF header ({exc})", field) from exc
-
-
-def _parse_gguf_header(buf: mmap.mmap, path: str | Path, field: str) -> tuple[dict[str, Any], list[str]]:
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version not in (2, 3):
-        raise UnsupportedModelError(f"{path}: GGUF version {version} is not supported (2 or 3)", field)
-    pos = 24
-
-    def string(pos: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        pos += 8
-        if pos + n > len(buf):
-            raise _CorruptHeader(f"a string of {n} bytes at byte {pos} runs past the end of the file")
-        return buf[pos : pos + n].decode("utf-8", "replace"), pos + n
-
-    def value(kind: int, pos: int) -> tuple[Any, int]:
-        if kind in _GGUF_FIXED:
-            fmt = _GGUF_FIXED[kind]
-            return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-        if kind == _GGUF_STRING:
-            return string(pos)
-        if kind == _GGUF_ARRAY:
-            item, n = struct.unpack_from("<IQ", buf, pos)
-            pos += 12
-            if n > _SMALL_ARRAY:
-                if item in _GGUF_FIXED:
-                    return n, pos + n * struct.calcsize(_GGUF_FIXED[item])
-                for _ in range(n):
-                    _, pos = value(item, pos)
-                return n, pos
-            out = []
-            for _ in range(n):
-                v, pos = value(item, pos)
-                out.append(v)
-            return out, pos
-        raise UnsupportedModelError(f"{path}: unknown GGUF value type {kind}", field)
-
-    meta: dict[str, Any] = {}
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        meta[key], pos = value(kind, pos + 4)
-    names = []
-    for _ in range(n_tensors):
-        name, pos = string(pos)
-        (dims,) = struct.unpack_from("<I", buf, pos)
-        pos += 4 + 8 * dims + 12
-        names.append(name)
-    return meta, names
-
-
-# GGUF architecture → transformers model_type, for the families the service supports.
-_GGUF_MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma2": "gemma2",
-    "gemma3": "gemma3_text",
-}
+        return gguf_header.read_header(path)
+    except gguf_header.GgufError as exc:
+        raise (ModelNotFoundError if exc.unreadable else UnsupportedModelError)(exc.message, field) from exc
 
 
 def _config_errors() -> tuple[type[Exception], ...]:
@@ -284,8 +205,6 @@ def _config_errors() -> tuple[type[Exception], ...]:
 def _transformers_config(model_type: str, fields: dict[str, Any]) -> Any:
     from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
 
-    if isinstance(fields.get("num_key_value_heads"), list):  # per-layer counts in some files
-        fields["num_key_value_heads"] = max(fields["num_key_value_heads"])
     if model_type in CONFIG_MAPPING:
         return AutoConfig.for_model(model_type, **fields)
     config = PretrainedConfig(**fields)  # a model_type transformers does not know: still report it by name
@@ -300,38 +219,15 @@ def gguf_config(path: str | Path, field: str = "model.id") -> Any:
     transformers builds from the file (which parses the whole vocabulary and takes seconds).
     """
     meta, tensors = read_gguf_header(path, field)
-    arch = str(meta.get("general.architecture", "unknown"))
-    model_type = _GGUF_MODEL_TYPES.get(arch, arch)
-    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
-        model_type = "mistral"  # llama.cpp files Mistral under the llama architecture
-
-    def key(name: str, default: Any = None) -> Any:
-        return meta.get(f"{arch}.{name}", default)
-
-    fields: dict[str, Any] = {
-        "num_hidden_layers": key("block_count"),
-        "hidden_size": key("embedding_length"),
-        "intermediate_size": key("feed_forward_length"),
-        "num_attention_heads": key("attention.head_count"),
-        "num_key_value_heads": key("attention.head_count_kv"),
-        "max_position_embeddings": key("context_length"),
-        "tie_word_embeddings": "output.weight" not in tensors,
-    }
-    head_dim = key("attention.key_length") or (key("rope.dimension_count") if arch == "llama" else None)
-    if head_dim:
-        fields["head_dim"] = head_dim
-    vocab = key("vocab_size") or meta.get("tokenizer.ggml.tokens")
-    if isinstance(vocab, list):
-        vocab = len(vocab)
-    if vocab:
-        fields["vocab_size"] = vocab
-    fields = {k: v for k, v in fields.items() if v is not None}
+    fields = gguf_header.config_fields(meta, tensors)
+    arch, model_type = gguf_header.model_type(meta)
+    del fields["model_type"]
     try:
         config = _transformers_config(model_type, fields)
     except _config_errors() as exc:
         raise UnsupportedModelError(f"{path}: the GGUF metadata is not a valid {model_type} geometry "
                                     f"({_first_lines(exc)})", field) from exc
-    if model_type not in _GGUF_MODEL_TYPES.values():
+    if model_type not in gguf_header.MODEL_TYPES.values():
         config.architectures = [f"{arch} (GGUF)"]
     return config
 
