@@ -11,7 +11,7 @@ transient, and each transient is a count of tensors of a known shape:
 - evaluation: the logits of one batch in the model's dtype, and one row of them in float32 twice (the loss is
   taken row by row);
 - pruning: per weight matrix, the float32 scores and a stable sort's values and int64 indices (≈18 bytes an
-  element); SparseGPT also holds the layer's Hessian and its inverse Cholesky factor (≈5 copies of in² in float64
+  element); SparseGPT also holds the layer's Hessian and its inverse Cholesky factor (≈3 copies of in² in float64
   on the CPU, float32 on a GPU);
 - training: autograd's saved activations per token and layer (four intermediate-width and eight hidden-width
   tensors in the compute dtype) and the logits with their gradient;
@@ -60,7 +60,7 @@ JOB_STATE = 120 * MiB
 EMBEDDING_MODEL = 130 * MiB
 EVAL_ROW_COPIES = 2  # scoring: one row's logits in float32 and its log-softmax, beside the batch's logits
 PRUNE_BYTES_PER_ELEMENT = 18  # float32 scores, sort values + int64 indices, masks
-HESSIAN_COPIES = 5
+HESSIAN_COPIES = 3  # the Hessian (damped in place), its Cholesky factor or inverse, the inverse's factor
 TRAIN_INTERMEDIATE_COPIES = 4
 TRAIN_HIDDEN_COPIES = 8
 TRAIN_LOGIT_BYTES = 16  # per logit: compute-dtype logits, float32 upcast, log-softmax, gradient

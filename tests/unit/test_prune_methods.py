@@ -10,7 +10,7 @@ from worker.model.calibration import linear_input_hooks
 from worker.prune.magnitude import magnitude_mask, prune_magnitude
 from worker.prune.masks import prune_count
 from worker.prune.measure import check_nm
-from worker.prune.sparsegpt import HessianAccumulator, prune_sparsegpt, sparsegpt_prune_weight
+from worker.prune.sparsegpt import PERCDAMP, HessianAccumulator, prune_sparsegpt, sparsegpt_prune_weight
 from worker.prune.wanda import ColumnNormAccumulator, prune_wanda, wanda_scores
 
 
@@ -123,7 +123,7 @@ def test_sparsegpt_unstructured_exact_per_block_rows_may_differ() -> None:
     h = HessianAccumulator(cols)
     h.add(x)
     w = _linear(rows, cols, seed=9).weight.detach()
-    new_w, keep = sparsegpt_prune_weight(w, h.H, 0.3)
+    new_w, keep, _ = sparsegpt_prune_weight(w, h.H, 0.3)
     assert new_w.dtype == torch.float32 and torch.isfinite(new_w).all()
     for b in range(2):
         block = new_w[:, b * 128 : (b + 1) * 128]
@@ -142,7 +142,7 @@ def test_sparsegpt_nm_exact_pattern(nm: tuple[int, int]) -> None:
     x = _correlated_inputs(cols, 512, rank=8, seed=4)
     h = HessianAccumulator(cols)
     h.add(x)
-    new_w, keep = sparsegpt_prune_weight(_linear(rows, cols, seed=1).weight, h.H, 1 - nm[0] / nm[1], nm)
+    new_w, keep, _ = sparsegpt_prune_weight(_linear(rows, cols, seed=1).weight, h.H, 1 - nm[0] / nm[1], nm)
     assert (keep.reshape(rows, -1, nm[1]).sum(-1) == nm[0]).all()
     assert check_nm(new_w, *nm)
     assert torch.equal(new_w == 0, ~keep)
@@ -169,11 +169,11 @@ def test_sparsegpt_dead_inputs_are_pruned_first_and_count_stays_exact() -> None:
     h = HessianAccumulator(cols)
     h.add(x)
     w = _linear(rows, cols, seed=2).weight.detach()
-    new_w, keep = sparsegpt_prune_weight(w, h.H, 0.5)
+    new_w, keep, _ = sparsegpt_prune_weight(w, h.H, 0.5)
     assert torch.isfinite(new_w).all()
     assert int((new_w == 0).sum()) == rows * cols // 2
     assert not keep[:, dead].any()
-    new_nm, keep_nm = sparsegpt_prune_weight(w, h.H, 0.5, (2, 4))
+    new_nm, keep_nm, _ = sparsegpt_prune_weight(w, h.H, 0.5, (2, 4))
     assert check_nm(new_nm, 2, 4) and not keep_nm[:, dead].any()
 
 
@@ -199,3 +199,32 @@ def test_sparsegpt_refuses_bad_inputs() -> None:
         prune_sparsegpt(nn.Linear(10, 4), HessianAccumulator(10), 0.5)
     with pytest.raises(ValueError, match="calibration tokens"):
         prune_wanda(nn.Linear(10, 4), ColumnNormAccumulator(10), 0.5)
+
+
+def test_sparsegpt_raises_the_damping_only_as_far_as_it_must_and_returns_it() -> None:
+    """An indefinite Hessian (eigenvalues 2.02 and -0.02, mean diagonal 1) does not factor at 1% damping but does at
+    10%, which is returned for the report; the caller's Hessian is left as it was unless it is handed over. One
+    that 100% cannot make positive definite is an error naming the damping tried."""
+    w = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    H = torch.tensor([[1.0, 1.02], [1.02, 1.0]])
+    before = H.clone()
+    _, keep, damp = sparsegpt_prune_weight(w, H, 0.5)
+    assert damp == pytest.approx(10 * PERCDAMP) and int(keep.sum()) == 4
+    assert torch.equal(H, before)
+    assert sparsegpt_prune_weight(w, torch.eye(2), 0.5)[2] == PERCDAMP
+    with pytest.raises(ValueError, match="damping 1 of its mean diagonal"):
+        sparsegpt_prune_weight(w, torch.tensor([[1.0, 3.0], [3.0, 1.0]]), 0.5)
+
+
+def test_sparsegpt_uses_its_accumulators_hessian_up_and_remembers_whether_it_was_finite() -> None:
+    lin = _linear(8, 16, seed=0)
+    h = HessianAccumulator(16)
+    h.add(_correlated_inputs(16, 64, rank=4, seed=0))
+    prune_sparsegpt(lin, h, 0.5)
+    assert h.H is None and h.damping == PERCDAMP and h.finite()
+    with pytest.raises(ValueError, match="handed to pruning already"):
+        prune_sparsegpt(lin, h, 0.5)
+    bad = HessianAccumulator(16)
+    bad.add(torch.full((3, 16), float("inf")))
+    bad.take()
+    assert not bad.finite()

@@ -348,3 +348,28 @@ def test_non_finite_calibration_activations_fail_naming_the_module_they_enter(
         prune_model(model, adapter, PruningSpec(method=method), stream_batches)
     assert err.value.field == "model.id"
     assert "calibration activations entering model.layers.1.self_attn.q_proj are not finite" in err.value.message
+
+
+def test_a_raised_sparsegpt_damping_is_reported_per_module(stream_batches: list[Batch], monkeypatch) -> None:
+    """A Hessian that factors only at a higher damping is pruned (exactly at target) and named in the summary with
+    the damping it took, never silently: here every down_proj's first factorisation is made to fail."""
+    model = make_model("llama")
+    adapter = DecoderAdapter(model)
+    width = model.config.intermediate_size
+    real = torch.linalg.cholesky_ex
+    lower_calls = []
+
+    def down_proj_fails_first(A: torch.Tensor, *args, **kwargs):
+        L, info = real(A, *args, **kwargs)
+        if A.shape[0] == width and not kwargs.get("upper", False):
+            lower_calls.append(1)
+            if len(lower_calls) % 2:  # each module's first try fails, its retry at 10x succeeds
+                return L, torch.ones_like(info)
+        return L, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", down_proj_fails_first)
+    summary = prune_model(model, adapter, PruningSpec(method="sparsegpt"), stream_batches)
+    layers = len(adapter.layers)
+    assert summary["damping_raised"] == {f"model.layers.{i}.mlp.down_proj": pytest.approx(0.1) for i in range(layers)}
+    for i in range(layers):
+        _assert_at_target("sparsegpt", "unstructured", adapter.layers[i].mlp.down_proj.weight, f"layer {i}")

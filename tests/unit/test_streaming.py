@@ -49,6 +49,19 @@ def test_logits_are_the_whole_models(saved, kind, tmp_path):
     assert all(p.is_meta for p in store.adapter.layers[0].parameters())
 
 
+def test_a_layer_whose_block_fails_is_not_saved(saved, tmp_path):
+    """A block that raises leaves the layer's files as they were (a half-changed layer is never its source) and the
+    error is the block's own."""
+    _, _, store = both(saved, "llama", tmp_path)
+    name = "model.layers.0.mlp.down_proj.weight"
+    before = store.state_tensor(name).clone()
+    with pytest.raises(RuntimeError, match="the block's own error"), store.resident(0, write=True) as layer:
+        layer.mlp.down_proj.weight.data.zero_()
+        raise RuntimeError("the block's own error")
+    assert not list((tmp_path / "scratch").glob("*.safetensors")) and not store.loaded
+    assert torch.equal(store.state_tensor(name), before)
+
+
 @pytest.mark.parametrize(("kind", "method", "pattern"), [("llama", "wanda", "unstructured"),
                                                          ("gemma3", "sparsegpt", "2:4"),
                                                          ("qwen2", "magnitude", "unstructured")])

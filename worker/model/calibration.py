@@ -221,6 +221,7 @@ def calibrate_layerwise(
                 stats = {name: new_stats(index, name, lin) for name, lin in linears.items()}
                 collect_layer_stats(layer, inputs, index, linears, stats)
                 on_layer(index, stats)
+                del stats  # what on_layer left of them goes before the layer re-runs, not beside the next layer's
                 if index + 1 < len(adapter.layers):
                     advance(layer, inputs, index)
             if after_layer is not None:

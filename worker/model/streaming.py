@@ -129,14 +129,19 @@ class LayerStore:
     @contextmanager
     def resident(self, layer: int, write: bool = False) -> Iterator[nn.Module]:
         """Layer ``layer`` in memory for the whole block (its calls do not drop it); ``write``: its tensors changed,
-        save them when the block ends."""
+        save them when the block ends (not when it ends in an error)."""
         self.load(layer)
         self._held[layer] = write
         try:
             yield self.adapter.layers[layer]
-        finally:
-            dirty = self._held.pop(layer)
-            self.unload(layer, write=dirty)
+        except BaseException:
+            # A layer the block left half-changed is not saved (its files stay the last good state), and a failing
+            # write cannot hide the error that ended the block.
+            self._held.pop(layer)
+            self.unload(layer, write=False)
+            raise
+        dirty = self._held.pop(layer)
+        self.unload(layer, write=dirty)
 
     def _pre_hook(self, layer: int):
         def hook(module: nn.Module, args: Any) -> None:

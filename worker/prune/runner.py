@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -16,10 +17,12 @@ from worker.model.arch import DecoderAdapter, check_nm_fits
 from worker.model.calibration import build_calibration_batches, calibrate_layerwise, inference_state
 from worker.model.data import Batch
 from worker.prune.registry import get_method
+from worker.prune.sparsegpt import PERCDAMP
 
 __all__ = ["build_calibration_batches", "prune_model"]
 
 Progress = Callable[[float, str], None]
+log = logging.getLogger(__name__)
 
 
 def prune_model(
@@ -64,13 +67,20 @@ def prune_model(
 
     def on_layer(index: int, stats: dict[str, Any]) -> None:
         for name, lin in adapter.prunable_linears(index).items():
+            stat = stats.pop(name, None)  # each module's statistics (a SparseGPT Hessian) go once it is pruned
             try:
-                method.apply(lin, stats.get(name), spec.sparsity, nm)
+                method.apply(lin, stat, spec.sparsity, nm)
             except ValueError as exc:
-                failure = _non_finite(adapter, index, lin, stats.get(name))
+                failure = _non_finite(adapter, index, lin, stat)
                 if failure is None:
-                    raise
+                    raise ValueError(f"{_module_name(adapter, index, lin)}: {exc}") from exc
                 raise failure from exc
+            damping = getattr(stat, "damping", None)
+            if damping is not None and damping != PERCDAMP:
+                where = _module_name(adapter, index, lin)
+                summary.setdefault("damping_raised", {})[where] = damping
+                log.warning("SparseGPT: %s's Hessian factored only at damping %g (asked %g)", where, damping,
+                            PERCDAMP)
         if progress is not None:
             progress((index + 1) / n_layers, f"{method.name}: pruned layer {index + 1}/{n_layers}")
 
@@ -102,10 +112,14 @@ def prune_model(
     return summary
 
 
+def _module_name(adapter: DecoderAdapter, index: int, lin: nn.Linear) -> str:
+    return next(n for n, m in adapter.layer_linears(index).items() if m is lin)
+
+
 def _non_finite(adapter: DecoderAdapter, index: int, lin: nn.Linear, stats: Any) -> UnsupportedModelError | None:
     """Why pruning ``lin`` failed when its weights or its calibration inputs are not finite, else None (the pure
     tensor functions raise a plain ValueError; only here is it known which module of which model it was)."""
-    name = next(n for n, m in adapter.layer_linears(index).items() if m is lin)
+    name = _module_name(adapter, index, lin)
     if not bool(torch.isfinite(lin.weight).all()):
         return UnsupportedModelError(f"the model's weights are not finite (NaN or infinite) in {name}", "model.id")
     if stats is not None and not stats.finite():

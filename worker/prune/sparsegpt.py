@@ -27,6 +27,7 @@ from worker.prune.masks import nm_mask, unstructured_mask
 
 BLOCK_SIZE = 128
 PERCDAMP = 0.01
+DAMP_TRIES = 3  # PERCDAMP, then 10× and 100× it (see _inverse_cholesky)
 
 
 def default_hessian_dtype(device: torch.device | str) -> torch.dtype:
@@ -41,8 +42,10 @@ class HessianAccumulator:
         self, in_features: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
     ):
         dtype = dtype or default_hessian_dtype(device)
-        self.H = torch.zeros(in_features, in_features, device=device, dtype=dtype)
+        self.H: torch.Tensor | None = torch.zeros(in_features, in_features, device=device, dtype=dtype)
         self.tokens = 0
+        self.damping: float | None = None  # the damping pruning took (prune_sparsegpt), once it has used H up
+        self._finite_when_taken = True
 
     def add(self, x: torch.Tensor) -> None:
         """``x``: (tokens, in_features) inputs of the layer (real tokens only)."""
@@ -50,6 +53,8 @@ class HessianAccumulator:
         b = x.shape[0]
         if b == 0:
             return
+        if self.H is None:
+            raise ValueError("SparseGPT: this accumulator's Hessian was handed to pruning already")
         total = self.tokens + b
         x = x.to(device=self.H.device, dtype=self.H.dtype)
         self.H.mul_(self.tokens / total)
@@ -57,24 +62,46 @@ class HessianAccumulator:
         self.tokens = total
 
     def finite(self) -> bool:
-        return bool(torch.isfinite(self.H).all())
+        """Whether every input added was finite: the diagonal tells (a non-finite or overflowing x_i x_j implies
+        the same in x_i² or x_j²), at the cost of in_features elements, not in_features²."""
+        if self.H is None:
+            return self._finite_when_taken
+        return bool(torch.isfinite(self.H.diagonal()).all())
+
+    def take(self) -> torch.Tensor:
+        """The Hessian, handed over to pruning, which uses it as scratch; the accumulator keeps whether it was
+        finite (for the runner's diagnosis of a failure)."""
+        if self.H is None:
+            raise ValueError("SparseGPT: this accumulator's Hessian was handed to pruning already")
+        self._finite_when_taken = self.finite()
+        H, self.H = self.H, None
+        return H
 
 
-def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λI)⁻¹ with λ = percdamp · mean(diag H); raises the damping if needed."""
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), and the damp it took; ``H`` is damped in
+    place (no copy of it: a 70B down_proj's Hessian is 3.3 GB in float32).
+
+    A Hessian that will not factor at ``percdamp`` (near-duplicate inputs, few tokens) is retried at 10× and 100× the
+    damping; the caller reports the damping a module took (a silent rise would prune it closer to magnitude while
+    the report says SparseGPT). At 100×, λ = mean(diag H) bounds the condition number by in_features + 1, which
+    every finite Hessian factors at; one that still does not is an error.
+    """
     mean_diag = torch.diag(H).mean()
-    damp = percdamp
-    for _ in range(6):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+    damp, added = percdamp, 0.0
+    for _ in range(DAMP_TRIES):
+        H.diagonal().add_((damp - added) * mean_diag)
+        added = damp
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if int(info) == 0:
-                return U
+                return U, damp
         damp *= 10
-    raise ValueError("SparseGPT: the calibration Hessian is not positive definite even with heavy dampening")
+    raise ValueError(f"SparseGPT: the calibration Hessian is not positive definite even with damping "
+                     f"{added:g} of its mean diagonal")
 
 
 def sparsegpt_prune_weight(
@@ -84,8 +111,11 @@ def sparsegpt_prune_weight(
     nm: tuple[int, int] | None = None,
     block_size: int = BLOCK_SIZE,
     percdamp: float = PERCDAMP,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(new float32 weight, keep mask) for ``weight`` (out × in) and its input Hessian ``H`` (in × in)."""
+    overwrite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(new float32 weight, keep mask, the damping it took) for ``weight`` (out × in) and its input Hessian ``H``
+    (in × in). ``overwrite``: ``H`` may be used as scratch (it is changed; no copy is made when it is on the weight's
+    device already)."""
     rows, cols = weight.shape
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match in_features={cols}")
@@ -96,10 +126,13 @@ def sparsegpt_prune_weight(
         block_size = max(m, block_size - block_size % m)
     device = weight.device
     W = weight.detach().to(torch.float32).clone()
-    H = H.to(device).clone()
+    H = H.to(device) if overwrite else H.to(device).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    Hinv = _inverse_cholesky(H, percdamp).to(torch.float32)
+    U, damp = _inverse_cholesky(H, percdamp)
+    del H  # the caller's reference, if any, is all that keeps it
+    Hinv = U.to(torch.float32)
+    del U
     live = (~dead).to(torch.float32).reshape(1, -1)
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)
 
@@ -134,7 +167,7 @@ def sparsegpt_prune_weight(
     if not bool(torch.isfinite(W).all()):
         raise ValueError("SparseGPT: the pruned weights are not finite (NaN or infinite weights or calibration inputs)")
     W.masked_fill_(~mask, 0)
-    return W, mask
+    return W, mask, damp
 
 
 @torch.no_grad()
@@ -146,9 +179,11 @@ def prune_sparsegpt(
     block_size: int = BLOCK_SIZE,
     percdamp: float = PERCDAMP,
 ) -> torch.Tensor:
-    """Prune ``linear`` in place from its accumulated Hessian; returns the keep mask."""
+    """Prune ``linear`` in place from its accumulated Hessian, which it uses up (``stats.take``; ``stats.damping``
+    is then the damping it took); returns the keep mask."""
     if stats.tokens == 0:
         raise ValueError("SparseGPT needs calibration tokens; the accumulator saw none")
-    W, mask = sparsegpt_prune_weight(linear.weight, stats.H, sparsity, nm, block_size, percdamp)
+    W, mask, stats.damping = sparsegpt_prune_weight(linear.weight, stats.take(), sparsity, nm, block_size, percdamp,
+                                                    overwrite=True)
     linear.weight.copy_(W.to(linear.weight.dtype))
     return mask
