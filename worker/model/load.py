@@ -404,7 +404,7 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
     ``dtype='auto'`` keeps a checkpoint's own dtype; a GGUF is dequantized to float32 for 'auto'.
     Files that cannot be read or used fail as ModelNotFoundError / UnsupportedModelError naming ``source.field``.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if source.kind == "gguf":
         kwargs: dict[str, Any] = {"gguf_file": source.path.name}
@@ -422,8 +422,7 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
             from accelerate import dispatch_model
 
             model = dispatch_model(model, device_map)
-        with _reading(source, "tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        tokenizer = load_tokenizer(source)
     else:
         path = _ensure_hub_weights(source) if source.repo_id else source.path
         with _reading(source, "weights"):
@@ -431,8 +430,7 @@ def load_model(source: ModelSource, dtype: DtypeName = "auto", device: str = "cp
             placed = {"device_map": device_map} if device_map else {} if device == "cpu" else {"device_map": device}
             model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else _torch_dtype(dtype),
                                                          **placed)
-        with _reading(source, "tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(source, path)
     model.config.use_cache = False
     if not device_map:
         model.to(device)
@@ -444,7 +442,6 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
     """(model, tokenizer, LayerStore): the model with its decoder layers left in their safetensors files, read one
     at a time as computations need them (worker.model.streaming); changed layers go to ``scratch``."""
     import torch
-    from transformers import AutoTokenizer
 
     from worker.model.streaming import load_streamed
 
@@ -460,9 +457,33 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
         torch_dtype = _torch_dtype(dtype)
     with _reading(source, "weights"):
         model, store = load_streamed(Path(path), torch_dtype, device, scratch)
+    return model, load_tokenizer(source, Path(path)), store
+
+
+def load_tokenizer(source: ModelSource, path: Path | None = None) -> Any:
+    """The tokenizer as the model ships it. ``path``: the model's directory when the caller has it (a hub model's
+    files are fetched here otherwise)."""
+    from transformers import AutoTokenizer
+
     with _reading(source, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer, store
+        if source.kind == "gguf":
+            return AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        return AutoTokenizer.from_pretrained(path or (_ensure_hub_weights(source) if source.repo_id else source.path))
+
+
+def vocabulary_difference(tokenizer: Any, other: Any) -> str | None:
+    """How ``other`` maps tokens to ids differently from ``tokenizer`` (one example), or None when they agree: a
+    model's logits over one vocabulary are no targets for a model that reads ids in the other."""
+    mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if mine == theirs:
+        return None
+    for token, i in sorted(mine.items(), key=lambda kv: kv[1]):
+        if theirs.get(token) != i:
+            there = theirs.get(token)
+            return (f"token {token!r} is id {i} in one and " + ("missing" if there is None else f"id {there}")
+                    + f" in the other ({len(mine)} and {len(theirs)} tokens)")
+    extra = min((i, t) for t, i in theirs.items() if t not in mine)
+    return f"token {extra[1]!r} (id {extra[0]}) is only in one ({len(mine)} and {len(theirs)} tokens)"
 
 
 def _stored_dtype(model_dir: Path) -> Any:

@@ -29,7 +29,7 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
     N:M fit, the dense reference's shape, the restoration method's own checks. Raises a JobFailure naming the
     field. ``on_config`` sees the job once its config is read, before the method's preflight (which imports
     transformers): the memory plan, so that a job that cannot fit is refused in seconds."""
-    from worker.model.load import checked_config, preflight, resolve_source
+    from worker.model.load import checked_config, resolve_source
 
     rows = check_data_files(spec)
     source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
@@ -40,10 +40,14 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
     dense_source = None
     if spec.pruning.method == "none" and spec.model.dense and restoration_method(spec.restoration.method).trains:
         dense_source = resolve_source(spec.model.dense, field="model.dense")
-        dense_info = preflight(dense_source, spec)
+        dense_info, dense_config = checked_config(dense_source, spec)
         if dense_info != info:
             raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
                             field="model.dense")
+        vocab, dense_vocab = _vocab_size(config), _vocab_size(dense_config)
+        if vocab != dense_vocab:  # its logits (distill targets, probe captures) would index other tokens
+            raise SpecError(f"model.dense has a vocabulary of {dense_vocab} tokens, model.id {vocab}: give the dense "
+                            "model the pruned one was made from", field="model.dense")
     if spec.model.streaming == "on":
         problem = streaming_problem(spec, source, dense_source)
         if problem is not None:
@@ -56,6 +60,11 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
     method = method_for(spec)
     method.preflight(Preflight(info, config, rows.get("data.train")))
     return CheckedJob(source, info, dense_source, method, config)
+
+
+def _vocab_size(config: Any) -> Any:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None)
 
 
 def context_problem(spec: JobSpec, config: Any) -> SpecError | None:

@@ -285,7 +285,9 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
 
     if dense_source is not None:
         progress(0.05, "loading the dense reference")
-        model, tokenizer, store = _load(state, dense_source, "dense")
+        tokenizer = _tokenizer(source)  # the dense model is measured on the ids the job trains and exports with
+        _same_vocabulary(tokenizer, _tokenizer(dense_source))  # before any of its weights load
+        model, _, store = _load(state, dense_source, "dense")
         try:
             _measure_dense(state, model, tokenizer, store.adapter if store else _adapter(model, "model.dense"),
                            progress, reporter)
@@ -304,6 +306,23 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
     elif not state.prepared:  # already pruned, and the method needs nothing from a dense model
         _prepare(state, state.model, state.tokenizer, state.adapter, progress)
     _save(state, "prepared", {"method": state.method.state()}, copy=("method",))
+
+
+def _tokenizer(source: Any) -> Any:
+    from worker.model.load import load_tokenizer
+
+    return load_tokenizer(source)
+
+
+def _same_vocabulary(tokenizer: Any, dense_tokenizer: Any) -> None:
+    """model.dense is refused when its tokenizer maps tokens to other ids than model.id's: its next-token
+    distributions would be targets for other tokens (no error, a silently wrong restoration)."""
+    from worker.model.load import vocabulary_difference
+
+    difference = vocabulary_difference(tokenizer, dense_tokenizer)
+    if difference is not None:
+        raise SpecError(f"model.dense's tokenizer is not model.id's: {difference}; give the dense model the pruned "
+                        "one was made from", field="model.dense")
 
 
 def _load(state: RunState, source: Any, name: str) -> tuple[Any, Any, Any]:
