@@ -52,6 +52,13 @@ class EmbeddingModelError(JobFailure):
     code = "embedding_model_unavailable"
 
 
+class TrainingDiverged(JobFailure):
+    """Training's loss or gradients stopped being finite (a learning rate too high, float16 overflowing); stopped
+    before that step changes anything, so no checkpoint holds the broken state."""
+
+    code = "training_diverged"
+
+
 class OutOfMemoryFailure(JobFailure):
     code = "out_of_memory"
 

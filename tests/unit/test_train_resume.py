@@ -8,9 +8,10 @@ import contextlib
 import pytest
 import torch
 
-from worker.errors import Cancelled
+from worker.errors import Cancelled, TrainingDiverged
 from worker.model.data import Batch
 from worker.restore.batches import EpochSource
+from worker.restore.objective import CompletionObjective
 from worker.restore.train import TrainState, train_parameters
 from worker.run.snapshot import pack, unpack
 
@@ -136,3 +137,32 @@ def test_a_state_saved_with_more_gpus_resumes_on_a_worker_with_fewer(monkeypatch
     _, stats, _ = _train(_source("list"), resume=state)
     assert set_states == [(0, 0), (1, 1)]
     assert stats["loss_curve"] == ref["loss_curve"]
+
+
+class _PoisonedAtStep3(CompletionObjective):
+    """Two micro-batches a step: from the fifth call (step 3) the loss, or only its gradient, is not finite."""
+
+    def __init__(self, where: str):
+        self.where, self.calls = where, 0
+
+    def loss_sum(self, model, batch):
+        loss, n = super().loss_sum(model, batch)
+        self.calls += 1
+        if self.calls <= 4:
+            return loss, n
+        if self.where == "loss":
+            return loss * float("nan"), n
+        loss.register_hook(lambda g: g * float("inf"))  # the value stays finite, its gradient does not
+        return loss, n
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_a_step_that_is_not_finite_stops_training_before_it_changes_anything(where):
+    model = Tiny()
+    saved: list[int] = []
+    with pytest.raises(TrainingDiverged) as err:
+        train_parameters(model, [model.scale], _batches(), lr=0.05, max_steps=9, grad_accum=2,
+                         objective=_PoisonedAtStep3(where), save=lambda step, state, force: saved.append(step))
+    assert (err.value.code, err.value.field) == ("training_diverged", "restoration.lr")
+    assert f"diverged at step 3: the {where}" in err.value.message
+    assert saved == [1, 2] and bool(torch.isfinite(model.scale).all())

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from app.methods import SCHEDULES
-from worker.errors import Cancelled
+from worker.errors import Cancelled, TrainingDiverged
 from worker.model.data import Batch
 from worker.restore.objective import CompletionObjective, response_loss_sum  # noqa: F401 (re-exported)
 
@@ -209,6 +209,7 @@ def train_parameters(
                         loss_sum, _ = objective.loss_sum(model, b)
                         (loss_sum / n_tok).backward()
                         step_loss += float(loss_sum.detach()) / n_tok
+                    _check_finite(len(run.curve) + 1, step_loss, params, lr)
                     opt.step()
                     sched.step()
                     run.tokens += n_tok
@@ -243,6 +244,20 @@ def train_parameters(
         "tokens": run.tokens,
         "trainable_params": sum(p.numel() for p in params),
     }
+
+
+def _check_finite(step: int, loss: float, params: Sequence[nn.Parameter], lr: float) -> None:
+    """Refuse a step whose loss or gradients are not finite, before the optimizer applies it (AdamW would spread a
+    NaN into every trained value, and every later checkpoint would hold it)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    if math.isfinite(loss) and math.isfinite(norm):
+        return
+    what = "loss" if not math.isfinite(loss) else "gradient"
+    raise TrainingDiverged(
+        f"training diverged at step {step}: the {what} is {loss if what == 'loss' else norm} (restoration.lr {lr:g}); "
+        "lower restoration.lr, or train in bfloat16 or float32 (model.dtype) where float16 overflows",
+        field="restoration.lr")
 
 
 class _Run:
