@@ -204,11 +204,7 @@ def train_parameters(
                     if n_tok == 0:
                         continue
                     opt.zero_grad(set_to_none=True)
-                    step_loss = 0.0
-                    for b in group:
-                        loss_sum, _ = objective.loss_sum(model, b)
-                        (loss_sum / n_tok).backward()
-                        step_loss += float(loss_sum.detach()) / n_tok
+                    step_loss = step_gradients(model, params, group, n_tok, objective)
                     _check_finite(len(run.curve) + 1, step_loss, params, lr)
                     opt.step()
                     sched.step()
@@ -244,6 +240,25 @@ def train_parameters(
         "tokens": run.tokens,
         "trainable_params": sum(p.numel() for p in params),
     }
+
+
+def step_gradients(model: nn.Module, params: Sequence[nn.Parameter], group: Sequence[Batch], n_tok: int,
+                   objective: Any) -> float:
+    """Leave in ``params``' gradients the step's mean loss over its ``n_tok`` target tokens; returns that loss.
+
+    The backward runs on each micro-batch's summed loss, every token's gradient at its own size, and the trained
+    (float32) parameters' gradients are divided by the token count afterwards: divided before the backward, a float16
+    model's activation gradients underflow (5% off the float32 gradient at 5k tokens a step, 37% at 80k; summed,
+    0.1%)."""
+    step_loss = 0.0
+    for b in group:
+        loss_sum, _ = objective.loss_sum(model, b)
+        loss_sum.backward()
+        step_loss += float(loss_sum.detach()) / n_tok
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(n_tok)
+    return step_loss
 
 
 def _check_finite(step: int, loss: float, params: Sequence[nn.Parameter], lr: float) -> None:
