@@ -209,3 +209,34 @@ def test_a_calibration_file_changed_since_the_pruning_checkpoint_fails_the_resum
     second._reader.join(timeout=5)
     assert second.proc.returncode == 2, second.text()[-2000:]
     assert "error [invalid_data] (data.train)" in second.text() and "pruning checkpoint" in second.text()
+
+
+def test_a_training_file_changed_since_a_training_checkpoint_fails_the_resume(job, tmp_path):
+    """The probe inputs and the position in the training data a training checkpoint holds came from data.train: a
+    resumed run whose file has other content fails invalid_data naming the field instead of training on misaligned;
+    the report of a run names the digest of every file it read."""
+    spec = json.loads(job["spec"].read_text())
+    train = tmp_path / "train.jsonl"
+    train.write_text(Path(spec["data"]["train"]).read_text())
+    spec["data"]["train"] = str(train)
+    spec["pruning"] = {"method": "magnitude", "sparsity": 0.5}  # no calibration digest: only the data check can tell
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    first = Run(path, tmp_path / "out", tmp_path / "checkpoints", stop_at="checkpoint:training:10")
+    first.kill_at_failpoint()
+    saved = first.manifest()
+    assert saved["point"] == "training"
+    rows = train.read_text().splitlines()
+    train.write_text("\n".join(rows[1:] + rows[:1]) + "\n")  # as many rows, as many bytes, another order
+    second = Run(path, tmp_path / "out", tmp_path / "checkpoints")
+    second.proc.wait(timeout=240)
+    second._reader.join(timeout=5)
+    assert second.proc.returncode == 2, second.text()[-2000:]
+    assert "error [invalid_data] (data.train)" in second.text() and "training checkpoint" in second.text()
+    train.write_text("\n".join(rows) + "\n")  # the file as it was: the run goes on from its checkpoint
+    third = Run(path, tmp_path / "out", tmp_path / "checkpoints")
+    third.finish()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    digest = hashlib.sha256(train.read_bytes()).hexdigest()
+    assert report["data"]["data.train"] == {"path": str(train), "sha256": digest, "bytes": train.stat().st_size}
+    assert report["attempts"][-1]["resumed_from"]["checkpoint"] == "training"

@@ -150,6 +150,7 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     _start_report(state, meter, reporter)
     t0 = time.perf_counter()
     try:
+        _record_inputs(state)
         _record_memory(state, memory)
         for stage in stages:
             checkpoint(reporter)
@@ -216,6 +217,19 @@ def _start_report(state: RunState, meter: StageMeter, reporter: Reporter) -> Non
     state.report["stages"] = meter.stages
     state.report.setdefault("attempts", []).append(
         {"attempt": state.resumer.attempt, "resumed_from": state.resumer.resumed_from()})
+
+
+def _record_inputs(state: RunState) -> None:
+    """The data files' digests in the report; a resumed run goes on only with the files its checkpoint came from."""
+    from worker.run.lineage import changed_since, data_digests
+
+    now = data_digests(state.spec)
+    ck = state.resumer.checkpoint
+    if ck is not None:
+        changed = changed_since(state.report.get("data"), now, ck.point)
+        if changed is not None:
+            raise changed
+    state.report["data"] = now
 
 
 def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = (),
