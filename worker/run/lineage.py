@@ -12,6 +12,9 @@ from app.schemas import JobSpec
 from worker.errors import DataError
 
 _CHUNK = 1 << 20
+# How a job whose checkpoints no longer fit its inputs starts from the beginning.
+START_OVER = ("submit the spec as a new job (a retry resumes from these checkpoints; with `restorelcc run`, empty "
+              "its --checkpoints directory)")
 
 
 def data_digests(spec: JobSpec) -> dict[str, dict[str, Any]]:
@@ -38,6 +41,6 @@ def changed_since(saved: dict[str, Any] | None, now: dict[str, dict[str, Any]], 
             return DataError(
                 f"{field} changed since this job's {point} checkpoint was written ({now[field]['path']}: "
                 f"{entry.get('bytes')} bytes then, {now[field]['bytes']} now, other content); the state it holds came "
-                "from the earlier file: restore it, or delete the job's checkpoints (retry it) to start over",
+                f"from the earlier file: restore it, or start over: {START_OVER}",
                 field=field)
     return None

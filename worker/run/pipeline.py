@@ -489,6 +489,7 @@ def _free_memory() -> None:
 def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
     from worker.model.data import read_calibration_texts
     from worker.prune.runner import build_calibration_batches, prune_model
+    from worker.run.lineage import START_OVER
 
     spec = state.spec
     if state.resumer.reached("pruned"):  # the weights came back with the model
@@ -516,8 +517,7 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
     if resume is not None and resume[2] != digest:
         field = "data.calibration" if spec.data.calibration else "data.train"
         raise DataError(f"{field} changed since this job's pruning checkpoint was written; the calibration inputs "
-                        "it saved no longer match: restore the file, or delete the job's checkpoints (retry it) to "
-                        "prune from the start", field=field)
+                        f"it saved no longer match: restore the file, or start over: {START_OVER}", field=field)
     saver = state.resumer.pruning_saver(len(state.adapter.layers), lambda layer: _layer_part(state, layer),
                                         lambda: state.report, lambda: _stopped_to_go_on(reporter), digest)
     summary = prune_model(

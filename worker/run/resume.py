@@ -37,6 +37,7 @@ from worker.reporting import Reporter
 from worker.restore.train import SaveHook, TrainState
 from worker.run import failpoints
 from worker.run.checkpoints import Checkpoint, CheckpointStore
+from worker.run.lineage import START_OVER
 
 LAYER_PART = "layer-"  # a pruned layer's part: layer-0000, layer-0001, ...
 POINTS: tuple[str, ...] = ("prepared", "pruning", "pruned", "pruned-evaluated", "probed", "selected", "training",
@@ -180,8 +181,7 @@ class Resumer:
         missing = sorted(set(linears) - filled)
         if missing:  # never go on with dense weights where pruned ones belong
             raise JobFailure(f"the checkpoint taken at {ck.point} holds no pruned weights for {len(missing)} "
-                             f"module(s) of this model (e.g. {missing[0]}); delete the job's checkpoints to run it "
-                             "from the start")
+                             f"module(s) of this model (e.g. {missing[0]}); to run it from the start, {START_OVER}")
 
     def train_saver(self, report: Callable[[], dict[str, Any]]) -> SaveHook | None:
         """The training loop's save hook: a checkpoint every ``every_steps`` steps or ``every_s`` seconds, and
