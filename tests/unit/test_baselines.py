@@ -201,3 +201,21 @@ def test_bad_targets_and_detach():
     assert (_logits(model, batch) - ref).abs().max() > 0
     assert detach_adapter(baseline) is model
     assert torch.equal(_logits(model, batch), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_attaching_an_adapter_leaves_the_models_outputs_exactly_as_they_were(method, dtype):
+    """B = 0 and each DoRA magnitude equal to the norm its forward divides by: on a bfloat16 model too (peft's own
+    magnitude, taken in bfloat16 against the forward's float32 norm, rescaled every target layer by up to 2^-8)."""
+    from worker.restore.adapters.peft import attach_adapter
+
+    model = make_model("llama", dtype=dtype)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    baseline = attach_adapter(model, _spec(method), seed=0)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    detach_adapter(baseline)
