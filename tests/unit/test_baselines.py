@@ -219,3 +219,27 @@ def test_attaching_an_adapter_leaves_the_models_outputs_exactly_as_they_were(met
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
     detach_adapter(baseline)
+
+
+def test_a_kept_weight_that_merges_to_zero_stays_nonzero_in_every_export_dtype():
+    """A LoRA update that exactly cancels one kept weight of a bfloat16 model: the weight becomes a value float16
+    still holds (the model dtype's smallest normal became 0 in a float16 export, which then refused the job)."""
+    from worker.restore.adapters.peft import COLLISION_VALUE, attach_adapter
+
+    model = prune_half_at_random(make_model("llama", dtype=torch.bfloat16), seed=1)
+    masks = zero_masks(DecoderAdapter(model))
+    name = "model.layers.0.self_attn.q_proj"
+    baseline = attach_adapter(model, _spec("lora"), seed=0)
+    layer = model.get_submodule(name)
+    weight = layer.get_base_layer().weight
+    i, j = (int(k) for k in torch.nonzero(~masks[name])[0])  # a kept weight
+    scaling = layer.scaling["default"]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.zero_()
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_A["default"].weight[0, j] = 1.0
+        layer.lora_B["default"].weight[i, 0] = -float(weight[i, j]) / scaling
+    merged, report = merge_adapter(model, baseline, masks)
+    w = merged.get_submodule(name).weight
+    assert report["merge_zero_collisions"] == 1 and float(w[i, j]) == COLLISION_VALUE
+    assert torch.equal(w.to(torch.float16) == 0, masks[name])

@@ -247,6 +247,12 @@ def _squared_norms(merged: torch.Tensor, before: torch.Tensor) -> tuple[float, f
     return update, total
 
 
+# What a kept weight that merges to exactly 0 becomes: float16's smallest normal number, which every dtype a model is
+# computed or exported in holds (the model dtype's own smallest normal, 1e-38 in bfloat16, became 0 in a float16
+# export, which then refused the whole job for a pruned-pattern change).
+COLLISION_VALUE = torch.finfo(torch.float16).tiny
+
+
 @torch.no_grad()
 def merge_adapter(
     model: nn.Module, baseline: AdapterBaseline, zero_masks: Mapping[str, torch.Tensor] | None
@@ -256,8 +262,8 @@ def merge_adapter(
     ``zero_masks``: {full module name: bool tensor, True = pruned zero} (worker.prune.measure.zero_masks).
     Returns the plain transformers model (the same object, no peft layers left) and report fields,
     including how much of the merged update re-masking discarded. A merged weight that lands exactly on
-    0 at an unpruned position is set to the dtype's smallest normal number so the zero pattern stays
-    exactly the pruned one (counted in ``merge_zero_collisions``).
+    0 at an unpruned position is set to :data:`COLLISION_VALUE` so the zero pattern stays exactly the pruned one
+    (counted in ``merge_zero_collisions``).
     """
     if baseline.peft_model is None:
         raise ValueError("the adapter is already merged")
@@ -289,7 +295,7 @@ def merge_adapter(
         w[mask] = 0
         hit = (w == 0) & ~mask
         collisions += int(hit.sum())
-        w[hit] = torch.finfo(w.dtype).tiny
+        w[hit] = COLLISION_VALUE
     baseline.peft_model.unload()  # merged weights stay in the base layers
     _drop_peft_state(baseline)
     for name, mask in masks.items():  # modules the adapter did not touch: a no-op unless something is off
