@@ -228,3 +228,37 @@ def test_sparsegpt_uses_its_accumulators_hessian_up_and_remembers_whether_it_was
     bad.add(torch.full((3, 16), float("inf")))
     bad.take()
     assert not bad.finite()
+
+
+def test_statistics_upcast_bounded_chunks_and_sum_what_the_whole_batch_gives(monkeypatch) -> None:
+    """Accumulated chunk by chunk (a few rows here, 16M elements in use), the Wanda norms and the SparseGPT Hessian
+    equal the whole batch's; a batch with no padding reaches them as a view of the layer's input, not a copy."""
+    from worker.prune import chunks, sparsegpt, wanda
+
+    x = torch.randn(100, 12, dtype=torch.float64)
+    whole_norms, whole_h = ColumnNormAccumulator(12), HessianAccumulator(12)
+    whole_norms.add(x)
+    whole_h.add(x)
+    seen: list[int] = []
+
+    def small(t: torch.Tensor):
+        parts = list(chunks.row_chunks(t, elements=7 * 12))
+        seen.append(len(parts))
+        return iter(parts)
+
+    monkeypatch.setattr(wanda, "row_chunks", small)
+    monkeypatch.setattr(sparsegpt, "row_chunks", small)
+    norms, h = ColumnNormAccumulator(12), HessianAccumulator(12)
+    norms.add(x)
+    h.add(x)
+    assert seen == [15, 15]  # 100 rows, 7 a chunk
+    torch.testing.assert_close(norms.sq_sum, whole_norms.sq_sum)
+    torch.testing.assert_close(h.H, whole_h.H)
+    assert norms.tokens == h.tokens == 100
+
+    lin = _linear(8, 16)
+    inputs = torch.randn(2, 5, 16)
+    got: list[torch.Tensor] = []
+    with torch.no_grad(), linear_input_hooks({"lin": lin}, lambda _n, t: got.append(t), lambda: None):
+        lin(inputs)
+    assert got[0].shape == (10, 16) and got[0].data_ptr() == inputs.data_ptr()

@@ -140,15 +140,18 @@ def _call_layer(layer: nn.Module, inputs: LayerInputs, index: int, batch: int) -
 def linear_input_hooks(
     linears: Mapping[str, nn.Module],
     sink: Callable[[str, torch.Tensor], None],
-    token_mask: Callable[[], torch.Tensor],
+    token_mask: Callable[[], torch.Tensor | None],
 ) -> Iterator[None]:
-    """Forward hooks handing ``sink(name, x)`` each Linear's inputs at real tokens, (tokens, in_features)."""
+    """Forward hooks handing ``sink(name, x)`` each Linear's inputs at real tokens, (tokens, in_features).
+    ``token_mask()``: the current batch's (B, T) real tokens, or None when all are (a view then, not a copy: at 2048
+    tokens a 70B down_proj's inputs are 0.9 GB a batch)."""
 
     def make(name: str) -> Callable[..., None]:
         def hook(_mod: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
             x = args[0]
             mask = token_mask()
-            sink(name, x[mask.to(x.device)] if x.dim() == 3 else x.reshape(-1, x.shape[-1]))
+            whole = mask is None or x.dim() != 3
+            sink(name, x.reshape(-1, x.shape[-1]) if whole else x[mask.to(x.device)])  # type: ignore[union-attr]
 
         return hook
 
@@ -168,10 +171,11 @@ def collect_layer_stats(
     stats: Mapping[str, Accumulator],
 ) -> None:
     """Run layer ``index`` on every stored batch; each Linear's real-token inputs go to ``stats[name]``."""
-    current: list[torch.Tensor] = []
+    current: list[torch.Tensor | None] = []
+    padded = [None if bool(m.all()) else m for m in inputs.token_masks]  # calibration windows have no padding
     with linear_input_hooks(linears, lambda name, x: stats[name].add(x), lambda: current[0]):
         for b in range(len(inputs.hidden)):
-            current[:] = [inputs.token_masks[b]]
+            current[:] = [padded[b]]
             _call_layer(layer, inputs, index, b)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from worker.prune.chunks import row_chunks
 from worker.prune.masks import nm_mask, unstructured_mask
 
 BLOCK_SIZE = 128
@@ -56,9 +57,10 @@ class HessianAccumulator:
         if self.H is None:
             raise ValueError("SparseGPT: this accumulator's Hessian was handed to pruning already")
         total = self.tokens + b
-        x = x.to(device=self.H.device, dtype=self.H.dtype)
         self.H.mul_(self.tokens / total)
-        self.H.addmm_(x.t(), x, alpha=2.0 / total)
+        for chunk in row_chunks(x):  # upcast a bounded chunk of rows at a time, not the whole batch
+            chunk = chunk.to(device=self.H.device, dtype=self.H.dtype)
+            self.H.addmm_(chunk.t(), chunk, alpha=2.0 / total)
         self.tokens = total
 
     def finite(self) -> bool:

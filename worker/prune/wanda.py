@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from worker.prune.chunks import row_chunks
 from worker.prune.masks import Group, apply_mask_, make_mask
 
 
@@ -22,9 +23,11 @@ class ColumnNormAccumulator:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        """``x``: (tokens, in_features) inputs of the layer (real tokens only)."""
-        x = x.reshape(-1, x.shape[-1]).to(device=self.sq_sum.device, dtype=self.sq_sum.dtype)
-        self.sq_sum += x.pow(2).sum(dim=0)
+        """``x``: (tokens, in_features) inputs of the layer (real tokens only), upcast a bounded chunk of rows at a
+        time (the whole batch in float64 was two 3.7 GB copies for a 70B down_proj at 2048 tokens × 8)."""
+        x = x.reshape(-1, x.shape[-1])
+        for chunk in row_chunks(x):
+            self.sq_sum += chunk.to(device=self.sq_sum.device, dtype=self.sq_sum.dtype).pow(2).sum(dim=0)
         self.tokens += x.shape[0]
 
     def finite(self) -> bool:
