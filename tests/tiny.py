@@ -43,6 +43,15 @@ TINY_CONFIGS: dict[str, dict] = {
         num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=16,
         query_pre_attn_scalar=32,
     ),
+    # Two more supported families, exercised where their differences matter (merging's config, reloading).
+    "qwen3": dict(
+        model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    ),
+    "gemma2": dict(
+        model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+    ),
     # Unsupported on purpose.
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=256),
 }

@@ -20,8 +20,9 @@ from worker.restore.offsets.merge import (
     restoration_info,
     save_restoration,
 )
+from worker.run.export import reload_problem
 
-KINDS = ["llama", "gqa", "qwen2", "gemma3", "mistral"]
+KINDS = ["llama", "gqa", "qwen2", "gemma3", "mistral", "qwen3", "gemma2"]
 
 
 def with_random_biases(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,6 +92,7 @@ def test_merge_is_exact_keeps_zeros_and_reloads(kind, tmp_path):
         assert (w == 0).float().mean() > 0.4
 
     merged.save_pretrained(tmp_path)
+    assert reload_problem(tmp_path) is None
     reloaded, loading = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     reloaded.eval()
     assert not loading["missing_keys"] and not loading["unexpected_keys"]
@@ -174,3 +176,25 @@ def test_restoration_file_round_trip(tmp_path, mode):
     assert info["model_type"] == "llama" and info["meta"] == {"lr": 0.01}
     assert (info["num_heads"], info["head_dim"]) == (adapter.info.num_heads, adapter.info.head_dim)
     assert info["scores"] == pytest.approx([float(scores[layer, h]) for layer, h in offsets.heads])
+
+
+def test_a_saved_model_its_config_cannot_load_is_named(tmp_path):
+    """The export's reload check: a merged o_proj bias under a config without attention_bias would be dropped by
+    from_pretrained without an error; a tensor the config expects but the files lack would be left at its init."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    pruned = prune_randomly(make_model("llama"))
+    adapter = DecoderAdapter(pruned)
+    merged = merge_into_o_proj(pruned, adapter, random_offsets(adapter))
+    merged.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "attention_bias": False}))
+    problem = reload_problem(tmp_path)
+    assert problem is not None and "have no place" in problem and "bias" in problem
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert "model.layers.1.mlp.down_proj.weight" in reload_problem(tmp_path)

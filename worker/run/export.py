@@ -107,6 +107,33 @@ def _cast(read: Any, dtype: Any) -> Any:
     return read().detach().to("cpu").to(dtype)
 
 
+def reload_problem(directory: Path) -> str | None:
+    """What plain ``from_pretrained`` would not load of the saved model, or None: built from the saved config.json
+    (on the meta device: no memory), the model must have a place for every saved tensor and find every tensor it
+    has. A merged o_proj bias whose config does not ask for one would otherwise be dropped at load, without an
+    error, and the restoration with it."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    saved: set[str] = set()
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as fh:
+            saved.update(fh.keys())
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    expected = dict(skeleton.named_parameters())  # tied weights once, under the name saved
+    expected.update((n, b) for n, b in skeleton.named_buffers() if n in skeleton.state_dict())
+    unplaced = sorted(saved - set(skeleton.state_dict()))
+    if unplaced:
+        return f"{len(unplaced)} saved tensor(s) have no place in the model config.json describes (e.g. {unplaced[0]})"
+    missing = sorted(set(expected) - saved)
+    if missing:
+        return f"{len(missing)} tensor(s) of the model config.json describes are not saved (e.g. {missing[0]})"
+    return None
+
+
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """A loss curve and a head-score heat map when the report has them; returns the files written."""
     import matplotlib

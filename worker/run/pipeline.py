@@ -678,7 +678,7 @@ def _stage_evaluating(state: RunState, progress: StageProgress, reporter: Report
 
 
 def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
-    from worker.run.export import export_model, write_plots
+    from worker.run.export import export_model, reload_problem, write_plots
 
     progress(0.1, "checking sparsity")
     identical = state.zero_masks is not None and not state.zero_masks.differs(state.adapter, state.scope)
@@ -703,6 +703,9 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
         if problem is not None:
             raise SpecError(f"output.dtype {state.spec.output.dtype} {problem}; export in a wider dtype",
                             field="output.dtype")
+    problem = reload_problem(state.out_dir / "model")
+    if problem is not None:
+        raise JobFailure(f"internal check failed: the exported model would not load as restored: {problem}")
     state.method.export(state, state.out_dir)
     if restoration_method(state.spec.restoration.method).trains:
         state.report["restoration"] = state.method.report
