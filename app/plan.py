@@ -61,6 +61,10 @@ EMBEDDING_MODEL = 130 * MiB
 EVAL_ROW_COPIES = 2  # scoring: one row's logits in float32 and its log-softmax, beside the batch's logits
 PRUNE_BYTES_PER_ELEMENT = 18  # float32 scores, sort values + int64 indices, masks
 HESSIAN_COPIES = 3  # the Hessian (damped in place), its Cholesky factor or inverse, the inverse's factor
+CALIBRATION_BATCH = 8  # sequences a calibration forward runs at once (the worker's pruning stage)
+CALIBRATION_INTERMEDIATE_COPIES = 3  # a calibration batch through one layer's MLP: gate, up and their product
+STAT_CHUNK_ELEMENTS = 2**24  # a pruning statistic upcasts its inputs this many at a time (worker.prune.chunks)
+STAT_CHUNK_BYTES = 2 * STAT_CHUNK_ELEMENTS * 8  # ... the upcast chunk and its square, in float64
 TRAIN_INTERMEDIATE_COPIES = 4
 TRAIN_HIDDEN_COPIES = 8
 TRAIN_LOGIT_BYTES = 16  # per logit: compute-dtype logits, float32 upcast, log-softmax, gradient
@@ -213,6 +217,9 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
             prune_t += HESSIAN_COPIES * max_in * max_in * (4 if cuda else 8)
         if method.needs_calibration:  # a layer's inputs and outputs for every calibration sequence
             prune_t += 2 * spec.pruning.calibration_samples * spec.pruning.seq_len * shapes.hidden * b
+            # ... and one batch of them through the layer, its statistics upcast chunk by chunk
+            batch_tokens = min(CALIBRATION_BATCH, spec.pruning.calibration_samples) * spec.pruning.seq_len
+            prune_t += CALIBRATION_INTERMEDIATE_COPIES * batch_tokens * shapes.intermediate * b + STAT_CHUNK_BYTES
     trains = restoration_method(r.method).trains
     batch = getattr(r, "batch_size", 8)
     seq = getattr(r, "max_seq_len", 256)

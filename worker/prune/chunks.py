@@ -6,7 +6,9 @@ from collections.abc import Iterator
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 24  # 16M elements: 128 MB in float64, whatever the batch
+from app.plan import STAT_CHUNK_ELEMENTS
+
+CHUNK_ELEMENTS = STAT_CHUNK_ELEMENTS  # 16M elements: 128 MB in float64, whatever the batch (the plan counts it)
 
 
 def row_chunks(x: torch.Tensor, elements: int = CHUNK_ELEMENTS) -> Iterator[torch.Tensor]:
