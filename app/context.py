@@ -36,5 +36,6 @@ def context_problem(spec: JobSpec, context: int | None) -> tuple[str, str] | Non
         return None
     for field, length in sequence_lengths(spec).items():
         if length > context:
-            return field, f"{field} {length} exceeds the model's context of {context} tokens (max_position_embeddings)"
+            return field, (f"{field} {length} exceeds the model's context of {context} tokens "
+                           "(max_position_embeddings; in a GGUF, context_length)")
     return None

@@ -163,7 +163,7 @@ def check_spec_files(spec: JobSpec, local: dict[str, str]) -> None:
                 what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
                 raise PathRefused(field, f"{field}: {value} is {what}; give a JSONL file", "not_a_file")
         elif stat.S_ISREG(mode):
-            if not path.lower().endswith(".gguf"):
+            if not value.lower().endswith(".gguf"):  # as named: a link to a hub-cache blob has no suffix
                 raise PathRefused(field, f"{field}: {value} is a file but not a .gguf model", "not_a_model")
         elif not stat.S_ISDIR(mode):
             raise PathRefused(field, f"{field}: {value} is neither a model directory nor a .gguf file", "not_a_model")

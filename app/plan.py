@@ -64,7 +64,7 @@ HESSIAN_COPIES = 3  # the Hessian (damped in place), its Cholesky factor or inve
 CALIBRATION_BATCH = 8  # sequences a calibration forward runs at once (the worker's pruning stage)
 CALIBRATION_INTERMEDIATE_COPIES = 3  # a calibration batch through one layer's MLP: gate, up and their product
 STAT_CHUNK_ELEMENTS = 2**24  # a pruning statistic upcasts its inputs this many at a time (worker.prune.chunks)
-STAT_CHUNK_BYTES = 2 * STAT_CHUNK_ELEMENTS * 8  # ... the upcast chunk and its square, in float64
+STAT_CHUNK_COPIES = 2  # ... the upcast chunk and its square, in float64
 TRAIN_INTERMEDIATE_COPIES = 4
 TRAIN_HIDDEN_COPIES = 8
 TRAIN_LOGIT_BYTES = 16  # per logit: compute-dtype logits, float32 upcast, log-softmax, gradient
@@ -219,7 +219,9 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
             prune_t += 2 * spec.pruning.calibration_samples * spec.pruning.seq_len * shapes.hidden * b
             # ... and one batch of them through the layer, its statistics upcast chunk by chunk
             batch_tokens = min(CALIBRATION_BATCH, spec.pruning.calibration_samples) * spec.pruning.seq_len
-            prune_t += CALIBRATION_INTERMEDIATE_COPIES * batch_tokens * shapes.intermediate * b + STAT_CHUNK_BYTES
+            chunk = min(STAT_CHUNK_ELEMENTS, batch_tokens * max_in)
+            prune_t += CALIBRATION_INTERMEDIATE_COPIES * batch_tokens * shapes.intermediate * b
+            prune_t += STAT_CHUNK_COPIES * chunk * 8
     trains = restoration_method(r.method).trains
     batch = getattr(r, "batch_size", 8)
     seq = getattr(r, "max_seq_len", 256)
@@ -345,8 +347,11 @@ class LocalModel:
 
 
 def _read_config(model_dir: str) -> dict[str, Any] | None:
+    path = Path(model_dir) / "config.json"
     try:
-        raw = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+        if not path.is_file():  # never open a FIFO or a device: the request would wait on it
+            return None
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return raw if isinstance(raw, dict) else None
@@ -359,13 +364,15 @@ def read_local_model(path: str, gguf_file: str | None = None) -> LocalModel | No
         gguf = local_gguf(path, gguf_file)
         if gguf is not None:
             return LocalModel(config_fields(*read_header(gguf)), gguf=True, file_bytes=gguf.stat().st_size)
+        if gguf_file or Path(path).is_file():  # a GGUF the API cannot read here: the worker decides
+            return None
         config = _read_config(path)
         if config is None:
             return None
         files = [f for f in Path(path).glob("*.safetensors") if f.is_file()]
         return LocalModel(config, stored=stored_dtype(path),
                           file_bytes=sum(f.stat().st_size for f in files) if files else None)
-    except (GgufError, OSError):
+    except (GgufError, OSError, ValueError, TypeError):  # whatever the header holds, the worker gives the verdict
         return None
 
 

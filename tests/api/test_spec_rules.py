@@ -109,7 +109,7 @@ def test_a_sequence_longer_than_the_models_context_is_422_at_submit_when_its_con
     assert job["spec"]["pruning"]["seq_len"] == 1024
 
 
-def _gguf_header(path: Path, context: int) -> Path:
+def _gguf_header(path: Path, context: int, kv_heads: int | list = 4) -> Path:
     """A llama GGUF of header only (no tensors): all the API reads of one at submit."""
     import gguf
 
@@ -119,7 +119,10 @@ def _gguf_header(path: Path, context: int) -> Path:
     w.add_embedding_length(64)
     w.add_feed_forward_length(128)
     w.add_head_count(4)
-    w.add_head_count_kv(4)
+    if isinstance(kv_heads, list):
+        w.add_array("llama.attention.head_count_kv", kv_heads)
+    else:
+        w.add_head_count_kv(kv_heads)
     w.add_vocab_size(320)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -143,3 +146,39 @@ def test_a_local_gguf_is_read_at_submit_like_a_config_json(api, named):
     plan = job["plan"]["devices"]["cpu"]
     assert job["plan"]["source"] == "submit" and plan["dtype"] == "float32"
     assert plan["read_bytes"] == path.stat().st_size
+
+
+def test_a_gguf_the_api_cannot_plan_is_left_to_the_worker(api):
+    """A header the API cannot read (a file cut short) or a named GGUF that is missing beside a config.json:
+    accepted without a plan (the worker gives the verdict), never a 500, and never planned from the config.json the
+    worker will not read. An empty per-layer array is left out, as the worker's config leaves it (kv heads =
+    heads)."""
+    import json
+
+    models = api.root / "models" / "odd"
+    models.mkdir(parents=True)
+    _gguf_header(models / "empty-kv.gguf", context=512, kv_heads=[])
+    cut = models / "cut.gguf"
+    cut.write_bytes((models / "empty-kv.gguf").read_bytes()[:40])
+    (models / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "intermediate_size": 128, "vocab_size": 320, "max_position_embeddings": 128}))
+    train = _train(api)
+    job = api.create(model={"id": str(models / "empty-kv.gguf")}, data={"train": train},
+                     pruning={"method": "wanda", "seq_len": 256})
+    assert job["plan"]["devices"]["cpu"]["dtype"] == "float32"
+    for model in ({"id": str(cut)}, {"id": str(models), "gguf_file": "missing.gguf"}):
+        job = api.create(model=model, data={"train": train}, pruning={"method": "wanda", "seq_len": 256})
+        assert job["plan"] is None, model
+
+
+def test_a_gguf_named_by_a_link_to_a_blob_is_accepted_and_planned(api):
+    """The hub cache's snapshot/<name>.gguf links to blobs/<sha>, which has no suffix: the spec's name decides, as in
+    the worker (it was refused not_a_model)."""
+    blobs = api.root / "models" / "blobs"
+    blobs.mkdir(parents=True)
+    blob = _gguf_header(blobs / "3f2a9c", context=512)
+    link = api.root / "models" / "model.gguf"
+    link.symlink_to(blob)
+    job = api.create(model={"id": str(link)}, data={"train": _train(api)}, pruning={"method": "wanda", "seq_len": 256})
+    assert job["plan"]["devices"]["cpu"]["read_bytes"] == blob.stat().st_size

@@ -368,8 +368,10 @@ def test_a_raised_sparsegpt_damping_is_reported_per_module(stream_batches: list[
         return L, info
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", down_proj_fails_first)
-    summary = prune_model(model, adapter, PruningSpec(method="sparsegpt"), stream_batches)
+    kept = {"model.layers.9.mlp.down_proj": 0.1}  # what a checkpoint's report holds from the layers before it
+    summary = prune_model(model, adapter, PruningSpec(method="sparsegpt"), stream_batches, damping_raised=kept)
     layers = len(adapter.layers)
-    assert summary["damping_raised"] == {f"model.layers.{i}.mlp.down_proj": pytest.approx(0.1) for i in range(layers)}
+    assert summary["damping_raised"] is kept
+    assert kept == {f"model.layers.{i}.mlp.down_proj": pytest.approx(0.1) for i in (*range(layers), 9)}
     for i in range(layers):
         _assert_at_target("sparsegpt", "unstructured", adapter.layers[i].mlp.down_proj.weight, f"layer {i}")

@@ -38,6 +38,7 @@ DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Files fetched from the hub for a Hugging Face model (weights in safetensors; .bin only as a fallback).
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_TOKENIZER_PATTERNS = [p for p in _HUB_PATTERNS if p != "*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -219,10 +220,9 @@ def gguf_config(path: str | Path, field: str = "model.id") -> Any:
     transformers builds from the file (which parses the whole vocabulary and takes seconds).
     """
     meta, tensors = read_gguf_header(path, field)
-    fields = gguf_header.config_fields(meta, tensors)
     arch, model_type = gguf_header.model_type(meta)
-    del fields["model_type"]
     try:
+        fields = {k: v for k, v in gguf_header.config_fields(meta, tensors).items() if k != "model_type"}
         config = _transformers_config(model_type, fields)
     except _config_errors() as exc:
         raise UnsupportedModelError(f"{path}: the GGUF metadata is not a valid {model_type} geometry "
@@ -308,25 +308,29 @@ def _torch_dtype(name: str) -> Any:
 
 def _ensure_hub_weights(source: ModelSource) -> Path:
     """Fetch a hub model's weights into the cache (or find them there when offline)."""
+    got = _hub_snapshot(source, _HUB_PATTERNS, "weights")
+    if not any(got.glob("*.safetensors")):
+        got = _hub_snapshot(source, [*_HUB_PATTERNS, "*.bin"], "weights")
+    return got
+
+
+def _hub_snapshot(source: ModelSource, patterns: list[str], what: str) -> Path:
+    """The files of a hub model matching ``patterns``, fetched into the cache (or found there when offline)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     offline = _offline()
     cache_dir = source.path.parent.parent.parent  # <cache>/models--org--name/snapshots/<sha>
     try:
-        got = Path(snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache_dir,
-                                     allow_patterns=_HUB_PATTERNS, local_files_only=offline))
-        if not any(got.glob("*.safetensors")):
-            got = Path(snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache_dir,
-                                         allow_patterns=[*_HUB_PATTERNS, "*.bin"], local_files_only=offline))
+        return Path(snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache_dir,
+                                      allow_patterns=patterns, local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         if offline:
             raise ModelNotFoundError(
-                f"the weights of {source.repo_id} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+                f"the {what} of {source.repo_id} are not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
                 field=source.field,
             ) from exc
         raise TransientError(f"could not fetch {source.repo_id} from the Hugging Face Hub: {exc}") from exc
-    return got
 
 
 def _plain_model(model: Any, field: str = "model.id") -> Any:
@@ -461,29 +465,34 @@ def load_streamed_model(source: ModelSource, dtype: DtypeName, device: str, scra
 
 
 def load_tokenizer(source: ModelSource, path: Path | None = None) -> Any:
-    """The tokenizer as the model ships it. ``path``: the model's directory when the caller has it (a hub model's
-    files are fetched here otherwise)."""
+    """The tokenizer as the model ships it. ``path``: the model's directory when the caller has it (else a hub
+    model's tokenizer files, and only those, are fetched here)."""
     from transformers import AutoTokenizer
 
     with _reading(source, "tokenizer"):
         if source.kind == "gguf":
             return AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
-        return AutoTokenizer.from_pretrained(path or (_ensure_hub_weights(source) if source.repo_id else source.path))
+        if path is None:
+            path = _hub_snapshot(source, _TOKENIZER_PATTERNS, "tokenizer files") if source.repo_id else source.path
+        return AutoTokenizer.from_pretrained(path)
 
 
-def vocabulary_difference(tokenizer: Any, other: Any) -> str | None:
+def vocabulary_difference(tokenizer: Any, other: Any, names: tuple[str, str] = ("model.id", "model.dense")
+                          ) -> str | None:
     """How ``other`` maps tokens to ids differently from ``tokenizer`` (one example), or None when they agree: a
-    model's logits over one vocabulary are no targets for a model that reads ids in the other."""
+    model's logits over one vocabulary are no targets for a model that reads ids in the other. ``names``: what the
+    message calls the two."""
     mine, theirs = tokenizer.get_vocab(), other.get_vocab()
     if mine == theirs:
         return None
+    sizes = f"{len(mine)} tokens in {names[0]}'s, {len(theirs)} in {names[1]}'s"
     for token, i in sorted(mine.items(), key=lambda kv: kv[1]):
         if theirs.get(token) != i:
             there = theirs.get(token)
-            return (f"token {token!r} is id {i} in one and " + ("missing" if there is None else f"id {there}")
-                    + f" in the other ({len(mine)} and {len(theirs)} tokens)")
+            return (f"token {token!r} is id {i} in {names[0]}'s and "
+                    + ("missing" if there is None else f"id {there}") + f" in {names[1]}'s ({sizes})")
     extra = min((i, t) for t, i in theirs.items() if t not in mine)
-    return f"token {extra[1]!r} (id {extra[0]}) is only in one ({len(mine)} and {len(theirs)} tokens)"
+    return f"token {extra[1]!r} (id {extra[0]}) is only in {names[1]}'s ({sizes})"
 
 
 def _stored_dtype(model_dir: Path) -> Any:

@@ -35,6 +35,7 @@ def prune_model(
     layer_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
     resume: tuple[int, list[Any]] | None = None,
     after_layer: Callable[[int, list[Any] | None], None] | None = None,
+    damping_raised: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Prune ``model`` in place as ``spec`` says; returns a summary (method, pattern, target, seconds...).
 
@@ -42,7 +43,9 @@ def prune_model(
     (layers already pruned stay pruned). ``layer_scope(layer)`` encloses each layer's work (a streamed model:
     worker.model.streaming.LayerStore.resident with ``write=True``). ``after_layer(layer, hidden)`` hears each
     finished layer with the next layer's calibration inputs (None for a method without calibration);
-    ``resume=(start, hidden)`` goes on at layer ``start``, the layers before it pruned already.
+    ``resume=(start, hidden)`` goes on at layer ``start``, the layers before it pruned already. ``damping_raised``:
+    where each module whose SparseGPT damping had to rise is recorded as it happens (the caller's report, which its
+    checkpoints carry: a resumed run keeps what the layers before them took); in the summary when not empty.
     """
     t0 = time.monotonic()
     nm = spec.nm
@@ -56,6 +59,7 @@ def prune_model(
     if spec.method == "none":
         summary["seconds"] = 0.0
         return summary
+    raised = damping_raised if damping_raised is not None else {}
     method = get_method(spec.method)
     if nm is not None:
         check_nm_fits(adapter.info, nm[1])
@@ -78,7 +82,7 @@ def prune_model(
             damping = getattr(stat, "damping", None)
             if damping is not None and damping != PERCDAMP:
                 where = _module_name(adapter, index, lin)
-                summary.setdefault("damping_raised", {})[where] = damping
+                raised[where] = damping
                 log.warning("SparseGPT: %s's Hessian factored only at damping %g (asked %g)", where, damping,
                             PERCDAMP)
         if progress is not None:
@@ -107,6 +111,8 @@ def prune_model(
                 if after_layer is not None:
                     after_layer(index, None)
     summary["modules"] = sum(len(adapter.prunable_linears(i)) for i in range(n_layers))  # resumed: all the same
+    if raised:
+        summary["damping_raised"] = raised
     summary["guarantee"] = method.guarantee
     summary["seconds"] = round(time.monotonic() - t0, 3)
     return summary

@@ -99,8 +99,12 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
             Hinv = torch.cholesky_inverse(L)
             del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if int(info) == 0:
                 return U, damp
+            del U  # a retry holds no copy of the failed try's
+        else:
+            del L
         damp *= 10
     raise ValueError(f"SparseGPT: the calibration Hessian is not positive definite even with damping "
                      f"{added:g} of its mean diagonal")

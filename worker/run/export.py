@@ -123,9 +123,10 @@ def reload_problem(directory: Path) -> str | None:
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+    persistent = set(skeleton.state_dict())
     expected = dict(skeleton.named_parameters())  # tied weights once, under the name saved
-    expected.update((n, b) for n, b in skeleton.named_buffers() if n in skeleton.state_dict())
-    unplaced = sorted(saved - set(skeleton.state_dict()))
+    expected.update((n, b) for n, b in skeleton.named_buffers() if n in persistent)
+    unplaced = sorted(saved - persistent)
     if unplaced:
         return f"{len(unplaced)} saved tensor(s) have no place in the model config.json describes (e.g. {unplaced[0]})"
     missing = sorted(set(expected) - saved)

@@ -13,8 +13,8 @@ from worker.errors import DataError
 
 _CHUNK = 1 << 20
 # How a job whose checkpoints no longer fit its inputs starts from the beginning.
-START_OVER = ("submit the spec as a new job (a retry resumes from these checkpoints; with `restorelcc run`, empty "
-              "its --checkpoints directory)")
+START_OVER = ("submit the spec as a new job (a retry resumes from these checkpoints; with `restorelcc run`, delete "
+              "this spec's folder in --checkpoints)")
 
 
 def data_digests(spec: JobSpec) -> dict[str, dict[str, Any]]:

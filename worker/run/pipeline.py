@@ -530,6 +530,7 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
         layer_scope=(lambda i: state.layer_scope(i, write=True)) if state.store is not None else None,
         resume=resume[:2] if resume is not None else None,
         after_layer=saver,
+        damping_raised=state.report.setdefault("pruning", {}).setdefault("damping_raised", {}),
     )
     state.report["pruning"] = summary
     _save(state, "pruned", drop=("calibration",))  # names the layers uploaded as they were done
