@@ -234,6 +234,8 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind, directions):
                 assert torch.equal(w == 0, module.weight == 0)
     ids = torch.randint(0, 300, (2, 12))
     offsets = load_restoration(tmp_path / "out" / "restoration.safetensors")
+    real = (offsets.directions.abs().amax(dim=-1) > 0).sum(dim=-1)  # directions that are not zero padding
+    assert rest["nonzero_directions_per_head_min"] == int(real.min()) <= rest["directions_per_head"]
     with torch.no_grad(), inject(DecoderAdapter(pruned), offsets):
         hooked = pruned(ids).logits
     with torch.no_grad():

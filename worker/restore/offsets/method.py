@@ -75,7 +75,10 @@ class OffsetMethod(RestoreMethod):
             grad_accum=r.grad_accum, seed=self.seed, **control.options(),
         )
         if self.offsets.directions is not None:  # β's length per head (head_dim: all)
-            stats["report"] = {"directions_per_head": int(self.offsets.directions.shape[1])}
+            d = self.offsets.directions
+            # fewer probe pairs than directions leave zero directions (their β multiply nothing): say how many
+            real = int((d.abs().amax(dim=-1) > 0).sum(dim=-1).min())
+            stats["report"] = {"directions_per_head": int(d.shape[1]), "nonzero_directions_per_head_min": real}
         return stats
 
     def merge(self, job: Job, check: Batch, progress: Progress) -> None:
