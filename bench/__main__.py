@@ -10,6 +10,8 @@ $RESTORELCC_SHARED_DATA):
     python -m bench service  checkpoint writes per stage, polling under 16 clients  docs/speed.md (below)
     python -m bench scaling  time and memory against model size, the memory plan   docs/scaling.md
     python -m bench precision  bfloat16 against float32 on SmolLM2, over seeds      docs/scaling.md (below)
+    python -m bench calibration  calibration windows with or without BOS first (Gemma 3) docs/calibration.md
+    python -m bench mergedepth  the merge check's logit difference against depth     docs/scaling.md (below)
 
 Each runs what its stored results (JSON under bench/results/, each with the fingerprint of what made it) do not
 hold yet, then renders its page from the stored results; --render-only runs nothing. The targets a page checks
@@ -33,6 +35,8 @@ BENCHMARKS = {
     "service": "bench.service",
     "scaling": "bench.scaling",
     "precision": "bench.precision",
+    "calibration": "bench.calibration",
+    "mergedepth": "bench.mergedepth",
 }
 
 

@@ -590,7 +590,7 @@ def test_the_service_section_is_rendered_from_the_stored_measurements() -> None:
 
 def test_one_entry_point_for_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service", "scaling", "precision",
-                               "objective"}
+                               "objective", "calibration", "mergedepth"}
     for name in BENCHMARKS:
         with pytest.raises(SystemExit) as exit_:
             bench_main([name, "--help"])
@@ -828,3 +828,34 @@ def test_scaling_predicts_a_run_whose_worker_did_not_measure_the_sparsegpt_step_
     assert "per SparseGPT column step, nominal: not measured by that worker" in section
     assert f"SparseGPT's {columns:,} column steps" in section
     assert "nominal" not in "\n".join(scaling._section([measured], "cuda"))
+
+
+def test_bos_first_windows_keep_their_length_and_put_bos_first_once() -> None:
+    """The calibration benchmark's other variant: the service's windows with BOS first where missing (the window's
+    last token gives way); a window that starts with BOS already is left alone."""
+    from bench.calibration import bos_first
+    from tests.tiny import instruction_rows, make_tokenizer
+    from worker.model.calibration import build_calibration_batches
+    from worker.model.data import leading_specials
+
+    tok = make_tokenizer()
+    tok.add_bos_token = True
+    assert leading_specials(tok) == 1
+    texts = [r["prompt"] + r["response"] for r in instruction_rows(24)]
+    windows = build_calibration_batches(tok, texts, n_samples=6, seq_len=16, batch_size=4, seed=0)
+    moved = bos_first(windows, tok)
+    before = [ids for b in windows for ids in b.input_ids.tolist()]
+    after = [ids for b in moved for ids in b.input_ids.tolist()]
+    bos = tok.bos_token_id
+    assert [len(b.input_ids) for b in moved] == [len(b.input_ids) for b in windows]
+    assert before[0][0] == bos and after[0] == before[0]  # the stream's first window starts with BOS already
+    assert all(a[0] == bos and a[1:] == b[:-1] for a, b in zip(after[1:], before[1:], strict=True) if b[0] != bos)
+    assert all(len(a) == 16 for a in after)
+
+
+def test_the_merge_depth_part_sets_each_depths_difference_beside_its_tolerance() -> None:
+    from bench import mergedepth
+
+    text = mergedepth.render({"eps": {"80": [5.0, 6.5], "30": [3.5, 3.9]}}, "python -m bench mergedepth")
+    assert "| 30 | 3.5, 3.9 | 3.9 | 16.0 |" in text and "| 80 | 5.0, 6.5 | 6.5 | 42.7 |" in text
+    assert text.index("| 30 |") < text.index("| 80 |")
