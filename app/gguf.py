@@ -10,10 +10,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from app.paths import DIR_SCAN_MAX
+
 _FIXED = {0: "<B", 1: "<b", 7: "<?", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _SMALL_ARRAY = 256  # longer arrays (vocabularies, merges) are returned as their length only
-_SCAN_MAX = 10_000  # entries of a model directory looked at for its .gguf file
 
 # GGUF architecture → transformers model_type, for the families the service supports.
 MODEL_TYPES = {
@@ -167,7 +168,7 @@ def local_gguf(path: str, gguf_file: str | None) -> Path | None:
         found: list[Path] = []
         with os.scandir(p) as entries:
             for i, entry in enumerate(entries):
-                if i >= _SCAN_MAX or len(found) > 1:
+                if i >= DIR_SCAN_MAX or len(found) > 1:
                     return None
                 if entry.name.endswith(".gguf") and entry.is_file():
                     found.append(Path(entry.path))

@@ -21,7 +21,7 @@ from app.schemas import JobSpec
 # "org/name" or "name": what a Hugging Face hub id looks like (and a local path does not claim to be).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 HUB_ID_MAX = 96  # huggingface_hub refuses longer repo ids
-_SCAN_MAX = 10_000  # entries of a model directory looked at for a .gguf file before giving the benefit of the doubt
+DIR_SCAN_MAX = 10_000  # entries of a model directory looked at for a .gguf file before giving the benefit of the doubt
 
 
 class PathRefused(ValueError):
@@ -140,7 +140,7 @@ def _holds_a_model(directory: str) -> bool:
     try:
         with os.scandir(directory) as entries:
             for i, entry in enumerate(entries):
-                if entry.name.lower().endswith(".gguf") or i >= _SCAN_MAX:
+                if entry.name.lower().endswith(".gguf") or i >= DIR_SCAN_MAX:
                     return True
     except OSError:
         return True  # unreadable here: the worker decides

@@ -63,7 +63,7 @@ PRUNE_BYTES_PER_ELEMENT = 18  # float32 scores, sort values + int64 indices, mas
 HESSIAN_COPIES = 3  # the Hessian (damped in place), its Cholesky factor or inverse, the inverse's factor
 CALIBRATION_BATCH = 8  # sequences a calibration forward runs at once (the worker's pruning stage)
 CALIBRATION_INTERMEDIATE_COPIES = 3  # a calibration batch through one layer's MLP: gate, up and their product
-STAT_CHUNK_ELEMENTS = 2**24  # a pruning statistic upcasts its inputs this many at a time (worker.prune.chunks)
+STAT_CHUNK_ELEMENTS = 2**24  # a pruning statistic upcasts its inputs this many at a time (worker.chunks)
 STAT_CHUNK_COPIES = 2  # ... the upcast chunk and its square, in float64
 TRAIN_INTERMEDIATE_COPIES = 4
 TRAIN_HIDDEN_COPIES = 8
@@ -357,6 +357,12 @@ def _read_config(model_dir: str) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def safetensors_bytes(model_dir: str | Path) -> int | None:
+    """The bytes of a model directory's safetensors files (what loading reads), or None when it has none."""
+    files = [f for f in Path(model_dir).glob("*.safetensors") if f.is_file()]
+    return sum(f.stat().st_size for f in files) if files else None
+
+
 def read_local_model(path: str, gguf_file: str | None = None) -> LocalModel | None:
     """A local Hugging Face directory's config.json, or a local GGUF file's header; None when ``path`` is neither
     or it cannot be read here (the worker decides then)."""
@@ -369,9 +375,7 @@ def read_local_model(path: str, gguf_file: str | None = None) -> LocalModel | No
         config = _read_config(path)
         if config is None:
             return None
-        files = [f for f in Path(path).glob("*.safetensors") if f.is_file()]
-        return LocalModel(config, stored=stored_dtype(path),
-                          file_bytes=sum(f.stat().st_size for f in files) if files else None)
+        return LocalModel(config, stored=stored_dtype(path), file_bytes=safetensors_bytes(path))
     except (GgufError, OSError, ValueError, TypeError):  # whatever the header holds, the worker gives the verdict
         return None
 

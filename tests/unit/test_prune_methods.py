@@ -233,7 +233,8 @@ def test_sparsegpt_uses_its_accumulators_hessian_up_and_remembers_whether_it_was
 def test_statistics_upcast_bounded_chunks_and_sum_what_the_whole_batch_gives(monkeypatch) -> None:
     """Accumulated chunk by chunk (a few rows here, 16M elements in use), the Wanda norms and the SparseGPT Hessian
     equal the whole batch's; a batch with no padding reaches them as a view of the layer's input, not a copy."""
-    from worker.prune import chunks, sparsegpt, wanda
+    from worker import chunks
+    from worker.prune import sparsegpt, wanda
 
     x = torch.randn(100, 12, dtype=torch.float64)
     whole_norms, whole_h = ColumnNormAccumulator(12), HessianAccumulator(12)

@@ -77,13 +77,14 @@ class ArchInfo:
         }
 
 
-def _text_config(config: Any) -> Any:
+def text_config(config: Any) -> Any:
+    """The text model's config (a multimodal config's ``text_config``), else the config itself."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def arch_info(config: Any) -> ArchInfo:
     """Head geometry from a transformers config; raises UnsupportedArchitectureError naming the problem."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     model_type = getattr(cfg, "model_type", None) or "unknown"
     top_type = getattr(config, "model_type", None) or model_type
     if top_type != model_type:  # a multimodal wrapper (e.g. Gemma 3 4B+): its CausalLM is not a plain decoder

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.prune.chunks import row_chunks
+from worker.chunks import row_chunks
 from worker.prune.masks import nm_mask, unstructured_mask
 
 BLOCK_SIZE = 128

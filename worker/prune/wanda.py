@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.prune.chunks import row_chunks
+from worker.chunks import row_chunks
 from worker.prune.masks import Group, apply_mask_, make_mask
 
 

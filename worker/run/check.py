@@ -63,15 +63,17 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
 
 
 def _vocab_size(config: Any) -> Any:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "vocab_size", None)
+    from worker.model.arch import text_config
+
+    return getattr(text_config(config), "vocab_size", None)
 
 
 def context_problem(spec: JobSpec, config: Any) -> SpecError | None:
     """A sequence length past the model's context (app.context), as the failure naming its field."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from worker.model.arch import text_config
+
     problem = app_context_problem(spec, config_context(
-        {"max_position_embeddings": getattr(text, "max_position_embeddings", None)}))
+        {"max_position_embeddings": getattr(text_config(config), "max_position_embeddings", None)}))
     return SpecError(problem[1], field=problem[0]) if problem is not None else None
 
 

@@ -9,7 +9,7 @@ from functools import partial
 from typing import Any
 
 from app.config import Settings
-from app.plan import Plan, Shapes, compute_dtype, format_bytes, make_plan, stored_dtype
+from app.plan import Plan, Shapes, compute_dtype, format_bytes, make_plan, safetensors_bytes, stored_dtype
 from worker.errors import DeviceUnavailableError, InsufficientMemoryFailure
 
 
@@ -185,8 +185,7 @@ def job_planner(spec: Any, source: Any, config: Any, device: str, measure: bool 
     call it with ``streaming`` or ``devices``."""
     gguf = source.kind == "gguf"
     path = source.path
-    files = [path] if gguf else [*path.glob("*.safetensors")] if path.is_dir() else []
-    file_bytes = sum(f.stat().st_size for f in files) if files else None
+    file_bytes = path.stat().st_size if gguf else safetensors_bytes(path) if path.is_dir() else None
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))  # transformers' or config.json's
     stored = None if gguf or not path.is_dir() else stored_dtype(path)
     shapes = Shapes.from_config(raw, stored)

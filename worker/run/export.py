@@ -75,9 +75,10 @@ def _write_model(model: Any, config: Any, directory: Path, target: Any, source: 
     import torch
     from huggingface_hub import split_torch_state_dict_into_shards
 
+    from worker.model.arch import text_config
     from worker.model.safetensors_stream import Entry, write_safetensors
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     tied = bool(getattr(text, "tie_word_embeddings", False) or getattr(config, "tie_word_embeddings", False))
     entries = []
     for name, t in model.state_dict().items():

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from app.methods import AdapterConfig
+from worker.chunks import row_chunks
 from worker.errors import SpecError
 from worker.restore.train import BatchSource, SaveHook, TrainProgress, TrainState, frozen, train_parameters
 
@@ -238,12 +239,11 @@ NORM_CHUNK = 2**24  # elements per float32 chunk the merge's norms are taken ove
 def _squared_norms(merged: torch.Tensor, before: torch.Tensor) -> tuple[float, float]:
     """(‖merged − before‖², ‖merged‖²) in float32 over row chunks: a 70B model's down projection in float32 whole
     would be a few GB more, several times over, on a device sized for the weights."""
-    rows = max(1, NORM_CHUNK // max(1, merged[0].numel()))
     update = total = 0.0
-    for i in range(0, merged.shape[0], rows):
-        now = merged[i : i + rows].to(torch.float32, copy=True)  # a copy even in float32: changed in place below
+    for rows, old in zip(row_chunks(merged, NORM_CHUNK), row_chunks(before, NORM_CHUNK), strict=True):
+        now = rows.to(torch.float32, copy=True)  # a copy even in float32: changed in place below
         total += float(now.pow(2).sum())
-        update += float(now.sub_(before[i : i + rows]).pow_(2).sum())
+        update += float(now.sub_(old).pow_(2).sum())
     return update, total
 
 

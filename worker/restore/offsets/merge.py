@@ -27,8 +27,9 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from worker.chunks import row_chunks
 from worker.errors import JobFailure, UnsupportedModelError
-from worker.model.arch import DecoderAdapter
+from worker.model.arch import DecoderAdapter, text_config
 from worker.restore.offsets.heads import HeadOffsets, check_compatible
 
 BIAS_BY_CONFIG = ("llama", "qwen3", "gemma2", "gemma3_text")
@@ -60,7 +61,7 @@ def _sliding_window_active(config: Any) -> bool:
 
 def check_mergeable(config: Any) -> None:
     """Raise UnsupportedModelError before any work when the merged model could not be exported."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = text_config(config)
     mt = cfg.model_type
     if mt in BIAS_BY_CONFIG:
         return
@@ -90,15 +91,13 @@ _CHUNK_ELEMENTS = 1 << 22  # weight elements upcast to float64 at a time (32 MiB
 
 def _matmul64(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """float64 ``weight @ x`` (x: (in,) or (in, k), on weight's device), upcasting a few rows of weight at a time."""
-    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
     x64 = x.to(device=weight.device, dtype=torch.float64)
-    return torch.cat([w.double() @ x64 for w in weight.split(rows)])
+    return torch.cat([w.double() @ x64 for w in row_chunks(weight, _CHUNK_ELEMENTS)])
 
 
 def _row_abs_sums(weight: torch.Tensor) -> torch.Tensor:
     """float64 Σ_j |W_ij| per row, upcasting a few rows at a time."""
-    rows = max(1, _CHUNK_ELEMENTS // max(1, weight.shape[1]))
-    return torch.cat([w.double().abs().sum(dim=1) for w in weight.split(rows)])
+    return torch.cat([w.double().abs().sum(dim=1) for w in row_chunks(weight, _CHUNK_ELEMENTS)])
 
 
 @torch.no_grad()
