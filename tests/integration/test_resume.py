@@ -240,3 +240,50 @@ def test_a_training_file_changed_since_a_training_checkpoint_fails_the_resume(jo
     digest = hashlib.sha256(train.read_bytes()).hexdigest()
     assert report["data"]["data.train"] == {"path": str(train), "sha256": digest, "bytes": train.stat().st_size}
     assert report["attempts"][-1]["resumed_from"]["checkpoint"] == "training"
+
+
+def test_a_resumed_hub_model_is_read_at_the_commit_its_checkpoints_came_from(job, tmp_path):
+    """A hub branch that moves while a job is down (a push to main between preemption and retry) does not mix two
+    versions: the resumed run reads the model at the commit the first one did, or, when that commit is no longer
+    there, fails model_not_found naming model.id and how to start over; the report and the model card name it."""
+    first_sha, second_sha = "a" * 40, "b" * 40
+    cache = tmp_path / "hub"
+    repo = cache / "models--tiny-org--tiny-llama"
+    save_tiny("llama", repo / "snapshots" / first_sha, seed=0)
+    save_tiny("llama", repo / "snapshots" / second_sha, seed=1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first_sha)
+    spec = json.loads(job["spec"].read_text())
+    spec["model"]["id"] = "tiny-org/tiny-llama"
+    spec["pruning"] = {"method": "magnitude", "sparsity": 0.5}
+    spec["restoration"]["max_steps"] = 30
+    spec["evaluation"]["perplexity"] = spec["evaluation"]["perplexity"][:1]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    env = {"HF_HUB_CACHE": str(cache)}
+    Run(path, tmp_path / "ref", tmp_path / "ref-checkpoints", env=env).finish()
+    reference = json.loads((tmp_path / "ref" / "report.json").read_text())
+    assert reference["model"]["commits"] == {"model.id": first_sha}
+    assert f"commit `{first_sha}`" in (tmp_path / "ref" / "model" / "README.md").read_text()
+
+    first = Run(path, tmp_path / "out", tmp_path / "checkpoints", stop_at="checkpoint:training:10", env=env)
+    first.kill_at_failpoint()
+    assert first.manifest()["point"] == "training"
+    (repo / "refs" / "main").write_text(second_sha)  # main moves on, and the first commit leaves the cache
+    (repo / "snapshots" / first_sha).rename(tmp_path / "kept")
+    gone = Run(path, tmp_path / "out", tmp_path / "checkpoints", env=env)
+    gone.proc.wait(timeout=240)
+    gone._reader.join(timeout=5)
+    assert gone.proc.returncode == 2, gone.text()[-2000:]
+    assert "error [model_not_found] (model.id)" in gone.text() and f"commit {first_sha}" in gone.text()
+    assert "start over" in gone.text()
+
+    (tmp_path / "kept").rename(repo / "snapshots" / first_sha)  # back in the cache; main still names the second
+    resumed = Run(path, tmp_path / "out", tmp_path / "checkpoints", env=env)
+    resumed.finish()
+    assert "resuming from the checkpoint taken at training" in resumed.text()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["model"]["commits"] == {"model.id": first_sha}
+    assert _sha(tmp_path / "out" / "model" / "model.safetensors") == _sha(tmp_path / "ref" / "model" /
+                                                                           "model.safetensors")
+    assert report["metrics"] == reference["metrics"]

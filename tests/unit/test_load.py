@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -253,6 +254,39 @@ def test_offline_cached_hub_id_loads(monkeypatch, tmp_path):
     assert preflight(src, _spec("tiny-org/tiny-llama")).num_heads == 4
     model, _ = load_model(src)
     torch.testing.assert_close(_logits(model), _logits(make_model("llama")))
+
+
+def test_a_hub_model_loads_at_the_commit_its_config_was_read_at(monkeypatch, tmp_path):
+    """The branch moving between reading the config and fetching the weights (a push to main while a job queues)
+    cannot mix two versions: the source keeps the commit it resolved to, and its weights and tokenizer come from
+    there; the commit also reads on as a revision of its own (what a resumed job pins)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    first, second = "1" * 40, "2" * 40
+    repo = tmp_path / "models--tiny-org--tiny-llama"
+    save_tiny("llama", repo / "snapshots" / first, seed=0)
+    save_tiny("llama", repo / "snapshots" / second, seed=1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(first)
+    src = resolve_source("tiny-org/tiny-llama", cache_dir=tmp_path)
+    assert src.commit == first and src.revision is None
+    (repo / "refs" / "main").write_text(second)  # main moves on
+    model, _ = load_model(src)
+    torch.testing.assert_close(_logits(model), _logits(make_model("llama", seed=0)))
+    assert resolve_source("tiny-org/tiny-llama", cache_dir=tmp_path).commit == second
+    pinned = resolve_source("tiny-org/tiny-llama", revision=first, cache_dir=tmp_path)
+    assert pinned.commit == first and pinned.path == repo / "snapshots" / first
+
+
+def test_a_hub_gguf_file_in_a_folder_names_its_snapshot_commit(monkeypatch, tmp_path, gguf_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sha = "3" * 40
+    repo = tmp_path / "models--tiny-org--tiny-gguf"
+    (repo / "snapshots" / sha / "q8").mkdir(parents=True)
+    shutil.copy(gguf_dir[0] / "q8" / "tiny-q8.gguf", repo / "snapshots" / sha / "q8" / "tiny-q8.gguf")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    src = resolve_source("tiny-org/tiny-gguf", gguf_file="q8/tiny-q8.gguf", cache_dir=tmp_path)
+    assert src.kind == "gguf" and src.commit == sha
 
 
 def test_unsupported_architecture_fails_before_any_weight_is_read(tmp_path):

@@ -93,6 +93,8 @@ def test_a_hub_model_names_its_base_model_and_only_the_columns_measured():
     assert "| metric | pruned |" in card and "| boolq.acc | 0.625 |" in card and "dense |" not in card
     assert "None: the pruned weights are exported as they are." in card
     assert "restoration is merged" not in card
+    pinned = model_card(spec, {**report, "model": {"commits": {"model.id": "c" * 40}}}, Licence("apache-2.0"))
+    assert f"(revision `v1`, commit `{'c' * 40}`)" in pinned  # the commit the weights were read at
 
 
 def test_an_other_licence_keeps_its_name_and_link_and_yaml_stays_valid(tmp_path):

@@ -46,8 +46,10 @@ class ModelSource:
     """Where a model lives. ``path`` is a directory (``hf_dir``) or the ``.gguf`` file itself (``gguf``).
 
     For a hub id, ``path`` is the snapshot directory in the local Hugging Face cache (weights may
-    still be missing there until ``load_model`` fetches them) and ``repo_id`` is set. ``field`` is the spec
-    field it came from ("model.id" or "model.dense"), named by every failure to read or load it.
+    still be missing there until ``load_model`` fetches them), ``repo_id`` is set and ``commit`` is the commit
+    ``revision`` resolved to when the config was read: the weights and tokenizer are fetched at that commit, so a
+    branch that moves meanwhile cannot mix two versions. ``field`` is the spec field it came from ("model.id" or
+    "model.dense"), named by every failure to read or load it.
     """
 
     model_id: str
@@ -56,6 +58,7 @@ class ModelSource:
     repo_id: str | None = None
     revision: str | None = None
     field: str = dataclass_field(default="model.id", compare=False, repr=False)
+    commit: str | None = None
 
     @property
     def name(self) -> str:
@@ -157,9 +160,12 @@ def _hub_source(repo_id: str, revision: str | None, gguf_file: str | None,
 
 def _hub_file_source(repo_id: str, file: Path, gguf_file: str | None, revision: str | None,
                      field: str = "model.id") -> ModelSource:
+    """The source of hub file ``file`` (``<cache>/models--org--name/snapshots/<commit>/<name>``)."""
+    name = gguf_file or "config.json"
+    commit = file.parents[len(Path(name).parts) - 1].name  # the snapshot directory is named by its commit
     if gguf_file:
-        return ModelSource(repo_id, "gguf", file, repo_id, revision, field=field)
-    return ModelSource(repo_id, "hf_dir", file.parent, repo_id, revision, field=field)
+        return ModelSource(repo_id, "gguf", file, repo_id, revision, field=field, commit=commit)
+    return ModelSource(repo_id, "hf_dir", file.parent, repo_id, revision, field=field, commit=commit)
 
 
 def resolve_source(model_id: str, revision: str | None = None, gguf_file: str | None = None,
@@ -322,8 +328,8 @@ def _hub_snapshot(source: ModelSource, patterns: list[str], what: str) -> Path:
     offline = _offline()
     cache_dir = source.path.parent.parent.parent  # <cache>/models--org--name/snapshots/<sha>
     try:
-        return Path(snapshot_download(source.repo_id, revision=source.revision, cache_dir=cache_dir,
-                                      allow_patterns=patterns, local_files_only=offline))
+        return Path(snapshot_download(source.repo_id, revision=source.commit or source.revision,
+                                      cache_dir=cache_dir, allow_patterns=patterns, local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         if offline:
             raise ModelNotFoundError(

@@ -3,7 +3,7 @@ spec says and of a supported shape, N:M fits, a dense reference matches, and the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,22 +24,26 @@ class CheckedJob:
     config: Any = None  # the model's transformers config (what the memory plan reads)
 
 
-def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = None) -> CheckedJob:
+def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = None,
+              pins: Mapping[str, str] | None = None) -> CheckedJob:
     """Everything that can be checked without weights: data files, the model's location and architecture,
     N:M fit, the dense reference's shape, the restoration method's own checks. Raises a JobFailure naming the
     field. ``on_config`` sees the job once its config is read, before the method's preflight (which imports
-    transformers): the memory plan, so that a job that cannot fit is refused in seconds."""
-    from worker.model.load import checked_config, resolve_source
+    transformers): the memory plan, so that a job that cannot fit is refused in seconds. ``pins``: field → the hub
+    commit a resumed job's checkpoints were made from (:func:`hub_commits`), read at that commit whatever its
+    revision resolves to now."""
+    from worker.model.load import checked_config
 
+    pins = pins or {}
     rows = check_data_files(spec)
-    source = resolve_source(spec.model.id, revision=spec.model.revision, gguf_file=spec.model.gguf_file)
+    source = _resolve(spec.model.id, spec.model.revision, spec.model.gguf_file, "model.id", pins.get("model.id"))
     info, config = checked_config(source, spec)
     too_long = context_problem(spec, config)
     if too_long is not None:
         raise too_long
     dense_source = None
     if spec.pruning.method == "none" and spec.model.dense and restoration_method(spec.restoration.method).trains:
-        dense_source = resolve_source(spec.model.dense, field="model.dense")
+        dense_source = _resolve(spec.model.dense, None, None, "model.dense", pins.get("model.dense"))
         dense_info, dense_config = checked_config(dense_source, spec)
         if dense_info != info:
             raise SpecError(f"model.dense has another shape than model.id ({dense_info} vs {info})",
@@ -60,6 +64,29 @@ def check_job(spec: JobSpec, on_config: Callable[[CheckedJob], None] | None = No
     method = method_for(spec)
     method.preflight(Preflight(info, config, rows.get("data.train")))
     return CheckedJob(source, info, dense_source, method, config)
+
+
+def _resolve(model_id: str, revision: str | None, gguf_file: str | None, field: str, pin: str | None) -> Any:
+    """The ModelSource of ``field``; with ``pin``, at that commit (a resumed job's), failing with how to start over
+    when that commit can no longer be read."""
+    from worker.errors import ModelNotFoundError
+    from worker.model.load import resolve_source
+    from worker.run.lineage import START_OVER
+
+    if pin is None:
+        return resolve_source(model_id, revision=revision, gguf_file=gguf_file, field=field)
+    try:
+        return resolve_source(model_id, revision=pin, gguf_file=gguf_file, field=field)
+    except ModelNotFoundError as exc:
+        raise ModelNotFoundError(f"this job's checkpoints were made from commit {pin} of {field}, which cannot be "
+                                 f"read now ({exc.message}); start over: {START_OVER}", field=field) from exc
+
+
+def hub_commits(checked: CheckedJob) -> dict[str, str]:
+    """Field → the hub commit its model was read at (hub models only): what the report keeps and a resumed run
+    pins (``check_job``'s ``pins``)."""
+    sources = {"model.id": checked.source, "model.dense": checked.dense_source}
+    return {f: s.commit for f, s in sources.items() if s is not None and getattr(s, "commit", None)}
 
 
 def _vocab_size(config: Any) -> Any:

@@ -263,7 +263,20 @@ class CheckpointStore:
             return found
         return None
 
-    def _read(self, prefix: str) -> Checkpoint | None:
+    def saved_meta(self) -> dict[str, Any] | None:
+        """The meta of the checkpoint :meth:`load` would read, from its manifest alone (no part is fetched), or
+        None: what a run must know before it reads the checkpoint (the commits its model was read at)."""
+        for prefix in (self.prefix, *self.sources):
+            try:
+                manifest = self._manifest(prefix)
+            except Unreadable:
+                continue  # load() says why
+            if manifest is not None:
+                return manifest["meta"]
+        return None
+
+    def _manifest(self, prefix: str) -> dict[str, Any] | None:
+        """The manifest under ``prefix`` (None: none there); Unreadable when this worker cannot use it."""
         try:
             raw = b"".join(self.store.open_range(prefix + MANIFEST))
         except ArtifactNotFound:
@@ -280,6 +293,12 @@ class CheckpointStore:
             raise Unreadable(f"format {manifest.get('version')!r}, this worker reads {CHECKPOINT_VERSION}")
         if manifest.get("fingerprint") != self.fingerprint:
             raise Unreadable("written for another spec or release")
+        return manifest
+
+    def _read(self, prefix: str) -> Checkpoint | None:
+        manifest = self._manifest(prefix)
+        if manifest is None:
+            return None
         self.scratch.mkdir(parents=True, exist_ok=True)
         files: dict[str, Path] = {}
         for name, ref in manifest["parts"].items():

@@ -124,7 +124,7 @@ def model_card(spec: JobSpec, report: dict[str, Any], licence: Licence) -> str:
 
     name = _display_name(model_id)
     out = ["---", *front, "---", "", f"# {name}, pruned{' and restored' if restored else ''} with restorelcc", ""]
-    out += ["## Base model", "", _base_model(spec), ""]
+    out += ["## Base model", "", _base_model(spec, report), ""]
     out += ["## Pruning", "", *_pruning(spec, report), ""]
     out += ["## Restoration", "", *_restoration(spec, report), ""]
     out += ["## Measured sparsity", "", _sparsity(report), ""]
@@ -147,10 +147,13 @@ def _display_name(model_id: str) -> str:
     return name.removesuffix(".gguf").removesuffix(".GGUF")
 
 
-def _base_model(spec: JobSpec) -> str:
+def _base_model(spec: JobSpec, report: dict[str, Any]) -> str:
     model_id = spec.model.id
     if is_hub_id(model_id):
-        revision = f" (revision `{spec.model.revision}`)" if spec.model.revision else ""
+        commit = ((report.get("model") or {}).get("commits") or {}).get("model.id")
+        named = [f"revision `{spec.model.revision}`"] if spec.model.revision and spec.model.revision != commit else []
+        named += [f"commit `{commit}`"] if commit else []
+        revision = f" ({', '.join(named)})" if named else ""
         text = f"[`{model_id}`](https://huggingface.co/{model_id}){revision} from the Hugging Face Hub"
     else:
         text = f"`{_display_name(model_id)}`, a local model"

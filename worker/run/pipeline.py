@@ -24,7 +24,7 @@ from app.schemas import JobSpec, Stage
 from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
 from worker.run import failpoints
-from worker.run.check import check_job, data_field
+from worker.run.check import check_job, data_field, hub_commits
 from worker.run.resume import Resumer
 from worker.run.stagemeter import StageMeter, return_large_frees
 
@@ -115,7 +115,8 @@ def run_pipeline(spec: JobSpec, out_dir: Path, reporter: Reporter, resumer: Resu
     checkpoints and continue from the one it finds."""
     planned: list[MemoryChoice] = []
     try:  # worker.run.check, before the heavy imports: a bad job, or one that cannot fit, is refused in seconds
-        checked = check_job(spec, on_config=lambda c: planned.append(plan_memory(spec, c, reporter)))
+        pins = resumer.hub_commits() if resumer is not None else {}  # a resumed job reads its hub models as before
+        checked = check_job(spec, on_config=lambda c: planned.append(plan_memory(spec, c, reporter)), pins=pins)
     except JobFailure:
         if resumer is not None:
             resumer.close()
@@ -292,6 +293,8 @@ def _stage_loading(state: RunState, progress: StageProgress, reporter: Reporter)
     spec = state.spec
     source, info, dense_source = state.checked.source, state.checked.info, state.checked.dense_source
     state.report["model"] = {"id": spec.model.id, "source": str(source), "arch": info.__dict__}
+    if commits := hub_commits(state.checked):
+        state.report["model"]["commits"] = commits
     checkpoint(reporter)
     if state.resumer.reached("prepared"):
         _resume_model(state, source, progress)

@@ -85,6 +85,14 @@ class Resumer:
         self._last = (ck.point, step)
         return ck.meta["report"]
 
+    def hub_commits(self) -> dict[str, str]:
+        """Field → the hub commit the checkpoint's model was read at (its report's ``model.commits``), read before
+        the checkpoint itself: a resumed run loads the model at that commit (worker.run.check.check_job's
+        ``pins``)."""
+        meta = self.store.saved_meta() if self.store is not None else None
+        commits = ((meta or {}).get("report") or {}).get("model", {}).get("commits")
+        return {k: v for k, v in commits.items() if isinstance(v, str)} if isinstance(commits, dict) else {}
+
     def close(self) -> None:
         """Remove the local copies of the checkpoint read (the checkpoints themselves stay in the store)."""
         if self.store is not None:
