@@ -73,6 +73,11 @@ DISTILL_LOGIT_BYTES = 8  # distill adds per logit: the float32 log-softmax kept 
 
 EXPORT_BUFFER_SHARE = 16  # the safetensors writer's buffers: about 1/16 of the weights
 ADAPTER_MERGE_COPIES = 3  # merging an adapter into one weight: the weight kept before, peft's safe copy, the delta
+# Eager attention (Gemma 2: softcapped scores, which SDPA cannot do) holds batch × heads × seq² scores; the other
+# models' SDPA kernels never do. Measured on a tiny Gemma 2 (float32 and bfloat16; tests/unit/test_plan.py):
+EAGER_KEPT_BYTES = 8  # per score element and layer, what a training forward keeps for the backward
+EAGER_LAYER_BYTES = 12  # per score element, one layer's scores being computed (capped copies, float32 softmax): 10-11
+EAGER_MASKS = 2  # causal and sliding-window masks, batch × seq² each in the compute dtype, for the whole forward
 EXTRACT_CAPTURE_COPIES = 4  # extracting: the probe features (2N rows × 2 head_dim) or the SVD's copies, in captures
 
 
@@ -85,6 +90,15 @@ def captured_activations(spec: JobSpec, shapes: Shapes) -> dict[Stage, int]:
     dense = 3 if getattr(r, "head_selection", None) == "probe" else 1  # prompt (+ response and negative)
     return {Stage.loading: dense * one, Stage.pruning: dense * one, Stage.probing: (dense + 1) * one,
             Stage.extracting: (dense + 1 + EXTRACT_CAPTURE_COPIES) * one}
+
+
+def attention_scores(shapes: Shapes, batch: int, seq: int, dtype_bytes: int, kept_layers: int = 0) -> int:
+    """Bytes of a forward's attention scores at ``batch`` × ``seq`` with ``kept_layers`` layers' kept for a backward:
+    0 unless the model attends eagerly (:data:`EAGER_KEPT_BYTES`)."""
+    if not shapes.eager_attention:
+        return 0
+    scores = batch * shapes.heads * seq * seq * (EAGER_LAYER_BYTES + EAGER_KEPT_BYTES * kept_layers)
+    return scores + EAGER_MASKS * batch * seq * seq * dtype_bytes
 
 
 def eval_logits(batch: int, seq: int, vocab: int) -> int:
@@ -205,7 +219,8 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     masks = shapes.linear_params() // 8 if spec.pruning.method != "none" else 0
     ev = spec.evaluation
     evaluates = bool(ev.perplexity or ev.response_perplexity or ev.tasks)
-    eval_t = eval_scoring(ev.batch_size, ev.max_seq_len, shapes.vocab, b, shapes.logit_softcap) if evaluates else 0
+    eval_t = eval_scoring(ev.batch_size, ev.max_seq_len, shapes.vocab, b, shapes.logit_softcap) \
+        + attention_scores(shapes, ev.batch_size, ev.max_seq_len, b) if evaluates else 0
     r = spec.restoration
     max_elems = max(o * i for o, i in shapes.linear_shapes())
     max_in = max(i for _, i in shapes.linear_shapes())
@@ -222,6 +237,8 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
             chunk = min(STAT_CHUNK_ELEMENTS, batch_tokens * max_in)
             prune_t += CALIBRATION_INTERMEDIATE_COPIES * batch_tokens * shapes.intermediate * b
             prune_t += STAT_CHUNK_COPIES * chunk * 8
+            prune_t += attention_scores(shapes, min(CALIBRATION_BATCH, spec.pruning.calibration_samples),
+                                        spec.pruning.seq_len, b)
     trains = restoration_method(r.method).trains
     batch = getattr(r, "batch_size", 8)
     seq = getattr(r, "max_seq_len", 256)
@@ -238,12 +255,15 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     distill = trains and r.needs_dense_targets()
     # distill: the student's float32 log-softmax and the rest-bucket's masked copy, beside the logits
     logit_bytes = TRAIN_LOGIT_BYTES + (DISTILL_LOGIT_BYTES if distill else 0) + (2 * b if shapes.logit_softcap else 0)
-    train_t = tokens * (per_token + shapes.vocab * logit_bytes) if trains else 0
+    train_t = tokens * (per_token + shapes.vocab * logit_bytes) \
+        + attention_scores(shapes, batch, seq, b, kept_layers=1 if streaming else layers_kept) if trains else 0
     # the dense targets' capture (loading): a batch's logits in the model's dtype, one row's in float32 twice
-    capture_t = batch * seq * shapes.vocab * b + 2 * seq * shapes.vocab * 4 if distill else 0
+    capture_t = batch * seq * shapes.vocab * b + 2 * seq * shapes.vocab * 4 \
+        + attention_scores(shapes, batch, seq, b) if distill else 0
     # ... and the targets kept from then on: at most every token of the samples training sees, 6k + 8 bytes each
     targets_b = distilled_samples(spec) * seq * (6 * getattr(r, "distill_top_k", 0) + 8) if distill else 0
-    probe_t = 4 * batch * seq * shapes.intermediate * b if r.needs_activations() else 0
+    probe_t = 4 * batch * seq * shapes.intermediate * b + attention_scores(shapes, batch, seq, b) \
+        if r.needs_activations() else 0
     # the merge check: logits of a check batch, and o_proj's weights in float64, before and after
     merge_t = int(1.5 * eval_logits(batch, seq, shapes.vocab)) + 2 * shapes.hidden * shapes.attn * 8
     if restoration_method(r.method).exports_adapter:  # an adapter's merge: the weight before, peft's copy, the delta

@@ -28,6 +28,7 @@ class Shapes:
     norms_per_layer: int = 2  # Gemma's four
     qk_norm: bool = False  # Qwen3's and Gemma 3's per-head q/k norms
     logit_softcap: bool = False  # Gemma 2's final_logit_softcapping: tanh(logits / cap) · cap, copies of the logits
+    eager_attention: bool = False  # Gemma 2: transformers attends eagerly (softcapped scores), holding seq² scores
 
     @classmethod
     def from_config(cls, config: dict[str, Any], stored: str | None = None) -> Shapes:
@@ -51,6 +52,7 @@ class Shapes:
                 qk_norm=kind in ("qwen3", "gemma3_text", "gemma3"),
                 # Gemma 2's config class defaults the cap to 30 when config.json leaves it out
                 logit_softcap=text.get("final_logit_softcapping", 30.0 if kind == "gemma2" else None) is not None,
+                eager_attention=kind == "gemma2",
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"the model's config lacks a usable {exc}") from exc

@@ -3,12 +3,18 @@ prediction is made of; the device budget's settings; packed zero masks."""
 
 from __future__ import annotations
 
+import dataclasses
+import weakref
+
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import AutoModelForCausalLM
 
 from app.config import Settings, parse_size
-from app.plan import GiB, PlanError, Shapes, make_plan, planned_stages, read_local_model, submit_plan
+from app.plan import GiB, PlanError, Shapes, attention_scores, make_plan, planned_stages, read_local_model, submit_plan
 from app.schemas import JobSpec
 from tests.tiny import SUPPORTED_KINDS, make_config, make_model, save_tiny
 from worker.errors import InsufficientMemoryFailure
@@ -221,3 +227,86 @@ def test_a_logit_soft_cap_plans_another_copy_of_the_logits():
     a, b = (make_plan(spec(), s, "cuda").stages for s in (capped, uncapped))
     assert a["evaluating"].device_bytes - b["evaluating"].device_bytes == 4 * 128 * 256000 * 2  # spec()'s batch
     assert a["training"].device_bytes > b["training"].device_bytes
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The peak of the bytes held by the tensors the ops under it produce (each storage counted until it is freed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._held: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, n = storage.data_ptr(), storage.nbytes()
+                if n and key not in self._held:
+                    self._held.add(key)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, n)
+        return out
+
+    def _freed(self, key: int, n: int) -> None:
+        self.live -= n
+        self._held.discard(key)
+
+
+def _scores_kept_for_backward(model, ids) -> int:
+    """Bytes of the seq × seq tensors (attention scores) autograd keeps in a training forward, each once."""
+    seq = ids.shape[1]
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        if t.shape[-2:] == (seq, seq):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.model(inputs_embeds=embeddings)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_attention_scores_are_planned_as_measured(dtype):
+    """Gemma 2 attends eagerly: a training forward keeps every layer's batch × heads × seq² scores and a forward
+    computes one layer's at a time. The plan's bytes per score element are those measured here, and the SDPA
+    models plan none."""
+    config = make_config("gemma2")
+    shapes, b = Shapes.from_config(config.to_dict()), torch.finfo(dtype).bits // 8
+    assert shapes.eager_attention and not Shapes.from_config(LLAMA_7B).eager_attention
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).train().requires_grad_(False)
+    batch, seq = 2, 256
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    kept = _scores_kept_for_backward(model, ids)
+    kept_per_layer = attention_scores(shapes, batch, seq, b, kept_layers=1) - attention_scores(shapes, batch, seq, b)
+    assert 0.9 * shapes.layers * kept_per_layer <= kept <= shapes.layers * kept_per_layer
+
+    seq = 1024  # the scores dwarf everything else a forward holds at this length and width
+    live = _LiveBytes()
+    with torch.no_grad(), live:
+        model.model(torch.randint(0, config.vocab_size, (batch, seq)))
+    planned = attention_scores(shapes, batch, seq, b)
+    assert 0.75 * planned <= live.peak <= planned
+
+
+def test_a_model_that_attends_eagerly_plans_its_scores_in_every_stage_that_runs_a_forward():
+    gemma2 = {"model_type": "gemma2", "hidden_size": 3584, "num_hidden_layers": 42, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 256, "intermediate_size": 14336, "vocab_size": 256000,
+              "dtype": "bfloat16"}
+    eager = Shapes.from_config(gemma2)
+    sdpa = dataclasses.replace(eager, eager_attention=False)
+    job = spec(restoration={"method": "restorelcc", "batch_size": 8, "max_seq_len": 1024})
+    a, b = (make_plan(job, s, "cuda").stages for s in (eager, sdpa))
+    assert attention_scores(sdpa, 8, 1024, 2) == 0
+    assert a["training"].device_bytes - b["training"].device_bytes == attention_scores(eager, 8, 1024, 2,
+                                                                                      kept_layers=42)
+    assert a["training"].device_bytes - b["training"].device_bytes > 40 * 2**30  # 42 layers of 16 × 1024² scores
+    assert a["evaluating"].device_bytes - b["evaluating"].device_bytes == attention_scores(eager, 4, 128, 2)
+    for stage in ("pruning", "probing"):
+        assert a[stage].device_bytes > b[stage].device_bytes
