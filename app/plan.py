@@ -59,7 +59,14 @@ JOB_STATE = 120 * MiB
 # The sentence-embedding model contrastive probing loads for its negatives (restoration.negatives "minilm").
 EMBEDDING_MODEL = 130 * MiB
 EVAL_ROW_COPIES = 2  # scoring: one row's logits in float32 and its log-softmax, beside the batch's logits
-PRUNE_BYTES_PER_ELEMENT = 18  # float32 scores, sort values + int64 indices, masks
+# Pruning one Linear, per weight: its float32 scores (or SparseGPT's float32 copy), the mask and the temporaries of
+# choosing it, at most 8 measured (tests/unit/test_masks.py); beside them, a chunk of the groups being sorted (float32
+# values, int64 indices and the sort's buffers: 25 bytes per score by RSS), or for a whole tensor larger than
+# SORT_MAX_ELEMENTS, chosen by threshold, a chunk of int32 ranks.
+PRUNE_BYTES_PER_ELEMENT = 9
+SORT_BYTES_PER_ELEMENT = 25
+SORT_MAX_ELEMENTS = 1 << 22
+MASK_CHUNK_ELEMENTS = 1 << 22
 HESSIAN_COPIES = 3  # the Hessian (damped in place), its Cholesky factor or inverse, the inverse's factor
 CALIBRATION_BATCH = 8  # sequences a calibration forward runs at once (the worker's pruning stage)
 CALIBRATION_INTERMEDIATE_COPIES = 3  # a calibration batch through one layer's MLP: gate, up and their product
@@ -227,7 +234,7 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
     prune_t = 0
     method = PRUNING_METHODS[spec.pruning.method]
     if spec.pruning.method != "none":
-        prune_t = PRUNE_BYTES_PER_ELEMENT * max_elems
+        prune_t = PRUNE_BYTES_PER_ELEMENT * max_elems + SORT_BYTES_PER_ELEMENT * min(max_elems, MASK_CHUNK_ELEMENTS)
         if spec.pruning.method == "sparsegpt":
             prune_t += HESSIAN_COPIES * max_in * max_in * (4 if cuda else 8)
         if method.needs_calibration:  # a layer's inputs and outputs for every calibration sequence

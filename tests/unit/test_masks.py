@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from worker.prune import masks
 from worker.prune.masks import apply_mask_, make_mask, nm_mask, prune_count, unstructured_mask
 from worker.prune.measure import check_nm
 
@@ -134,3 +135,93 @@ def test_apply_mask_zeroes_in_place() -> None:
     assert (w[~mask] == 0).all() and torch.equal(w[mask], before[mask])
     with pytest.raises(ValueError, match="shape"):
         apply_mask_(w, mask[:, :2])
+
+
+def _sorted_keep(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The rule every mask follows, by a stable descending sort: the ``keep`` highest, lower index first on ties."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if keep > 0:
+        mask.scatter_(-1, torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep], True)
+    return mask
+
+
+def _scores_of_kind(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # few distinct values: most of the choice is tie-breaking
+        return torch.randint(0, 5, shape, generator=g).float()
+    if kind == "signed":  # negative scores, both zeros, ties among negatives and huge magnitudes
+        s = torch.randint(-3, 3, shape, generator=g).float() * torch.tensor(1e30)
+        s.view(-1)[::7] = -0.0
+        s.view(-1)[1::7] = 0.0
+        return s
+    if kind == "subnormal":
+        return torch.rand(shape, generator=g) * 1e-40
+    return torch.rand(shape, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signed", "subnormal"])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("by", ["threshold", "chunks"])
+def test_large_masks_keep_what_the_sort_keeps(monkeypatch, kind: str, seed: int, by: str) -> None:
+    """A group larger than SORT_MAX_ELEMENTS is chosen by threshold, and groups are sorted a chunk at a time, without
+    a whole sort's copies: either way exactly the entries one stable sort keeps, ties included."""
+    monkeypatch.setattr(masks, "SORT_MAX_ELEMENTS", 0 if by == "threshold" else 1 << 30)
+    monkeypatch.setattr(masks, "MASK_CHUNK_ELEMENTS", 40)  # rows (or the tie walk) cross chunk borders
+    scores = _scores_of_kind(kind, (12, 64), seed)
+    for sparsity in (0.0, 0.1, 0.5, 0.77, 1.0):
+        for group in ("row", "tensor"):
+            flat = scores if group == "row" else scores.reshape(1, -1)
+            keep = flat.shape[1] - prune_count(flat.shape[1], sparsity)
+            expected = _sorted_keep(flat, keep).reshape(scores.shape)
+            assert torch.equal(unstructured_mask(scores, sparsity, group), expected), (kind, sparsity, group)
+    for n, m in ((1, 2), (2, 4), (4, 8), (3, 16)):
+        expected = _sorted_keep(scores.reshape(12, 64 // m, m), n).reshape(scores.shape)
+        assert torch.equal(nm_mask(scores, n, m), expected), (kind, n, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method, nm", [("magnitude", None), ("magnitude", (2, 4)), ("wanda", None), ("wanda", (2, 4)),
+                                        ("sparsegpt", None), ("sparsegpt", (2, 4))])
+def test_pruning_a_large_linear_holds_what_the_plan_counts(dtype, method, nm) -> None:
+    """The peak bytes pruning one Linear holds (every tensor its operations make, while it lives), per weight: within
+    the plan's PRUNE_BYTES_PER_ELEMENT (SparseGPT's Hessian copies apart: HESSIAN_COPIES), where a sort-based mask
+    alone held more than that."""
+    from app.plan import (
+        HESSIAN_COPIES,
+        MASK_CHUNK_ELEMENTS,
+        PRUNE_BYTES_PER_ELEMENT,
+        SORT_BYTES_PER_ELEMENT,
+        SORT_MAX_ELEMENTS,
+    )
+    from tests.unit.test_plan import _LiveBytes
+    from worker.prune.magnitude import prune_magnitude
+    from worker.prune.sparsegpt import HessianAccumulator, prune_sparsegpt
+    from worker.prune.wanda import ColumnNormAccumulator, prune_wanda
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2048, 4096, bias=False).to(dtype)
+    n = linear.weight.numel()
+    assert n > SORT_MAX_ELEMENTS
+    x = torch.randn(64, 2048)
+    if method == "wanda":
+        stats = ColumnNormAccumulator(2048)
+        stats.add(x)
+        prune = lambda: prune_wanda(linear, stats, 0.5, nm)  # noqa: E731
+    elif method == "sparsegpt":
+        stats = HessianAccumulator(2048)
+        stats.add(x.to(dtype))
+        prune = lambda: prune_sparsegpt(linear, stats, 0.5, nm)  # noqa: E731
+    else:
+        prune = lambda: prune_magnitude(linear, 0.5, nm)  # noqa: E731
+    live = _LiveBytes()
+    with live:
+        mask = prune()
+    assert int(mask.sum()) == n // 2
+    hessian = HESSIAN_COPIES * 2048 * 2048 * 8 if method == "sparsegpt" else 0
+    assert live.peak <= PRUNE_BYTES_PER_ELEMENT * n + SORT_BYTES_PER_ELEMENT * MASK_CHUNK_ELEMENTS + hessian
+
+    scores = torch.rand(4096, 2048)
+    sorted_live = _LiveBytes()
+    with sorted_live:
+        _sorted_keep(scores.reshape(1, -1), n // 2)
+    assert sorted_live.peak > PRUNE_BYTES_PER_ELEMENT * n

@@ -239,11 +239,13 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key, n = storage.data_ptr(), storage.nbytes()
-                if n and key not in self._held:
+                if n and key not in self._held and key not in inputs:  # a view or an in-place result holds nothing new
                     self._held.add(key)
                     self.live += n
                     self.peak = max(self.peak, self.live)

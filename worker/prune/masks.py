@@ -19,6 +19,8 @@ from typing import Literal
 
 import torch
 
+from app.plan import MASK_CHUNK_ELEMENTS, SORT_MAX_ELEMENTS
+
 Group = Literal["row", "tensor"]
 
 
@@ -30,20 +32,74 @@ def prune_count(group_size: int, sparsity: float) -> int:
     return min(group_size, max(0, math.floor(sparsity * group_size + 0.5 + 1e-9)))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether no entry of ``t`` is NaN or infinite, from its extremes (NaN if any entry is): ``isfinite`` would
+    make three temporaries of ``t``'s size, which beside a 70B down_proj's float32 copy is another 1.6 GB."""
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _check_scores(scores: torch.Tensor) -> None:
     if scores.dim() != 2:
         raise ValueError(f"scores must be a 2-D (out × in) matrix, got shape {tuple(scores.shape)}")
-    if not bool(torch.isfinite(scores).all()):  # an infinite weight would be kept and poison every output
+    if not all_finite(scores):  # an infinite weight would be kept and poison every output
         raise ValueError("scores are not finite (NaN or infinite)")
+
+
+# A mask is chosen by sorting each group's scores, MASK_CHUNK_ELEMENTS scores of whole groups at a time: a sort holds
+# float32 values and int64 indices beside them (25 bytes per score with its buffers, measured). One group larger than
+# SORT_MAX_ELEMENTS (the whole tensor, magnitude's) is chosen by threshold instead, with bool and int32 temporaries.
 
 
 def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Bool mask keeping the ``keep`` highest scores along the last dimension (ties: lower index kept)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
     if keep <= 0:
-        return mask
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    mask.scatter_(-1, order[..., :keep], True)
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if keep >= scores.shape[-1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if scores.shape[-1] > SORT_MAX_ELEMENTS and scores.dtype == torch.float32:  # the keys are float32's bits
+        return _keep_top_by_threshold(scores, keep)
+    groups = scores.reshape(-1, scores.shape[-1])
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    step = max(1, MASK_CHUNK_ELEMENTS // groups.shape[1])
+    for start in range(0, groups.shape[0], step):
+        order = torch.sort(groups[start : start + step], dim=-1, descending=True, stable=True).indices
+        mask[start : start + step].scatter_(-1, order[:, :keep], True)
+        del order
+    return mask.reshape(scores.shape)
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order as the float32 scores do (-0.0 equal to 0.0): the bits themselves for non-negative
+    scores (a view, no copy), else with a negative score's magnitude bits flipped."""
+    if bool(scores.min() >= 0):
+        keys = scores.view(torch.int32)
+        return torch.where(keys == torch.iinfo(torch.int32).min, 0, keys) if bool(torch.signbit(scores).any()) \
+            else keys
+    keys = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    return torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
+
+
+def _keep_top_by_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """For long groups: each group's ``keep``-th highest key by bisection (32 counting passes), then every key
+    above it and, of the keys equal to it, the first ones in order."""
+    keys = _order_keys(scores)
+    lo = torch.full(keys.shape[:-1] + (1,), torch.iinfo(torch.int32).min, dtype=torch.int64, device=keys.device)
+    hi = torch.full_like(lo, torch.iinfo(torch.int32).max)
+    for _ in range(32):
+        mid = (lo + hi + 1) // 2
+        enough = (keys >= mid.to(torch.int32)).sum(-1, keepdim=True) >= keep
+        lo, hi = torch.where(enough, mid, lo), torch.where(enough, hi, mid - 1)
+    threshold = lo.to(torch.int32)  # count(keys >= threshold) >= keep > count(keys > threshold)
+    mask = keys > threshold
+    ties_wanted = keep - mask.sum(-1, keepdim=True)
+    step = max(1, MASK_CHUNK_ELEMENTS // max(1, mask[..., :1].numel()))  # columns a chunk of ranks spans
+    seen = torch.zeros_like(ties_wanted)
+    for start in range(0, keys.shape[-1], step):
+        tied = keys[..., start : start + step] == threshold
+        rank = tied.cumsum(-1, dtype=torch.int32)
+        mask[..., start : start + step] |= tied & (rank <= (ties_wanted - seen).to(torch.int32))
+        seen += tied.sum(-1, keepdim=True)
     return mask
 
 

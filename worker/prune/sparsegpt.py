@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from worker.chunks import row_chunks
-from worker.prune.masks import nm_mask, unstructured_mask
+from worker.prune.masks import all_finite, nm_mask, unstructured_mask
 
 BLOCK_SIZE = 128
 PERCDAMP = 0.01
@@ -131,7 +131,7 @@ def sparsegpt_prune_weight(
             raise ValueError(f"N:M pattern {n}:{m}: M={m} does not divide in_features={cols}")
         block_size = max(m, block_size - block_size % m)
     device = weight.device
-    W = weight.detach().to(torch.float32).clone()
+    W = weight.detach().to(torch.float32, copy=True)
     H = H.to(device) if overwrite else H.to(device).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -170,7 +170,7 @@ def sparsegpt_prune_weight(
 
     # Checked once here rather than in every mask choice above: a check waits for the device, which once per N:M
     # group held the loop up (docs/scaling.md). NaN or infinite inputs end here as non-finite weights.
-    if not bool(torch.isfinite(W).all()):
+    if not all_finite(W):
         raise ValueError("SparseGPT: the pruned weights are not finite (NaN or infinite weights or calibration inputs)")
     W.masked_fill_(~mask, 0)
     return W, mask, damp
