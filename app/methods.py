@@ -115,6 +115,11 @@ class TrainingConfig(RestorationConfig):
     )
     warmup_steps: int = Field(0, ge=0, le=1_000_000, description="Optimizer steps of linear lr warm-up from zero.")
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(
+        None, gt=0, le=1e6, description="Clip the gradient's global L2 norm over the trained parameters to this "
+        "before each optimizer step; null: no clipping (the defaults were measured without). Every step's norm "
+        "before clipping is reported (restoration.grad_norm_curve).",
+    )
     batch_size: int = Field(8, ge=1, le=4096, description="Sequences per optimizer step (before accumulation).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps per optimizer step.")
     group_by_length: bool = Field(

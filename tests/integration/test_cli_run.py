@@ -217,6 +217,7 @@ def test_restorelcc_pipeline_end_to_end(tmp_path, data_dir, kind, directions):
     assert rest["trainable_params"] == n_heads * ((directions or info.head_dim) + info.head_dim)
     assert rest["directions_per_head"] == (directions or info.head_dim)
     assert len(rest["loss_curve"]) == 6 and rest["negatives_backend"] == "minilm"
+    assert len(rest["grad_norm_curve"]) == 6 and min(rest["grad_norm_curve"]) > 0 and rest["clipped_steps"] == 0
     assert report["checks"]["zeros_identical"] is True
     assert report["checks"]["merged_vs_hooked_max_abs_diff"] <= 1e-5
     assert set(report["metrics"]) == {"dense", "pruned", "restored"}

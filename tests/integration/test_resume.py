@@ -188,6 +188,7 @@ def test_a_distill_run_killed_in_training_resumes_to_the_same_bytes(job, tmp_pat
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert report["metrics"] == ref_report["metrics"]
     assert report["restoration"]["loss_curve"] == ref_report["restoration"]["loss_curve"]
+    assert report["restoration"]["grad_norm_curve"] == ref_report["restoration"]["grad_norm_curve"]
 
 
 def test_a_calibration_file_changed_since_the_pruning_checkpoint_fails_the_resume(job, tmp_path):

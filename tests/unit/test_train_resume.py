@@ -189,3 +189,60 @@ def test_a_float16_models_gradients_do_not_underflow_at_many_tokens_a_step():
     ref = grads[torch.float32]
     assert bool((ref != 0).any())
     assert float((grads[torch.float16] - ref).norm() / ref.norm()) < 0.02
+
+
+class _SpikeAtStep3(CompletionObjective):
+    """The completion loss, its gradient multiplied a thousandfold in the third step (two micro-batches a step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss_sum(self, model, batch):
+        loss, n = super().loss_sum(model, batch)
+        self.calls += 1
+        if self.calls in (5, 6):
+            loss.register_hook(lambda g: g * 1000.0)
+        return loss, n
+
+
+def test_max_grad_norm_clips_what_the_optimizer_applies_and_the_norms_before_are_reported():
+    """Every step's gradient norm before clipping is in the stats; with max_grad_norm the optimizer is handed
+    gradients of at most that norm (seen from a step pre-hook), and a spike no longer sets AdamW's second moment."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    applied: list[float] = []
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: applied.append(float(
+        torch.nn.utils.get_total_norm([p.grad for g in opt.param_groups for p in g["params"]]))))
+    try:
+        runs = {}
+        for clip in (None, 0.05):
+            applied.clear()
+            model = Tiny()
+            stats = train_parameters(model, [model.scale], _batches(), lr=0.05, max_steps=3, grad_accum=2,
+                                     objective=_SpikeAtStep3(), max_grad_norm=clip)
+            runs[clip] = (stats, list(applied), model.scale.detach().clone())
+    finally:
+        hook.remove()
+    free, clipped = runs[None], runs[0.05]
+    assert free[0]["grad_norm_curve"] == pytest.approx(free[1], rel=1e-6)  # unclipped: what the optimizer saw
+    assert free[0]["grad_norm_curve"][2] > 100 * free[0]["grad_norm_curve"][1]  # the spike
+    assert free[0]["clipped_steps"] == 0
+    assert clipped[0]["grad_norm_curve"][0] == free[0]["grad_norm_curve"][0]  # the same first step, before clipping
+    assert clipped[0]["grad_norm_curve"][2] > 100 * clipped[0]["grad_norm_curve"][1]
+    assert max(clipped[1]) <= 0.05 * (1 + 1e-5) and clipped[1][2] == pytest.approx(0.05, rel=1e-5)
+    assert clipped[0]["clipped_steps"] == sum(n > 0.05 for n in clipped[0]["grad_norm_curve"]) == 3
+    assert not torch.equal(clipped[2], free[2])
+
+
+def test_the_gradient_norms_resume_with_the_run():
+    model = Tiny()
+    at_3: list[TrainState] = []
+    full = train_parameters(model, [model.scale], _batches(), lr=0.05, max_steps=6, max_grad_norm=0.1,
+                            save=lambda step, state, force: at_3.append(state()) if step == 3 else None)
+    tensors, skeleton = pack(at_3[0])
+    second = Tiny()
+    resumed = train_parameters(second, [second.scale], _batches(), lr=0.05, max_steps=6, max_grad_norm=0.1,
+                               resume=unpack(tensors, skeleton))
+    assert resumed["grad_norm_curve"] == full["grad_norm_curve"] and len(full["grad_norm_curve"]) == 6
+    assert resumed["clipped_steps"] == full["clipped_steps"]

@@ -109,6 +109,7 @@ class TrainState:
     rng: torch.Tensor  # torch's global CPU random state
     cuda_rng: list[torch.Tensor] = field(default_factory=list)
     finished: bool = False  # the run's last step: resuming from here trains no more
+    grad_norms: list[float] = field(default_factory=list)  # every step's gradient norm before clipping
 
 
 @dataclass
@@ -151,6 +152,7 @@ def train_parameters(
     resume: TrainState | None = None,
     save: SaveHook | None = None,
     objective: Any = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, Any]:
     """The shared loop: AdamW on ``params`` against ``objective`` (worker.restore.objective; default: the
     completion-only loss of ``model``).
@@ -166,8 +168,11 @@ def train_parameters(
     ``should_stop()`` is asked every ``checkpoint_every`` steps; when it answers True the state is offered to
     ``save`` (forced) and Cancelled is raised.
 
-    Returns ``{"loss_curve", "steps", "epochs", "seconds", "tokens", "trainable_params"}``; the loss curve
-    holds the mean response-token loss of every optimizer step.
+    ``max_grad_norm`` clips the gradient's global L2 norm over ``params`` before each optimizer step.
+
+    Returns ``{"loss_curve", "grad_norm_curve", "clipped_steps", "steps", "epochs", "seconds", "tokens",
+    "trainable_params"}``; the loss curve holds the mean response-token loss of every optimizer step, the norm curve
+    its gradient's norm before clipping.
     """
     if grad_accum < 1 or epochs < 1:
         raise ValueError("epochs and grad_accum must be at least 1")
@@ -205,11 +210,14 @@ def train_parameters(
                         continue
                     opt.zero_grad(set_to_none=True)
                     step_loss = step_gradients(model, params, group, n_tok, objective)
-                    _check_finite(len(run.curve) + 1, step_loss, params, lr)
+                    norm = _checked_norm(len(run.curve) + 1, step_loss, params, lr)
+                    if max_grad_norm is not None and norm > max_grad_norm:
+                        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, torch.tensor(norm))
                     opt.step()
                     sched.step()
                     run.tokens += n_tok
                     run.curve.append(step_loss)
+                    run.grad_norms.append(norm)
                     if progress is not None:
                         progress(len(run.curve), total, step_loss)
                     if max_steps is not None and len(run.curve) >= max_steps:
@@ -234,6 +242,8 @@ def train_parameters(
         opt.zero_grad(set_to_none=True)
     return {
         "loss_curve": run.curve,
+        "grad_norm_curve": run.grad_norms,
+        "clipped_steps": sum(n > max_grad_norm for n in run.grad_norms) if max_grad_norm is not None else 0,
         "steps": len(run.curve),
         "epochs": run.epoch + (1 if max_steps is not None else 0),
         "seconds": time.monotonic() - t0,
@@ -261,13 +271,14 @@ def step_gradients(model: nn.Module, params: Sequence[nn.Parameter], group: Sequ
     return step_loss
 
 
-def _check_finite(step: int, loss: float, params: Sequence[nn.Parameter], lr: float) -> None:
-    """Refuse a step whose loss or gradients are not finite, before the optimizer applies it (AdamW would spread a
-    NaN into every trained value, and every later checkpoint would hold it)."""
+def _checked_norm(step: int, loss: float, params: Sequence[nn.Parameter], lr: float) -> float:
+    """The global L2 norm of the step's gradients; refuses a step whose loss or gradients are not finite, before the
+    optimizer applies it (AdamW would spread a NaN into every trained value, and every later checkpoint would hold
+    it)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if math.isfinite(loss) and math.isfinite(norm):
-        return
+        return norm
     what = "loss" if not math.isfinite(loss) else "gradient"
     raise TrainingDiverged(
         f"training diverged at step {step}: the {what} is {loss if what == 'loss' else norm} (restoration.lr {lr:g}); "
@@ -284,6 +295,7 @@ class _Run:
         self.epoch = 0
         self.groups_done = 0
         self.curve: list[float] = []
+        self.grad_norms: list[float] = []
         self.tokens = 0
         self.seconds = 0.0
         self.finished = False
@@ -301,7 +313,7 @@ class _Run:
             optimizer=_cpu(self.opt.state_dict()), scheduler=dict(self.sched.state_dict()),
             epoch_generator=self.epoch_generator.clone(), rng=torch.get_rng_state(),
             cuda_rng=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-            finished=self.finished,
+            finished=self.finished, grad_norms=list(self.grad_norms),
         )
 
     @torch.no_grad()
@@ -314,6 +326,7 @@ class _Run:
         self.opt.load_state_dict(s.optimizer)
         self.sched.load_state_dict(s.scheduler)
         self.epoch, self.groups_done, self.curve = s.epoch, s.groups_done, list(s.curve)
+        self.grad_norms = list(s.grad_norms)
         self.tokens, self.seconds, self.finished = s.tokens, s.seconds, s.finished
         self.epoch_generator = s.epoch_generator.clone()
         torch.set_rng_state(s.rng)

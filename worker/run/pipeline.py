@@ -640,6 +640,8 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
         method=spec.restoration.method,
         trainable_params=stats["trainable_params"],
         loss_curve=[round(float(x), 5) for x in stats["loss_curve"]],
+        grad_norm_curve=[round(float(x), 5) for x in stats["grad_norm_curve"]],  # before clipping (max_grad_norm)
+        clipped_steps=stats["clipped_steps"],
         steps=stats["steps"],
         objective=objective.name,
         train_tokens=stats["tokens"],

@@ -225,7 +225,7 @@ def train_adapter(
                 weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps, grad_accum=r.grad_accum,
                 seed=seed, progress=progress,
                 should_stop=should_stop, checkpoint_every=checkpoint_every, resume=resume, save=save,
-                objective=objective,
+                objective=objective, max_grad_norm=r.max_grad_norm,
             )
         except BaseException:
             detach_adapter(baseline)
