@@ -193,7 +193,7 @@ def test_pruning_a_large_linear_holds_what_the_plan_counts(dtype, method, nm) ->
         SORT_BYTES_PER_ELEMENT,
         SORT_MAX_ELEMENTS,
     )
-    from tests.unit.test_plan import _LiveBytes
+    from tests.memory import LiveBytes
     from worker.prune.magnitude import prune_magnitude
     from worker.prune.sparsegpt import HessianAccumulator, prune_sparsegpt
     from worker.prune.wanda import ColumnNormAccumulator, prune_wanda
@@ -213,7 +213,7 @@ def test_pruning_a_large_linear_holds_what_the_plan_counts(dtype, method, nm) ->
         prune = lambda: prune_sparsegpt(linear, stats, 0.5, nm)  # noqa: E731
     else:
         prune = lambda: prune_magnitude(linear, 0.5, nm)  # noqa: E731
-    live = _LiveBytes()
+    live = LiveBytes()
     with live:
         mask = prune()
     assert int(mask.sum()) == n // 2
@@ -221,7 +221,7 @@ def test_pruning_a_large_linear_holds_what_the_plan_counts(dtype, method, nm) ->
     assert live.peak <= PRUNE_BYTES_PER_ELEMENT * n + SORT_BYTES_PER_ELEMENT * MASK_CHUNK_ELEMENTS + hessian
 
     scores = torch.rand(4096, 2048)
-    sorted_live = _LiveBytes()
+    sorted_live = LiveBytes()
     with sorted_live:
         _sorted_keep(scores.reshape(1, -1), n // 2)
     assert sorted_live.peak > PRUNE_BYTES_PER_ELEMENT * n

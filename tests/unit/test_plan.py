@@ -4,18 +4,16 @@ prediction is made of; the device budget's settings; packed zero masks."""
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import pytest
 import torch
 from pydantic import ValidationError
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from transformers import AutoModelForCausalLM
 
 from app.config import Settings, parse_size
 from app.plan import GiB, PlanError, Shapes, attention_scores, make_plan, planned_stages, read_local_model, submit_plan
 from app.schemas import JobSpec
+from tests.memory import LiveBytes
 from tests.tiny import SUPPORTED_KINDS, make_config, make_model, save_tiny
 from worker.errors import InsufficientMemoryFailure
 from worker.model.arch import DecoderAdapter
@@ -229,34 +227,6 @@ def test_a_logit_soft_cap_plans_another_copy_of_the_logits():
     assert a["training"].device_bytes > b["training"].device_bytes
 
 
-class _LiveBytes(TorchDispatchMode):
-    """The peak of the bytes held by the tensors the ops under it produce (each storage counted until it is freed)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._held: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, n = storage.data_ptr(), storage.nbytes()
-                if n and key not in self._held and key not in inputs:  # a view or an in-place result holds nothing new
-                    self._held.add(key)
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._freed, key, n)
-        return out
-
-    def _freed(self, key: int, n: int) -> None:
-        self.live -= n
-        self._held.discard(key)
-
-
 def _scores_kept_for_backward(model, ids) -> int:
     """Bytes of the seq × seq tensors (attention scores) autograd keeps in a training forward, each once."""
     seq = ids.shape[1]
@@ -290,7 +260,7 @@ def test_eager_attention_scores_are_planned_as_measured(dtype):
     assert 0.9 * shapes.layers * kept_per_layer <= kept <= shapes.layers * kept_per_layer
 
     seq = 1024  # the scores dwarf everything else a forward holds at this length and width
-    live = _LiveBytes()
+    live = LiveBytes()
     with torch.no_grad(), live:
         model.model(torch.randint(0, config.vocab_size, (batch, seq)))
     planned = attention_scores(shapes, batch, seq, b)
