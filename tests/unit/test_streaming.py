@@ -167,3 +167,26 @@ def test_a_hub_model_may_stream_and_a_gguf_may_not(tmp_path):
     lora = JobSpec.model_validate({"model": {"id": "org/model"}, "data": {"train": "/t.jsonl"},
                                    "restoration": {"method": "lora"}})
     assert "'lora' does not run on a streamed model" in streaming_problem(lora, hub, None)
+
+
+def test_a_streamed_export_keeps_the_models_generation_config(tmp_path):
+    """The stop tokens and sampling settings the model ships (generation_config.json) are exported as the whole
+    model exports them, with the KV cache on: a streamed model is built from its config, which would make another."""
+    from transformers import GenerationConfig
+
+    from worker.model.load import load_model, resolve_source
+
+    source_dir = save_tiny("llama", tmp_path / "m")
+    GenerationConfig(bos_token_id=0, eos_token_id=[0, 7, 9], pad_token_id=1, do_sample=True, temperature=0.6,
+                     top_p=0.9).save_pretrained(source_dir)
+    whole, tokenizer = load_model(resolve_source(str(source_dir)))
+    export_model(whole, tokenizer, tmp_path / "whole")
+    streamed, store = load_streamed(source_dir, torch.float32, "cpu", tmp_path / "scratch")
+    export_streamed(streamed, store, tokenizer, tmp_path / "streamed")
+    exported = [json.loads((tmp_path / d / "generation_config.json").read_text()) for d in ("whole", "streamed")]
+    assert exported[0] == exported[1]
+    assert exported[1]["eos_token_id"] == [0, 7, 9] and exported[1]["temperature"] == 0.6
+    assert exported[1].get("use_cache", True) is True
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    out = reloaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert out.past_key_values is not None

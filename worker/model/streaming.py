@@ -210,6 +210,16 @@ def checkpointed_layers(store: LayerStore) -> Iterator[None]:
             layer.__dict__.pop("forward", None)
 
 
+def _generation_config(model_dir: Path, config: Any) -> Any:
+    """The generation config ``from_pretrained`` would give the model: the model's own file (its stop tokens and
+    sampling settings, which an exported model must keep), else one made from ``config``."""
+    from transformers import GenerationConfig
+
+    if (model_dir / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(model_dir)
+    return GenerationConfig.from_model_config(config)
+
+
 def load_streamed(model_dir: Path, dtype: torch.dtype, device: torch.device | str, scratch: Path
                   ) -> tuple[nn.Module, LayerStore]:
     """A causal LM from ``model_dir`` with its decoder layers left in the files (see the module docstring)."""
@@ -217,9 +227,11 @@ def load_streamed(model_dir: Path, dtype: torch.dtype, device: torch.device | st
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
+    generation = _generation_config(Path(model_dir), config)  # before the KV cache is turned off in the config
     config.use_cache = False
     with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.generation_config = generation
     model.requires_grad_(False)  # a streamed model's own weights are never trained
     adapter = DecoderAdapter(model)
     files = weight_files(Path(model_dir))
