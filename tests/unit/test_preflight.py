@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.schemas import JobSpec
-from tests.tiny import instruction_rows, save_tiny, text_rows, write_jsonl
+from tests.tiny import instruction_rows, make_model, make_tokenizer, save_tiny, text_rows, write_jsonl
 from worker.errors import JobFailure
 from worker.run.check import check_job
 
@@ -93,6 +93,24 @@ def test_a_lora_target_naming_no_module_is_refused_before_loading(tmp_path, trai
     assert "'v_prj' names no module" in err.value.message and "'q_proj'" not in err.value.message
     full = ["model.layers.1.self_attn.q_proj", "mlp.down_proj"]  # a full name, or its last dotted parts
     assert check_job(spec(model, train, method="lora", lora_targets=full)).method.config.lora_targets == full
+
+
+def test_a_lora_target_sharing_the_tied_embeddings_is_refused_before_loading(tmp_path, train):
+    """lm_head of a model with tied embeddings is the embedding matrix: an adapter merged into it would change every
+    input embedding too (the merged model would not be the trained one), so it is refused; untied, it is a target."""
+    tied, untied = make_model("llama"), make_model("llama")
+    tied.config.tie_word_embeddings = True
+    tied.tie_weights()
+    tied.save_pretrained(tmp_path / "tied")
+    untied.save_pretrained(tmp_path / "untied")
+    for d in ("tied", "untied"):
+        make_tokenizer().save_pretrained(tmp_path / d)
+    with pytest.raises(JobFailure) as err:
+        check_job(spec(tmp_path / "tied", train, method="lora", lora_targets=["q_proj", "lm_head"]))
+    assert (err.value.code, err.value.field) == ("invalid_spec", "restoration.lora_targets")
+    assert "'lm_head'" in err.value.message and "embed_tokens" in err.value.message
+    assert check_job(spec(tmp_path / "tied", train, method="lora", lora_targets=["q_proj"])).method is not None
+    assert check_job(spec(tmp_path / "untied", train, method="dora", lora_targets=["lm_head"])).method is not None
 
 
 def test_a_sequence_longer_than_the_models_context_is_refused_naming_its_field(tmp_path, train):

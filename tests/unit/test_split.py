@@ -75,6 +75,22 @@ def test_the_device_map_places_every_tensor_and_follows_the_plan(kind):
     assert mapping[f"{prefix.rpartition('.')[0]}.norm"] == ("cuda:0" if tied else "cuda:1")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_device_map_made_from_the_config_is_the_loaded_models(tied):
+    """The pipeline maps devices on the model's structure (meta_model, before any weight loads): tied embeddings
+    must show as tied there too, or the LM head goes to the last GPU, away from the embedding it shares."""
+    from transformers import AutoModelForCausalLM
+
+    from worker.model.placement import meta_model
+
+    config = make_config("llama")
+    config.tie_word_embeddings = tied
+    loaded = AutoModelForCausalLM.from_config(config)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is tied
+    placed, devices = [0, 1], ["cuda:0", "cuda:1"]
+    assert split_device_map(meta_model(config), placed, devices) == split_device_map(loaded, placed, devices)
+
+
 def test_a_placement_for_another_layer_count_is_refused():
     with pytest.raises(ValueError, match="layers"):
         split_device_map(make_model("llama"), [0], ["cuda:0", "cuda:1"])

@@ -53,4 +53,6 @@ def meta_model(config: Any) -> nn.Module:
     from worker.model.load import transformers_config
 
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(transformers_config(config))
+        model = AutoModelForCausalLM.from_config(transformers_config(config))
+    model.tie_weights()  # as loading ties them (an empty model is left untied): shared weights show as shared
+    return model

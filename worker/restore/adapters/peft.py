@@ -122,6 +122,19 @@ def check_targets(targets: Sequence[str], modules: Iterable[tuple[str, nn.Module
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)})
         raise SpecError(f"restoration.lora_targets: {', '.join(map(repr, missing))} names no module of the model "
                         f"(its Linear layers: {', '.join(linears)})", field="restoration.lora_targets")
+    owners: dict[int, list[str]] = {}
+    for n, m in modules:
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            owners.setdefault(id(weight), []).append(n)
+    for t in targets:
+        for n, m in modules:
+            shared = [o for o in owners.get(id(getattr(m, "weight", None)), []) if o != n]
+            if (n == t or n.endswith(f".{t}")) and shared:
+                raise SpecError(
+                    f"restoration.lora_targets: {t!r} ({n}) shares its weight with {shared[0]} (tied embeddings): "
+                    "merging an adapter into it would change that module too; leave it out",
+                    field="restoration.lora_targets")
 
 
 def _adapter_layers(model: nn.Module) -> dict[str, LoraLayer]:
