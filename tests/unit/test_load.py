@@ -289,6 +289,20 @@ def test_a_hub_gguf_file_in_a_folder_names_its_snapshot_commit(monkeypatch, tmp_
     assert src.kind == "gguf" and src.commit == sha
 
 
+def test_a_hub_models_card_and_licence_are_fetched_and_mistrals_second_copy_is_not():
+    """What a hub model's snapshot fetches: the card and licence files the export carries (README.md, LICENSE,
+    USE_POLICY.md, NOTICE), never the consolidated.safetensors copy of the weights Mistral's repos add."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from worker.model.load import _HUB_IGNORED, _HUB_PATTERNS
+
+    repo = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
+            "README.md", "LICENSE", "USE_POLICY.md", "NOTICE", "consolidated.safetensors",
+            "original/consolidated.00.pth", "params.json", "generation_config.json", "chat_template.jinja"]
+    fetched = set(filter_repo_objects(repo, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORED))
+    assert fetched == set(repo) - {"consolidated.safetensors", "original/consolidated.00.pth"}
+
+
 def test_unsupported_architecture_fails_before_any_weight_is_read(tmp_path):
     d = save_tiny("gpt2", tmp_path / "gpt2")
     weights = list(d.glob("*.safetensors"))

@@ -43,6 +43,8 @@ def tiny_run(tiny_assets, tmp_path_factory):
     base = tmp_path_factory.mktemp("base") / "tiny-base"
     shutil.copytree(tiny_assets.model, base)
     (base / "README.md").write_text(BASE_README, encoding="utf-8")
+    (base / "LICENSE").write_text("the base model's licence text\n", encoding="utf-8")
+    (base / "USE_POLICY.md").write_text("the base model's use policy\n", encoding="utf-8")
     spec = JobSpec.model_validate(tiny_assets.spec(model=str(base), restore=True))
     out = tmp_path_factory.mktemp("run") / "out"
     report = run_pipeline(spec, out, NullReporter())
@@ -70,6 +72,10 @@ def test_a_run_writes_a_card_from_its_report_and_spec(tiny_run):
     assert "| metric | dense | pruned | restored |" in card and row in card
     assert "under its licence: `mit`" in card
     assert "AutoModelForCausalLM.from_pretrained(path)" in card
+    # the licence files travel with the model (Llama's licence requires redistributions to include its own)
+    assert (out / "model" / "LICENSE").read_text(encoding="utf-8") == "the base model's licence text\n"
+    assert (out / "model" / "USE_POLICY.md").read_text(encoding="utf-8") == "the base model's use policy\n"
+    assert "copied beside this card: `LICENSE`, `USE_POLICY.md`" in card
 
 
 def test_the_card_does_not_disturb_loading_with_plain_transformers(tiny_run):
@@ -122,7 +128,7 @@ def test_licence_files_are_named_when_the_readme_gives_none(tmp_path):
     spec = plain_spec(str(base))
     card = model_card(spec, {}, licence)
     assert "license" not in front_matter(card)
-    assert "see `GEMMA_TERMS_OF_USE.md`, `LICENSE.txt` of the base model" in card
+    assert "see `GEMMA_TERMS_OF_USE.md`, `LICENSE.txt` of the base model, copied beside this card" in card
 
 
 def test_unknown_licence_and_unreadable_front_matter(tmp_path):

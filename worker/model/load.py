@@ -37,8 +37,13 @@ SourceKind = Literal["hf_dir", "gguf"]
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Files fetched from the hub for a Hugging Face model (weights in safetensors; .bin only as a fallback).
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-_TOKENIZER_PATTERNS = [p for p in _HUB_PATTERNS if p != "*.safetensors"]
+# A hub model's files a job reads: config, weights, tokenizer, chat template, and its card and licence files (the
+# exported model's card and licence come from them)
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICEN[SC]E*",
+                 "NOTICE*", "USE_POLICY*", "*TERMS*"]
+_TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+# Mistral's own format ships beside the transformers weights a second whole copy, never read here
+_HUB_IGNORED = ["consolidated*.safetensors"]
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,8 @@ def _hub_snapshot(source: ModelSource, patterns: list[str], what: str) -> Path:
     cache_dir = source.path.parent.parent.parent  # <cache>/models--org--name/snapshots/<sha>
     try:
         return Path(snapshot_download(source.repo_id, revision=source.commit or source.revision,
-                                      cache_dir=cache_dir, allow_patterns=patterns, local_files_only=offline))
+                                      cache_dir=cache_dir, allow_patterns=patterns, ignore_patterns=_HUB_IGNORED,
+                                      local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         if offline:
             raise ModelNotFoundError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ _PLAIN_YAML = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/+-]*$")
 @dataclass(frozen=True)
 class Licence:
     """The base model's licence as far as its directory tells: an identifier from its model card's front matter
-    (with ``name``/``link`` for ``other``), else the licence files it ships."""
+    (with ``name``/``link`` for ``other``), and the licence files it ships (carried into the export: licences such as
+    Llama's require a redistribution to include them)."""
 
     id: str | None = None
     name: str | None = None
@@ -53,21 +55,24 @@ def is_hub_id(model_id: str) -> bool:
     return not (model_id.startswith(("/", ".", "~")) or model_id.lower().endswith(".gguf"))
 
 
+def is_licence_file(name: str) -> bool:
+    """LICENSE*, LICENCE*, NOTICE*, USE_POLICY* and *TERMS* files: what a model ships of its licence."""
+    upper = name.upper()
+    return upper.startswith(("LICENSE", "LICENCE", "NOTICE", "USE_POLICY")) or "TERMS" in upper
+
+
 def read_licence(base_dir: Path | None) -> Licence:
     """The licence of the model in ``base_dir``: ``license:`` (and ``license_name``/``license_link``) from its
-    README.md front matter, else the names of its LICENSE*/LICENCE*/*TERMS* files, else nothing known."""
+    README.md front matter, and the names of its licence files (:func:`is_licence_file`)."""
     if base_dir is None or path_problem(base_dir, "dir") is not None:
         return Licence()
     meta = _front_matter(base_dir / CARD)
+    files = tuple(p.name for p in sorted(base_dir.iterdir())
+                  if is_licence_file(p.name) and path_problem(p, "file") is None)
     licence = meta.get("license")
     if isinstance(licence, str) and licence.strip():
-        return Licence(licence.strip(), _text(meta.get("license_name")), _text(meta.get("license_link")))
-    files = []
-    for p in sorted(base_dir.iterdir()):
-        upper = p.name.upper()
-        if (upper.startswith(("LICENSE", "LICENCE")) or "TERMS" in upper) and path_problem(p, "file") is None:
-            files.append(p.name)
-    return Licence(files=tuple(files))
+        return Licence(licence.strip(), _text(meta.get("license_name")), _text(meta.get("license_link")), files)
+    return Licence(files=files)
 
 
 def _text(value: Any) -> str | None:
@@ -100,10 +105,14 @@ def _front_matter(readme: Path) -> dict[str, Any]:
 
 
 def write_model_card(model_dir: Path, spec: JobSpec, report: dict[str, Any], base_dir: Path | None) -> Path:
-    """Write ``model_dir/README.md`` (replacing any there) from the job's spec and report; ``base_dir``: the base
-    model's directory, where its licence is read. Returns the file."""
+    """Write ``model_dir/README.md`` (replacing any there) from the job's spec and report, and copy the base model's
+    licence files beside it; ``base_dir``: the base model's directory, where its licence is read. Returns the card."""
+    licence = read_licence(base_dir)
+    for name in licence.files:
+        assert base_dir is not None
+        shutil.copyfile(base_dir / name, Path(model_dir) / name)
     path = Path(model_dir) / CARD
-    path.write_text(model_card(spec, report, read_licence(base_dir)), encoding="utf-8")
+    path.write_text(model_card(spec, report, licence), encoding="utf-8")
     return path
 
 
@@ -231,13 +240,15 @@ def _metrics(report: dict[str, Any]) -> list[str]:
 
 
 def _licence(licence: Licence) -> str:
+    names = ", ".join(f"`{f}`" for f in licence.files)
     if licence.id:
         extra = ", ".join(x for x in (licence.name, licence.link) if x)
+        files = f" The base model's licence files are copied beside this card: {names}." if names else ""
         return (f"This model is derived from the base model and is under its licence: `{licence.id}`"
-                f"{f' ({extra})' if extra else ''}.")
+                f"{f' ({extra})' if extra else ''}.{files}")
     if licence.files:
-        names = ", ".join(f"`{f}`" for f in licence.files)
-        return f"This model is derived from the base model and is under its licence: see {names} of the base model."
+        return (f"This model is derived from the base model and is under its licence: see {names} of the base model, "
+                "copied beside this card.")
     return "This model is derived from the base model: see the base model's licence, which applies to it too."
 
 
