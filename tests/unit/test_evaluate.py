@@ -254,3 +254,54 @@ def test_rows_a_long_prompt_leaves_without_a_response_token_are_counted_not_hidd
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     samples, left_out = training_samples(tok, str(path), LoRAConfig(max_seq_len=64))
     assert (len(samples), left_out) == (3, 1)
+
+
+def test_acc_norm_divides_by_the_answer_without_its_separating_space():
+    """As lm-evaluation-harness: the space between context and answer is scored with the answer but not counted in
+    its length. Here that flips the choice: per character with the space, ' b' wins; without it, ' aaaa' does."""
+    logp = torch.full((128,), -20.0)
+    logp[ord("a")], logp[ord("b")], logp[ord(" ")] = -1.0, -0.95, -0.1
+    logp = torch.log_softmax(logp, -1)
+    item = ChoiceItem("?", [" aaaa", " b"], 0)
+    ll = choice_logliks(_FixedModel(logp), _CharTok(), [item], batch_size=1, max_len=16)[0]
+    with_space = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
+    assert with_space[1] > with_space[0] and ll[0] / 4 > ll[1] / 1
+    assert multiple_choice(_FixedModel(logp), _CharTok(), [item], 1, 16) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+
+
+class _NaNAfter(torch.nn.Module):
+    """The tiny model, its logits made NaN: what a float16 overflow leaves."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        out.logits = out.logits * float("nan")
+        return out
+
+
+@pytest.mark.parametrize("kind", ["perplexity", "response_perplexity", "tasks"])
+def test_logits_that_are_not_finite_fail_the_evaluation_naming_the_set_and_dtype(mt, tmp_path, kind):
+    """NaN log-likelihoods give no metric: never an accuracy that is the share of first choices, nor a null
+    perplexity; the job fails unsupported_model naming model.dtype and the set."""
+    from worker.errors import UnsupportedModelError
+
+    model, tok = mt
+    files = {"perplexity": text_rows(4), "response_perplexity": instruction_rows(4), "tasks": choice_rows(4)}
+    path = write_jsonl(tmp_path / "broken_set.jsonl", files[kind])
+    spec = EvaluationSpec(**{kind: [str(path)]}, batch_size=2, max_seq_len=64)
+    with pytest.raises(UnsupportedModelError) as err:
+        evaluate_spec(_NaNAfter(model), tok, spec)
+    assert err.value.field == "model.dtype" and "broken_set" in err.value.message
+    assert "not finite" in err.value.message and "float32" in err.value.message
+
+
+def test_a_task_file_named_mean_acc_keeps_its_results_beside_the_mean(mt, tmp_path):
+    model, tok = mt
+    a = write_jsonl(tmp_path / "mean_acc.jsonl", choice_rows(4))
+    b = write_jsonl(tmp_path / "boolq.jsonl", choice_rows(4))
+    res = evaluate_spec(model, tok, EvaluationSpec(tasks=[str(a), str(b)], batch_size=2, max_seq_len=64))
+    assert set(res) == {"mean_acc_2", "boolq", "mean_acc"} and res["mean_acc_2"]["n"] == 4
+    assert res["mean_acc"] == pytest.approx((res["mean_acc_2"]["acc"] + res["boolq"]["acc"]) / 2)

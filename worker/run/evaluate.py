@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from app.schemas import EvaluationSpec
-from worker.errors import DataError
+from worker.errors import DataError, UnsupportedModelError
 from worker.model.data import (
     ChoiceItem,
     batch_pad_id,
@@ -72,6 +72,11 @@ def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Seque
     return torch.stack([nll, (target != -100).sum().double()]).cpu()
 
 
+class NonFiniteScores(ValueError):
+    """The model's log-likelihoods on a set are NaN or infinite (float16 overflowing, a broken model): no metric can
+    be taken from them (NaN compares as never greater: an accuracy would be the share of the first choice)."""
+
+
 def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[list[int]], batch_size: int,
                 what: str) -> dict[str, float]:
     pad_id = batch_pad_id(tokenizer)
@@ -81,6 +86,8 @@ def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[
         for idx in chunks(order, batch_size):
             total += _token_nll(model, [seqs[i] for i in idx], [labels[i] for i in idx], pad_id)
     nll, tokens = total.tolist()
+    if not math.isfinite(nll):
+        raise NonFiniteScores(what)
     if tokens == 0:
         raise DataError(f"{what}: no tokens to score (every sequence is a single token or fully masked)")
     mean = nll / tokens
@@ -195,22 +202,30 @@ def _argmax(values: Sequence[float]) -> int:
 
 def multiple_choice(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batch_size: int = 8,
                     max_len: int = 512) -> dict[str, float]:
-    """``acc`` (argmax summed log-likelihood) and ``acc_norm`` (per character of the choice); ties → first."""
+    """``acc`` (argmax summed log-likelihood) and ``acc_norm`` (per character of the answer); ties → first."""
     if not items:
         raise DataError("multiple choice: no items")
     lls = choice_logliks(model, tokenizer, items, batch_size, max_len)
+    if not all(math.isfinite(v) for ll in lls for v in ll):
+        raise NonFiniteScores("multiple choice")
     acc = norm = 0
     for item, ll in zip(items, lls, strict=True):
         acc += _argmax(ll) == item.label
-        norm += _argmax([v / max(len(c), 1) for v, c in zip(ll, item.choices, strict=True)]) == item.label
+        norm += _argmax([v / _answer_chars(c) for v, c in zip(ll, item.choices, strict=True)]) == item.label
     n = len(items)
     return {"acc": acc / n, "acc_norm": norm / n, "n": n}
+
+
+def _answer_chars(choice: str) -> int:
+    """The characters acc_norm divides by: the answer's, without the space that separates it from the context (as
+    lm-evaluation-harness, whose choices come without it)."""
+    return max(len(choice) - choice.startswith(" "), 1)
 
 
 def _set_name(path: str, taken: dict[str, Any]) -> str:
     stem = Path(path).stem
     name, k = stem, 2
-    while name in taken:
+    while name in taken or name == "mean_acc":  # the tasks' mean is reported under that name
         name, k = f"{stem}_{k}", k + 1
     return name
 
@@ -259,6 +274,13 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                     accs.append(results[name]["acc"])
             except DataError as exc:  # a DataFormatError too: the file, or what its rows encode to
                 raise DataError(exc.message, field=f"evaluation.{_field(kind)}") from exc
+            except NonFiniteScores as exc:
+                dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                raise UnsupportedModelError(
+                    f"the model's log-likelihoods on evaluation set {name} are not finite (NaN or infinite) in "
+                    f"{dtype}; float16 overflows on many models: set model.dtype to bfloat16 or float32",
+                    field="model.dtype",
+                ) from exc
             if on_set is not None:
                 on_set(results)
     finally:
