@@ -149,11 +149,11 @@ def test_acc_norm_brute_force():
         brute_acc += first_max(ll) == it.label
         brute_norm += first_max([v / len(c) for v, c in zip(ll, it.choices, strict=True)]) == it.label
     got = multiple_choice(model, tok, items, batch_size=2, max_len=16)
-    assert got == {"acc": brute_acc / 3, "acc_norm": brute_norm / 3, "n": 3}
+    assert got == {"acc": brute_acc / 3, "acc_norm": brute_norm / 3, "n": 3, "rows_cut": 0}
     assert got["acc"] == pytest.approx(1 / 3) and got["acc_norm"] == pytest.approx(1 / 3)
     # item 0 is right on norm only, item 1 on acc only
-    assert multiple_choice(model, tok, items[:1], 1, 16) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
-    assert multiple_choice(model, tok, items[1:2], 1, 16) == {"acc": 1.0, "acc_norm": 0.0, "n": 1}
+    assert multiple_choice(model, tok, items[:1], 1, 16) == {"acc": 0.0, "acc_norm": 1.0, "n": 1, "rows_cut": 0}
+    assert multiple_choice(model, tok, items[1:2], 1, 16) == {"acc": 1.0, "acc_norm": 0.0, "n": 1, "rows_cut": 0}
 
 
 def test_long_context_is_cut_from_the_left(mt):
@@ -161,6 +161,20 @@ def test_long_context_is_cut_from_the_left(mt):
     item = ChoiceItem("word " * 200 + "Answer:", [" yes", " no"], 0)
     lls = choice_logliks(model, tok, [item], batch_size=2, max_len=32)
     assert all(math.isfinite(v) and v < 0 for v in lls[0])
+
+
+def test_what_max_seq_len_cuts_is_counted_in_every_result(mt):
+    """A text, response or context longer than max_seq_len is scored cut, never silently: rows_cut says how many."""
+    model, tok = mt
+    long = "word " * 200
+    assert perplexity(model, tok, [long, "Short."], 2, 32)["rows_cut"] == 1
+    assert perplexity(model, tok, [long, "Short."], 2, 2048)["rows_cut"] == 0
+    pairs = [("Say it.", long), ("Say it.", "Short.")]
+    assert response_perplexity(model, tok, pairs, 2, 32)["rows_cut"] == 1
+    items = [ChoiceItem(long + "Answer:", [" yes", " no"], 0), ChoiceItem("Answer:", [" yes", " no"], 1),
+             ChoiceItem(long + "Answer:", [" a long answer", " b"], 0)]
+    assert multiple_choice(model, tok, items, 2, 32)["rows_cut"] == 2
+    assert multiple_choice(model, tok, items, 2, 2048)["rows_cut"] == 0
 
 
 def test_evaluate_spec_names_limit_and_mean(mt, tmp_path):
@@ -178,7 +192,7 @@ def test_evaluate_spec_names_limit_and_mean(mt, tmp_path):
     model.eval()
     assert set(res) == {"wiki", "valid", "boolq", "piqa", "mean_acc"}
     assert res["wiki"] == perplexity(model, tok, [r["text"] for r in text_rows(4)], 3, 64)
-    assert set(res["valid"]) == {"response_ppl", "nll", "tokens", "rows_unscored"}
+    assert set(res["valid"]) == {"response_ppl", "nll", "tokens", "rows_unscored", "rows_cut"}
     assert res["boolq"]["n"] == 4 and res["piqa"]["n"] == 4
     items = [ChoiceItem(r["context"], r["choices"], r["label"]) for r in choice_rows(4)]
     assert res["boolq"] == multiple_choice(model, tok, items, 3, 64)
@@ -266,7 +280,8 @@ def test_acc_norm_divides_by_the_answer_without_its_separating_space():
     ll = choice_logliks(_FixedModel(logp), _CharTok(), [item], batch_size=1, max_len=16)[0]
     with_space = [v / len(c) for v, c in zip(ll, item.choices, strict=True)]
     assert with_space[1] > with_space[0] and ll[0] / 4 > ll[1] / 1
-    assert multiple_choice(_FixedModel(logp), _CharTok(), [item], 1, 16) == {"acc": 0.0, "acc_norm": 1.0, "n": 1}
+    assert multiple_choice(_FixedModel(logp), _CharTok(), [item], 1, 16) == {"acc": 0.0, "acc_norm": 1.0, "n": 1,
+                                                                              "rows_cut": 0}
 
 
 class _NaNAfter(torch.nn.Module):

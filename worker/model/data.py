@@ -258,8 +258,13 @@ def encode_joined(tokenizer: Any, prefix: str, suffix: str) -> tuple[list[int], 
 
 def encode_pair(tokenizer: Any, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
     """(input ids, labels) for prompt + response; labels are -100 on the prompt. Truncates the response end."""
+    return encode_pair_cut(tokenizer, prompt, response, max_len)[:2]
+
+
+def encode_pair_cut(tokenizer: Any, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int], bool]:
+    """:func:`encode_pair`, and whether ``max_len`` cut the pair."""
     ids, n_prompt = encode_joined(tokenizer, prompt, response)
-    return ids[:max_len], ([IGNORE] * n_prompt + ids[n_prompt:])[:max_len]
+    return ids[:max_len], ([IGNORE] * n_prompt + ids[n_prompt:])[:max_len], len(ids) > max_len
 
 
 @dataclass

@@ -24,14 +24,14 @@ from worker.model.data import (
     chunks,
     cut_left,
     encode_continuations,
-    encode_pair,
-    encode_text,
+    encode_pair_cut,
     leading_specials,
     length_sorted,
     pad_batch,
     read_choices,
     read_instructions,
     read_texts,
+    token_ids,
 )
 
 Progress = Callable[[float, str], None]
@@ -78,7 +78,8 @@ class NonFiniteScores(ValueError):
 
 
 def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[list[int]], batch_size: int,
-                what: str) -> dict[str, float]:
+                what: str, cut: int) -> dict[str, float]:
+    """The token-weighted NLL of ``labels``; ``cut``: how many rows max_len shortened (reported as ``rows_cut``)."""
     pad_id = batch_pad_id(tokenizer)
     order = length_sorted(len(seqs), [len(s) for s in seqs])
     total = torch.zeros(2, dtype=torch.float64)
@@ -93,24 +94,26 @@ def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[
     mean = nll / tokens
     # rows that add nothing (a prompt that fills max_len leaves no response token): counted, so the report says so
     unscored = sum(1 for lab in labels if not any(x != -100 for x in lab[1:]))
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "rows": len(seqs), "rows_unscored": unscored}
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "rows": len(seqs), "rows_unscored": unscored,
+            "rows_cut": cut}
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_len: int = 512
                ) -> dict[str, float]:
-    """Token-weighted perplexity over all texts, each scored on its own (BOS, if added, is context only)."""
-    seqs = [encode_text(tokenizer, t, max_len) for t in texts]
-    seqs = [s for s in seqs if s]
-    return _scored_nll(model, tokenizer, seqs, seqs, batch_size, "perplexity")
+    """Token-weighted perplexity over all texts, each scored on its own (BOS, if added, is context only) up to
+    ``max_len`` tokens (``rows_cut``: the texts longer than that)."""
+    full = [token_ids(tokenizer, t) for t in texts]
+    seqs = [s[:max_len] for s in full if s]
+    return _scored_nll(model, tokenizer, seqs, seqs, batch_size, "perplexity", sum(len(s) > max_len for s in full))
 
 
 def response_perplexity(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], batch_size: int = 8,
                         max_len: int = 512) -> dict[str, float]:
-    """Perplexity of the responses given their prompts (prompt tokens are context, not scored)."""
-    encoded = [encode_pair(tokenizer, p, r, max_len) for p, r in pairs]
-    return _scored_nll(
-        model, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded], batch_size, "response perplexity"
-    )
+    """Perplexity of the responses given their prompts (prompt tokens are context, not scored; ``rows_cut``: the
+    responses cut at their end by ``max_len``)."""
+    encoded = [encode_pair_cut(tokenizer, p, r, max_len) for p, r in pairs]
+    return _scored_nll(model, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded], batch_size,
+                       "response perplexity", sum(e[2] for e in encoded))
 
 
 def _joined_choices(tokenizer: Any, item: ChoiceItem) -> list[tuple[list[int], int]]:
@@ -131,9 +134,10 @@ def _shared_context(joined: Sequence[tuple[list[int], int]]) -> list[int] | None
     return ids0[:n0]
 
 
-def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int
+def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int, cut: list[int] | None = None
                  ) -> list[tuple[list[int], list[int], bool]]:
-    """Rows to run, as (token ids, scored choice token ids, shared), items in order.
+    """Rows to run, as (token ids, scored choice token ids, shared), items in order; the index of every item whose
+    context ``max_len`` cut is appended to ``cut``.
 
     Context and choice are tokenised as one text; a choice's tokens are those after the context's
     (``encode_continuations``). An item whose choices are all one token after the same context ids (BoolQ's
@@ -142,9 +146,11 @@ def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int
     """
     rows = []
     lead = leading_specials(tokenizer)  # a BOS stays first when a long context is cut
-    for item in items:
+    for k, item in enumerate(items):
         joined = _joined_choices(tokenizer, item)
         ctx = _shared_context(joined)
+        if cut is not None and any(len(joint) > max_len for joint, _ in joined):
+            cut.append(k)
         if ctx is not None:
             ids = cut_left(ctx, max_len - 1, lead) if max_len > 1 else ctx[-1:]
             rows.append((ids, [j[-1] for j, _ in joined], True))
@@ -159,9 +165,9 @@ def _choice_rows(tokenizer: Any, items: Sequence[ChoiceItem], max_len: int
 
 
 def choice_logliks(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], batch_size: int = 8,
-                   max_len: int = 512) -> list[list[float]]:
-    """Summed log-likelihood of every choice's tokens given its item's context."""
-    rows = _choice_rows(tokenizer, items, max_len)
+                   max_len: int = 512, cut: list[int] | None = None) -> list[list[float]]:
+    """Summed log-likelihood of every choice's tokens given its item's context (``cut``: as :func:`_choice_rows`)."""
+    rows = _choice_rows(tokenizer, items, max_len, cut)
     pad_id = batch_pad_id(tokenizer)
     scores: list[list[float]] = [[] for _ in rows]
     order = length_sorted(len(rows), [len(r[0]) for r in rows])
@@ -205,7 +211,8 @@ def multiple_choice(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], bat
     """``acc`` (argmax summed log-likelihood) and ``acc_norm`` (per character of the answer); ties → first."""
     if not items:
         raise DataError("multiple choice: no items")
-    lls = choice_logliks(model, tokenizer, items, batch_size, max_len)
+    cut: list[int] = []
+    lls = choice_logliks(model, tokenizer, items, batch_size, max_len, cut)
     if not all(math.isfinite(v) for ll in lls for v in ll):
         raise NonFiniteScores("multiple choice")
     acc = norm = 0
@@ -213,7 +220,7 @@ def multiple_choice(model: Any, tokenizer: Any, items: Sequence[ChoiceItem], bat
         acc += _argmax(ll) == item.label
         norm += _argmax([v / _answer_chars(c) for v, c in zip(ll, item.choices, strict=True)]) == item.label
     n = len(items)
-    return {"acc": acc / n, "acc_norm": norm / n, "n": n}
+    return {"acc": acc / n, "acc_norm": norm / n, "n": n, "rows_cut": len(cut)}
 
 
 def _answer_chars(choice: str) -> int:
@@ -235,9 +242,9 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                   ) -> dict[str, Any]:
     """Every set in ``evaluation``, keyed by file stem; ``mean_acc`` over the multiple-choice tasks.
 
-    ``{"wikitext_sentences": {"ppl", "nll", "tokens", "rows", "rows_unscored"}, "valid": {"response_ppl", "nll",
-    "tokens", "rows_unscored"},
-    "boolq": {"acc", "acc_norm", "n"}, "mean_acc": ...}``. ``limit`` takes a fixed prefix of each set.
+    ``{"wikitext_sentences": {"ppl", "nll", "tokens", "rows", "rows_unscored", "rows_cut"}, "valid": {"response_ppl",
+    "nll", "tokens", "rows_unscored", "rows_cut"}, "boolq": {"acc", "acc_norm", "n", "rows_cut"}, "mean_acc": ...}``
+    (``rows_cut``: the rows ``max_seq_len`` shortened). ``limit`` takes a fixed prefix of each set.
     Sets already in ``done`` (an interrupted evaluation's results) are not evaluated again; ``on_set(results)``
     hears the results so far after every set.
     """
@@ -268,7 +275,7 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                 elif kind == "response":
                     r = response_perplexity(model, tokenizer, read_instructions(path, limit), bs, max_len)
                     results[name] = {"response_ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
-                                     "rows_unscored": r["rows_unscored"]}
+                                     "rows_unscored": r["rows_unscored"], "rows_cut": r["rows_cut"]}
                 else:
                     results[name] = multiple_choice(model, tokenizer, read_choices(path, limit), bs, max_len)
                     accs.append(results[name]["acc"])
