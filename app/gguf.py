@@ -113,10 +113,7 @@ def _parse(buf: mmap.mmap, path: str | Path) -> tuple[dict[str, Any], list[str]]
 def model_type(meta: dict[str, Any]) -> tuple[str, str]:
     """(the GGUF architecture, the transformers model_type it is)."""
     arch = str(meta.get("general.architecture", "unknown"))
-    kind = MODEL_TYPES.get(arch, arch)
-    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
-        kind = "mistral"  # llama.cpp files Mistral under the llama architecture
-    return arch, kind
+    return arch, MODEL_TYPES.get(arch, arch)  # a Mistral filed under llama loads as Llama in transformers too
 
 
 def config_fields(meta: dict[str, Any], tensors: list[str]) -> dict[str, Any]:

@@ -33,12 +33,14 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, quant: gguf.GGMLQuantizationType | None = None, seed: int = 0):
-    """A llama-architecture GGUF of tests.tiny's "gqa" model with its BPE tokenizer; returns the source model."""
+def write_tiny_gguf(path: Path, quant: gguf.GGMLQuantizationType | None = None, seed: int = 0,
+                    name: str = "tiny-gqa", extra: dict[str, np.ndarray] | None = None):
+    """A llama-architecture GGUF of tests.tiny's "gqa" model with its BPE tokenizer (``extra``: more tensors);
+    returns the source model."""
     model, tok = make_model("gqa", seed), make_tokenizer()
     cfg = model.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-gqa")
+    w.add_name(name)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -75,6 +77,8 @@ def write_tiny_gguf(path: Path, quant: gguf.GGMLQuantizationType | None = None, 
 
     sd = model.state_dict()
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    for extra_name, t in (extra or {}).items():
+        add(extra_name, t)
     add("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -254,6 +258,25 @@ def test_offline_cached_hub_id_loads(monkeypatch, tmp_path):
     assert preflight(src, _spec("tiny-org/tiny-llama")).num_heads == 4
     model, _ = load_model(src)
     torch.testing.assert_close(_logits(model), _logits(make_model("llama")))
+
+
+def test_a_gguf_named_mistral_is_the_model_type_transformers_loads(tmp_path):
+    """llama.cpp files Mistral under the llama architecture and transformers loads such a file as Llama: the
+    header's config says the same (a Mistral config would add a sliding window the loaded model does not have, and
+    the head methods would be refused for it)."""
+    write_tiny_gguf(tmp_path / "m.gguf", name="Mistral-7B-Instruct-v0.3")
+    loaded = AutoConfig.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert gguf_config(tmp_path / "m.gguf").model_type == loaded.model_type == "llama"
+
+
+def test_a_gguf_with_llama3_rope_frequencies_is_refused_by_name(tmp_path):
+    """Llama 3.1+ GGUFs carry their RoPE scaling as rope_freqs.weight, which transformers' GGUF loader drops: the
+    model would run with plain RoPE, wrong at every position. Refused before any weight loads, naming the tensor."""
+    write_tiny_gguf(tmp_path / "m.gguf", extra={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
+    with pytest.raises(UnsupportedModelError) as err:
+        preflight(resolve_source(str(tmp_path / "m.gguf")), _spec(str(tmp_path / "m.gguf")))
+    assert "rope_freqs.weight" in err.value.message and "safetensors" in err.value.message
+    assert err.value.field == "model.id"
 
 
 def test_a_hub_model_loads_at_the_commit_its_config_was_read_at(monkeypatch, tmp_path):

@@ -232,6 +232,11 @@ def gguf_config(path: str | Path, field: str = "model.id") -> Any:
     """
     meta, tensors = read_gguf_header(path, field)
     arch, model_type = gguf_header.model_type(meta)
+    if "rope_freqs.weight" in tensors:
+        raise UnsupportedModelError(
+            f"{path}: the GGUF scales its RoPE with a rope_freqs.weight tensor (Llama 3.1 and later), which "
+            "transformers' GGUF loader drops: the model would run with plain RoPE; give the model's safetensors "
+            "checkpoint (a Hugging Face directory or hub id) instead", field)
     try:
         fields = {k: v for k, v in gguf_header.config_fields(meta, tensors).items() if k != "model_type"}
         config = _transformers_config(model_type, fields)
