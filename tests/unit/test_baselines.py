@@ -146,6 +146,7 @@ def test_merge_without_masking_equals_unmerged(method):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_saved_adapter_reloads_after_merge(method, tmp_path):
     model = _pruned("qwen2")
+    model.name_or_path = "/worker/cache/dense-model"  # where the worker loaded it from
     fresh = copy.deepcopy(model)
     masks = zero_masks(DecoderAdapter(model))
     baseline, _ = train_adapter(model, _batches(), _spec(method, max_steps=4), seed=0)
@@ -155,6 +156,7 @@ def test_saved_adapter_reloads_after_merge(method, tmp_path):
     out = save_adapter(baseline, tmp_path / "adapter")
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["use_dora"] == (method == "dora") and cfg["lora_dropout"] == 0.0
+    assert cfg["base_model_name_or_path"] is None  # never the worker's path, nor the dense model's
     assert (out / "adapter_model.safetensors").is_file()
     loaded = PeftModel.from_pretrained(fresh, str(out))
     assert (_logits(loaded, batch) - unmerged).abs().max() <= 1e-5

@@ -267,6 +267,7 @@ def _usage(report: dict[str, Any], restored: bool) -> list[str]:
         "```",
     ]
     if (report.get("output") or {}).get("primary") == "adapter/":
-        lines += ["", "The job also exported the unmerged adapter in `adapter/` beside this directory (applied to the "
-                      "pruned model with peft)."]
+        lines += ["", "The job also exported the unmerged adapter in `adapter/` beside this directory. It applies to "
+                      "the pruned model, not the base model (`PeftModel.from_pretrained(pruned_model, \"adapter\")`): "
+                      "a job with the same pruning and `restoration.method: \"none\"` exports that model."]
     return lines

@@ -344,12 +344,15 @@ def merge_adapter(
 def save_adapter(baseline: AdapterBaseline, directory: str | Path) -> Path:
     """Write the unmerged adapter (adapter_config.json, adapter_model.safetensors), before or after merging.
 
-    Loadable with ``PeftModel.from_pretrained(pruned_model, directory)``.
+    Loadable with ``PeftModel.from_pretrained(pruned_model, directory)``. It names no base model: the one peft would
+    record is the worker's path of the model loaded, a path nowhere else, and the dense model's at that (the adapter
+    belongs on the pruned one), which ``AutoPeftModel`` would load it onto without a word.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(baseline.config)
     config.inference_mode = True
+    config.base_model_name_or_path = None
     config.save_pretrained(str(d))
     save_file(baseline.adapter_state_dict(), str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return d
