@@ -92,3 +92,24 @@ def test_a_model_over_the_shard_size_is_written_in_shards_with_an_index_as_save_
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in reloaded.state_dict().items()
                if "rotary" not in k)
+
+
+def test_tokenizer_files_save_pretrained_leaves_out_are_copied_from_the_source(tmp_path):
+    """SentencePiece's tokenizer.model and a tiktoken vocabulary travel with the export (llama.cpp's converter reads
+    them); a file the export already wrote is left as it is, and a FIFO is never opened."""
+    import os
+
+    from worker.run.export import copy_tokenizer_files
+
+    source, out = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / "tokenizer.model").write_bytes(b"\x00spm model bytes")
+    (source / "cl100k.tiktoken").write_text("vocab", encoding="utf-8")
+    (source / "other.model").write_text("not a tokenizer", encoding="utf-8")
+    (out / "cl100k.tiktoken").write_text("written by the export", encoding="utf-8")
+    os.mkfifo(source / "o200k.tiktoken")
+    assert copy_tokenizer_files(source, out) == ["tokenizer.model"]
+    assert (out / "tokenizer.model").read_bytes() == b"\x00spm model bytes"
+    assert (out / "cl100k.tiktoken").read_text(encoding="utf-8") == "written by the export"
+    assert not (out / "other.model").exists() and not (out / "o200k.tiktoken").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,6 +103,21 @@ def _write_model(model: Any, config: Any, directory: Path, target: Any, source: 
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(directory)
+
+
+def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
+    """Copy into ``directory`` the tokenizer files of the model in ``source`` that ``save_pretrained`` does not write
+    (SentencePiece's tokenizer.model, a tiktoken vocabulary): transformers loads the export without them, tools such as
+    llama.cpp's converter read them. Returns the names copied."""
+    from worker.errors import path_problem
+
+    copied = []
+    for pattern in ("tokenizer.model", "*.tiktoken"):
+        for f in sorted(source.glob(pattern)):
+            if path_problem(f, "file") is None and not (directory / f.name).exists():
+                shutil.copyfile(f, directory / f.name)
+                copied.append(f.name)
+    return copied
 
 
 def _cast(read: Any, dtype: Any) -> Any:

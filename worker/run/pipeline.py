@@ -684,7 +684,7 @@ def _stage_evaluating(state: RunState, progress: StageProgress, reporter: Report
 
 
 def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporter) -> None:
-    from worker.run.export import export_model, reload_problem, write_plots
+    from worker.run.export import copy_tokenizer_files, export_model, reload_problem, write_plots
 
     progress(0.1, "checking sparsity")
     identical = state.zero_masks is not None and not state.zero_masks.differs(state.adapter, state.scope)
@@ -703,6 +703,8 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
                         config)
     else:
         export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
+    if state.checked.source.kind == "hf_dir":
+        copy_tokenizer_files(Path(state.checked.source.path), state.out_dir / "model")
     if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero or large ones to infinity
         progress(0.6, "checking the saved weights")
         problem = _saved_weights_problem(state.out_dir / "model", state.zero_masks)
