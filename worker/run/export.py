@@ -51,9 +51,10 @@ def _saving(config: Any, dtype: Any) -> Iterator[None]:
 
 def export_streamed(model: Any, store: Any, tokenizer: Any, directory: Path, dtype: str = "auto",
                     config: Any = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> Path:
-    """:func:`export_model` for a layer-streamed model (worker.model.streaming): the same files, tensor for tensor
-    and byte for byte, written one tensor at a time from the layers' files. ``config``: the one to save (default
-    the model's)."""
+    """:func:`export_model` for a layer-streamed model (worker.model.streaming): the same tensors, byte for byte,
+    and the same config and generation config, written one tensor at a time from the layers' files (sharded, a
+    tensor may fall in another shard than save_pretrained puts it; the index says where). ``config``: the one to
+    save (default the model's)."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
