@@ -385,8 +385,18 @@ def _read_config(model_dir: str) -> dict[str, Any] | None:
 
 
 def safetensors_bytes(model_dir: str | Path) -> int | None:
-    """The bytes of a model directory's safetensors files (what loading reads), or None when it has none."""
-    files = [f for f in Path(model_dir).glob("*.safetensors") if f.is_file()]
+    """The bytes of the safetensors files loading reads: those the index names (a directory may hold others, such as
+    Mistral's consolidated.safetensors, a second copy of the weights), else model.safetensors; None when there are
+    none, or the index cannot be read."""
+    model_dir = Path(model_dir)
+    try:
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        names = set(index["weight_map"].values())
+    except FileNotFoundError:
+        names = {"model.safetensors"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    files = [model_dir / n for n in names if isinstance(n, str) and (model_dir / n).is_file()]
     return sum(f.stat().st_size for f in files) if files else None
 
 

@@ -282,3 +282,27 @@ def test_a_model_that_attends_eagerly_plans_its_scores_in_every_stage_that_runs_
     assert a["evaluating"].device_bytes - b["evaluating"].device_bytes == attention_scores(eager, 4, 128, 2)
     for stage in ("pruning", "probing"):
         assert a[stage].device_bytes > b[stage].device_bytes
+
+
+def test_the_bytes_loading_reads_are_the_indexed_shards_only(tmp_path):
+    """Mistral's repos hold a second copy of the weights (consolidated.safetensors) beside the shards the index
+    names: the plan's read time counts what loading reads."""
+    import json as jsonlib
+
+    from app.plan import safetensors_bytes
+
+    d = tmp_path / "sharded"
+    d.mkdir()
+    for name, size in (("model-00001-of-00002.safetensors", 300), ("model-00002-of-00002.safetensors", 200),
+                       ("consolidated.safetensors", 500)):
+        (d / name).write_bytes(b"\0" * size)
+    (d / "model.safetensors.index.json").write_text(jsonlib.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors"}}))
+    assert safetensors_bytes(d) == 500
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "model.safetensors").write_bytes(b"\0" * 70)
+    assert safetensors_bytes(single) == 70
+    (d / "model.safetensors.index.json").write_text("not json")
+    assert safetensors_bytes(d) is None and safetensors_bytes(tmp_path) is None
