@@ -300,6 +300,17 @@ def test_prune_low_precision_model_keeps_dtype(stream_batches: list[Batch]) -> N
     assert all(torch.isfinite(t).all() for t in _logits(model, stream_batches[:1]))
 
 
+def test_blank_calibration_rows_add_nothing_to_the_stream(tokenizer) -> None:
+    """A blank row is no text: it adds no separator (nor, with a BOS tokenizer, a BOS) to the calibration stream,
+    wherever the shuffle puts it."""
+    text = text_rows(1)[0]["text"]
+    want = list(tokenizer(text)["input_ids"]) + [tokenizer.eos_token_id]
+    for seed in range(5):
+        batches = build_calibration_batches(tokenizer, ["", text, "  \n"], n_samples=len(want), seq_len=1,
+                                            batch_size=len(want), seed=seed)
+        assert batches[0].input_ids.flatten().tolist() == want
+
+
 def test_build_calibration_batches(tokenizer) -> None:
     texts = [r["text"] for r in text_rows(30)]
     a = build_calibration_batches(tokenizer, texts, n_samples=5, seq_len=16, batch_size=2, seed=1)

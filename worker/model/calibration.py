@@ -252,6 +252,8 @@ def build_calibration_batches(
     need = n_samples * seq_len
     stream: list[int] = []
     for i in order:
+        if not texts[i].strip():  # a blank row would put a stray BOS and EOS into the stream
+            continue
         ids = token_ids(tokenizer, texts[i])
         if eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
