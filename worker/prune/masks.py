@@ -46,13 +46,12 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError("scores are not finite (NaN or infinite)")
 
 
-# A mask is chosen by sorting each group's scores, MASK_CHUNK_ELEMENTS scores of whole groups at a time: a sort holds
-# float32 values and int64 indices beside them (25 bytes per score with its buffers, measured). One group larger than
-# SORT_MAX_ELEMENTS (the whole tensor, magnitude's) is chosen by threshold instead, with bool and int32 temporaries.
-
-
 def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Bool mask keeping the ``keep`` highest scores along the last dimension (ties: lower index kept)."""
+    """Bool mask keeping the ``keep`` highest scores along the last dimension (ties: lower index kept).
+
+    Groups are sorted MASK_CHUNK_ELEMENTS scores at a time: a sort holds float32 values and int64 indices beside them
+    (25 bytes per score with its buffers, measured). One group larger than SORT_MAX_ELEMENTS (the whole tensor,
+    magnitude's) is chosen by threshold instead, with bool and int32 temporaries."""
     if keep <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if keep >= scores.shape[-1]:
@@ -74,8 +73,9 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
     scores (a view, no copy), else with a negative score's magnitude bits flipped."""
     if bool(scores.min() >= 0):
         keys = scores.view(torch.int32)
-        return torch.where(keys == torch.iinfo(torch.int32).min, 0, keys) if bool(torch.signbit(scores).any()) \
-            else keys
+        if bool(torch.signbit(scores).any()):  # -0.0, whose bits are int32's minimum
+            keys = torch.where(keys == torch.iinfo(torch.int32).min, 0, keys)
+        return keys
     keys = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
     return torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
 
