@@ -68,7 +68,8 @@ SORT_BYTES_PER_ELEMENT = 25
 SORT_MAX_ELEMENTS = 1 << 22
 MASK_CHUNK_ELEMENTS = 1 << 22
 HESSIAN_COPIES = 3  # the Hessian (damped in place), its Cholesky factor or inverse, the inverse's factor
-CALIBRATION_BATCH = 8  # sequences a calibration forward runs at once (the worker's pruning stage)
+CALIBRATION_BATCH = 8  # sequences a calibration forward runs at once (the worker's pruning stage) ...
+CALIBRATION_BATCH_TOKENS = 8 * 2048  # ... fewer when they are longer: at most this many tokens, one sequence at least
 CALIBRATION_INTERMEDIATE_COPIES = 3  # a calibration batch through one layer's MLP: gate, up and their product
 STAT_CHUNK_ELEMENTS = 2**24  # a pruning statistic upcasts its inputs this many at a time (worker.chunks)
 STAT_CHUNK_COPIES = 2  # ... the upcast chunk and its square, in float64
@@ -97,6 +98,12 @@ def captured_activations(spec: JobSpec, shapes: Shapes) -> dict[Stage, int]:
     dense = 3 if getattr(r, "head_selection", None) == "probe" else 1  # prompt (+ response and negative)
     return {Stage.loading: dense * one, Stage.pruning: dense * one, Stage.probing: (dense + 1) * one,
             Stage.extracting: (dense + 1 + EXTRACT_CAPTURE_COPIES) * one}
+
+
+def calibration_batch(samples: int, seq_len: int) -> int:
+    """Sequences a calibration forward runs at once: CALIBRATION_BATCH, fewer for long sequences (a batch's MLP
+    activations grow with its tokens: at 8 × 8192 tokens a 70B layer's would be 11 GB)."""
+    return max(1, min(CALIBRATION_BATCH, samples, CALIBRATION_BATCH_TOKENS // seq_len))
 
 
 def attention_scores(shapes: Shapes, batch: int, seq: int, dtype_bytes: int, kept_layers: int = 0) -> int:
@@ -240,12 +247,12 @@ def make_plan(spec: JobSpec, shapes: Shapes, device: str = "cpu", gguf: bool = F
         if method.needs_calibration:  # a layer's inputs and outputs for every calibration sequence
             prune_t += 2 * spec.pruning.calibration_samples * spec.pruning.seq_len * shapes.hidden * b
             # ... and one batch of them through the layer, its statistics upcast chunk by chunk
-            batch_tokens = min(CALIBRATION_BATCH, spec.pruning.calibration_samples) * spec.pruning.seq_len
+            batch = calibration_batch(spec.pruning.calibration_samples, spec.pruning.seq_len)
+            batch_tokens = batch * spec.pruning.seq_len
             chunk = min(STAT_CHUNK_ELEMENTS, batch_tokens * max_in)
             prune_t += CALIBRATION_INTERMEDIATE_COPIES * batch_tokens * shapes.intermediate * b
             prune_t += STAT_CHUNK_COPIES * chunk * 8
-            prune_t += attention_scores(shapes, min(CALIBRATION_BATCH, spec.pruning.calibration_samples),
-                                        spec.pruning.seq_len, b)
+            prune_t += attention_scores(shapes, batch, spec.pruning.seq_len, b)
     trains = restoration_method(r.method).trains
     batch = getattr(r, "batch_size", 8)
     seq = getattr(r, "max_seq_len", 256)

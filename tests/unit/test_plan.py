@@ -306,3 +306,19 @@ def test_the_bytes_loading_reads_are_the_indexed_shards_only(tmp_path):
     assert safetensors_bytes(single) == 70
     (d / "model.safetensors.index.json").write_text("not json")
     assert safetensors_bytes(d) is None and safetensors_bytes(tmp_path) is None
+
+
+def test_calibration_batches_hold_a_bounded_number_of_tokens():
+    """Long calibration sequences run fewer at a time (a batch's MLP activations grow with its tokens), and the plan
+    counts the batch the worker runs."""
+    from app.plan import CALIBRATION_BATCH_TOKENS, calibration_batch
+
+    assert calibration_batch(128, 256) == 8 and calibration_batch(3, 256) == 3
+    assert calibration_batch(128, 8192) == CALIBRATION_BATCH_TOKENS // 8192 == 2
+    assert calibration_batch(128, 32768) == 1
+    shapes = Shapes.from_config(LLAMA_7B)
+    short, long = (make_plan(spec(pruning={"method": "wanda", "seq_len": n, "calibration_samples": 16}), shapes,
+                             "cuda").stages["pruning"].device_bytes for n in (2048, 4096))
+    # twice as long, only the calibration sequences' layer inputs and outputs grow: a batch holds 8 × 2048 tokens
+    # at the one length and 4 × 4096 at the other, so its MLP activations stay the same
+    assert long - short == 2 * 16 * 2048 * 4096 * 2

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from app.methods import PRUNING_METHODS, restoration_method
-from app.plan import CALIBRATION_BATCH, planned_stages
+from app.plan import calibration_batch, planned_stages
 from app.schemas import JobSpec, Stage
 from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutOfMemoryFailure, SpecError
 from worker.reporting import Reporter, checkpoint
@@ -509,7 +509,7 @@ def _stage_pruning(state: RunState, progress: StageProgress, reporter: Reporter)
                 texts,
                 n_samples=spec.pruning.calibration_samples,
                 seq_len=spec.pruning.seq_len,
-                batch_size=max(1, min(CALIBRATION_BATCH, spec.pruning.calibration_samples)),
+                batch_size=calibration_batch(spec.pruning.calibration_samples, spec.pruning.seq_len),
                 seed=spec.seed,
             )
         except DataError as exc:  # the file it read, unless it names a field of its own (calibration_samples)
