@@ -248,12 +248,13 @@ def test_a_kept_weight_that_merges_to_zero_stays_nonzero_in_every_export_dtype()
 
 
 def test_an_adapter_trains_under_max_grad_norm():
-    """restoration.max_grad_norm reaches the adapters' training: every step above it is counted as clipped."""
+    """max_grad_norm (TrainControl's, from restoration.max_grad_norm) reaches the adapters' training: every step above
+    it is counted as clipped."""
     model = _pruned("gqa")
     _, free = train_adapter(model, _batches(), _spec("lora", max_steps=3), seed=0)
     cap = min(free["grad_norm_curve"]) / 2
     model = _pruned("gqa")
-    _, clipped = train_adapter(model, _batches(), _spec("lora", max_steps=3, max_grad_norm=cap), seed=0)
+    _, clipped = train_adapter(model, _batches(), _spec("lora", max_steps=3), seed=0, max_grad_norm=cap)
     assert free["clipped_steps"] == 0 and clipped["clipped_steps"] == 3
     assert clipped["grad_norm_curve"][0] == free["grad_norm_curve"][0]
     assert clipped["loss_curve"][1:] != free["loss_curve"][1:]

@@ -73,7 +73,7 @@ def _spec(tmp_path: Path, **restoration: Any) -> dict[str, Any]:
 
 
 def test_a_registered_method_validates_and_runs_through_the_runner(tmp_path, logit_scale):
-    spec = JobSpec.model_validate(_spec(tmp_path, init=0.9))
+    spec = JobSpec.model_validate(_spec(tmp_path, init=0.9, max_grad_norm=1e-6))
     assert spec.restoration.lr == 0.05  # the catalogue's default rate
     assert planned_stages(spec) == [Stage.loading, Stage.pruning, Stage.training, Stage.merging,
                                     Stage.evaluating, Stage.exporting]
@@ -85,6 +85,7 @@ def test_a_registered_method_validates_and_runs_through_the_runner(tmp_path, log
 
     assert report["restoration"]["method"] == NAME
     assert report["restoration"]["trainable_params"] == 1 and report["restoration"]["steps"] == 3
+    assert report["restoration"]["clipped_steps"] == 3  # the shared settings reach a registered method too
     assert report["checks"]["zeros_identical"] is True
     scale = float(load_file(str(out / "scale.safetensors"))["scale"])
     assert scale != pytest.approx(0.9, abs=1e-6)  # it trained

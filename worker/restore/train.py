@@ -122,10 +122,11 @@ class TrainControl:
     resume: TrainState | None = None
     save: SaveHook | None = None
     objective: Any = None  # worker.restore.objective.Objective; None: the completion loss (sft)
+    max_grad_norm: float | None = None  # restoration.max_grad_norm
 
     def options(self) -> dict[str, Any]:
         return {"progress": self.progress, "should_stop": self.should_stop, "resume": self.resume, "save": self.save,
-                "objective": self.objective}
+                "objective": self.objective, "max_grad_norm": self.max_grad_norm}
 
 
 # Called after every optimizer step with a way to take the state (and again with force=True when the run stops or

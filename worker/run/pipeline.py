@@ -628,7 +628,7 @@ def _train(state: RunState, progress: StageProgress, reporter: Reporter) -> None
     objective = make_objective(spec.restoration, method.dense_targets)
     control = TrainControl(progress=step_progress, should_stop=reporter.cancel_requested,
                            resume=state.resumer.train_state(), save=state.resumer.train_saver(lambda: state.report),
-                           objective=objective)
+                           objective=objective, max_grad_norm=spec.restoration.max_grad_norm)
     if state.store is not None:  # each layer recomputed from its input in the backward, one at a time
         from worker.model.streaming import checkpointed_layers
 

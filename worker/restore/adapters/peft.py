@@ -221,13 +221,14 @@ def train_adapter(
     resume: TrainState | None = None,
     save: SaveHook | None = None,
     objective: Any = None,
+    max_grad_norm: float | None = None,
 ) -> tuple[AdapterBaseline, dict[str, Any]]:
     """Attach a LoRA (``r.method == "lora"``) or DoRA adapter to ``model`` and train it; base weights frozen.
 
     Hyper-parameters come from ``r`` (lora_r, lora_alpha, lora_targets, lr, lr_schedule, warmup_steps,
-    weight_decay, epochs, max_steps, grad_accum); ``resume`` and ``save`` as train_parameters'. The adapter
-    stays in the model (unmerged) for :func:`merge_adapter`; on any failure, Cancelled included, it is removed
-    again. Returns the baseline and the stats of worker.restore.train.train_parameters.
+    weight_decay, epochs, max_steps, grad_accum); ``resume``, ``save`` and ``max_grad_norm`` as
+    train_parameters'. The adapter stays in the model (unmerged) for :func:`merge_adapter`; on any failure, Cancelled
+    included, it is removed again. Returns the baseline and the stats of worker.restore.train.train_parameters.
     """
     with frozen(model):  # restores the base weights' requires_grad and the train/eval mode afterwards
         baseline = attach_adapter(model, r, seed)
@@ -238,7 +239,7 @@ def train_adapter(
                 weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps, grad_accum=r.grad_accum,
                 seed=seed, progress=progress,
                 should_stop=should_stop, checkpoint_every=checkpoint_every, resume=resume, save=save,
-                objective=objective, max_grad_norm=r.max_grad_norm,
+                objective=objective, max_grad_norm=max_grad_norm,
             )
         except BaseException:
             detach_adapter(baseline)

@@ -72,7 +72,7 @@ class OffsetMethod(RestoreMethod):
             job.model, job.adapter, self.offsets, batches,
             lr=r.lr, schedule=r.lr_schedule, warmup_steps=r.warmup_steps,
             weight_decay=r.weight_decay, epochs=r.epochs, max_steps=r.max_steps,
-            grad_accum=r.grad_accum, seed=self.seed, max_grad_norm=r.max_grad_norm, **control.options(),
+            grad_accum=r.grad_accum, seed=self.seed, **control.options(),
         )
         if self.offsets.directions is not None:  # β's length per head (head_dim: all)
             d = self.offsets.directions
