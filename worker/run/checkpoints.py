@@ -27,7 +27,10 @@ from worker.errors import TransientError
 
 log = logging.getLogger("restorelcc.checkpoints")
 
-CHECKPOINT_VERSION = 2  # 2: token ids changed (BOS once; probe pairs without contrast left out)
+# 2: token ids changed (BOS once; probe pairs without contrast left out). 3: the calibration stream and batches
+# changed (blank rows left out, long sequences fewer per batch: the calibration digest differs), acc_norm's rule
+# changed (an interrupted evaluation's sets would mix two), training specs gained max_grad_norm
+CHECKPOINT_VERSION = 3
 MANIFEST = "checkpoint.json"
 
 
