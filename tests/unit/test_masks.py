@@ -156,10 +156,16 @@ def _scores_of_kind(kind: str, shape: tuple[int, ...], seed: int) -> torch.Tenso
         return s
     if kind == "subnormal":
         return torch.rand(shape, generator=g) * 1e-40
+    if kind == "nan":  # what a caller that checks afterwards may pass (SparseGPT): NaN of either sign, and inf
+        s = torch.randint(-3, 3, shape, generator=g).float()
+        s.view(-1)[::9] = float("nan")
+        s.view(-1)[4::9] = -torch.tensor(float("nan"))
+        s.view(-1)[5::9] = float("inf")
+        return s
     return torch.rand(shape, generator=g)
 
 
-@pytest.mark.parametrize("kind", ["uniform", "ties", "signed", "subnormal"])
+@pytest.mark.parametrize("kind", ["uniform", "ties", "signed", "subnormal", "nan"])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("by", ["threshold", "chunks"])
 def test_large_masks_keep_what_the_sort_keeps(monkeypatch, kind: str, seed: int, by: str) -> None:
@@ -168,15 +174,18 @@ def test_large_masks_keep_what_the_sort_keeps(monkeypatch, kind: str, seed: int,
     monkeypatch.setattr(masks, "SORT_MAX_ELEMENTS", 0 if by == "threshold" else 1 << 30)
     monkeypatch.setattr(masks, "MASK_CHUNK_ELEMENTS", 40)  # rows (or the tie walk) cross chunk borders
     scores = _scores_of_kind(kind, (12, 64), seed)
-    for sparsity in (0.0, 0.1, 0.5, 0.77, 1.0):
-        for group in ("row", "tensor"):
-            flat = scores if group == "row" else scores.reshape(1, -1)
-            keep = flat.shape[1] - prune_count(flat.shape[1], sparsity)
-            expected = _sorted_keep(flat, keep).reshape(scores.shape)
-            assert torch.equal(unstructured_mask(scores, sparsity, group), expected), (kind, sparsity, group)
-    for n, m in ((1, 2), (2, 4), (4, 8), (3, 16)):
-        expected = _sorted_keep(scores.reshape(12, 64 // m, m), n).reshape(scores.shape)
-        assert torch.equal(nm_mask(scores, n, m), expected), (kind, n, m)
+    checks = (False,) if kind == "nan" else (True, False)  # checked, NaN is refused; unchecked, ranked as a sort does
+    for check in checks:
+        for sparsity in (0.0, 0.1, 0.5, 0.77, 1.0):
+            for group in ("row", "tensor"):
+                flat = scores if group == "row" else scores.reshape(1, -1)
+                keep = flat.shape[1] - prune_count(flat.shape[1], sparsity)
+                expected = _sorted_keep(flat, keep).reshape(scores.shape)
+                got = unstructured_mask(scores, sparsity, group, check=check)
+                assert torch.equal(got, expected), (kind, sparsity, group, check)
+        for n, m in ((1, 2), (2, 4), (4, 8), (3, 16)):
+            expected = _sorted_keep(scores.reshape(12, 64 // m, m), n).reshape(scores.shape)
+            assert torch.equal(nm_mask(scores, n, m, check=check), expected), (kind, n, m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -225,3 +234,11 @@ def test_pruning_a_large_linear_holds_what_the_plan_counts(dtype, method, nm) ->
     with sorted_live:
         _sorted_keep(scores.reshape(1, -1), n // 2)
     assert sorted_live.peak > PRUNE_BYTES_PER_ELEMENT * n
+
+
+def test_all_finite_reads_the_extremes_and_an_empty_tensor_is_finite() -> None:
+    assert masks.all_finite(torch.empty(0, 4)) and masks.all_finite(torch.ones(3))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(100)
+        t[57] = bad
+        assert not masks.all_finite(t)

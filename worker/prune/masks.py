@@ -35,6 +35,8 @@ def prune_count(group_size: int, sparsity: float) -> int:
 def all_finite(t: torch.Tensor) -> bool:
     """Whether no entry of ``t`` is NaN or infinite, from its extremes (NaN if any entry is): ``isfinite`` would
     make three temporaries of ``t``'s size, which beside a 70B down_proj's float32 copy is another 1.6 GB."""
+    if t.numel() == 0:
+        return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
@@ -46,18 +48,20 @@ def _check_scores(scores: torch.Tensor) -> None:
         raise ValueError("scores are not finite (NaN or infinite)")
 
 
-def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Bool mask keeping the ``keep`` highest scores along the last dimension (ties: lower index kept).
+def _keep_top(scores: torch.Tensor, keep: int, probe: bool = True) -> torch.Tensor:
+    """Bool mask keeping the ``keep`` highest scores along the last dimension (ties: lower index kept; NaN, as a
+    sort ranks it, highest).
 
     Groups are sorted MASK_CHUNK_ELEMENTS scores at a time: a sort holds float32 values and int64 indices beside them
-    (25 bytes per score with its buffers, measured). One group larger than SORT_MAX_ELEMENTS (the whole tensor,
-    magnitude's) is chosen by threshold instead, with bool and int32 temporaries."""
+    (25 bytes per score with its buffers, measured). One float32 group larger than SORT_MAX_ELEMENTS (the whole
+    tensor, magnitude's) is chosen by threshold instead, with bool and int32 temporaries. ``probe``: the threshold
+    may look at the scores' signs first (a wait for the device) to spare a copy when none is negative."""
     if keep <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if keep >= scores.shape[-1]:
         return torch.ones_like(scores, dtype=torch.bool)
     if scores.shape[-1] > SORT_MAX_ELEMENTS and scores.dtype == torch.float32:  # the keys are float32's bits
-        return _keep_top_by_threshold(scores, keep)
+        return _keep_top_by_threshold(scores, keep, probe)
     groups = scores.reshape(-1, scores.shape[-1])
     mask = torch.zeros_like(groups, dtype=torch.bool)
     step = max(1, MASK_CHUNK_ELEMENTS // groups.shape[1])
@@ -68,22 +72,24 @@ def _keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-def _order_keys(scores: torch.Tensor) -> torch.Tensor:
-    """int32 keys that order as the float32 scores do (-0.0 equal to 0.0): the bits themselves for non-negative
-    scores (a view, no copy), else with a negative score's magnitude bits flipped."""
-    if bool(scores.min() >= 0):
+def _order_keys(scores: torch.Tensor, probe: bool) -> torch.Tensor:
+    """int32 keys that order as the float32 scores do as a sort ranks them (-0.0 equal to 0.0, every NaN highest):
+    with ``probe`` and no score negative or NaN, the bits themselves (a view, no copy); else with a negative score's
+    magnitude bits flipped."""
+    if probe and bool(scores.min() >= 0):  # NaN if any score is
         keys = scores.view(torch.int32)
         if bool(torch.signbit(scores).any()):  # -0.0, whose bits are int32's minimum
             keys = torch.where(keys == torch.iinfo(torch.int32).min, 0, keys)
         return keys
     keys = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    return torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
+    keys = torch.where(keys < 0, keys ^ 0x7FFFFFFF, keys)
+    return torch.where(torch.isnan(scores), torch.iinfo(torch.int32).max, keys)
 
 
-def _keep_top_by_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def _keep_top_by_threshold(scores: torch.Tensor, keep: int, probe: bool) -> torch.Tensor:
     """For long groups: each group's ``keep``-th highest key by bisection (32 counting passes), then every key
     above it and, of the keys equal to it, the first ones in order."""
-    keys = _order_keys(scores)
+    keys = _order_keys(scores, probe)
     lo = torch.full(keys.shape[:-1] + (1,), torch.iinfo(torch.int32).min, dtype=torch.int64, device=keys.device)
     hi = torch.full_like(lo, torch.iinfo(torch.int32).max)
     for _ in range(32):
@@ -98,7 +104,7 @@ def _keep_top_by_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
     for start in range(0, keys.shape[-1], step):
         tied = keys[..., start : start + step] == threshold
         rank = tied.cumsum(-1, dtype=torch.int32)
-        mask[..., start : start + step] |= tied & (rank <= (ties_wanted - seen).to(torch.int32))
+        mask[..., start : start + step] |= tied & (rank <= (ties_wanted - seen).clamp_(min=0).to(torch.int32))
         seen += tied.sum(-1, keepdim=True)
     return mask
 
@@ -114,10 +120,10 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, group: Group = "row
         _check_scores(scores)
     if group == "row":
         cols = scores.shape[1]
-        return _keep_top(scores, cols - prune_count(cols, sparsity))
+        return _keep_top(scores, cols - prune_count(cols, sparsity), probe=check)
     if group == "tensor":
         flat = scores.reshape(1, -1)
-        return _keep_top(flat, flat.shape[1] - prune_count(flat.shape[1], sparsity)).reshape(scores.shape)
+        return _keep_top(flat, flat.shape[1] - prune_count(flat.shape[1], sparsity), probe=check).reshape(scores.shape)
     raise ValueError(f"group must be 'row' or 'tensor', got {group!r}")
 
 
