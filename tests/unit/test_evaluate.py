@@ -298,9 +298,13 @@ class _NaNAfter(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["perplexity", "response_perplexity", "tasks"])
-def test_logits_that_are_not_finite_fail_the_evaluation_naming_the_set_and_dtype(mt, tmp_path, kind):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_logits_that_are_not_finite_fail_the_evaluation_naming_the_set_and_dtype(mt, tmp_path, kind, dtype):
     """NaN log-likelihoods give no metric: never an accuracy that is the share of first choices, nor a null
-    perplexity; the job fails unsupported_model naming model.dtype and the set."""
+    perplexity; the job fails unsupported_model naming the set, and model.dtype with its remedy when float16 (which
+    overflows), else the model."""
+    import copy
+
     from worker.errors import UnsupportedModelError
 
     model, tok = mt
@@ -308,9 +312,12 @@ def test_logits_that_are_not_finite_fail_the_evaluation_naming_the_set_and_dtype
     path = write_jsonl(tmp_path / "broken_set.jsonl", files[kind])
     spec = EvaluationSpec(**{kind: [str(path)]}, batch_size=2, max_seq_len=64)
     with pytest.raises(UnsupportedModelError) as err:
-        evaluate_spec(_NaNAfter(model), tok, spec)
-    assert err.value.field == "model.dtype" and "broken_set" in err.value.message
-    assert "not finite" in err.value.message and "float32" in err.value.message
+        evaluate_spec(_NaNAfter(copy.deepcopy(model).to(dtype)), tok, spec)
+    assert "broken_set" in err.value.message and "not finite" in err.value.message
+    if dtype == torch.float16:
+        assert err.value.field == "model.dtype" and "set model.dtype to bfloat16 or float32" in err.value.message
+    else:
+        assert err.value.field == "model.id" and "model.dtype" not in err.value.message
 
 
 def test_a_task_file_named_mean_acc_keeps_its_results_beside_the_mean(mt, tmp_path):

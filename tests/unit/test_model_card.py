@@ -128,7 +128,16 @@ def test_licence_files_are_named_when_the_readme_gives_none(tmp_path):
     spec = plain_spec(str(base))
     card = model_card(spec, {}, licence)
     assert "license" not in front_matter(card)
-    assert "see `GEMMA_TERMS_OF_USE.md`, `LICENSE.txt` of the base model, copied beside this card" in card
+    assert "see `GEMMA_TERMS_OF_USE.md`, `LICENSE.txt` of the base model." in card  # none copied
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    card = write_model_card(model_dir, spec, {}, base).read_text(encoding="utf-8")
+    assert "of the base model, copied beside this card: `GEMMA_TERMS_OF_USE.md`, `LICENSE.txt`." in card
+    assert (model_dir / "LICENSE.txt").read_text(encoding="utf-8") == "x"
+    gguf_dir = tmp_path / "gguf-export"  # a GGUF's folder may be shared: its licence files are named, not copied
+    gguf_dir.mkdir()
+    card = write_model_card(gguf_dir, spec, {}, base, copy_files=False).read_text(encoding="utf-8")
+    assert "copied" not in card and not (gguf_dir / "LICENSE.txt").exists()
 
 
 def test_unknown_licence_and_unreadable_front_matter(tmp_path):

@@ -283,10 +283,11 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                 raise DataError(exc.message, field=f"evaluation.{_field(kind)}") from exc
             except NonFiniteScores as exc:
                 dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+                half = dtype == "float16"
+                hint = "; float16 overflows on many models: set model.dtype to bfloat16 or float32" if half else ""
                 raise UnsupportedModelError(
                     f"the model's log-likelihoods on evaluation set {name} are not finite (NaN or infinite) in "
-                    f"{dtype}; float16 overflows on many models: set model.dtype to bfloat16 or float32",
-                    field="model.dtype",
+                    f"{dtype}{hint}", field="model.dtype" if half else "model.id",
                 ) from exc
             if on_set is not None:
                 on_set(results)

@@ -116,7 +116,10 @@ def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
     for pattern in ("tokenizer.model", "*.tiktoken"):
         for f in sorted(source.glob(pattern)):
             if path_problem(f, "file") is None and not (directory / f.name).exists():
-                shutil.copyfile(f, directory / f.name)
+                try:
+                    shutil.copyfile(f, directory / f.name)
+                except OSError:  # unreadable: the export loads without it
+                    continue
                 copied.append(f.name)
     return copied
 

@@ -9,9 +9,10 @@ carried over: the card replaces it, keeping only its licence.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from app.methods import PRUNING_METHODS
 from app.schemas import JobSpec
 from worker.errors import path_problem
 from worker.run.summary import metric_rows
+
+log = logging.getLogger("restorelcc.model_card")
 
 CARD = "README.md"
 TAGS = ("restorelcc", "pruned", "sparse")
@@ -37,6 +40,7 @@ class Licence:
     name: str | None = None
     link: str | None = None
     files: tuple[str, ...] = ()
+    copied: tuple[str, ...] = ()  # those of ``files`` copied beside the exported card
 
 
 def source_dir(source: Any) -> Path | None:
@@ -104,13 +108,22 @@ def _front_matter(readme: Path) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def write_model_card(model_dir: Path, spec: JobSpec, report: dict[str, Any], base_dir: Path | None) -> Path:
-    """Write ``model_dir/README.md`` (replacing any there) from the job's spec and report, and copy the base model's
-    licence files beside it; ``base_dir``: the base model's directory, where its licence is read. Returns the card."""
+def write_model_card(model_dir: Path, spec: JobSpec, report: dict[str, Any], base_dir: Path | None,
+                     copy_files: bool = True) -> Path:
+    """Write ``model_dir/README.md`` (replacing any there) from the job's spec and report; ``base_dir``: the base
+    model's directory, where its licence is read. With ``copy_files`` (the directory is the model's own, not a folder
+    a GGUF file merely sits in) its licence files are copied beside the card, each that can be read. Returns the
+    card."""
     licence = read_licence(base_dir)
-    for name in licence.files:
-        assert base_dir is not None
-        shutil.copyfile(base_dir / name, Path(model_dir) / name)
+    copied = []
+    for name in licence.files if copy_files and base_dir is not None else ():
+        try:
+            shutil.copyfile(base_dir / name, Path(model_dir) / name)
+        except OSError as exc:  # unreadable, or no room: the card names it as the base model's instead
+            log.warning("licence file %s not copied: %s", name, exc)
+            continue
+        copied.append(name)
+    licence = replace(licence, copied=tuple(copied))
     path = Path(model_dir) / CARD
     path.write_text(model_card(spec, report, licence), encoding="utf-8")
     return path
@@ -241,14 +254,16 @@ def _metrics(report: dict[str, Any]) -> list[str]:
 
 def _licence(licence: Licence) -> str:
     names = ", ".join(f"`{f}`" for f in licence.files)
+    copied = ", ".join(f"`{f}`" for f in licence.copied)
     if licence.id:
         extra = ", ".join(x for x in (licence.name, licence.link) if x)
-        files = f" The base model's licence files are copied beside this card: {names}." if names else ""
+        files = f" The base model's licence files are copied beside this card: {copied}." if copied else ""
         return (f"This model is derived from the base model and is under its licence: `{licence.id}`"
                 f"{f' ({extra})' if extra else ''}.{files}")
     if licence.files:
-        return (f"This model is derived from the base model and is under its licence: see {names} of the base model, "
-                "copied beside this card.")
+        where = f", copied beside this card: {copied}" if copied else ""
+        return (f"This model is derived from the base model and is under its licence: see {names} of the base "
+                f"model{where}.")
     return "This model is derived from the base model: see the base model's licence, which applies to it too."
 
 

@@ -720,7 +720,8 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     progress(0.75, "writing the model card")
     from worker.run.model_card import source_dir, write_model_card
 
-    write_model_card(state.out_dir / "model", state.spec, state.report, source_dir(state.checked.source))
+    write_model_card(state.out_dir / "model", state.spec, state.report, source_dir(state.checked.source),
+                     copy_files=state.checked.source.kind == "hf_dir")
     progress(0.8, "writing the report")
     _write_report(state)
     write_plots(state.report, state.out_dir)
