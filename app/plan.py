@@ -341,22 +341,32 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _indexed_files(d: Path) -> dict[str, Path] | None:
+    """Tensor name → shard of a sharded directory's index (None: no index; {}: shards outside the directory or not
+    files, nothing to read). Raises OSError or ValueError/KeyError for an index that cannot be read."""
+    index = d / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    files = {name: d / file for name, file in weight_map.items()}
+    if not all(f.resolve().parent == d.resolve() and f.is_file() for f in set(files.values())):
+        return {}
+    return files
+
+
 def stored_dtype(model_dir: str | Path) -> str | None:
     """The dtype of the first floating-point weight (by name) in a directory's safetensors, read from their headers
     alone — what loading with ``dtype="auto"`` picks when the config names none (float64 is loaded as float32).
     None when there are no readable safetensors."""
     d = Path(model_dir)
     try:
-        index = d / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = {name: d / file for name, file in weight_map.items()}
-            if not all(f.resolve().parent == d.resolve() and f.is_file() for f in set(files.values())):
-                return None  # shards outside the directory, or not files: nothing read
-        else:
+        files = _indexed_files(d)
+        if files is None:
             if not (d / "model.safetensors").is_file():
                 return None
             files = dict.fromkeys(_safetensors_header(d / "model.safetensors"), d / "model.safetensors")
+        elif not files:
+            return None
         headers: dict[Path, dict[str, Any]] = {}
         for name in sorted(n for n in files if n != "__metadata__"):
             if files[name] not in headers:
@@ -397,14 +407,12 @@ def safetensors_bytes(model_dir: str | Path) -> int | None:
     none, or the index cannot be read."""
     model_dir = Path(model_dir)
     try:
-        index = json.loads((model_dir / "model.safetensors.index.json").read_text(encoding="utf-8"))
-        names = set(index["weight_map"].values())
-    except FileNotFoundError:
-        names = {"model.safetensors"}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        indexed = _indexed_files(model_dir)
+        files = set(indexed.values()) if indexed is not None else {model_dir / "model.safetensors"}
+        files = {f for f in files if f.is_file()}
+        return sum(f.stat().st_size for f in files) if files else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
-    files = [model_dir / n for n in names if isinstance(n, str) and (model_dir / n).is_file()]
-    return sum(f.stat().st_size for f in files) if files else None
 
 
 def read_local_model(path: str, gguf_file: str | None = None) -> LocalModel | None:

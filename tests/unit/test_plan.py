@@ -304,6 +304,9 @@ def test_the_bytes_loading_reads_are_the_indexed_shards_only(tmp_path):
     single.mkdir()
     (single / "model.safetensors").write_bytes(b"\0" * 70)
     assert safetensors_bytes(single) == 70
+    (tmp_path / "outside.safetensors").write_bytes(b"\0" * 900)  # an index naming a file outside is not followed
+    (d / "model.safetensors.index.json").write_text(jsonlib.dumps({"weight_map": {"a": "../outside.safetensors"}}))
+    assert safetensors_bytes(d) is None
     (d / "model.safetensors.index.json").write_text("not json")
     assert safetensors_bytes(d) is None and safetensors_bytes(tmp_path) is None
 
