@@ -321,7 +321,8 @@ def test_a_hub_models_card_and_licence_are_fetched_and_mistrals_second_copy_is_n
 
     repo = ["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.model",
             "README.md", "LICENSE", "USE_POLICY.md", "NOTICE", "consolidated.safetensors",
-            "original/consolidated.00.pth", "params.json", "generation_config.json", "chat_template.jinja"]
+            "original/consolidated.00.pth", "params.json", "generation_config.json", "chat_template.jinja",
+            "License.md", "notice.md", "Gemma_Terms_of_Use.md"]
     fetched = set(filter_repo_objects(repo, allow_patterns=_HUB_PATTERNS, ignore_patterns=_HUB_IGNORED))
     assert fetched == set(repo) - {"consolidated.safetensors", "original/consolidated.00.pth"}
 

@@ -39,8 +39,10 @@ DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 # Files fetched from the hub for a Hugging Face model (weights in safetensors; .bin only as a fallback).
 # A hub model's files a job reads: config, weights, tokenizer, chat template, and its card and licence files (the
 # exported model's card and licence come from them)
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md", "LICEN[SC]E*",
-                 "NOTICE*", "USE_POLICY*", "*TERMS*"]
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md",
+                 # worker.run.model_card.is_licence_file's names, in any case
+                 "[Ll][Ii][Cc][Ee][Nn][SsCc][Ee]*", "[Nn][Oo][Tt][Ii][Cc][Ee]*",
+                 "[Uu][Ss][Ee]_[Pp][Oo][Ll][Ii][Cc][Yy]*", "*[Tt][Ee][Rr][Mm][Ss]*"]
 _TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 # Mistral's own format ships beside the transformers weights a second whole copy, never read here
 _HUB_IGNORED = ["consolidated*.safetensors"]
