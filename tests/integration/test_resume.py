@@ -285,6 +285,7 @@ def test_a_resumed_hub_model_is_read_at_the_commit_its_checkpoints_came_from(job
     assert "resuming from the checkpoint taken at training" in resumed.text()
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["model"]["commits"] == {"model.id": first_sha}
+    assert report["model"]["source"] == reference["model"]["source"]  # as the uninterrupted run names it
     assert _sha(tmp_path / "out" / "model" / "model.safetensors") == _sha(tmp_path / "ref" / "model" /
                                                                            "model.safetensors")
     assert report["metrics"] == reference["metrics"]

@@ -4,7 +4,7 @@ spec says and of a supported shape, N:M fits, a dense reference matches, and the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,8 @@ def _resolve(model_id: str, revision: str | None, gguf_file: str | None, field: 
 
     if pin is None:
         return resolve_source(model_id, revision=revision, gguf_file=gguf_file, field=field)
-    try:
-        return resolve_source(model_id, revision=pin, gguf_file=gguf_file, field=field)
+    try:  # read at the pinned commit, the spec's revision kept as the source's (the report shows both)
+        return replace(resolve_source(model_id, revision=pin, gguf_file=gguf_file, field=field), revision=revision)
     except ModelNotFoundError as exc:
         raise ModelNotFoundError(f"this job's checkpoints were made from commit {pin} of {field}, which cannot be "
                                  f"read now ({exc.message}); start over: {START_OVER}", field=field) from exc
