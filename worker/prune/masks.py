@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from app.plan import MASK_CHUNK_ELEMENTS, SORT_MAX_ELEMENTS
+from worker.chunks import all_finite
 
 Group = Literal["row", "tensor"]
 
@@ -30,15 +31,6 @@ def prune_count(group_size: int, sparsity: float) -> int:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     # The tiny epsilon keeps products such as 0.7 * 10 = 7.000000000000001 from depending on float noise.
     return min(group_size, max(0, math.floor(sparsity * group_size + 0.5 + 1e-9)))
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """Whether no entry of ``t`` is NaN or infinite, from its extremes (NaN if any entry is): ``isfinite`` would
-    make three temporaries of ``t``'s size, which beside a 70B down_proj's float32 copy is another 1.6 GB."""
-    if t.numel() == 0:
-        return True
-    low, high = torch.aminmax(t)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _check_scores(scores: torch.Tensor) -> None:

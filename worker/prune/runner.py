@@ -8,10 +8,10 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-import torch
 from torch import nn
 
 from app.schemas import PruningSpec
+from worker.chunks import all_finite
 from worker.errors import Cancelled, UnsupportedModelError
 from worker.model.arch import DecoderAdapter, check_nm_fits
 from worker.model.calibration import build_calibration_batches, calibrate_layerwise, inference_state
@@ -126,7 +126,7 @@ def _non_finite(adapter: DecoderAdapter, index: int, lin: nn.Linear, stats: Any)
     """Why pruning ``lin`` failed when its weights or its calibration inputs are not finite, else None (the pure
     tensor functions raise a plain ValueError; only here is it known which module of which model it was)."""
     name = _module_name(adapter, index, lin)
-    if not bool(torch.isfinite(lin.weight).all()):
+    if not all_finite(lin.weight):
         return UnsupportedModelError(f"the model's weights are not finite (NaN or infinite) in {name}", "model.id")
     if stats is not None and not stats.finite():
         return UnsupportedModelError(

@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker.chunks import row_chunks
-from worker.prune.masks import all_finite, nm_mask, unstructured_mask
+from worker.chunks import all_finite, row_chunks
+from worker.prune.masks import nm_mask, unstructured_mask
 
 BLOCK_SIZE = 128
 PERCDAMP = 0.01

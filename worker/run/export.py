@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("restorelcc.export")
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 MAX_SHARD_SIZE = "50GB"  # transformers 5's save_pretrained default, passed to it too: every export path shards alike
@@ -106,22 +109,30 @@ def _write_model(model: Any, config: Any, directory: Path, target: Any, source: 
         generation.save_pretrained(directory)
 
 
+def copy_files(source: Path, directory: Path, names: Iterable[str], keep: bool = False) -> list[str]:
+    """Copy the regular files ``names`` of ``source`` into ``directory`` (``keep``: not over one it holds already),
+    leaving out any that cannot be read or written (logged); returns the names copied."""
+    from worker.errors import path_problem
+
+    copied = []
+    for name in names:
+        if path_problem(source / name, "file") is not None or (keep and (directory / name).exists()):
+            continue
+        try:
+            shutil.copyfile(source / name, directory / name)
+        except OSError as exc:  # unreadable, or no room: the export is whole without it
+            log.warning("%s not copied into the export: %s", name, exc)
+            continue
+        copied.append(name)
+    return copied
+
+
 def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
     """Copy into ``directory`` the tokenizer files of the model in ``source`` that ``save_pretrained`` does not write
     (SentencePiece's tokenizer.model, a tiktoken vocabulary): transformers loads the export without them, tools such as
     llama.cpp's converter read them. Returns the names copied."""
-    from worker.errors import path_problem
-
-    copied = []
-    for pattern in ("tokenizer.model", "*.tiktoken"):
-        for f in sorted(source.glob(pattern)):
-            if path_problem(f, "file") is None and not (directory / f.name).exists():
-                try:
-                    shutil.copyfile(f, directory / f.name)
-                except OSError:  # unreadable: the export loads without it
-                    continue
-                copied.append(f.name)
-    return copied
+    names = [f.name for pattern in ("tokenizer.model", "*.tiktoken") for f in sorted(source.glob(pattern))]
+    return copy_files(source, directory, names, keep=True)  # never over a file the export wrote
 
 
 def _cast(read: Any, dtype: Any) -> Any:

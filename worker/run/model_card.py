@@ -9,9 +9,7 @@ carried over: the card replaces it, keeping only its licence.
 from __future__ import annotations
 
 import json
-import logging
 import re
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,6 @@ from app.methods import PRUNING_METHODS
 from app.schemas import JobSpec
 from worker.errors import path_problem
 from worker.run.summary import metric_rows
-
-log = logging.getLogger("restorelcc.model_card")
 
 CARD = "README.md"
 TAGS = ("restorelcc", "pruned", "sparse")
@@ -114,16 +110,11 @@ def write_model_card(model_dir: Path, spec: JobSpec, report: dict[str, Any], bas
     model's directory, where its licence is read. With ``copy_files`` (the directory is the model's own, not a folder
     a GGUF file merely sits in) its licence files are copied beside the card, each that can be read. Returns the
     card."""
+    from worker.run.export import copy_files as copy
+
     licence = read_licence(base_dir)
-    copied = []
-    for name in licence.files if copy_files and base_dir is not None else ():
-        try:
-            shutil.copyfile(base_dir / name, Path(model_dir) / name)
-        except OSError as exc:  # unreadable, or no room: the card names it as the base model's instead
-            log.warning("licence file %s not copied: %s", name, exc)
-            continue
-        copied.append(name)
-    licence = replace(licence, copied=tuple(copied))
+    if copy_files and base_dir is not None:  # one that cannot be copied is named as the base model's instead
+        licence = replace(licence, copied=tuple(copy(base_dir, Path(model_dir), licence.files)))
     path = Path(model_dir) / CARD
     path.write_text(model_card(spec, report, licence), encoding="utf-8")
     return path

@@ -703,7 +703,8 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
                         config)
     else:
         export_model(state.model, state.tokenizer, state.out_dir / "model", state.spec.output.dtype)
-    if state.checked.source.kind == "hf_dir":
+    own_dir = state.checked.source.kind == "hf_dir"  # a GGUF's folder may be shared: nothing copied from it
+    if own_dir:
         copy_tokenizer_files(Path(state.checked.source.path), state.out_dir / "model")
     if state.spec.output.dtype != "auto":  # a cast can flush tiny weights to zero or large ones to infinity
         progress(0.6, "checking the saved weights")
@@ -721,7 +722,7 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     from worker.run.model_card import source_dir, write_model_card
 
     write_model_card(state.out_dir / "model", state.spec, state.report, source_dir(state.checked.source),
-                     copy_files=state.checked.source.kind == "hf_dir")
+                     copy_files=own_dir)
     progress(0.8, "writing the report")
     _write_report(state)
     write_plots(state.report, state.out_dir)
@@ -731,14 +732,15 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
 def _saved_weights_problem(directory: Path, masks: dict[str, Any]) -> str | None:
     """What the cast to the output dtype broke in the saved tensors (kept weights flushed to zero, values beyond
     the dtype's range turned infinite: bfloat16's range is float32's, float16's ends at 65504), or None."""
-    import torch
     from safetensors import safe_open
+
+    from worker.chunks import all_finite
 
     for file in sorted(directory.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensor = fh.get_tensor(key)
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                if tensor.is_floating_point() and not all_finite(tensor):
                     return f"turns values of {key} infinite"
                 name = key.removesuffix(".weight")
                 if key.endswith(".weight") and name in masks and not bool(((tensor == 0) == masks[name]).all()):

@@ -116,13 +116,12 @@ def check_targets(targets: Sequence[str], modules: Iterable[tuple[str, nn.Module
     """Every entry of ``restoration.lora_targets`` names at least one module, matched as peft matches a list (the
     module's full name, or its last dotted parts): peft itself refuses only a list that matches nothing at all."""
     modules = list(modules)
-    names = [n for n, _ in modules]
-    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    missing = [t for t in targets if not any(_names(n, t) for n, _ in modules)]
     if missing:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, nn.Linear)})
         raise SpecError(f"restoration.lora_targets: {', '.join(map(repr, missing))} names no module of the model "
                         f"(its Linear layers: {', '.join(linears)})", field="restoration.lora_targets")
-    owners: dict[int, list[str]] = {}
+    owners: dict[int, list[str]] = {}  # a weight → the modules holding it (tied embeddings: two)
     for n, m in modules:
         weight = getattr(m, "weight", None)
         if isinstance(weight, nn.Parameter):
@@ -130,11 +129,16 @@ def check_targets(targets: Sequence[str], modules: Iterable[tuple[str, nn.Module
     for t in targets:
         for n, m in modules:
             shared = [o for o in owners.get(id(getattr(m, "weight", None)), []) if o != n]
-            if (n == t or n.endswith(f".{t}")) and shared:
+            if shared and _names(n, t):
                 raise SpecError(
                     f"restoration.lora_targets: {t!r} ({n}) shares its weight with {shared[0]} (tied embeddings): "
                     "merging an adapter into it would change that module too; leave it out",
                     field="restoration.lora_targets")
+
+
+def _names(module: str, target: str) -> bool:
+    """Whether a lora_targets entry names the module, as peft matches a list: its full name or its last dotted parts."""
+    return module == target or module.endswith(f".{target}")
 
 
 def _adapter_layers(model: nn.Module) -> dict[str, LoraLayer]:
