@@ -86,7 +86,7 @@ def hub_commits(checked: CheckedJob) -> dict[str, str]:
     """Field → the hub commit its model was read at (hub models only): what the report keeps and a resumed run
     pins (``check_job``'s ``pins``)."""
     sources = {"model.id": checked.source, "model.dense": checked.dense_source}
-    return {f: s.commit for f, s in sources.items() if s is not None and s.commit}
+    return {f: s.commit for f, s in sources.items() if getattr(s, "commit", None)}  # a hub ModelSource
 
 
 def _vocab_size(config: Any) -> Any:
