@@ -128,6 +128,12 @@ class TrainingConfig(RestorationConfig):
                            "epoch, but a batch is less varied. On by default: the defaults were measured with it."
     )
     max_seq_len: int = Field(256, ge=8, le=32_768, description="Longest training sequence in tokens.")
+    response_eos: bool = Field(
+        True, description="Train on the tokenizer's EOS token after each response too (unless the response text "
+        "already ends with it), so the restored model learns where a response stops, as Stanford Alpaca's recipe "
+        "does; a response cut by max_seq_len gets none. false trains on the response text alone (how jobs trained "
+        "before this setting existed; the bench pages from then were measured so).",
+    )
     objective: Objective = Field(DEFAULT_OBJECTIVE, description=OBJECTIVE_HELP)
     distill_tokens: Literal["response", "all"] = Field(
         DISTILL_ONLY["distill_tokens"], description="distill: the positions distilled — those predicting a response "

@@ -110,13 +110,13 @@ def normalise(obj: Any) -> Any:
     """Comparable form of a fingerprint: key order ignored, paths under the shared data folder or under a
     checkout's bench/results (the search's selection rows) written relative to them, so results stay reusable
     from another checkout or machine, and a restoration's objective settings left out where they hold their sft
-    values (results made before the objective setting existed name none)."""
+    values, and response_eos where false (results made before those settings existed name none)."""
     text = json.dumps(obj, sort_keys=True)
     root = json.dumps(str(SHARED_DATA.resolve()))[1:-1]
     from app.methods import DISTILL_ONLY
 
     return _without(json.loads(_IN_RESULTS.sub('"$RESULTS/', text.replace(root, "$SHARED_DATA"))),
-                    {"objective": "sft", **DISTILL_ONLY})
+                    {"objective": "sft", **DISTILL_ONLY, "response_eos": False})
 
 
 def _without(obj: Any, sft: dict[str, Any]) -> Any:

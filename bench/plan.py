@@ -166,9 +166,10 @@ def restoration_spec(method: Method, b: Budget, overrides: dict[str, Any] | None
     stored fingerprint was made from (every method got heads, probe_samples and the LoRA fields), so results
     measured before the spec became per-method are still reused."""
     lr = b.lr_offsets if method.lr == "offsets" else b.lr_adapter
-    # objective sft: the comparison and the search measured the paper's recipe (bench objective varies it)
-    r = {**method.restoration, "objective": "sft", "heads": b.heads, "probe_samples": b.probe_samples,
-         "train_samples": b.train_samples,
+    # objective sft without an EOS after each response: the comparison and the search measured the paper's recipe
+    # (bench objective varies the objective, bench stop the EOS)
+    r = {**method.restoration, "objective": "sft", "response_eos": False, "heads": b.heads,
+         "probe_samples": b.probe_samples, "train_samples": b.train_samples,
          "max_steps": b.steps, "batch_size": b.batch_size, "lr": lr, "max_seq_len": b.max_seq_len,
          "group_by_length": b.group_by_length, "lora_r": 8, "lora_alpha": 16, "lora_targets": ["q_proj", "v_proj"]}
     if r["method"] == "restorelcc":

@@ -36,7 +36,7 @@ def job(model: str, dtype: str, seed: int, a: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": {"id": model, "dtype": dtype},
         "pruning": {"method": "wanda", "sparsity": 0.5, "calibration_samples": 32, "seq_len": 256},
-        "restoration": {"method": "restorelcc", "objective": "sft", "probe_samples": a["probe"],
+        "restoration": {"method": "restorelcc", "objective": "sft", "response_eos": False, "probe_samples": a["probe"],
                         "max_steps": a["steps"]},  # measured with sft, before the mix was the default
         "data": {"train": harness.data("alpaca/train.jsonl")},
         "evaluation": {"perplexity": [harness.data("eval/wikitext_sentences.jsonl")],

@@ -49,8 +49,8 @@ def job(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
         "model": {"id": model_dir, "dtype": "float32"},
         "pruning": {"method": "wanda", "sparsity": 0.5, "calibration_samples": 128, "seq_len": 256},
         "restoration": {
-            "method": "restorelcc", "objective": "sft", "heads": args.heads, "head_selection": "probe",
-            "probe_samples": args.probe,
+            "method": "restorelcc", "objective": "sft", "response_eos": False, "heads": args.heads,
+            "head_selection": "probe", "probe_samples": args.probe,
             "max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_seq_len": args.max_len,
             "group_by_length": args.group_by_length, "directions": args.directions,
         },

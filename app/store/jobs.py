@@ -74,7 +74,7 @@ ADDED_DEFAULTS: dict[tuple[str, ...], Any] = {
     ("notify",): None, ("resources",): {"queue": None, "priority": 5}, ("output", "destination"): None,
     ("restoration", "objective"): "sft", ("restoration", "distill_tokens"): "response",
     ("restoration", "distill_top_k"): 64, ("restoration", "sft_weight"): 0.0, ("model", "split"): "auto",
-    ("restoration", "max_grad_norm"): None,
+    ("restoration", "max_grad_norm"): None, ("restoration", "response_eos"): True,
 }
 
 

@@ -182,3 +182,27 @@ def test_a_gguf_named_by_a_link_to_a_blob_is_accepted_and_planned(api):
     link.symlink_to(blob)
     job = api.create(model={"id": str(link)}, data={"train": _train(api)}, pruning={"method": "wanda", "seq_len": 256})
     assert job["plan"]["devices"]["cpu"]["read_bytes"] == blob.stat().st_size
+
+
+@pytest.mark.parametrize("method", ["restorelcc", "bias", "lora", "dora"])
+def test_response_eos_is_on_by_default_and_left_out_of_the_idempotency_hash_there(method):
+    """A request repeated after the upgrade that added restoration.response_eos hashes as it did before; naming
+    false hashes differently (a different training run)."""
+    from app.store.jobs import hash_view
+
+    def spec(**extra) -> JobSpec:
+        return JobSpec.model_validate({"model": {"id": "/m"}, "restoration": {"method": method, **extra},
+                                       "data": {"train": "/d/train.jsonl"}})
+
+    def restoration(**extra) -> dict:
+        return hash_view(spec(**extra).model_dump(mode="json"))["restoration"]
+
+    assert spec().restoration.response_eos is True
+    assert "response_eos" not in restoration() and restoration() == restoration(response_eos=True)
+    assert restoration(response_eos=False)["response_eos"] is False
+
+
+def test_response_eos_is_not_a_setting_of_a_job_that_trains_nothing(api):
+    spec = api.spec(restoration={"method": "none", "response_eos": False})
+    assert "restoration.response_eos is not a setting of restoration.method 'none'" in _refused(
+        api, spec, "restoration.response_eos")

@@ -192,7 +192,8 @@ def test_evaluate_spec_names_limit_and_mean(mt, tmp_path):
     model.eval()
     assert set(res) == {"wiki", "valid", "boolq", "piqa", "mean_acc"}
     assert res["wiki"] == perplexity(model, tok, [r["text"] for r in text_rows(4)], 3, 64)
-    assert set(res["valid"]) == {"response_ppl", "nll", "tokens", "rows_unscored", "rows_cut"}
+    assert set(res["valid"]) == {"response_ppl", "nll", "tokens", "rows_unscored", "rows_cut", "stop_nll", "stop_top1",
+                                 "stop_rows"}
     assert res["boolq"]["n"] == 4 and res["piqa"]["n"] == 4
     items = [ChoiceItem(r["context"], r["choices"], r["label"]) for r in choice_rows(4)]
     assert res["boolq"] == multiple_choice(model, tok, items, 3, 64)

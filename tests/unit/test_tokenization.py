@@ -160,7 +160,8 @@ def test_training_batches_use_joint_tokens(tok, tmp_path):
     from worker.restore.batches import training_batches
 
     data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in PAIRS])
-    config = SimpleNamespace(train_samples=None, max_seq_len=128, batch_size=8, group_by_length=False)
+    config = SimpleNamespace(train_samples=None, max_seq_len=128, batch_size=8, group_by_length=False,
+                             response_eos=False)
     (batch,) = list(training_batches(tok, str(data), config, seed=0)(0))
     got = {}
     for row_ids, mask, labels in zip(batch.input_ids, batch.attention_mask, batch.labels, strict=True):
@@ -191,6 +192,60 @@ def test_response_perplexity_scores_the_joint_response_tokens(tok, model):
         ll, n = ll + _loglik(model, joint, first), n + len(joint) - first
     assert got["tokens"] == n
     assert got["nll"] == pytest.approx(-ll / n, rel=1e-4)
+
+
+def _training_samples(tok, tmp_path, pairs, max_seq_len=128, response_eos=True):
+    from worker.restore.batches import training_samples
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in pairs])
+    config = SimpleNamespace(train_samples=None, max_seq_len=max_seq_len, response_eos=response_eos)
+    return training_samples(tok, str(data), config)[0]
+
+
+def test_training_samples_end_with_the_eos_that_stops_the_response(tok, tmp_path):
+    eos = tok.eos_token_id
+    for (p, r), (ids, labels) in zip(PAIRS, _training_samples(tok, tmp_path, PAIRS), strict=True):
+        joint, n = _ids(tok, p + r), len(_ids(tok, p))
+        assert ids == [*joint, eos]
+        assert labels == [IGNORE] * n + joint[n:] + [eos]  # the EOS is trained like a response token
+    without = _training_samples(tok, tmp_path, PAIRS, response_eos=False)
+    assert [ids for ids, _ in without] == [_ids(tok, p + r) for p, r in PAIRS]
+
+
+def test_a_response_cut_by_max_len_or_ending_with_eos_gets_no_second_one(tok, tmp_path):
+    eos_text = tok.convert_ids_to_tokens(tok.eos_token_id)
+    n = len(_ids(tok, PROMPT))
+    ((cut_ids, cut_labels),) = _training_samples(tok, tmp_path, [(PROMPT, RESPONSE)], max_seq_len=n + 3)
+    assert cut_ids == _ids(tok, PROMPT + RESPONSE)[: n + 3] and tok.eos_token_id not in cut_ids
+    ((ids, labels),) = _training_samples(tok, tmp_path, [(PROMPT, RESPONSE + eos_text)])
+    assert ids == _ids(tok, PROMPT + RESPONSE + eos_text) and ids[-1] == tok.eos_token_id
+    assert ids.count(tok.eos_token_id) == 1 and labels[-1] == tok.eos_token_id
+
+
+def test_response_perplexity_scores_whether_the_model_stops(tok, model):
+    got = response_perplexity(model, tok, PAIRS, batch_size=2, max_len=128)
+    eos, stop_nll, top1 = tok.eos_token_id, [], []
+    for p, r in PAIRS:
+        logp = _logp(model, _ids(tok, p + r))[-1]  # the position after the response's last token
+        stop_nll.append(-logp[eos].item())
+        top1.append(int(logp.argmax()) == eos)
+    assert got["stop_rows"] == len(PAIRS)
+    assert got["stop_nll"] == pytest.approx(sum(stop_nll) / len(PAIRS), rel=1e-4)
+    assert got["stop_top1"] == sum(top1) / len(PAIRS)
+    # a response max_len cuts has no stop to score; the others still do
+    longest = max(len(_ids(tok, p + r)) for p, r in PAIRS)
+    short = response_perplexity(model, tok, PAIRS, batch_size=2, max_len=longest)
+    assert short["stop_rows"] == sum(len(_ids(tok, p + r)) < longest for p, r in PAIRS) < len(PAIRS)
+    assert short["rows_cut"] == 0 and short["nll"] == pytest.approx(got["nll"], rel=1e-5)
+
+
+def test_a_response_ending_with_eos_is_scored_with_it_and_stops_there(tok, model):
+    eos_text = tok.convert_ids_to_tokens(tok.eos_token_id)
+    got = response_perplexity(model, tok, [(PROMPT, RESPONSE + eos_text)], batch_size=1, max_len=128)
+    joint, first = _ids(tok, PROMPT + RESPONSE + eos_text), len(_ids(tok, PROMPT))
+    assert joint[-1] == tok.eos_token_id and got["tokens"] == len(joint) - first
+    assert got["nll"] == pytest.approx(-_loglik(model, joint, first) / (len(joint) - first), rel=1e-4)
+    assert got["stop_nll"] == pytest.approx(-_logp(model, joint)[-2, tok.eos_token_id].item(), rel=1e-4)
 
 
 def test_one_piece_choices_share_the_context_row(tok, model):

@@ -256,15 +256,55 @@ def encode_joined(tokenizer: Any, prefix: str, suffix: str) -> tuple[list[int], 
     return encode_continuations(tokenizer, prefix, [suffix])[0]
 
 
-def encode_pair(tokenizer: Any, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) for prompt + response; labels are -100 on the prompt. Truncates the response end."""
-    return encode_pair_cut(tokenizer, prompt, response, max_len)[:2]
+def eos_id(tokenizer: Any) -> int | None:
+    """The tokenizer's EOS id, the token that ends a response (None when it has none)."""
+    token_id = getattr(tokenizer, "eos_token_id", None)
+    return None if token_id is None else int(token_id)
 
 
-def encode_pair_cut(tokenizer: Any, prompt: str, response: str, max_len: int) -> tuple[list[int], list[int], bool]:
-    """:func:`encode_pair`, and whether ``max_len`` cut the pair."""
+def _closing_eos(tokenizer: Any, ids: list[int], n_prompt: int) -> tuple[list[int], int]:
+    """``ids`` ending in the EOS that closes the response, and that EOS's index (-1 when the tokenizer has none).
+    A response that already ends with it (text written with its chat template's end token) gets no second one."""
+    eos = eos_id(tokenizer)
+    if eos is None:
+        return ids, -1
+    if len(ids) > n_prompt and ids[-1] == eos:
+        return ids, len(ids) - 1
+    return [*ids, eos], len(ids)
+
+
+def encode_pair(tokenizer: Any, prompt: str, response: str, max_len: int, eos: bool = False
+                ) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for prompt + response; labels are -100 on the prompt. Truncates the response end.
+
+    With ``eos`` the tokenizer's EOS follows the response and is a label too, so a model trained on it learns where
+    the response stops (Stanford Alpaca's recipe); a response cut by ``max_len`` loses it, as it does not end there.
+    """
     ids, n_prompt = encode_joined(tokenizer, prompt, response)
-    return ids[:max_len], ([IGNORE] * n_prompt + ids[n_prompt:])[:max_len], len(ids) > max_len
+    if eos:
+        ids = _closing_eos(tokenizer, ids, n_prompt)[0]
+    return ids[:max_len], ([IGNORE] * n_prompt + ids[n_prompt:])[:max_len]
+
+
+@dataclass(frozen=True)
+class ScoredResponse:
+    """A (prompt, response) pair as evaluation scores it: the response's own tokens for its perplexity, and the EOS
+    after it for whether the model stops there."""
+
+    ids: list[int]  # prompt + response (+ the closing EOS), at most max_len
+    labels: list[int]  # the response's own tokens; the prompt and an appended EOS are -100
+    cut: bool  # max_len cut the response
+    stop: int  # index in ids of the EOS that closes the response; -1 if there is none within max_len
+
+
+def encode_scored_response(tokenizer: Any, prompt: str, response: str, max_len: int) -> ScoredResponse:
+    """Prompt + response + closing EOS: labels score the response's tokens (an EOS the response text ends with
+    included, as before), ``stop`` locates the EOS (appended when the text does not end with it)."""
+    ids, n_prompt = encode_joined(tokenizer, prompt, response)
+    labels = [IGNORE] * n_prompt + ids[n_prompt:]
+    closed, stop = _closing_eos(tokenizer, ids, n_prompt)
+    labels += [IGNORE] * (len(closed) - len(ids))
+    return ScoredResponse(closed[:max_len], labels[:max_len], len(ids) > max_len, stop if stop < max_len else -1)
 
 
 @dataclass

@@ -47,7 +47,7 @@ def training_samples(tokenizer: Any, train_path: str, r: TrainingConfig
     targets of the distill objective are captured on (sample j is the same in both); and how many rows were left
     out for having no response token within ``max_seq_len`` (the report says so)."""
     pairs = read_instructions(train_path, limit=r.train_samples)
-    encoded = [encode_pair(tokenizer, p, resp, r.max_seq_len) for p, resp in pairs]
+    encoded = [encode_pair(tokenizer, p, resp, r.max_seq_len, eos=r.response_eos) for p, resp in pairs]
     kept = [e for e in encoded if any(x != -100 for x in e[1][1:])]
     if not kept:
         raise DataError(f"data.train: no sample has response tokens within max_seq_len {r.max_seq_len}",

@@ -29,8 +29,9 @@ log = logging.getLogger("restorelcc.checkpoints")
 
 # 2: token ids changed (BOS once; probe pairs without contrast left out). 3: the calibration stream and batches
 # changed (blank rows left out, long sequences fewer per batch: the calibration digest differs), acc_norm's rule
-# changed (an interrupted evaluation's sets would mix two), training specs gained max_grad_norm
-CHECKPOINT_VERSION = 3
+# changed (an interrupted evaluation's sets would mix two), training specs gained max_grad_norm. 4: training samples
+# end with EOS (restoration.response_eos), response-perplexity results gained the stop metrics
+CHECKPOINT_VERSION = 4
 MANIFEST = "checkpoint.json"
 
 

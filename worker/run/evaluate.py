@@ -24,7 +24,8 @@ from worker.model.data import (
     chunks,
     cut_left,
     encode_continuations,
-    encode_pair_cut,
+    encode_scored_response,
+    eos_id,
     leading_specials,
     length_sorted,
     pad_batch,
@@ -54,22 +55,31 @@ def _tail_logits(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 
-def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int
-               ) -> torch.Tensor:
-    """Summed next-token NLL and scored-token count of one padded batch: a (2,) float64 tensor."""
+def _token_nll(model: Any, seqs: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+               stops: Sequence[int] | None = None, stop_token: int | None = None) -> torch.Tensor:
+    """One padded batch's summed next-token NLL and scored-token count, and, where ``stops`` names each row's closing
+    EOS (-1: none), that EOS's summed NLL, the rows with one, and those whose most likely token there is the EOS: a
+    (5,) float64 tensor."""
     batch = pad_batch(seqs, pad_id, labels).to(_device(model))
     scored = batch.labels[:, 1:] != -100
     rows_first = torch.where(scored.any(1), scored.int().argmax(1), scored.shape[1])
-    first = int(rows_first.min())  # earliest position whose next token is scored
+    stop_at = [s - 1 if s > 0 else -1 for s in (stops or [-1] * len(seqs))]  # the position predicting each EOS
+    first = min([int(rows_first.min()), *(p for p in stop_at if p >= 0)])  # earliest position whose next token counts
     logits = _tail_logits(model, batch.input_ids, batch.attention_mask, first)
     start = batch.input_ids.shape[1] - logits.shape[1]
     target = batch.labels[:, start + 1 :].to(logits.device)
     # Row by row: the float32 copy and log-softmax of one row beside the batch's logits, not of the whole batch
     # (with a 128k vocabulary those would be twice the logits themselves).
-    nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+    out = torch.zeros(5, dtype=torch.float64, device=logits.device)
     for row in range(logits.shape[0]):
-        nll += F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=-100, reduction="sum").double()
-    return torch.stack([nll, (target != -100).sum().double()]).cpu()
+        out[0] += F.cross_entropy(logits[row, :-1].float(), target[row], ignore_index=-100, reduction="sum").double()
+        if stop_at[row] >= 0:
+            log_probs = logits[row, stop_at[row] - start].float().log_softmax(-1)
+            out[2] -= log_probs[stop_token].double()
+            out[3] += 1
+            out[4] += (log_probs.argmax() == stop_token).double()
+    out[1] = (target != -100).sum().double()
+    return out.cpu()
 
 
 class NonFiniteScores(ValueError):
@@ -78,24 +88,31 @@ class NonFiniteScores(ValueError):
 
 
 def _scored_nll(model: Any, tokenizer: Any, seqs: list[list[int]], labels: list[list[int]], batch_size: int,
-                what: str, cut: int) -> dict[str, float]:
-    """The token-weighted NLL of ``labels``; ``cut``: how many rows max_len shortened (reported as ``rows_cut``)."""
+                what: str, cut: int, stops: list[int] | None = None) -> dict[str, float]:
+    """The token-weighted NLL of ``labels``; ``cut``: how many rows max_len shortened (reported as ``rows_cut``);
+    with ``stops`` (each row's closing EOS, -1: none) also the mean NLL of those EOS tokens, and the share of them
+    the model ranks first (``stop_nll``, ``stop_top1``; None when no row has one)."""
     pad_id = batch_pad_id(tokenizer)
     order = length_sorted(len(seqs), [len(s) for s in seqs])
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(5, dtype=torch.float64)
     with torch.no_grad():
         for idx in chunks(order, batch_size):
-            total += _token_nll(model, [seqs[i] for i in idx], [labels[i] for i in idx], pad_id)
-    nll, tokens = total.tolist()
-    if not math.isfinite(nll):
+            total += _token_nll(model, [seqs[i] for i in idx], [labels[i] for i in idx], pad_id,
+                                None if stops is None else [stops[i] for i in idx], eos_id(tokenizer))
+    nll, tokens, stop_nll, stop_rows, stop_top1 = total.tolist()
+    if not math.isfinite(nll) or not math.isfinite(stop_nll):
         raise NonFiniteScores(what)
     if tokens == 0:
         raise DataError(f"{what}: no tokens to score (every sequence is a single token or fully masked)")
     mean = nll / tokens
     # rows that add nothing (a prompt that fills max_len leaves no response token): counted, so the report says so
     unscored = sum(1 for lab in labels if not any(x != -100 for x in lab[1:]))
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "rows": len(seqs), "rows_unscored": unscored,
-            "rows_cut": cut}
+    result = {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "rows": len(seqs), "rows_unscored": unscored,
+              "rows_cut": cut}
+    if stops is not None:
+        result |= {"stop_nll": stop_nll / stop_rows if stop_rows else None,
+                   "stop_top1": stop_top1 / stop_rows if stop_rows else None, "stop_rows": int(stop_rows)}
+    return result
 
 
 def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 8, max_len: int = 512
@@ -111,9 +128,9 @@ def response_perplexity(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, s
                         max_len: int = 512) -> dict[str, float]:
     """Perplexity of the responses given their prompts (prompt tokens are context, not scored; ``rows_cut``: the
     responses cut at their end by ``max_len``)."""
-    encoded = [encode_pair_cut(tokenizer, p, r, max_len) for p, r in pairs]
-    return _scored_nll(model, tokenizer, [e[0] for e in encoded], [e[1] for e in encoded], batch_size,
-                       "response perplexity", sum(e[2] for e in encoded))
+    encoded = [encode_scored_response(tokenizer, p, r, max_len) for p, r in pairs]
+    return _scored_nll(model, tokenizer, [e.ids for e in encoded], [e.labels for e in encoded], batch_size,
+                       "response perplexity", sum(e.cut for e in encoded), [e.stop for e in encoded])
 
 
 def _joined_choices(tokenizer: Any, item: ChoiceItem) -> list[tuple[list[int], int]]:
@@ -275,7 +292,9 @@ def evaluate_spec(model: Any, tokenizer: Any, evaluation: EvaluationSpec, progre
                 elif kind == "response":
                     r = response_perplexity(model, tokenizer, read_instructions(path, limit), bs, max_len)
                     results[name] = {"response_ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
-                                     "rows_unscored": r["rows_unscored"], "rows_cut": r["rows_cut"]}
+                                     "rows_unscored": r["rows_unscored"], "rows_cut": r["rows_cut"],
+                                     "stop_nll": r["stop_nll"], "stop_top1": r["stop_top1"],
+                                     "stop_rows": r["stop_rows"]}
                 else:
                     results[name] = multiple_choice(model, tokenizer, read_choices(path, limit), bs, max_len)
                     accs.append(results[name]["acc"])
