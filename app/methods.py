@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from app.fields import MAX_LORA_TARGETS, Strict, Text
+from app.fields import MAX_LORA_TARGETS, FieldError, Strict, Text
 
 # ── pruning ──────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -74,7 +74,7 @@ class RestorationConfig(Strict):
         """A setting of another method (or none at all) is refused with a message naming the method's own."""
         if isinstance(data, dict) and (alien := [k for k in data if k not in cls.model_fields]):
             name = cls.model_fields["method"].default
-            raise ValueError(f"restoration.{alien[0]} is not a setting of restoration.method '{name}' "
+            raise FieldError(f"restoration.{alien[0]}", f"not a setting of restoration.method '{name}' "
                              f"(its settings: {', '.join(cls.model_fields)})")
         return data
 

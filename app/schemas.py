@@ -39,6 +39,7 @@ from app.methods import (
 )
 
 _NM = re.compile(r"^(\d+):(\d+)$")
+MAX_NM_GROUP = 1024  # the largest M of an N:M pattern
 
 # One config model per restoration method (app.methods); the union documents the built-in ones in the OpenAPI
 # schema, and validation dispatches on ``method`` through the catalogue (so a registered method validates too).
@@ -139,6 +140,8 @@ class PruningSpec(Strict):
         n, m = nm
         if not 0 < n < m:
             raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+        if m > MAX_NM_GROUP:  # 1 - N/M would round to a sparsity of 1; no weight is that wide anyway
+            raise ValueError(f"N:M pattern needs M at most {MAX_NM_GROUP}, got {m}")
         return v
 
     @model_validator(mode="after")
@@ -147,9 +150,9 @@ class PruningSpec(Strict):
         if nm is not None:
             implied = 1.0 - nm[0] / nm[1]
             if "sparsity" in self.model_fields_set and abs(self.sparsity - implied) > 1e-9:
-                raise ValueError(
-                    f"sparsity {self.sparsity} contradicts pattern {self.pattern} (which means {implied:g}); "
-                    "omit sparsity for N:M patterns"
+                raise FieldError(
+                    "pruning.sparsity", f"{self.sparsity} contradicts pattern {self.pattern} (which means "
+                    f"{implied:g}); omit sparsity for N:M patterns"
                 )
             self.sparsity = implied
         return self

@@ -204,5 +204,23 @@ def test_response_eos_is_on_by_default_and_left_out_of_the_idempotency_hash_ther
 
 def test_response_eos_is_not_a_setting_of_a_job_that_trains_nothing(api):
     spec = api.spec(restoration={"method": "none", "response_eos": False})
-    assert "restoration.response_eos is not a setting of restoration.method 'none'" in _refused(
+    assert "restoration.response_eos: not a setting of restoration.method 'none'" in _refused(
         api, spec, "restoration.response_eos")
+
+
+@pytest.mark.parametrize("key", ["Foo", "lr2", "maxSteps", "foo-bar", "response eos"])
+def test_an_unknown_restoration_setting_is_422_naming_it_whatever_its_spelling(api, key):
+    spec = api.spec(restoration={"method": "restorelcc", key: 1}, data={"train": _train(api)})
+    assert "not a setting of restoration.method 'restorelcc'" in _refused(api, spec, f"restoration.{key}")
+
+
+def test_a_sparsity_that_contradicts_the_pattern_is_422_naming_pruning_sparsity(api):
+    spec = api.spec(pruning={"method": "magnitude", "pattern": "2:4", "sparsity": 0.3})
+    assert "contradicts pattern 2:4" in _refused(api, spec, "pruning.sparsity")
+
+
+def test_an_nm_pattern_whose_sparsity_rounds_to_one_is_422(api):
+    spec = api.spec(pruning={"method": "magnitude", "pattern": "1:100000000000000000000"})
+    assert "M at most 1024" in _refused(api, spec, "pruning.pattern")
+    assert api.client.post("/v1/jobs", json=api.spec(pruning={"method": "magnitude", "pattern": "1:1024"}),
+                           headers=api.h()).status_code == 202
