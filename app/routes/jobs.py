@@ -26,12 +26,11 @@ from app.schemas import (
     Progress,
 )
 from app.service import Created, is_job_id
-from app.store.models import Delivery, Event, Job
+from app.store.models import MAX_SEQ, Delivery, Event, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _LOCATION = {"Location": {"description": "/v1/jobs/{id}", "schema": {"type": "string"}}}
-MAX_SEQ = 2**31 - 1  # event seqs are the store's Integer column: 32 bits on PostgreSQL
 _SEQ = re.compile(r"[0-9]{1,10}")  # ASCII digits only: str.isdigit also takes '²', which int() refuses
 IdempotencyKey = Annotated[
     str | None, Header(alias="Idempotency-Key", min_length=1, max_length=255,
@@ -102,7 +101,7 @@ def list_jobs(
 ) -> JobList:
     """The caller's jobs, newest first."""
     try:
-        if after is not None and not is_job_id(after):
+        if after is not None and not is_job_id(after.partition(".")[0]):  # <id>.<seq>, or a bare id (older)
             raise KeyError(after)
         rows, cursor = services.jobs.list(principal.tenant, limit, after, status.value if status else None)
     except KeyError as e:

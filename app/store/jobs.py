@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.schemas import JobStatus
 from app.store.db import session_factory
-from app.store.models import HASH_VERSION, Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
+from app.store.models import HASH_VERSION, MAX_SEQ, Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
 from app.tenancy import Quota
 from app.webhooks.payload import event_payload
 
@@ -297,20 +297,32 @@ class JobStore:
     def list(
         self, tenant: str, limit: int = 50, after: str | None = None, status: str | None = None
     ) -> tuple[list[Job], str | None]:
-        """The tenant's jobs, newest first; ``after`` is the id of the last job of the previous page."""
+        """The tenant's jobs, newest first; ``after`` is the ``next_cursor`` the previous page returned (KeyError
+        when it is none)."""
         with self.session() as s:
             q = select(Job).where(Job.tenant == tenant)
             if after is not None:
-                cursor_seq = s.scalar(select(Job.seq).where(Job.id == after, Job.tenant == tenant))
-                if cursor_seq is None:
-                    raise KeyError(after)
-                q = q.where(Job.seq < cursor_seq)
+                q = q.where(Job.seq < self._cursor_seq(s, tenant, after))
             if status is not None:
                 q = q.where(Job.status == status)
             rows = list(s.scalars(q.order_by(Job.seq.desc()).limit(limit + 1)))
         more = len(rows) > limit
         rows = rows[:limit]
-        return rows, (rows[-1].id if more and rows else None)
+        return rows, (f"{rows[-1].id}.{rows[-1].seq}" if more and rows else None)
+
+    @staticmethod
+    def _cursor_seq(s: Session, tenant: str, cursor: str) -> int:
+        """The position a page cursor stands for. A cursor carries its job's seq (``<id>.<seq>``), so it still
+        holds when that job has been deleted meanwhile; a bare job id (the cursor before 2026-12-01) is looked up."""
+        job_id, dot, seq = cursor.partition(".")
+        if dot:
+            if not (seq.isascii() and seq.isdigit()) or not 0 < int(seq) <= MAX_SEQ:
+                raise KeyError(cursor)
+            return int(seq)
+        found = s.scalar(select(Job.seq).where(Job.id == job_id, Job.tenant == tenant))
+        if found is None:
+            raise KeyError(cursor)
+        return found
 
     def checkpoint_bytes(self) -> int:
         """Bytes held by every job's checkpoints (``/metrics``)."""
@@ -475,7 +487,9 @@ class JobStore:
             q = select(Job.status).where(Job.id == job_id)
             if tenant is not None:
                 q = q.where(Job.tenant == tenant)
-            if s.scalar(q) is None:
+            # Locked, so no worker's hand-back (running → queued) can fall between the two changes below: without
+            # the lock both could miss on PostgreSQL and the cancel be lost.
+            if s.scalar(q.with_for_update()) is None:
                 return None
             if self._update(s, job_id, (JobStatus.queued.value,), status=JobStatus.cancelled.value,
                             finished_at=now, progress_message="cancelled"):
@@ -519,11 +533,13 @@ class JobStore:
             return ok
 
     def requeue(self, job_id: str, run_after: datetime, reason: str, attempt: int | None = None) -> bool:
-        """running → queued (a transient failure; retried after ``run_after``)."""
+        """running → queued (a transient failure; retried after ``run_after``). The run hands the job back, as
+        :meth:`release` does: it counts as one of ``retries``, not of the runs a lost worker uses up."""
         with self.session() as s:
             ok = self._update(
                 s, job_id, (JobStatus.running.value,), attempt, status=JobStatus.queued.value, run_after=run_after,
-                retries=Job.retries + 1, stage=None, progress=0.0, progress_message=f"retrying: {reason}",
+                retries=Job.retries + 1, attempts=Job.attempts - 1, stage=None, progress=0.0,
+                progress_message=f"retrying: {reason}",
             )
             if ok:
                 s.add(Event(job_id=job_id, kind="retry", data={"reason": reason, "run_after": run_after.isoformat()}))
@@ -660,7 +676,11 @@ class JobStore:
             return ok
 
     def add_event(self, job_id: str, kind: str, data: dict[str, Any], stage: str | None = None) -> None:
+        """An event of the job's log. The job's row is locked first, as every other writer of its events locks it
+        by updating it: one job's events then commit in the order of their seq, so a reader that has seen seq n
+        never finds an earlier one appear later (PostgreSQL takes seq at insert, not at commit)."""
         with self.session() as s:
+            s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
             s.add(Event(job_id=job_id, kind=kind[:32], stage=stage, data=data))
 
     def events(self, job_id: str, after: int | None = None, limit: int = 1000) -> list[Event]:
