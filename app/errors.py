@@ -51,6 +51,7 @@ _WHY = {
     404: "No such job or artifact (or not yours)",
     409: "Conflicts with the job's state or an earlier request",
     413: "Request body over the size limit",
+    415: "Request body not sent as JSON (Content-Type: application/json)",
     416: "Range not satisfiable",
     422: "Invalid input; `field` names it",
     429: "Over a quota of the tenant; try again after Retry-After seconds",
@@ -119,14 +120,27 @@ def validation_error(errors: list[dict[str, Any]], strip_body: bool = True) -> A
                     f"{field + ': ' if field and not msg.startswith(field) else ''}{msg}{more}", field)
 
 
+def _body_not_json(request: Request, errors: list[dict[str, Any]]) -> bool:
+    """Whether the body was refused as a whole because it was not sent as JSON (``curl --data`` sends a form): its
+    pydantic message ("valid dictionary") would not say why."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    is_json = media == "application/json" or media.endswith("+json")
+    return not is_json and any(tuple(e.get("loc", ())) == ("body",) and e.get("type") != "missing" for e in errors)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = validation_error(list(exc.errors()))
+    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if _body_not_json(request, errors):
+            err = ApiError(415, "unsupported_media_type", "the request body must be a JSON object sent with "
+                           "Content-Type: application/json")
+        else:
+            err = validation_error(errors)
         return JSONResponse(error_body(err.code, err.message, err.field), status_code=err.status)
 
     @app.exception_handler(ValidationError)

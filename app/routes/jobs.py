@@ -72,7 +72,7 @@ def _creates(*errors: int) -> dict[str, Any]:
         **error_responses(*errors)}}
 
 
-@router.post("", **_creates(400, 401, 409, 413, 422, 429, 503))
+@router.post("", **_creates(400, 401, 409, 413, 415, 422, 429, 503))
 def create_job(
     spec: JobSpec, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep, response: Response,
     idempotency_key: IdempotencyKey = None,
@@ -91,7 +91,7 @@ def _created(res: Created, principal: Principal, services: Services, response: R
     return to_public(res.job)
 
 
-@router.get("", response_model=JobList, responses=error_responses(401, 422))
+@router.get("", response_model=JobList, responses=error_responses(401, 422, 503))
 def list_jobs(
     principal: PrincipalDep,
     services: ServicesDep,
@@ -126,7 +126,7 @@ async def get_job(job_id: str, principal: PrincipalDep, services: ServicesDep) -
     "/{job_id}/cancel", response_model=JobPublic, status_code=202,
     responses={200: {"model": JobPublic, "description": "Already cancelled: nothing changed"},
                202: {"description": "Cancelled (queued job) or cancelling (running job)"},
-               **error_responses(401, 404, 409, 413)},
+               **error_responses(401, 404, 409, 413, 503)},
 )
 def cancel_job(job_id: str, principal: PrincipalDep, service: JobServiceDep, response: Response) -> JobPublic:
     """queued → cancelled at once; running → cancelling, then cancelled at the next checkpoint.
@@ -149,7 +149,7 @@ def retry_job(
     return _created(service.retry(principal.tenant, job_id, idempotency_key), principal, services, response)
 
 
-@router.delete("/{job_id}", status_code=204, responses=error_responses(401, 404, 409))
+@router.delete("/{job_id}", status_code=204, responses=error_responses(401, 404, 409, 503))
 def delete_job(job_id: str, principal: PrincipalDep, service: JobServiceDep) -> Response:
     """Delete a finished job, its events and its artifacts (409 while it is queued or running)."""
     service.delete(principal.tenant, job_id)
@@ -206,7 +206,8 @@ def delivery_public(d: Delivery) -> DeliveryPublic:
     )
 
 
-@router.get("/{job_id}/deliveries", response_model=list[DeliveryPublic], responses=error_responses(401, 404))
+@router.get("/{job_id}/deliveries", response_model=list[DeliveryPublic],
+            responses=error_responses(401, 404, 503))
 def job_deliveries(job_id: str, principal: PrincipalDep, service: JobServiceDep, services: ServicesDep
                    ) -> list[DeliveryPublic]:
     """The job's webhook events (notify.url), oldest first, each with every attempt to deliver it and the answer."""

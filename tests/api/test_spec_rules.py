@@ -224,3 +224,18 @@ def test_an_nm_pattern_whose_sparsity_rounds_to_one_is_422(api):
     assert "M at most 1024" in _refused(api, spec, "pruning.pattern")
     assert api.client.post("/v1/jobs", json=api.spec(pruning={"method": "magnitude", "pattern": "1:1024"}),
                            headers=api.h()).status_code == 202
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_spec_not_sent_as_json_is_415_saying_so(api, content_type):
+    import json
+
+    headers = api.h() | ({"Content-Type": content_type} if content_type else {})
+    r = api.client.post("/v1/jobs", content=json.dumps(api.spec()).encode(), headers=headers)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"]["code"] == "unsupported_media_type" and "application/json" in r.json()["error"]["message"]
+    as_json = api.client.post("/v1/jobs", content=json.dumps(api.spec()).encode(),
+                              headers=api.h() | {"Content-Type": "application/json; charset=utf-8"})
+    assert as_json.status_code == 202, as_json.text
+    empty = api.client.post("/v1/jobs", headers=api.h())
+    assert empty.status_code == 422 and empty.json()["error"]["message"] == "request body is required"
