@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -190,12 +191,13 @@ class Client:
 
     def download(self, job_id: str, name: str, dest: str | os.PathLike[str],
                  sha256: str | None = None) -> Path:
-        """Stream one artifact to ``dest`` and check its sha256 (the given one, else the ETag)."""
+        """Stream one artifact to ``dest`` and check its sha256 (the given one, else the ETag). The name is
+        percent-encoded in the path ('/' kept), so '#', '?', '%', spaces and non-ASCII reach the server as written."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
         h = hashlib.sha256()
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as r:
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{quote(name, safe='/')}") as r:
             if not r.is_success:
                 r.read()
                 _raise_for(r)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,12 +18,20 @@ from pydantic import ValidationError
 
 from app.config import Settings
 from app.context import config_context, context_problem
-from app.errors import ApiError, not_found
+from app.errors import STORE_RETRY_AFTER_S, ApiError, not_found
 from app.paths import PathRefused, check_spec_files, check_spec_paths
 from app.plan import read_local_model, submit_plan
 from app.schemas import JobSpec, JobStatus
-from app.store.artifacts import ArtifactStore, job_prefix
-from app.store.jobs import CHANGED_DEFAULTS, CancelResult, IdempotencyConflict, JobNotFinished, JobStore, QuotaExceeded
+from app.store.artifacts import ArtifactNotFound, ArtifactStore, is_storage_failure, job_prefix
+from app.store.jobs import (
+    CHANGED_DEFAULTS,
+    FINISHED,
+    CancelResult,
+    IdempotencyConflict,
+    JobNotFinished,
+    JobStore,
+    QuotaExceeded,
+)
 from app.store.models import Job
 from app.tenancy import Quota, TenantPolicy, choose_queue, worker_queues
 from app.webhooks.urls import UrlRefused, check_url
@@ -97,6 +107,23 @@ class CeleryEnqueuer:
 
 def make_enqueuer(settings: Settings) -> Enqueuer:
     return LocalEnqueuer() if settings.embedded else CeleryEnqueuer(settings.redis_url or "", settings.queue)
+
+
+@contextmanager
+def artifact_store_errors() -> Iterator[None]:
+    """The artifact store's failures as answers: an object that is gone is 404 ``artifact_not_found``; a failing
+    store (:func:`is_storage_failure`: unreachable, throttling, a missing bucket) is 503
+    ``artifact_store_unavailable`` with ``Retry-After``, as it may pass. Anything else is a bug and stays a 500."""
+    try:
+        yield
+    except ArtifactNotFound as e:
+        raise not_found("artifact") from e
+    except Exception as e:
+        if not is_storage_failure(e):
+            raise
+        log.warning("artifact store unavailable: %r", e)
+        raise ApiError(503, "artifact_store_unavailable", "the artifact store is unavailable; try again later",
+                       headers={"Retry-After": str(STORE_RETRY_AFTER_S)}) from e
 
 
 @dataclass
@@ -189,16 +216,22 @@ class JobService:
                 dispatch_held(self.jobs, self.policy, self.enqueuer, [tenant])
                 job = self.jobs.get(job.id) or job
             else:
-                self._enqueue_new(job)
+                job = self._enqueue_new(job)
         return Created(job, created)
 
-    def _enqueue_new(self, job: Job) -> None:
+    def _enqueue_new(self, job: Job) -> Job:
+        """Send a new job to the broker; returns the job as it now is. If the send raises, the job is failed and
+        its Idempotency-Key freed (503), unless a worker has claimed it meanwhile: the message did arrive (the
+        connection broke after the broker took it), so the job runs and the create succeeded."""
         try:
             self.enqueuer.enqueue(job.id, job.queue, job.priority)
+            return job
         except Exception as e:  # broker down: the job cannot run; say so instead of leaving it queued
+            if not self.jobs.finish(job.id, JobStatus.failed, ("enqueue_failed", f"could not enqueue the job: {e}"),
+                                    allowed=(JobStatus.queued.value,)):
+                log.warning("enqueue of %s raised, but a worker has the job already: %r", job.id, e)
+                return self.jobs.get(job.id) or job
             log.exception("enqueue failed for %s", job.id)
-            self.jobs.finish(job.id, JobStatus.failed, ("enqueue_failed", f"could not enqueue the job: {e}"),
-                             allowed=(JobStatus.queued.value,))
             self.jobs.release_idempotency(job.id)  # a retry with the same key must get a new job
             raise ApiError(503, "broker_unavailable", "the job queue is unavailable; try again later") from e
 
@@ -232,11 +265,22 @@ class JobService:
         return res
 
     def delete(self, tenant: str, job_id: str) -> None:
-        self.get(tenant, job_id)
+        """Delete a finished job: its stored files first, then its rows. A store failure (503) leaves the job
+        recorded, so a later DELETE finishes the cleanup instead of leaving files that nothing points at. A finished
+        job never becomes active again, so no run records files for it meanwhile (a lost run's late upload is deleted
+        by that run: worker.service.tasks._upload)."""
+        job = self.get(tenant, job_id)
+        if job.status not in FINISHED:
+            raise _not_finished(job.status)
+        with artifact_store_errors():
+            self.artifacts.delete_prefix(job_prefix(job_id))
         try:
             deleted = self.jobs.delete(job_id, tenant)
         except JobNotFinished as e:
-            raise ApiError(409, "job_not_finished", f"job is {e}; cancel it and wait until it has finished") from e
-        if not deleted:
+            raise _not_finished(str(e)) from e
+        if not deleted:  # a concurrent DELETE got there first
             raise not_found()
-        self.artifacts.delete_prefix(job_prefix(job_id))
+
+
+def _not_finished(status: str) -> ApiError:
+    return ApiError(409, "job_not_finished", f"job is {status}; cancel it and wait until it has finished")

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import PurePosixPath
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Response
 from fastapi.responses import StreamingResponse
 
-from app.deps import JobServiceDep, PrincipalDep, ServicesDep
+from app.deps import JobServiceDep, PrincipalDep, Services, ServicesDep
 from app.errors import ApiError, error_responses, not_found
 from app.schemas import ArtifactPublic
+from app.service import artifact_store_errors
 
 router = APIRouter(prefix="/v1/jobs/{job_id}/artifacts", tags=["artifacts"])
 
@@ -20,6 +23,22 @@ _FILE_HEADERS = {
     "ETag": {"description": "The quoted sha256 of the whole file", "schema": {"type": "string"}},
     "Accept-Ranges": {"description": "bytes", "schema": {"type": "string"}},
 }
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again", "schema": {"type": "integer"}}}
+_UNAVAILABLE = {**error_responses(503)[503], "description": "The artifact store is unavailable; try again after "
+                                                            "Retry-After seconds", "headers": _RETRY_AFTER}
+# What an ASCII quoted-string filename must not carry: anything but printable ASCII, the quoted-string's own
+# specials, and '%' (some clients percent-decode the fallback; RFC 6266 appendix D).
+_NOT_FALLBACK_SAFE = re.compile(r'[^\x20-\x7e]|["\\%]')
+
+
+def content_disposition(name: str) -> str:
+    """``attachment`` with the file's base name as RFC 6266 writes any name: an ASCII ``filename`` (each character
+    that could not stand there replaced by ``_``) for old clients, and the exact name in ``filename*`` (RFC 8187:
+    UTF-8, percent-encoded), which clients prefer. Never fails, so the download never 500s on a name."""
+    base = PurePosixPath(name).name
+    fallback = _NOT_FALLBACK_SAFE.sub("_", base)
+    exact = quote(base.encode("utf-8", "replace"), safe="")  # 'replace': a lone surrogate cannot fail the answer
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{exact}"
 
 
 class FileDownload(StreamingResponse):
@@ -83,7 +102,7 @@ def _etag_matches(header: str | None, etag: str) -> bool:
     return "*" in tags or any(t.removeprefix("W/") == etag for t in tags)
 
 
-@router.get("", response_model=list[ArtifactPublic], responses=error_responses(401, 404))
+@router.get("", response_model=list[ArtifactPublic], responses=error_responses(401, 404, 503))
 def list_artifacts(job_id: str, principal: PrincipalDep, service: JobServiceDep,
                    services: ServicesDep) -> list[ArtifactPublic]:
     service.get(principal.tenant, job_id)
@@ -99,6 +118,7 @@ def list_artifacts(job_id: str, principal: PrincipalDep, service: JobServiceDep,
             **_FILE_HEADERS, "Content-Range": {"description": "bytes a-b/size", "schema": {"type": "string"}}}},
         304: {"description": "Not modified (If-None-Match)", "headers": _FILE_HEADERS},
         **error_responses(401, 404, 416),
+        503: _UNAVAILABLE,
     },
 )
 def download_artifact(
@@ -111,7 +131,8 @@ def download_artifact(
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
     if_range: Annotated[str | None, Header(alias="If-Range")] = None,
 ) -> Response:
-    """Stream one artifact. `ETag` is its quoted sha256; `Range` gives 206; `If-None-Match` gives 304."""
+    """Stream one artifact. `ETag` is its quoted sha256; `Range` gives 206; `If-None-Match` gives 304. A file
+    missing from the artifact store is 404 `artifact_not_found`; a failing store is 503 with `Retry-After`."""
     service.get(principal.tenant, job_id)
     art = services.jobs.artifact(job_id, name) if "\x00" not in name else None
     if art is None:
@@ -123,13 +144,20 @@ def download_artifact(
     rng = parse_range(range_, art.size)
     if rng is not None and if_range is not None and if_range.strip() != etag:
         rng = None
-    headers["Content-Disposition"] = f'attachment; filename="{PurePosixPath(name).name}"'
+    headers["Content-Disposition"] = content_disposition(name)
     if rng is None:
-        body = services.artifacts.open_range(art.key)
+        body = _open(services, art.key)
         headers["Content-Length"] = str(art.size)
         return FileDownload(body, status_code=200, headers=headers)
     start, end = rng
-    body = services.artifacts.open_range(art.key, start, end)
+    body = _open(services, art.key, start, end)
     headers["Content-Range"] = f"bytes {start}-{end}/{art.size}"
     headers["Content-Length"] = str(end - start + 1)
     return FileDownload(body, status_code=206, headers=headers)
+
+
+def _open(services: Services, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The object's bytes; its absence or a failing store answered before any of the response is sent (a failure
+    while streaming can only cut the body short, which the client's sha256 check catches)."""
+    with artifact_store_errors():
+        return services.artifacts.open_range(key, start, end)

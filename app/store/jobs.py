@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,8 @@ from app.store.db import session_factory
 from app.store.models import HASH_VERSION, MAX_SEQ, Artifact, Delivery, Event, IdempotencyKey, Job, utcnow
 from app.tenancy import Quota
 from app.webhooks.payload import event_payload
+
+log = logging.getLogger("restorelcc.store")
 
 ACTIVE = (JobStatus.running.value, JobStatus.cancelling.value)
 FINISHED = tuple(s.value for s in JobStatus if s.finished)
@@ -741,6 +744,10 @@ class JobStore:
                 return False
             if job.status not in FINISHED:
                 raise JobNotFinished(job.status)
+            pending = s.scalar(select(func.count()).where(Delivery.job_id == job_id, Delivery.state == "pending"))
+            if pending:  # said, not silent: the job's webhook receiver never gets these events
+                log.warning("job %s deleted with %d webhook event(s) not delivered yet; they are given up",
+                            job_id, pending)
             for model in (Event, Artifact, IdempotencyKey, Delivery):
                 s.execute(delete(model).where(model.job_id == job_id))
             s.execute(delete(Job).where(Job.id == job_id))

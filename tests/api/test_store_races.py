@@ -148,3 +148,13 @@ def test_transient_retries_do_not_use_up_the_runs_a_lost_worker_has(store):
         assert store.requeue(job.id, utcnow() - timedelta(seconds=1), "store down", attempt=1)
         assert not store.heartbeat(job.id, attempt=1)  # the run that handed it back writes nothing more
     assert store.get(job.id).retries == 4
+
+
+def test_deleting_a_job_says_which_webhook_events_it_gives_up(store, caplog):
+    job, _ = store.create("t", {"notify": {"url": "http://127.0.0.1:9/hook"}})
+    assert store.request_cancel(job.id).changed  # queued, then cancelled: two deliveries, pending (no receiver)
+    assert [d.state for d in store.deliveries(job.id)] == ["pending", "pending"]
+    with caplog.at_level("WARNING", logger="restorelcc.store"):
+        assert store.delete(job.id)
+    assert f"job {job.id} deleted with 2 webhook event(s) not delivered yet; they are given up" in caplog.text
+    assert store.deliveries(job.id) == []
