@@ -208,9 +208,16 @@ class Settings(BaseSettings):
             raise ValueError("visibility_timeout_s must exceed hard_time_limit_s")
         if self.heartbeat_s >= self.stale_after_s:
             raise ValueError("heartbeat_s must be less than stale_after_s, or a running job looks lost between beats")
-        if self.hard_limit_run_s <= 0:
-            raise ValueError("hard_time_limit_s must exceed stale_after_s + 4 × heartbeat_s, or every lost run looks "
-                             "killed by the hard limit")
+        if self.hard_limit_run_s <= self.soft_time_limit_s:
+            # The worker takes a lost run that lasted hard_limit_run_s for one the hard limit killed (and fails its
+            # job time_limit instead of running it again); a run that the soft limit lets live must stay below it.
+            margin = self.stale_after_s + 4 * self.heartbeat_s
+            raise ValueError(
+                f"hard_time_limit_s ({self.hard_time_limit_s:g}) must exceed soft_time_limit_s "
+                f"({self.soft_time_limit_s:g}) by more than stale_after_s + 4 × heartbeat_s "
+                f"({self.stale_after_s:g} + 4 × {self.heartbeat_s:g} = {margin:g} s), or a run that loses its worker "
+                "shortly before the soft limit looks killed by the hard limit and its job is failed time_limit "
+                "instead of run again")
         return self
 
     # Derived values -------------------------------------------------------------------------------------

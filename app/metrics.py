@@ -18,6 +18,16 @@ from app.schemas import JobStatus
 log = logging.getLogger("restorelcc.api")
 T = TypeVar("T")
 
+# The ``method`` label's values: any other token a client sends is counted as "other", so that nobody (the
+# endpoints it reaches need no key) can add a time series per request.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED_ROUTE = "unmatched"
+
+
+def method_label(method: str) -> str:
+    """``method`` when it is a standard HTTP method, else ``"other"``."""
+    return method if method in HTTP_METHODS else "other"
+
 
 class JobStatusCollector(Collector):
     """``restorelcc_jobs{status}``: how many jobs the store holds in each status, ``restorelcc_checkpoint_bytes``:
@@ -83,7 +93,9 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware (streaming-safe): counts requests and observes latency per route template."""
+    """Pure ASGI middleware (streaming-safe): counts requests and observes latency per route template. Every label
+    is bounded: ``route`` is a route's template (a path no route matches is ``unmatched``), ``method`` one of
+    :data:`HTTP_METHODS` or ``other``."""
 
     def __init__(self, app: Any, metrics: Metrics):
         self.app = app
@@ -105,7 +117,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, _send)
         finally:
             route = scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
+            path = getattr(route, "path", None) or UNMATCHED_ROUTE
+            method = method_label(scope.get("method", ""))
             self.metrics.requests.labels(method, path, str(status["code"])).inc()
             self.metrics.latency.labels(method, path).observe(time.perf_counter() - start)

@@ -11,10 +11,31 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
+# libpq parameters every PostgreSQL connection gets unless its URL sets them: a server that never answers (a
+# blackholed address, a dead peer after a failover) fails a connect after 10 s, and an open connection within
+# about a minute (keepalives while idle, tcp_user_timeout while data waits unacknowledged), instead of hanging
+# the API or a worker for good.
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # milliseconds
+}
+
+
+def pg_connect_args(url: str, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:data:`PG_CONNECT_ARGS` under ``given``, leaving out those the URL's query sets (connect_args would
+    override the URL's)."""
+    query = make_url(url).query
+    return {**{k: v for k, v in PG_CONNECT_ARGS.items() if k not in query}, **(given or {})}
+
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     """An engine for ``url``. SQLite gets WAL, foreign keys, a busy timeout and ``BEGIN IMMEDIATE``
-    transactions, so concurrent writers queue up instead of failing on a stale snapshot."""
+    transactions, so concurrent writers queue up instead of failing on a stale snapshot. PostgreSQL gets
+    :data:`PG_CONNECT_ARGS` (a connect timeout and TCP keepalives)."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
         if u.database and u.database != ":memory:":
@@ -39,6 +60,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 10)
     kwargs.setdefault("max_overflow", 40)
+    if u.get_backend_name() == "postgresql" and u.get_driver_name() in ("psycopg", "psycopg2"):  # libpq's
+        kwargs["connect_args"] = pg_connect_args(url, kwargs.get("connect_args"))
     return create_engine(url, **kwargs)
 
 

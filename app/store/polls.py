@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
 
+from app.store.db import pg_connect_args
 from app.store.jobs import JobStore
 from app.store.models import Event, Job
 
@@ -73,6 +74,8 @@ def conninfo(url: str) -> str:
 
     _, params = postgresql.psycopg.dialect().create_connect_args(make_url(url))
     params.setdefault("application_name", "restorelcc-polls")  # how pg_stat_activity names these connections
+    for key, value in pg_connect_args(url).items():  # the connect timeout and keepalives of every connection
+        params.setdefault(key, value)
     return make_conninfo(**params)
 
 

@@ -101,9 +101,9 @@ def test_unsafe_settings_are_refused(tmp_path):
         Settings(soft_time_limit_s=100, hard_time_limit_s=50)
     with pytest.raises(ValueError, match="heartbeat_s must be less than stale_after_s"):
         Settings(stale_after_s=1)  # the default heartbeat (10 s) would make every running job look lost
-    with pytest.raises(ValueError, match=r"hard_time_limit_s must exceed stale_after_s \+ 4 × heartbeat_s"):
+    with pytest.raises(ValueError, match=r"must exceed soft_time_limit_s \(100\) by more than stale_after_s \+ 4 × "):
         Settings(soft_time_limit_s=100, hard_time_limit_s=150)  # the default stale wait (120 s) + 4 beats (40 s)
-    Settings(soft_time_limit_s=100, hard_time_limit_s=161)
+    Settings(soft_time_limit_s=100, hard_time_limit_s=261)
 
 
 def test_dev_open_serves_without_a_key(tmp_path):
