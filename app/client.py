@@ -25,26 +25,40 @@ from app.schemas import ArtifactPublic, DeliveryPublic, EventPublic, JobList, Jo
 class ApiClientError(Exception):
     """An error answer from the API: HTTP status plus the body's code, message and field."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 retry_after: float | None = None):
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.retry_after = retry_after  # seconds, from the answer's Retry-After (503, 429)
+
+    @property
+    def transient(self) -> bool:
+        """A dependency of the service is briefly down (the job store, the artifact store, a proxy): asking again
+        later may succeed."""
+        return self.status in (502, 503, 504)
 
 
 class ChecksumMismatch(Exception):
     pass
 
 
+def _retry_after(r: httpx.Response) -> float | None:
+    value = r.headers.get("Retry-After", "")
+    return float(value) if value.isascii() and value.isdigit() else None
+
+
 def _raise_for(r: httpx.Response) -> None:
     if r.is_success or r.status_code == 304:
         return
+    wait = _retry_after(r)
     try:
         err = r.json()["error"]
-        raise ApiClientError(r.status_code, err.get("code", "error"), err.get("message", ""), err.get("field"))
+        raise ApiClientError(r.status_code, err.get("code", "error"), err.get("message", ""), err.get("field"), wait)
     except (ValueError, KeyError, TypeError):
-        raise ApiClientError(r.status_code, "http_error", r.text[:500]) from None
+        raise ApiClientError(r.status_code, "http_error", r.text[:500], retry_after=wait) from None
 
 
 class Client:
@@ -148,17 +162,30 @@ class Client:
         timeout_s: float | None = None,
         on_update: Callable[[JobPublic], None] | None = None,
     ) -> JobPublic:
-        """Poll until the job has finished; returns its final state (raises TimeoutError after ``timeout_s``)."""
+        """Poll until the job has finished; returns its final state (raises TimeoutError after ``timeout_s``). A
+        job can run for hours, so a poll that meets the service briefly unavailable (a 502/503/504, after its
+        ``Retry-After``; a refused or dropped connection) is made again rather than ending the wait."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        status = "unknown"
         while True:
-            job = self.get(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job.status.finished:
-                return job
+            pause = poll_s
+            try:
+                job = self.get(job_id)
+            except ApiClientError as e:
+                if not e.transient:
+                    raise
+                pause = max(poll_s, e.retry_after or 0.0)
+            except httpx.TransportError:
+                pass
+            else:
+                if on_update is not None:
+                    on_update(job)
+                if job.status.finished:
+                    return job
+                status = job.status.value
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout_s}s")
-            time.sleep(poll_s)
+                raise TimeoutError(f"job {job_id} still {status} after {timeout_s}s")
+            time.sleep(pause)
 
     def submit(
         self,

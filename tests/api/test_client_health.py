@@ -129,3 +129,51 @@ def test_celery_gives_back_a_message_whose_task_hit_the_hard_time_limit(tmp_path
         return None
 
     assert probe.acks_late and probe.reject_on_worker_lost and probe.acks_on_timeout is False
+
+
+def test_wait_rides_out_a_service_briefly_unavailable(api):
+    """Client.wait polls a real HTTP server that answers 503 (Retry-After: 0), then drops the connection, then
+    answers the finished job: the wait returns it. A 404 still ends the wait at once."""
+    import http.server
+    import json
+    import threading
+
+    c = Client(api_key="key-alice-123", http=api.client)
+    job = c.create(api.spec())
+    c.cancel(job.id)
+    finished = api.client.get(f"/v1/jobs/{job.id}", headers=api.h()).content
+    answers = ["503", "drop", "job"]
+    seen: list[str] = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            answer = answers.pop(0) if answers else "missing"
+            seen.append(answer)
+            if answer == "drop":
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            status, body = {"503": (503, json.dumps({"error": {"code": "store_unavailable", "message": "down"}})),
+                            "job": (200, finished.decode()),
+                            "missing": (404, json.dumps({"error": {"code": "job_not_found", "message": "no"}}))}[answer]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        flaky = Client(f"http://127.0.0.1:{server.server_address[1]}", api_key="k")
+        assert flaky.wait(job.id, poll_s=0.01, timeout_s=60).status is JobStatus.cancelled
+        assert seen == ["503", "drop", "job"]
+        with pytest.raises(ApiClientError) as e:
+            flaky.wait(job.id, poll_s=0.01, timeout_s=60)
+        assert e.value.status == 404 and seen[-1] == "missing"
+    finally:
+        server.shutdown()
+        server.server_close()
