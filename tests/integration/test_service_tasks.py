@@ -287,9 +287,9 @@ def test_a_redelivered_job_killed_by_the_hard_time_limit_ends_time_limit_without
 
 
 def test_the_sweep_removes_scratch_folders_runs_left_behind(tmp_path, tiny_assets):
-    """A killed run leaves work_dir/<job id>; the sweep removes it once the job is not running (finished,
-    deleted, or queued to start again from an empty folder) and keeps a running job's folder, and one a run is
-    starting in (made moments ago)."""
+    """A killed run leaves work_dir/<job id>/<run>; the sweep removes it (and the emptied job folder) once the job
+    is not running (finished, deleted, or queued to start again from an empty folder) and keeps a running job's
+    current run's folder, and one a run is starting in (made moments ago)."""
     import os
     import time
 
@@ -302,9 +302,11 @@ def test_the_sweep_removes_scratch_folders_runs_left_behind(tmp_path, tiny_asset
     deleted, starting = "0" * 32, _submit(ctx, tiny_assets.spec())
     old = time.time() - 2 * ctx.settings.stale_after_s
     for job_id in (running, finished, queued, deleted, starting):
-        (ctx.settings.work_path / job_id / "model").mkdir(parents=True)
+        run_dir = ctx.settings.work_path / job_id / "1-100-0123abcd"  # attempt 1's
+        (run_dir / "result").mkdir(parents=True)
         if job_id != starting:
-            os.utime(ctx.settings.work_path / job_id, (old, old))
+            os.utime(run_dir, (old, old))
+            os.utime(run_dir.parent, (old, old))
     (ctx.settings.work_path / "notes.txt").write_text("not a job's")
     sweep(ctx)
     left = sorted(p.name for p in ctx.settings.work_path.iterdir())

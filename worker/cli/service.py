@@ -203,7 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.embedded and not args.no_worker:
         supervisor = _WorkerSupervisor(
             [sys.executable, "-m", "worker.service.embedded", "--no-migrate", "--parent", str(os.getpid())],
-            _worker_env(settings),
+            _worker_env(settings), stop_timeout_s=settings.preempt_grace_s + STOP_MARGIN_S,
         )
         supervisor.start()
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so `finally` stops the worker.
@@ -223,14 +223,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+STOP_MARGIN_S = 15.0  # on top of preempt_grace_s: time for the worker to hand its job back and exit
+
+
 class _WorkerSupervisor:
     """Keeps the embedded worker subprocess alive (restarts it if it dies) and stops it on shutdown.
-    A job it was running when it died is failed ``worker_lost`` by the next sweep."""
+    Stopping it is a preemption: SIGTERM, then the worker's job stops at its next checkpoint, or is handed back
+    once ``preempt_grace_s`` has passed, and goes back to the queue without using up one of its runs. The worker
+    is killed only ``stop_timeout_s`` (``preempt_grace_s`` plus a margin) after SIGTERM; a job it was running
+    when it died (crashed, or killed then) is queued again by the next sweep, as one of its ``max_attempts``."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, argv: list[str], env: dict[str, str], stop_timeout_s: float = 30.0 + STOP_MARGIN_S):
         import threading
 
         self.argv, self.env = argv, env
+        self.stop_timeout_s = stop_timeout_s
         self.proc: subprocess.Popen | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True, name="embedded-worker-supervisor")
@@ -256,7 +263,7 @@ class _WorkerSupervisor:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

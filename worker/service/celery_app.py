@@ -2,7 +2,8 @@
 
 Reliability: late acks, prefetch 1, a task whose worker process dies or hits the hard time limit is rejected back
 to the queue,
-soft/hard time limits from settings, broker visibility timeout longer than the hard limit. The job store,
+soft/hard time limits from settings (Celery's soft limit a margin behind the job's own deadline, so that the job
+fails ``time_limit`` at a checkpoint), broker visibility timeout longer than the hard limit. The job store,
 not Celery's result backend, holds job state. On start (and every ``sweep_interval_s``) the worker fails
 jobs whose heartbeat went stale (``worker_lost``) and re-sends queued jobs whose broker message was lost.
 
@@ -24,6 +25,20 @@ from app.service import TASK_NAME, broker_priority, celery_priority_options
 log = logging.getLogger("restorelcc.worker")
 
 
+SOFT_LIMIT_MARGIN_S = 60.0
+
+
+def celery_soft_time_limit(settings: Settings) -> float:
+    """Celery's soft limit: a backstop behind the job's own deadline, never ahead of it. The job's deadline
+    (``soft_time_limit_s``) starts when its run starts, up to a stale wait (``stale_after_s`` + 2 heartbeats) after
+    the task did, and is honoured at the next cancellation point, where the job fails ``time_limit`` cleanly; Celery's
+    SoftTimeLimitExceeded lands wherever the code is. So it fires that wait plus a margin later, and always halfway
+    before the hard limit at the latest (the settings keep the hard limit above the soft one plus the wait)."""
+    wait = settings.stale_after_s + 2 * settings.heartbeat_s
+    soft = settings.soft_time_limit_s + wait
+    return min(soft + SOFT_LIMIT_MARGIN_S, (soft + settings.hard_time_limit_s) / 2)
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("restorelcc", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
@@ -33,7 +48,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_acks_on_timeout=False,  # a task killed by the hard time limit: back to the queue, then failed there
         worker_prefetch_multiplier=1,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
-        task_soft_time_limit=settings.soft_time_limit_s,
+        task_soft_time_limit=celery_soft_time_limit(settings),
         task_time_limit=settings.hard_time_limit_s,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout, **celery_priority_options()},
         task_default_queue=settings.queue,

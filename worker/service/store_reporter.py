@@ -1,5 +1,9 @@
 """The service's :class:`~worker.reporting.Reporter`: writes stage, progress, metrics and events to the job
-store (progress writes throttled) and answers ``cancel_requested`` from the job's status."""
+store (progress writes throttled) and answers ``cancel_requested`` from the job's status.
+
+A database that fails for a while never fails the job from here: a write that fails is kept and written again with
+the next one, and ``cancel_requested`` answers what it last knew until the outage has lasted ``db_outage_s``, then
+raises :class:`TransientError` (the job is put back to resume later)."""
 
 from __future__ import annotations
 
@@ -12,10 +16,13 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.schemas import JobStatus, Stage
-from app.store.jobs import JobStore
+from app.store.jobs import ACTIVE, JobStore
 from app.store.models import Job
 from worker.errors import TransientError
 from worker.service import preemption
+
+log = logging.getLogger("restorelcc.worker")
+PENDING_EVENTS_MAX = 200  # events kept for a database that is down; older ones beyond this are dropped
 
 
 def jsonable(obj: Any) -> Any:
@@ -51,6 +58,7 @@ class StoreReporter:
         event_step: float = 0.05,
         deadline: float | None = None,
         attempt: int | None = None,
+        db_outage_s: float = 120.0,
     ):
         self.jobs = jobs
         self.job_id = job_id
@@ -72,11 +80,40 @@ class StoreReporter:
         self._cancel_checked_at = 0.0
         self._cancel = False
         self._lock = threading.Lock()
+        self.db_outage_s = db_outage_s
+        self._db_down_since: float | None = None  # first failed cancellation poll of the current outage
+        self._stage_pending = False
+        self._metrics_pending: dict[str, Any] = {}
+        self._events_pending: list[tuple[str, dict[str, Any], str | None]] = []
+        self._plan_pending: dict[str, Any] | None = None
+
+    def _retry_pending(self) -> bool:
+        """Write what earlier writes could not (the database was down). True when nothing is left."""
+        try:
+            if self._stage_pending and self.current_stage is not None:
+                self.jobs.set_stage(self.job_id, self.current_stage.value, attempt=self.attempt)
+                self._stage_pending = False
+            if self._metrics_pending:
+                metrics, stage = self._metrics_pending, self.current_stage.value if self.current_stage else None
+                self.jobs.merge_metrics(self.job_id, metrics, stage, attempt=self.attempt)
+                self._metrics_pending = {}
+            if self._plan_pending is not None:
+                self.jobs.set_plan(self.job_id, self._plan_pending)
+                self._plan_pending = None
+            while self._events_pending:
+                kind, data, stage = self._events_pending[0]
+                self.jobs.add_event(self.job_id, kind, data, stage)
+                self._events_pending.pop(0)
+        except SQLAlchemyError:  # a database hiccup must not fail a long job: the next write catches up
+            log.warning("job %s: job store write failed; will retry with the next one", self.job_id, exc_info=True)
+            return False
+        return True
 
     def stage(self, stage: Stage) -> None:
         self.current_stage = Stage(stage)
         self.flush()
-        self.jobs.set_stage(self.job_id, self.current_stage.value, attempt=self.attempt)
+        self._stage_pending = True
+        self._retry_pending()
 
     def progress(self, fraction: float, message: str = "") -> None:
         with self._lock:
@@ -98,27 +135,32 @@ class StoreReporter:
             self.jobs.set_progress(self.job_id, self._fraction, self._message, event=event, stage=stage,
                                    attempt=self.attempt)
         except SQLAlchemyError:  # a database hiccup must not fail a long job: the next write catches up
-            logging.getLogger("restorelcc.worker").warning("progress write failed; will retry", exc_info=True)
+            log.warning("progress write failed; will retry", exc_info=True)
+            self._pending = True
             return
         self._written_at = now
         self._pending = False
 
-    def flush(self) -> None:
-        """Write the last throttled progress value, if any."""
+    def flush(self) -> bool:
+        """Write the last throttled progress value, if any, and whatever earlier writes could not. True when
+        everything is written."""
         with self._lock:
             if self._pending:
                 self._write(time.monotonic())
+            return self._retry_pending() and not self._pending
 
     def metrics(self, metrics: dict[str, Any]) -> None:
         clean = jsonable(metrics)
         self.metrics_seen.update(clean)
-        self.jobs.merge_metrics(self.job_id, clean, self.current_stage.value if self.current_stage else None,
-                                attempt=self.attempt)
+        self._metrics_pending.update(clean)
+        self._retry_pending()
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "plan":  # the plan this worker checked replaces the one made at submit
-            self.jobs.set_plan(self.job_id, jsonable(data))
-        self.jobs.add_event(self.job_id, kind, jsonable(data), self.current_stage.value if self.current_stage else None)
+            self._plan_pending = jsonable(data)
+        self._events_pending.append((kind, jsonable(data), self.current_stage.value if self.current_stage else None))
+        del self._events_pending[:-PENDING_EVENTS_MAX]
+        self._retry_pending()
 
     def cancel_requested(self, force: bool = False) -> bool:
         if self._cancel:
@@ -134,7 +176,20 @@ class StoreReporter:
         if not force and now - self._cancel_checked_at < self.cancel_poll_s:
             return False
         self._cancel_checked_at = now
-        job = self.jobs.get(self.job_id)
+        try:
+            job = self.jobs.get(self.job_id)
+        except SQLAlchemyError as exc:
+            # A short outage: go on with the last answer (not cancelled, or we would have returned above) and ask
+            # again at the next poll; a long one puts the job back to resume once the database is back.
+            if self._db_down_since is None:
+                self._db_down_since = now
+            if now - self._db_down_since >= self.db_outage_s:
+                raise TransientError(f"the job store has been unreachable for over {self.db_outage_s:g} s: "
+                                     f"{exc}") from exc
+            log.warning("job %s: could not read the job store to check for a cancel; asking again at the next "
+                        "poll", self.job_id, exc_info=True)
+            return False
+        self._db_down_since = None
         # Cancelling, or no longer ours at all (deleted, ended by the lost-worker sweep, or taken over by
         # another worker after this one looked lost): stop.
         self._note_owner(job)
@@ -151,6 +206,16 @@ class StoreReporter:
             raise TransientError(f"could not read the job store to confirm this run owns the job: {exc}") from exc
         self._note_owner(job)
         return self.superseded
+
+    def may_write(self) -> bool:
+        """Whether this run still owns the job (read now): no later run took it over, and it is still active (not
+        requeued by the lost-worker sweep, which keeps its attempt number, nor finished)."""
+        try:
+            job = self.jobs.get(self.job_id)
+        except SQLAlchemyError as exc:
+            raise TransientError(f"could not read the job store to confirm this run owns the job: {exc}") from exc
+        self._note_owner(job)
+        return job is not None and not self.superseded and job.status in ACTIVE
 
     def _note_owner(self, job: Job | None) -> None:
         self.superseded = job is not None and self.attempt is not None and job.attempts != self.attempt

@@ -9,11 +9,14 @@ Thin and idempotent: it reloads the job record and decides from its status.
 Checkpoints live in the artifact store under the job's ``checkpoints/`` prefix: deleted when the job succeeds or is
 cancelled, kept ``checkpoint_keep_s`` after a failure so that a retry (a new job, ``retry_of``) resumes from them.
 Deterministic failures (JobFailure, out of memory) end the job ``failed`` and are never retried; a
-TransientError puts it back to ``queued`` with a back-off, at most ``transient_retries`` times.
+TransientError, a job store (database) that cannot be reached, or the worker's own disk failing (full, I/O error)
+puts it back to ``queued`` with a back-off, at most ``transient_retries`` times.
+Each run works in its own scratch folder, ``work_dir/<job id>/<attempt>-<pid>-<token>``, and removes only that.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -21,6 +24,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from app.config import Settings, get_settings
 from app.fields import FieldError
@@ -44,16 +49,19 @@ from app.store.artifacts import (
     make_store,
 )
 from app.store.db import make_engine
-from app.store.jobs import JobStore, stale_cutoff
+from app.store.jobs import ACTIVE, JobStore, stale_cutoff
 from app.store.models import Job, utcnow
 from app.tenancy import TenantPolicy
 from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError, is_out_of_memory
-from worker.run.checkpoints import CheckpointStore
+from worker.run.checkpoints import CheckpointStore, _io_failure
 from worker.service import preemption
 from worker.service.results import result_files
 from worker.service.store_reporter import StoreReporter, jsonable
 
 log = logging.getLogger("restorelcc.worker")
+# Waits between tries of the final, idempotent ``finish(succeeded)`` (and ``set_output``) while the job store is
+# unreachable: about a minute in all, then the job goes the transient way.
+STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1, 2, 4, 8, 16, 30)
 
 
 class Outcome(StrEnum):
@@ -129,6 +137,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
         # Its worker was asked to stop; if that worker is gone, finish the cancellation here.
         if _heartbeat_stale(job, ctx.settings) and ctx.jobs.finish(
                 job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,), **_fence(ctx, job)):
+            _clean_up_cancelled(ctx, job_id)
             return Result(Outcome.cancelled)
         return Result(Outcome.noop)
     elif (killed := _hit_hard_limit(job, ctx.settings)) or job.attempts >= ctx.settings.max_attempts:
@@ -149,10 +158,37 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
     if job is None:
         return Result(Outcome.noop)
     if job.attempts > ctx.settings.max_attempts:
-        ctx.jobs.finish(job_id, JobStatus.failed, (
-            "worker_lost", f"worker lost {job.attempts - 1} times while running this job; giving up"))
-        return Result(Outcome.failed)
+        # allowed=(running,) inside _fail: a user's cancel meanwhile wins over worker_lost.
+        return _fail(ctx, job_id, "worker_lost", f"worker lost {job.attempts - 1} times while running this job; "
+                                                 f"giving up", attempt=job.attempts)
     return _execute(ctx, job)
+
+
+def _clean_up_cancelled(ctx: WorkerContext, job_id: str) -> None:
+    """A job cancelled without its run (its worker is gone): what that run uploaded and its checkpoints go, as
+    on a normal cancel. Best effort: the job is cancelled either way."""
+    try:
+        _discard_artifacts(ctx, job_id)
+    except Exception:
+        log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
+    _drop_checkpoints(ctx, job_id)
+
+
+def _clean_up_ended(ctx: WorkerContext, job_id: str) -> None:
+    """A job the sweep ended without its run: a cancelled one is cleaned up as on a normal cancel; a failed one
+    loses what a partial upload recorded (no run finished it), but keeps its checkpoints for a retry."""
+    job = ctx.jobs.get(job_id)
+    if job is None:
+        return
+    if job.status == JobStatus.cancelled.value:
+        _clean_up_cancelled(ctx, job_id)
+        return
+    try:
+        ctx.jobs.clear_artifacts(job_id)  # unfenced: the job is finished, no run may record files for it
+        for k in range(1, job.attempts + 1):
+            ctx.artifacts.delete_prefix(attempt_prefix(job_id, k))
+    except Exception:
+        log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
 
 
 def _fence(ctx: WorkerContext, job: Job) -> dict[str, Any]:
@@ -251,15 +287,18 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
     except Exception as e:  # a bug in the checks: fail the job here rather than leave it running
         return _internal_error(ctx, job_id, e, attempt)
 
-    job_dir = s.work_path / job_id  # scratch: result/ (what is uploaded) and checkpoint/ (checkpoint files in transit)
-    shutil.rmtree(job_dir, ignore_errors=True)
-    out_dir = job_dir / "result"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Scratch of this run only (result/: what is uploaded; checkpoint/: checkpoint files in transit). Another run of
+    # the same job on this host (one that took it over from this one, or the one this one took it over from) has
+    # its own folder: neither ever deletes the other's files.
+    run_dir = s.work_path / job_id / run_folder_name(attempt)
+    out_dir = run_dir / "result"
+    _make_dir(out_dir)
     reporter = StoreReporter(
         jobs, job_id, progress_interval_s=s.progress_interval_s, cancel_poll_s=s.cancel_poll_s,
-        deadline=time.monotonic() + s.soft_time_limit_s, attempt=attempt,
+        deadline=time.monotonic() + s.soft_time_limit_s, attempt=attempt, db_outage_s=s.stale_after_s,
     )
-    checkpoints = job_checkpoints(ctx, job, spec, job_dir / "checkpoint", reporter)
+    checkpoints = job_checkpoints(ctx, job, spec, run_dir / "checkpoint", reporter)
+    uploaded = False  # every result file uploaded and recorded: a failure after this keeps the artifacts
     try:
         with _Heartbeat(jobs, job_id, s.heartbeat_s, attempt, s.preempt_grace_s):
             try:
@@ -275,13 +314,19 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 if reporter.cancel_requested(force=True):
                     raise Cancelled("cancelled after the last stage")
                 _upload(ctx, job_id, out_dir, attempt)
-                _hand_off(ctx, job, spec, out_dir, attempt)
+                uploaded = True
+                # The hand-off cannot be undone (a reader trusts a destination with a manifest): a cancel that came
+                # during the upload wins here; once the manifest is written, completion wins.
+                if spec.output.destination and reporter.cancel_requested(force=True):
+                    raise Cancelled("cancelled before the hand-off")
+                handed_off = _hand_off(ctx, job, spec, out_dir, attempt)
                 metrics = dict(reporter.metrics_seen)
                 if isinstance(report, dict) and isinstance(report.get("metrics"), dict):
                     metrics.update(report["metrics"])
                 metrics = jsonable(metrics)
-                if jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=(JobStatus.running.value,),
-                               attempt=attempt):
+                reporter.flush()  # events and metrics an outage held back, before the job ends
+                if _finish_succeeded(ctx, job_id, metrics, attempt,
+                                     ACTIVE if handed_off else (JobStatus.running.value,)):
                     _drop_checkpoints(ctx, job_id)
                     return Result(Outcome.succeeded)
                 raise Cancelled("cancelled while uploading")
@@ -294,15 +339,17 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                                 attempt)
                     return Result(Outcome.noop)
                 if reporter.preempted:
-                    _discard_artifacts(ctx, job_id, attempt)
+                    try:
+                        _discard_artifacts(ctx, job_id, attempt)
+                    except Exception:  # the store down at shutdown must not keep the job from being handed back
+                        log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
                     if jobs.release(job_id, attempt, "preempted"):
                         log.warning("job %s: this worker is stopping; job queued to run again", job_id)
                         return Result(Outcome.preempted)
                 if reporter.timed_out:
-                    jobs.finish(job_id, JobStatus.failed, (
-                        "time_limit", f"the job ran past its time limit of {s.soft_time_limit_s} s"),
-                        attempt=attempt)
-                    return Result(Outcome.failed)
+                    # allowed=(running,) inside _fail: a user's cancel meanwhile ends the job cancelled.
+                    return _fail(ctx, job_id, "time_limit", f"the job ran past its time limit of "
+                                                            f"{s.soft_time_limit_s} s", attempt=attempt)
                 try:
                     _discard_artifacts(ctx, job_id, attempt)
                 except Exception:
@@ -312,32 +359,104 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                     return Result(Outcome.cancelled)
                 return Result(Outcome.noop)
             except JobFailure as e:
-                return _fail(ctx, job_id, e.code, e.message, e.field, attempt)
+                return _fail(ctx, job_id, e.code, e.message, e.field, attempt, keep_artifacts=uploaded)
             except TransientError as e:
-                return _transient(ctx, job, e)
+                return _transient(ctx, job, e, keep_artifacts=uploaded)
             except Exception as e:
                 if type(e).__name__ == "SoftTimeLimitExceeded":
                     return _fail(ctx, job_id, "time_limit", f"the job ran past its time limit of "
-                                                            f"{s.soft_time_limit_s} s", attempt=attempt)
+                                                            f"{s.soft_time_limit_s} s", attempt=attempt,
+                                 keep_artifacts=uploaded)
                 if is_out_of_memory(e):
                     oom = OutOfMemoryFailure(f"out of memory: {e}"[:2000])
-                    return _fail(ctx, job_id, oom.code, oom.message, attempt=attempt)
-                return _internal_error(ctx, job_id, e, attempt)
+                    return _fail(ctx, job_id, oom.code, oom.message, attempt=attempt, keep_artifacts=uploaded)
+                if is_store_outage(e):
+                    log.warning("job %s: the job store is unreachable", job_id, exc_info=True)
+                    return _transient(ctx, job, TransientError(f"job store unreachable: {e}"[:2000]),
+                                      keep_artifacts=uploaded)
+                if _io_failure(e):  # the worker's disk (full, I/O error) or a store: may pass on another try
+                    log.warning("job %s: disk or storage failure", job_id, exc_info=True)
+                    return _transient(ctx, job, TransientError(f"disk or storage failure: {e}"[:2000]),
+                                      keep_artifacts=uploaded)
+                return _internal_error(ctx, job_id, e, attempt, keep_artifacts=uploaded)
     finally:
         if not s.keep_work_dirs:
-            shutil.rmtree(job_dir, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # the job's folder, once no run of it uses this host's disk
+
+
+def run_folder_name(attempt: int) -> str:
+    """A run's scratch folder under work_dir/<job id>: its attempt, its process and a token (the same process may
+    run the same attempt number again after a transient retry or a preemption)."""
+    return f"{attempt}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _run_attempt(folder: Path) -> int | None:
+    """The attempt of a run folder named by :func:`run_folder_name` (None: not one)."""
+    parts = folder.name.split("-")
+    if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+        return int(parts[0])
+    return None
+
+
+def _make_dir(path: Path, tries: int = 3) -> None:
+    """mkdir -p that survives the sweep removing an empty job folder between the steps of the mkdir."""
+    for k in range(tries):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if k == tries - 1:
+                raise
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """The job store (database) unreachable or its connection lost: may pass when tried again. A database error
+    that is not about the connection (a constraint, a bad statement) is a bug, not an outage."""
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated))
+
+
+def _with_store_retry(what: str, job_id: str, write: Callable[[], bool]) -> bool:
+    """``write()`` (an idempotent, fenced job-store write), tried again with back-off while the database is
+    unreachable; raises the last error once :data:`STORE_RETRY_DELAYS_S` are used up."""
+    for delay in (*STORE_RETRY_DELAYS_S, None):
+        try:
+            return write()
+        except SQLAlchemyError as e:
+            if delay is None or not is_store_outage(e):
+                raise
+            log.warning("job %s: %s failed (job store unreachable); trying again in %g s", job_id, what, delay,
+                        exc_info=True)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _finish_succeeded(ctx: WorkerContext, job_id: str, metrics: dict[str, Any], attempt: int,
+                      allowed: tuple[str, ...]) -> bool:
+    """End the job succeeded, retrying while the job store is unreachable: the result is uploaded, and a lost
+    connection must not turn it into a failure. True also when an earlier try did commit (its answer was lost)."""
+    def write() -> bool:
+        if ctx.jobs.finish(job_id, JobStatus.succeeded, metrics=metrics, allowed=allowed, attempt=attempt):
+            return True
+        job = ctx.jobs.get(job_id)
+        return job is not None and job.status == JobStatus.succeeded.value and job.attempts == attempt
+
+    return _with_store_retry("finishing the job", job_id, write)
 
 
 def job_checkpoints(ctx: WorkerContext, job: Job, spec: JobSpec, scratch: Path, reporter: StoreReporter
                     ) -> CheckpointStore:
     """The job's checkpoints in the artifact store; a retry also looks at the checkpoints of the job it retries.
-    Written only while this run owns the job; their size is recorded on the job."""
+    Written only while this run owns the job (not taken over, and still active); their size is recorded on the
+    job."""
     from worker.run.checkpoints import spec_fingerprint
 
     return CheckpointStore(
         ctx.artifacts, checkpoint_prefix(job.id), spec_fingerprint(spec.model_dump(mode="json")), scratch,
         sources=(checkpoint_prefix(job.retry_of),) if job.retry_of else (),
-        may_write=lambda: not reporter.check_superseded(),
+        may_write=reporter.may_write,
         on_usage=lambda size: ctx.jobs.set_checkpoint_bytes(job.id, size),
     )
 
@@ -360,11 +479,13 @@ def _error_field(e: ValidationError) -> str | None:
     return ".".join(str(x) for x in loc) or None
 
 
-def _internal_error(ctx: WorkerContext, job_id: str, e: Exception, attempt: int | None) -> Result:
+def _internal_error(ctx: WorkerContext, job_id: str, e: Exception, attempt: int | None,
+                    keep_artifacts: bool = False) -> Result:
     """A bug, not a bad input: the job fails ``internal_error`` with its traceback in the event log."""
     log.exception("job %s failed unexpectedly", job_id)
     ctx.jobs.add_event(job_id, "traceback", {"traceback": traceback.format_exc()[-8000:]})
-    return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000], attempt=attempt)
+    return _fail(ctx, job_id, "internal_error", f"{type(e).__name__}: {e}"[:2000], attempt=attempt,
+                 keep_artifacts=keep_artifacts)
 
 
 def _storable(text: str) -> str:
@@ -374,8 +495,15 @@ def _storable(text: str) -> str:
 
 
 def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str | None = None,
-          attempt: int | None = None) -> Result:
+          attempt: int | None = None, keep_artifacts: bool = False) -> Result:
+    """End the job failed (cancelled if a cancel came meanwhile). Artifacts a partial upload recorded are
+    discarded first, unless ``keep_artifacts`` (every file was uploaded: a failed hand-off keeps the result)."""
     message, field = _storable(message), field and _storable(field)
+    if not keep_artifacts and attempt is not None:
+        try:
+            _discard_artifacts(ctx, job_id, attempt)
+        except Exception:  # best effort: the job fails either way
+            log.warning("job %s: could not discard partial artifacts", job_id, exc_info=True)
     if field:
         ctx.jobs.add_event(job_id, "error", {"code": code, "message": message, "field": field})
     if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,),
@@ -387,17 +515,17 @@ def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str |
     return Result(Outcome.noop)  # taken over by another run, or already finished
 
 
-def _transient(ctx: WorkerContext, job: Job, e: Exception) -> Result:
+def _transient(ctx: WorkerContext, job: Job, e: Exception, keep_artifacts: bool = False) -> Result:
     s = ctx.settings
     if job.retries >= s.transient_retries:
         return _fail(ctx, job.id, "transient_error", f"gave up after {job.retries} retries: {e}"[:2000],
-                     attempt=job.attempts)
+                     attempt=job.attempts, keep_artifacts=keep_artifacts)
     delay = s.retry_backoff_s * (2 ** job.retries)
     from datetime import timedelta
 
     if ctx.jobs.requeue(job.id, utcnow() + timedelta(seconds=delay), str(e)[:500], attempt=job.attempts):
         return Result(Outcome.retry, delay)
-    return _fail(ctx, job.id, "transient_error", str(e)[:2000], attempt=job.attempts)
+    return _fail(ctx, job.id, "transient_error", str(e)[:2000], attempt=job.attempts, keep_artifacts=keep_artifacts)
 
 
 def _discard_artifacts(ctx: WorkerContext, job_id: str, attempt: int | None = None) -> bool:
@@ -442,21 +570,27 @@ def _upload(ctx: WorkerContext, job_id: str, out_dir: Path, attempt: int | None 
     ctx.jobs.add_event(job_id, "artifacts", {"count": len(files), "bytes": done})
 
 
-def _hand_off(ctx: WorkerContext, job: Job, spec: JobSpec, out_dir: Path, attempt: int | None) -> None:
+def _hand_off(ctx: WorkerContext, job: Job, spec: JobSpec, out_dir: Path, attempt: int | None) -> bool:
     """Copy the result to ``output.destination`` when the spec names one (only under the tenant's allowed prefixes:
-    the tenancy settings may have changed since the job was accepted), and record where it went."""
+    the tenancy settings may have changed since the job was accepted), and record where it went. True when a
+    complete copy (its manifest written) is there."""
     destination = spec.output.destination
     if not destination:
-        return
+        return False
     from worker.service.handoff import DestinationNotAllowed, hand_off
 
     if not TenantPolicy(ctx.settings).destination_allowed(job.tenant, destination):
         raise DestinationNotAllowed(f"output.destination {destination} is not among the destinations allowed for "
                                     f"tenant {job.tenant}", field="output.destination")
     result = hand_off(ctx.settings, out_dir, destination, job.id)
-    if not ctx.jobs.set_output(job.id, result, attempt=attempt):
+    if not _with_store_retry("recording the hand-off", job.id,
+                             lambda: ctx.jobs.set_output(job.id, result, attempt=attempt)):
         raise Cancelled("taken over by another worker while handing off")
-    ctx.jobs.add_event(job.id, "handoff", result)
+    try:
+        ctx.jobs.add_event(job.id, "handoff", result)
+    except SQLAlchemyError:  # the output is recorded; the event is a nicety
+        log.warning("job %s: could not record the hand-off event", job.id, exc_info=True)
+    return True
 
 
 def _drop_unrecorded(ctx: WorkerContext, job_id: str, key: str, attempt: int | None) -> None:
@@ -491,8 +625,6 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     (which takes a job over once it is ``stale_after_s`` stale) gets the first chance to re-run it. Returns the ids
     changed."""
     ctx = ctx or get_context()
-    clean_scratch(ctx)
-    expire_checkpoints(ctx)
     if enqueuer is not None:
         try:  # held jobs whose tenant has a free slot (or no running limit any more)
             dispatch_held(ctx.jobs, TenantPolicy(ctx.settings), enqueuer)
@@ -507,6 +639,13 @@ def sweep(ctx: WorkerContext | None = None, send: Callable[[str], None] | None =
     for job_id in ended:
         log.warning("job %s: worker lost (stale heartbeat); ended: no runs left, the hard time limit, or cancelling",
                     job_id)
+        _clean_up_ended(ctx, job_id)
+    # Housekeeping after the recovery, each step on its own: one failing must not stop the others (or recovery).
+    for name, step in (("scratch clean-up", clean_scratch), ("checkpoint expiry", expire_checkpoints)):
+        try:
+            step(ctx)
+        except Exception:
+            log.warning("%s failed", name, exc_info=True)
     return requeued + ended
 
 
@@ -522,24 +661,45 @@ def expire_checkpoints(ctx: WorkerContext) -> list[str]:
 
 
 def clean_scratch(ctx: WorkerContext) -> list[str]:
-    """Remove the scratch folders (work_dir/<job id>) that a killed run left behind: those of jobs that are no
-    longer running (finished, deleted, or queued to run again, which starts from an empty folder) and that were
-    not touched for ``stale_after_s`` (a run starting right now has just made its folder). A job running here or
-    on another worker of this host keeps its folder. Returns the job ids cleaned."""
+    """Remove the scratch folders (work_dir/<job id>/<run>) that killed or superseded runs left behind, once they
+    were not touched for ``stale_after_s`` (a run starting now has just made its folder): every run folder of a
+    job that is not active (finished, deleted, or queued to run again), and of an active job those of runs other
+    than its current one. Folders of an older layout (work_dir/<job id>/result) go only with an inactive job.
+    Returns the job ids cleaned."""
     root = ctx.settings.work_path
     if ctx.settings.keep_work_dirs or not root.is_dir():
         return []
     cleaned = []
     before = time.time() - ctx.settings.stale_after_s
     for folder in root.iterdir():
-        if not (folder.is_dir() and is_job_id(folder.name)) or folder.stat().st_mtime > before:
+        if not (is_job_id(folder.name) and folder.is_dir()):
+            continue
+        try:
+            folder_old = folder.stat().st_mtime <= before
+            runs = list(folder.iterdir())
+        except FileNotFoundError:  # its last run removed it just now
             continue
         job = ctx.jobs.get(folder.name)
-        if job is None or job.status not in (JobStatus.running.value, JobStatus.cancelling.value):
-            shutil.rmtree(folder, ignore_errors=True)
+        active = job is not None and job.status in ACTIVE
+        removed = False
+        for run in runs:
+            try:
+                if run.stat().st_mtime > before:
+                    continue
+            except FileNotFoundError:  # the run ended and removed its folder meanwhile
+                continue
+            run_attempt = _run_attempt(run)
+            if active and (run_attempt is None or run_attempt == job.attempts):
+                continue  # the current run's (or, in the older layout, possibly in use)
+            shutil.rmtree(run, ignore_errors=True)
+            removed = True
+        if folder_old or removed:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # empty now: no run of this job on this host
+        if removed:
             cleaned.append(folder.name)
     if cleaned:
-        log.info("removed the scratch folders of %d jobs no longer running here", len(cleaned))
+        log.info("removed left-over scratch folders of %d jobs", len(cleaned))
     return cleaned
 
 
