@@ -8,6 +8,14 @@ field, never ``internal_error`` (kept for the worker's own bugs):
 - model files that open but cannot be used (a config or GGUF header that is not valid, corrupt or truncated
   weights, a missing tokenizer, an architecture or geometry the pipeline cannot restore) → ``unsupported_model``;
 - a data file that cannot be opened, read, decoded or parsed, or rows of the wrong shape → ``invalid_data``.
+
+A resumed job whose inputs are no longer those its checkpoints were made from fails the same way, naming the field
+and how to start over: a data file with other content → ``invalid_data``; a model that is no longer the one (a local
+directory or GGUF file changed, a hub commit gone, a checkpoint without pruned weights for the model's modules) →
+``model_not_found``.
+
+Every code here, and in the other JobFailure subclasses, is in docs/api.md's table of codes; JobFailure itself is never
+raised (tests/unit/test_error_codes.py checks both).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from typing import Literal
 
 
 class JobFailure(Exception):
-    """A deterministic failure: the job ends ``failed`` with ``code`` and a message naming the problem."""
+    """A deterministic failure: the job ends ``failed`` with ``code`` and a message naming the problem. Only its
+    subclasses are raised, each with a documented code (``job_failed`` is no code a user can look up)."""
 
     code = "job_failed"
     retryable = False
@@ -44,6 +53,14 @@ class UnsupportedModelError(JobFailure):
 
 class DataError(JobFailure):
     code = "invalid_data"
+
+
+class ExportCheckError(JobFailure):
+    """The finished model failed a check made before it is exported (pruned zeros lost, saved files that would not
+    load back as restored): a bug or a fault of the worker's environment, never the user's input; reported rather
+    than shipped."""
+
+    code = "export_check_failed"
 
 
 class EmbeddingModelError(JobFailure):

@@ -289,3 +289,39 @@ def test_a_resumed_hub_model_is_read_at_the_commit_its_checkpoints_came_from(job
     assert _sha(tmp_path / "out" / "model" / "model.safetensors") == _sha(tmp_path / "ref" / "model" /
                                                                            "model.safetensors")
     assert report["metrics"] == reference["metrics"]
+
+
+def test_a_local_model_replaced_since_a_checkpoint_fails_the_resume(job, tmp_path):
+    """A model directory replaced between a kill and the resume (an updated model of the same architecture) fails
+    model_not_found naming model.id and how to start over, instead of lending its embeddings and norms to the
+    checkpoint's pruned Linears; put back, the model resumes from its checkpoint."""
+    model = save_tiny("llama", tmp_path / "model")
+    spec = json.loads(job["spec"].read_text())
+    spec["model"]["id"] = str(model)
+    spec["pruning"] = {"method": "magnitude", "sparsity": 0.5}
+    spec["restoration"]["max_steps"] = 30
+    spec["evaluation"]["perplexity"] = spec["evaluation"]["perplexity"][:1]
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    first = Run(path, tmp_path / "out", tmp_path / "checkpoints", stop_at="checkpoint:pruned")
+    first.kill_at_failpoint()
+    saved = first.manifest()
+    assert saved["point"] == "pruned" and set(saved["meta"]["report"]["model_files"]) == {"model.id"}
+    model.rename(tmp_path / "kept")
+    save_tiny("llama", model, seed=1)
+    replaced = Run(path, tmp_path / "out", tmp_path / "checkpoints")
+    replaced.proc.wait(timeout=240)
+    replaced._reader.join(timeout=5)
+    assert replaced.proc.returncode == 2, replaced.text()[-2000:]
+    assert "error [model_not_found] (model.id)" in replaced.text() and "pruned checkpoint" in replaced.text()
+    assert "start over" in replaced.text()
+
+    for f in model.iterdir():
+        f.unlink()
+    model.rmdir()
+    (tmp_path / "kept").rename(model)  # a rename keeps every file's modification time
+    resumed = Run(path, tmp_path / "out", tmp_path / "checkpoints")
+    resumed.finish()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["attempts"][-1]["resumed_from"]["checkpoint"] == "pruned"
+    assert report["model_files"] == saved["meta"]["report"]["model_files"]

@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ParamValid
 
 from app.store.artifacts import LocalStore
 from worker.errors import TransientError
-from worker.run.checkpoints import CheckpointStore, _io_failure
+from worker.run.checkpoints import CheckpointStore, io_failure
 
 
 class FailingStore(LocalStore):
@@ -81,5 +81,5 @@ def test_a_scratch_disk_failure_reported_by_safetensors_counts_as_storage(tmp_pa
     with pytest.raises(Exception) as info:
         save_file({"w": torch.ones(3)}, str(tmp_path / "missing" / "part.safetensors"))
     assert type(info.value).__name__ == "SafetensorError"
-    assert _io_failure(info.value)
-    assert not _io_failure(type(info.value)("Error while serializing: tensor is not contiguous"))
+    assert io_failure(info.value)
+    assert not io_failure(type(info.value)("Error while serializing: tensor is not contiguous"))

@@ -77,7 +77,7 @@ class Checkpoint:
         return {n: f for n, f in sorted(self.files.items()) if n.startswith(prefix) and self.skeletons.get(n) is None}
 
 
-def _io_failure(exc: BaseException) -> bool:
+def io_failure(exc: BaseException) -> bool:
     """The store or the scratch disk failing, which may pass when tried again. safetensors reports a disk error
     as its own SafetensorError naming an I/O error ("I/O error: …" in recent releases, "IoError(Os { … })" before)."""
     return is_storage_failure(exc) or (
@@ -118,7 +118,7 @@ class CheckpointStore:
         try:
             return self._save(point, meta, parts, copy, drop)
         except Exception as exc:
-            if not _io_failure(exc):  # out of memory packing a part, or a bug: never retried
+            if not io_failure(exc):  # out of memory packing a part, or a bug: never retried
                 raise
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
@@ -131,7 +131,7 @@ class CheckpointStore:
         try:
             return self._stage(name, source)
         except Exception as exc:
-            if not _io_failure(exc):  # out of memory packing a part, or a bug: never retried
+            if not io_failure(exc):  # out of memory packing a part, or a bug: never retried
                 raise
             raise TransientError(f"could not write a checkpoint to the artifact store: {exc}") from exc
 
@@ -258,7 +258,7 @@ class CheckpointStore:
                 try:
                     self._adopt(found)
                 except Exception as exc:
-                    if not _io_failure(exc):
+                    if not io_failure(exc):
                         raise
                     raise TransientError(f"could not copy the checkpoint of {prefix}: {exc}") from exc
             else:
@@ -286,7 +286,7 @@ class CheckpointStore:
         except ArtifactNotFound:
             return None
         except Exception as exc:
-            if not _io_failure(exc):
+            if not io_failure(exc):
                 raise
             raise TransientError(f"could not read checkpoints from the artifact store: {exc}") from exc
         try:
@@ -316,7 +316,7 @@ class CheckpointStore:
             except ArtifactNotFound as exc:
                 raise Unreadable(f"part {name} is missing") from exc
             except Exception as exc:
-                if not _io_failure(exc):
+                if not io_failure(exc):
                     raise
                 raise TransientError(f"could not read checkpoints from the artifact store: {exc}") from exc
             if h.hexdigest() != ref["sha256"]:

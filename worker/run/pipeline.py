@@ -21,7 +21,14 @@ from typing import Any
 from app.methods import PRUNING_METHODS, restoration_method
 from app.plan import calibration_batch, planned_stages
 from app.schemas import JobSpec, Stage
-from worker.errors import DataError, InsufficientMemoryFailure, JobFailure, OutOfMemoryFailure, SpecError
+from worker.errors import (
+    DataError,
+    ExportCheckError,
+    InsufficientMemoryFailure,
+    JobFailure,
+    OutOfMemoryFailure,
+    SpecError,
+)
 from worker.reporting import Reporter, checkpoint
 from worker.run import failpoints
 from worker.run.check import check_job, data_field, hub_commits
@@ -221,16 +228,20 @@ def _start_report(state: RunState, meter: StageMeter, reporter: Reporter) -> Non
 
 
 def _record_inputs(state: RunState) -> None:
-    """The data files' digests in the report; a resumed run goes on only with the files its checkpoint came from."""
-    from worker.run.lineage import changed_since, data_digests
+    """The data files' digests and the local models' identities in the report; a resumed run goes on only with the
+    files and models its checkpoint came from."""
+    from worker.run.lineage import changed_since, data_digests, model_changed_since, model_identities
 
     now = data_digests(state.spec)
+    models = model_identities((state.checked.source, state.checked.dense_source))
     ck = state.resumer.checkpoint
     if ck is not None:
-        changed = changed_since(state.report.get("data"), now, ck.point)
+        changed = (changed_since(state.report.get("data"), now, ck.point)
+                   or model_changed_since(state.report.get("model_files"), models, ck.point))
         if changed is not None:
             raise changed
     state.report["data"] = now
+    state.report["model_files"] = models
 
 
 def _save(state: RunState, point: str, parts: dict[str, Any] | None = None, copy: tuple[str, ...] = (),
@@ -690,7 +701,8 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
     identical = state.zero_masks is not None and not state.zero_masks.differs(state.adapter, state.scope)
     state.report.setdefault("checks", {})["zeros_identical"] = identical
     if not identical:
-        raise JobFailure("internal check failed: the restored model lost pruned zeros")
+        raise ExportCheckError("internal check failed: the restored model lost pruned zeros (a bug: please report "
+                               "it)")
     state.report["output"] = {"primary": "model/", "dtype": state.spec.output.dtype}
     progress(0.3, "saving the model")
     if state.store is not None:
@@ -714,7 +726,8 @@ def _stage_exporting(state: RunState, progress: StageProgress, reporter: Reporte
                             field="output.dtype")
     problem = reload_problem(state.out_dir / "model")
     if problem is not None:
-        raise JobFailure(f"internal check failed: the exported model would not load as restored: {problem}")
+        raise ExportCheckError(f"internal check failed: the exported model would not load as restored: {problem} "
+                               "(a bug: please report it)")
     state.method.export(state, state.out_dir)
     if restoration_method(state.spec.restoration.method).trains:
         state.report["restoration"] = state.method.report

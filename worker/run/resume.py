@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from app.schemas import JobSpec, Stage
-from worker.errors import JobFailure
+from worker.errors import ModelNotFoundError
 from worker.reporting import Reporter
 from worker.restore.train import SaveHook, TrainState
 from worker.run import failpoints
@@ -188,8 +188,10 @@ class Resumer:
                             filled.add(name)
         missing = sorted(set(linears) - filled)
         if missing:  # never go on with dense weights where pruned ones belong
-            raise JobFailure(f"the checkpoint taken at {ck.point} holds no pruned weights for {len(missing)} "
-                             f"module(s) of this model (e.g. {missing[0]}); to run it from the start, {START_OVER}")
+            raise ModelNotFoundError(
+                f"the checkpoint taken at {ck.point} holds no pruned weights for {len(missing)} module(s) of this "
+                f"model (e.g. {missing[0]}): model.id is not the model it was made from; restore that model, or start "
+                f"over: {START_OVER}", field="model.id")
 
     def train_saver(self, report: Callable[[], dict[str, Any]]) -> SaveHook | None:
         """The training loop's save hook: a checkpoint every ``every_steps`` steps or ``every_s`` seconds, and

@@ -53,7 +53,7 @@ from app.store.jobs import ACTIVE, JobStore, stale_cutoff
 from app.store.models import Job, utcnow
 from app.tenancy import TenantPolicy
 from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientError, is_out_of_memory
-from worker.run.checkpoints import CheckpointStore, _io_failure
+from worker.run.checkpoints import CheckpointStore, io_failure
 from worker.service import preemption
 from worker.service.results import result_files
 from worker.service.store_reporter import StoreReporter, jsonable
@@ -374,7 +374,7 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                     log.warning("job %s: the job store is unreachable", job_id, exc_info=True)
                     return _transient(ctx, job, TransientError(f"job store unreachable: {e}"[:2000]),
                                       keep_artifacts=uploaded)
-                if _io_failure(e):  # the worker's disk (full, I/O error) or a store: may pass on another try
+                if io_failure(e):  # the worker's disk (full, I/O error) or a store: may pass on another try
                     log.warning("job %s: disk or storage failure", job_id, exc_info=True)
                     return _transient(ctx, job, TransientError(f"disk or storage failure: {e}"[:2000]),
                                       keep_artifacts=uploaded)
