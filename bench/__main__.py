@@ -12,6 +12,7 @@ $RESTORELCC_SHARED_DATA):
     python -m bench precision  bfloat16 against float32 on SmolLM2, over seeds      docs/scaling.md (below)
     python -m bench calibration  calibration windows with or without BOS first (Gemma 3) docs/calibration.md
     python -m bench mergedepth  the merge check's logit difference against depth     docs/scaling.md (below)
+    python -m bench stop     training with or without the EOS after each response   docs/stopping.md
 
 Each runs what its stored results (JSON under bench/results/, each with the fingerprint of what made it) do not
 hold yet, then renders its page from the stored results; --render-only runs nothing. The targets a page checks
@@ -37,6 +38,7 @@ BENCHMARKS = {
     "precision": "bench.precision",
     "calibration": "bench.calibration",
     "mergedepth": "bench.mergedepth",
+    "stop": "bench.stop",
 }
 
 

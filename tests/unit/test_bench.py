@@ -590,7 +590,7 @@ def test_the_service_section_is_rendered_from_the_stored_measurements() -> None:
 
 def test_one_entry_point_for_every_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(BENCHMARKS) == {"prune", "restore", "compare", "search", "speed", "service", "scaling", "precision",
-                               "objective", "calibration", "mergedepth"}
+                               "objective", "calibration", "mergedepth", "stop"}
     for name in BENCHMARKS:
         with pytest.raises(SystemExit) as exit_:
             bench_main([name, "--help"])
@@ -859,3 +859,28 @@ def test_the_merge_depth_part_sets_each_depths_difference_beside_its_tolerance()
     text = mergedepth.render({"eps": {"80": [5.0, 6.5], "30": [3.5, 3.9]}}, "python -m bench mergedepth")
     assert "| 30 | 3.5, 3.9 | 3.9 | 16.0 |" in text and "| 80 | 5.0, 6.5 | 6.5 | 42.7 |" in text
     assert text.index("| 30 |") < text.index("| 80 |")
+
+
+def test_stop_page_shows_dense_pruned_and_both_eos_settings_with_each_seed(tmp_path: Path) -> None:
+    from bench import stop
+
+    store = harness.Store(tmp_path)
+
+    def result(alpaca_top1: float, wiki_ppl: float, seed: int | None = None) -> dict:
+        sets = {"valid": {"response_ppl": 4.0, "stop_nll": 2.5, "stop_top1": alpaca_top1},
+                "wikipedia_heldout": {"response_ppl": 9.0, "stop_nll": None, "stop_top1": None},
+                "wikitext_sentences": {"ppl": wiki_ppl}}
+        return {"metrics": sets, "environment": {"cpu": "cpu", "torch": "t"}} | ({} if seed is None else {"seed": seed})
+
+    store.save(tmp_path / "dense.json", result(0.5, 20.0))
+    store.save(tmp_path / stop.SETTING / "pruned.json", result(0.1, 40.0))
+    for seed, top1 in ((0, 0.3), (1, 0.4)):
+        store.save(stop.run_path(store, True, seed), result(top1, 30.0, seed))
+    store.save(stop.run_path(store, False, 0), result(0.05, 31.0, 0))
+    text = stop.render(store, [0, 1], "python -m bench stop")
+    assert "| dense | 4.00 | 2.50 | 50% | 9.00 | — | — | 20.00 |" in text
+    assert "| pruned | 4.00 | 2.50 | 10% | 9.00 | — | — | 40.00 |" in text
+    assert ("| restored, response_eos true (seeds 0, 1) | 4.00 (4.00 / 4.00) | 2.50 (2.50 / 2.50) | 35% (30% / 40%) |"
+            in text)
+    assert "| restored, response_eos false (seeds 0) | 4.00 | 2.50 | 5% | 9.00 | — | — | 31.00 |" in text
+    assert "Not run yet." in stop.render(harness.Store(tmp_path / "empty"), [0], "c")
