@@ -436,8 +436,56 @@ def test_a_time_limit_does_not_override_a_users_cancel(tmp_path, db_url, pipelin
             raise Cancelled("stopped")
 
     pipeline.fn = fn
+    src = tmp_path / "checkpoint.json"
+    src.write_text("x")
+    ctx.artifacts.put_file(f"{checkpoint_prefix(job_id)}checkpoint.json", src)  # what the run had checkpointed
+    ctx.jobs.set_checkpoint_bytes(job_id, 1)
     assert run_job(job_id, ctx).outcome is Outcome.cancelled
     assert (ctx.jobs.get(job_id).status, ctx.jobs.get(job_id).error_code) == ("cancelled", None)
+    assert ctx.jobs.get(job_id).checkpoint_bytes == 0 and ctx.artifacts.list_prefix(f"jobs/{job_id}/") == []
+
+
+class _DownAfterFirstUpload(_SecondUploadRefused):
+    """The artifact store goes down after the first result file (transient: the job is put back)."""
+
+    def put_file(self, key: str, path: Path, move: bool = False) -> Any:
+        if "/attempt-" in key and self.puts >= 1:
+            raise OSError(errno.ECONNRESET, "injected: the artifact store dropped the connection")
+        return super().put_file(key, path, move)
+
+
+def test_a_job_put_back_after_a_partial_upload_lists_no_artifacts(tmp_path, db_url, pipeline):
+    ctx = _ctx(tmp_path, db_url)
+    ctx.artifacts = _DownAfterFirstUpload(ctx.settings.artifacts_path)
+    job_id = _submit(ctx)
+    assert run_job(job_id, ctx).outcome is Outcome.retry
+    assert ctx.jobs.get(job_id).status == "queued" and ctx.jobs.artifacts(job_id) == []
+
+
+def test_the_hand_off_goes_ahead_when_only_the_deadline_passed_during_the_upload(tmp_path, db_url, pipeline):
+    """Past the soft time limit after the result is uploaded, the job is not cancelled: only a user's cancel stops
+    the hand-off (the same job without a destination would succeed too)."""
+    ctx = _ctx(tmp_path, db_url)
+    job_id = _submit(ctx)
+    reporter = StoreReporter(ctx.jobs, job_id, deadline=time.monotonic() - 1)
+    assert ctx.jobs.claim(job_id, "w")
+    reporter.attempt = ctx.jobs.get(job_id).attempts
+    assert reporter.cancel_requested(force=True) and not reporter.user_cancelled()
+    ctx.jobs.request_cancel(job_id)
+    assert reporter.user_cancelled()
+
+
+def test_a_superseded_reporter_drops_what_it_held_back(tmp_path, db_url):
+    """Events held back through an outage are not written into the log of the run that took the job over."""
+    ctx = _ctx(tmp_path, db_url)
+    job_id = _submit(ctx)
+    assert ctx.jobs.claim(job_id, "w")
+    reporter = StoreReporter(ctx.jobs, job_id, attempt=1)
+    reporter._events_pending.append(("info", {"msg": "held back"}, None))
+    _make_stale(ctx, job_id)
+    assert ctx.jobs.take_over(job_id, "w2", utcnow())
+    assert reporter.check_superseded() and reporter.flush()
+    assert "info" not in [e.kind for e in ctx.jobs.events(job_id)]
 
 
 class _DeletesFail(LocalStore):

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from app.schemas import JobStatus, Stage
 from app.store.jobs import ACTIVE, JobStore
@@ -22,6 +22,15 @@ from worker.errors import TransientError
 from worker.service import preemption
 
 log = logging.getLogger("restorelcc.worker")
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """The job store (database) unreachable or its connection lost: may pass when tried again. A database error
+    that is not about the connection (a constraint, a bad statement) is a bug, not an outage."""
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated))
+
+
 PENDING_EVENTS_MAX = 200  # events kept for a database that is down; older ones beyond this are dropped
 
 
@@ -87,8 +96,16 @@ class StoreReporter:
         self._events_pending: list[tuple[str, dict[str, Any], str | None]] = []
         self._plan_pending: dict[str, Any] | None = None
 
+    def _drop_pending(self) -> None:
+        self._stage_pending, self._metrics_pending, self._events_pending, self._plan_pending = False, {}, [], None
+
     def _retry_pending(self) -> bool:
-        """Write what earlier writes could not (the database was down). True when nothing is left."""
+        """Write what earlier writes could not (the database was down). True when nothing is left. Nothing is
+        written for a run another one took over (its events would land in the new run's log), and a write the
+        database refuses for another reason than its connection is dropped, not retried for ever."""
+        if self.superseded:
+            self._drop_pending()
+            return True
         try:
             if self._stage_pending and self.current_stage is not None:
                 self.jobs.set_stage(self.job_id, self.current_stage.value, attempt=self.attempt)
@@ -104,7 +121,12 @@ class StoreReporter:
                 kind, data, stage = self._events_pending[0]
                 self.jobs.add_event(self.job_id, kind, data, stage)
                 self._events_pending.pop(0)
-        except SQLAlchemyError:  # a database hiccup must not fail a long job: the next write catches up
+        except SQLAlchemyError as exc:
+            if not is_store_outage(exc):
+                log.warning("job %s: the job store refused a write; dropped", self.job_id, exc_info=True)
+                self._drop_pending()
+                return True
+            # a database hiccup must not fail a long job: the next write catches up
             log.warning("job %s: job store write failed; will retry with the next one", self.job_id, exc_info=True)
             return False
         return True
@@ -195,6 +217,18 @@ class StoreReporter:
         self._note_owner(job)
         self._cancel = job is None or job.status != JobStatus.running.value or self.superseded
         return self._cancel
+
+    def user_cancelled(self) -> bool:
+        """Whether the job was cancelled, or is no longer this run's, read now. Unlike :meth:`cancel_requested`, not
+        the deadline or a preemption: a result that is uploaded is still handed off. A database that cannot be read
+        answers False (the fenced finish decides)."""
+        try:
+            job = self.jobs.get(self.job_id)
+        except SQLAlchemyError:
+            log.warning("job %s: could not read the job store before the hand-off", self.job_id, exc_info=True)
+            return False
+        self._note_owner(job)
+        return job is None or job.status != JobStatus.running.value or self.superseded
 
     def check_superseded(self) -> bool:
         """True if another run has taken the job over (read now, not throttled). A database that cannot be read is

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.config import Settings, get_settings
 from app.fields import FieldError
@@ -56,7 +56,7 @@ from worker.errors import Cancelled, JobFailure, OutOfMemoryFailure, TransientEr
 from worker.run.checkpoints import CheckpointStore, io_failure
 from worker.service import preemption
 from worker.service.results import result_files
-from worker.service.store_reporter import StoreReporter, jsonable
+from worker.service.store_reporter import StoreReporter, is_store_outage, jsonable
 
 log = logging.getLogger("restorelcc.worker")
 # Waits between tries of the final, idempotent ``finish(succeeded)`` (and ``set_output``) while the job store is
@@ -149,6 +149,7 @@ def run_job(job_id: str, ctx: WorkerContext | None = None) -> Result:
                                  f"{f', the last time during {job.stage}' if job.stage else ''}; giving up"))
         if _wait_stale(ctx, job) and ctx.jobs.finish(job_id, JobStatus.failed, error,
                                                      allowed=(JobStatus.running.value,), **_fence(ctx, job)):
+            _clean_up_ended(ctx, job_id)
             return Result(Outcome.failed)
         return Result(Outcome.noop)
     elif not _take_over(ctx, job):
@@ -317,7 +318,7 @@ def _execute(ctx: WorkerContext, job: Job) -> Result:
                 uploaded = True
                 # The hand-off cannot be undone (a reader trusts a destination with a manifest): a cancel that came
                 # during the upload wins here; once the manifest is written, completion wins.
-                if spec.output.destination and reporter.cancel_requested(force=True):
+                if spec.output.destination and reporter.user_cancelled():
                     raise Cancelled("cancelled before the hand-off")
                 handed_off = _hand_off(ctx, job, spec, out_dir, attempt)
                 metrics = dict(reporter.metrics_seen)
@@ -411,13 +412,6 @@ def _make_dir(path: Path, tries: int = 3) -> None:
                 raise
 
 
-def is_store_outage(exc: BaseException) -> bool:
-    """The job store (database) unreachable or its connection lost: may pass when tried again. A database error
-    that is not about the connection (a constraint, a bad statement) is a bug, not an outage."""
-    return isinstance(exc, OperationalError | InterfaceError) or (
-        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated))
-
-
 def _with_store_retry(what: str, job_id: str, write: Callable[[], bool]) -> bool:
     """``write()`` (an idempotent, fenced job-store write), tried again with back-off while the database is
     unreachable; raises the last error once :data:`STORE_RETRY_DELAYS_S` are used up."""
@@ -509,8 +503,9 @@ def _fail(ctx: WorkerContext, job_id: str, code: str, message: str, field: str |
     if ctx.jobs.finish(job_id, JobStatus.failed, (code, message), allowed=(JobStatus.running.value,),
                        attempt=attempt):
         return Result(Outcome.failed)
-    # Asked to cancel meanwhile: honour that rather than report the failure.
+    # Asked to cancel meanwhile: honour that rather than report the failure, and clean up as a cancel does.
     if ctx.jobs.finish(job_id, JobStatus.cancelled, allowed=(JobStatus.cancelling.value,), attempt=attempt):
+        _clean_up_cancelled(ctx, job_id)
         return Result(Outcome.cancelled)
     return Result(Outcome.noop)  # taken over by another run, or already finished
 
@@ -520,10 +515,22 @@ def _transient(ctx: WorkerContext, job: Job, e: Exception, keep_artifacts: bool 
     if job.retries >= s.transient_retries:
         return _fail(ctx, job.id, "transient_error", f"gave up after {job.retries} retries: {e}"[:2000],
                      attempt=job.attempts, keep_artifacts=keep_artifacts)
+    if not keep_artifacts:  # a queued job lists no partial upload (a cancel while queued would keep it for good)
+        try:
+            _discard_artifacts(ctx, job.id, job.attempts)
+        except Exception:
+            log.warning("job %s: could not discard partial artifacts", job.id, exc_info=True)
     delay = s.retry_backoff_s * (2 ** job.retries)
     from datetime import timedelta
 
-    if ctx.jobs.requeue(job.id, utcnow() + timedelta(seconds=delay), str(e)[:500], attempt=job.attempts):
+    try:  # the job store may be what failed: retried like the final finish, so the run is not lost to it
+        requeued = _with_store_retry("requeueing the job", job.id, lambda: ctx.jobs.requeue(
+            job.id, utcnow() + timedelta(seconds=delay), str(e)[:500], attempt=job.attempts))
+    except SQLAlchemyError:
+        log.warning("job %s: could not requeue it (job store unreachable); the lost-job sweep will", job.id,
+                    exc_info=True)
+        return Result(Outcome.noop)
+    if requeued:
         return Result(Outcome.retry, delay)
     return _fail(ctx, job.id, "transient_error", str(e)[:2000], attempt=job.attempts, keep_artifacts=keep_artifacts)
 
