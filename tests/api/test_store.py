@@ -104,7 +104,7 @@ def test_upgrade_head_is_idempotent(db_url):
     engine = make_engine(db_url)
     upgrade(engine)
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0008"
+    assert current_revision(engine) == head_revision() == "0009"
     engine.dispose()
 
 
@@ -218,13 +218,45 @@ def test_stored_specs_lose_the_settings_their_worker_ignored(db_url):
     _store_as_before(engine, {job_id: (job_id, spec, request_hash(spec)) for job_id, spec in rows.items()})
     with pytest.raises(ValueError):
         JobSpec.model_validate(old)
-    upgrade(engine)
+    upgrade(engine, "0008")
     stored = JobStore(engine)
     spec = stored.get("a" * 32).spec
     assert spec["model"] == {"id": "/m", "dtype": "auto"} and spec["output"] == {"format": "merged"}
     assert spec["evaluation"]["limits"] == {"wiki": 10, "boolq": 20}
     JobSpec.model_validate(spec)  # the worker can run it again
     assert stored.get("b" * 32).spec == lora and stored.get("c" * 32).spec == base
+    engine.dispose()
+
+
+def test_stored_training_specs_keep_training_without_the_eos(db_url):
+    """A job stored before restoration.response_eos existed trains without it, as submitted: the upgrade writes
+    false into its spec, and the same request repeated with its Idempotency-Key still finds it. A spec naming it, and
+    a method that does not train, are left as they are."""
+    engine = make_engine(db_url)
+    upgrade(engine, "0008")
+    base = {"model": {"id": "/m"}, "data": {"train": "/d/t.jsonl"}}
+    rows = {}
+    for name, restoration in (("bias", {"method": "bias"}), ("lora", {"method": "lora"}),
+                              ("none", {"method": "none"}), ("named", {"method": "dora", "response_eos": True})):
+        spec = JobSpec.model_validate({**base, "restoration": restoration}).model_dump(mode="json")
+        if name != "named":  # as the release before the setting stored it
+            spec["restoration"].pop("response_eos", None)
+        rows[name] = (f"{name:0<32}", spec)
+    _store_as_before(engine, {name: (job_id, spec, request_hash(hash_view(spec))) for name, (job_id, spec) in
+                              rows.items()})
+    upgrade(engine)
+    stored = JobStore(engine)
+    for name in ("bias", "lora"):
+        job_id, before = rows[name]
+        spec = stored.get(job_id).spec
+        assert spec["restoration"] == {**before["restoration"], "response_eos": False}
+        assert JobSpec.model_validate(spec).restoration.response_eos is False
+        again = JobSpec.model_validate({**base, "restoration": {"method": name}})
+        job, created = stored.create("t", again.model_dump(mode="json"), idempotency_key=name,
+                                     left_out=again.left_out(CHANGED_DEFAULTS))
+        assert (job.id, created) == (job_id, False), name
+    assert stored.get(rows["none"][0]).spec == rows["none"][1]
+    assert stored.get(rows["named"][0]).spec == rows["named"][1]
     engine.dispose()
 
 

@@ -18,13 +18,14 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from app.store.spec_rewrite import rewrite_specs
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
 
 TRAINING_METHODS = ("restorelcc", "bias", "lora", "dora")
-jobs = sa.table("jobs", sa.column("seq", sa.Integer), sa.column("spec", sa.JSON))
 
 
 def with_objective(spec: Any) -> Any:
@@ -38,18 +39,7 @@ def with_objective(spec: Any) -> Any:
 def upgrade() -> None:
     # Plain ADD COLUMN (no batch copy), as in 0006
     op.add_column("idempotency", sa.Column("hash_version", sa.Integer(), nullable=False, server_default="1"))
-    conn = op.get_bind()
-    last = -1
-    while True:  # a page of specs at a time: a long job history need not fit in memory
-        rows = conn.execute(sa.select(jobs.c.seq, jobs.c.spec).where(jobs.c.seq > last).order_by(jobs.c.seq)
-                            .limit(500)).all()
-        if not rows:
-            break
-        for seq, spec in rows:
-            new = with_objective(spec)
-            if new != spec:
-                conn.execute(jobs.update().where(jobs.c.seq == seq).values(spec=new))
-        last = rows[-1][0]
+    rewrite_specs(op.get_bind(), with_objective)
 
 
 def downgrade() -> None:

@@ -15,8 +15,9 @@ Create Date: 2026-12-01
 from pathlib import PurePosixPath
 from typing import Any
 
-import sqlalchemy as sa
 from alembic import op
+
+from app.store.spec_rewrite import rewrite_specs
 
 revision = "0008"
 down_revision = "0007"
@@ -25,7 +26,6 @@ depends_on = None
 
 ADAPTER_METHODS = ("lora", "dora")
 EVAL_LISTS = ("perplexity", "response_perplexity", "tasks")
-jobs = sa.table("jobs", sa.column("seq", sa.Integer), sa.column("spec", sa.JSON))
 
 
 def _local(model_id: str) -> bool:
@@ -56,18 +56,7 @@ def without_unused(spec: Any) -> Any:
 
 
 def upgrade() -> None:
-    conn = op.get_bind()
-    last = -1
-    while True:  # a page of specs at a time, as in 0007
-        rows = conn.execute(sa.select(jobs.c.seq, jobs.c.spec).where(jobs.c.seq > last).order_by(jobs.c.seq)
-                            .limit(500)).all()
-        if not rows:
-            break
-        for seq, spec in rows:
-            new = without_unused(spec)
-            if new != spec:
-                conn.execute(jobs.update().where(jobs.c.seq == seq).values(spec=new))
-        last = rows[-1][0]
+    rewrite_specs(op.get_bind(), without_unused)
 
 
 def downgrade() -> None:
