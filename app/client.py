@@ -161,23 +161,30 @@ class Client:
         poll_s: float = 1.0,
         timeout_s: float | None = None,
         on_update: Callable[[JobPublic], None] | None = None,
+        unavailable_s: float = 600.0,
     ) -> JobPublic:
         """Poll until the job has finished; returns its final state (raises TimeoutError after ``timeout_s``). A
         job can run for hours, so a poll that meets the service briefly unavailable (a 502/503/504, after its
-        ``Retry-After``; a refused or dropped connection) is made again rather than ending the wait."""
+        ``Retry-After``; a refused or dropped connection) is made again rather than ending the wait; once it has
+        been unavailable for ``unavailable_s`` on end (a wrong URL, a service that is gone), the last error is
+        raised."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         status = "unknown"
+        down_since: float | None = None
         while True:
             pause = poll_s
             try:
                 job = self.get(job_id)
-            except ApiClientError as e:
-                if not e.transient:
+            except (ApiClientError, httpx.TransportError) as e:
+                if isinstance(e, ApiClientError) and not e.transient:
                     raise
-                pause = max(poll_s, e.retry_after or 0.0)
-            except httpx.TransportError:
-                pass
+                down_since = down_since if down_since is not None else time.monotonic()
+                if time.monotonic() - down_since >= unavailable_s:
+                    raise
+                if isinstance(e, ApiClientError):
+                    pause = max(poll_s, e.retry_after or 0.0)
             else:
+                down_since = None
                 if on_update is not None:
                     on_update(job)
                 if job.status.finished:

@@ -174,6 +174,10 @@ def test_wait_rides_out_a_service_briefly_unavailable(api):
         with pytest.raises(ApiClientError) as e:
             flaky.wait(job.id, poll_s=0.01, timeout_s=60)
         assert e.value.status == 404 and seen[-1] == "missing"
+        answers.extend(["503"] * 3)  # unavailable for longer than the wait allows: the last error, not a hang
+        with pytest.raises(ApiClientError) as e:
+            flaky.wait(job.id, poll_s=0.01, unavailable_s=0)
+        assert e.value.status == 503 and seen[-1] == "503"
     finally:
         server.shutdown()
         server.server_close()
