@@ -28,6 +28,7 @@ def test_spec_is_valid_and_uses_the_service_defaults(tmp_path):
     spec = JobSpec.model_validate(demo_spec(tmp_path / "m", tmp_path / "d", 40))
     r = spec.restoration
     assert (r.heads, r.directions, r.lr) == (0.8, 0.66, 3e-3) and r.max_steps == 40
+    assert r.response_eos is False  # passages continued: no EOS where the text does not end as an answer would
     assert spec.data.train == str(tmp_path / "d" / "instructions" / "train.jsonl")
     stems = {Path(p).stem for p in spec.evaluation.perplexity + spec.evaluation.response_perplexity}
     assert stems == {h.split(".")[0] for h in HEADLINE}  # every headline metric is measured

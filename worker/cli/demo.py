@@ -52,6 +52,9 @@ def demo_spec(model_dir: Path, data_dir: Path, steps: int) -> dict[str, Any]:
         "restoration": {
             "method": "restorelcc", "probe_samples": 128, "max_steps": steps,  # heads and lr: the defaults
             "batch_size": 8, "max_seq_len": 256,
+            # Passages continued, not answers: the text does not end where a response would, so no EOS is trained
+            # after it (docs/stopping.md: with it the model learns to stop where the dense one goes on).
+            "response_eos": False,
         },
         "data": {"train": str(instructions / "train.jsonl")},
         "evaluation": {

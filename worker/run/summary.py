@@ -14,7 +14,7 @@ def metric_rows(metrics: dict[str, dict[str, Any]]) -> list[tuple[str, list[floa
         for set_name, values in (metrics.get(col) or {}).items():
             if isinstance(values, dict):
                 for key in values:
-                    if key in ("ppl", "response_ppl", "stop_top1", "acc", "acc_norm"):
+                    if key in ("ppl", "response_ppl", "acc", "acc_norm"):
                         labels[f"{set_name}.{key}"] = None
             elif isinstance(values, int | float):
                 labels[set_name] = None
