@@ -24,3 +24,12 @@ def rewrite_specs(conn: sa.Connection, rewrite: Callable[[Any], Any], page: int 
             if new != spec:
                 conn.execute(JOBS.update().where(JOBS.c.seq == seq).values(spec=new))
         last = rows[-1][0]
+
+
+def with_training_setting(spec: Any, key: str, value: Any, methods: tuple[str, ...]) -> Any:
+    """``spec`` with ``restoration.<key>`` set to ``value`` where its method (one of ``methods``, those that train at
+    the migration's revision) names none; else unchanged."""
+    r = spec.get("restoration") if isinstance(spec, dict) else None
+    if not isinstance(r, dict) or r.get("method", "restorelcc") not in methods or key in r:
+        return spec
+    return {**spec, "restoration": {**r, key: value}}

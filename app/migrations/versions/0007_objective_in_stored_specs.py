@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from app.store.spec_rewrite import rewrite_specs
+from app.store.spec_rewrite import rewrite_specs, with_training_setting
 
 revision = "0007"
 down_revision = "0006"
@@ -30,10 +30,7 @@ TRAINING_METHODS = ("restorelcc", "bias", "lora", "dora")
 
 def with_objective(spec: Any) -> Any:
     """``spec`` with ``restoration.objective`` 'sft' where its method trains and it names none (else unchanged)."""
-    r = spec.get("restoration") if isinstance(spec, dict) else None
-    if not isinstance(r, dict) or r.get("method", "restorelcc") not in TRAINING_METHODS or "objective" in r:
-        return spec
-    return {**spec, "restoration": {**r, "objective": "sft"}}
+    return with_training_setting(spec, "objective", "sft", TRAINING_METHODS)
 
 
 def upgrade() -> None:

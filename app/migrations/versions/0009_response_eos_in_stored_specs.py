@@ -16,7 +16,7 @@ from typing import Any
 
 from alembic import op
 
-from app.store.spec_rewrite import rewrite_specs
+from app.store.spec_rewrite import rewrite_specs, with_training_setting
 
 revision = "0009"
 down_revision = "0008"
@@ -28,10 +28,7 @@ TRAINING_METHODS = ("restorelcc", "bias", "lora", "dora")
 
 def with_response_eos(spec: Any) -> Any:
     """``spec`` with ``restoration.response_eos`` false where its method trains and it names none (else unchanged)."""
-    r = spec.get("restoration") if isinstance(spec, dict) else None
-    if not isinstance(r, dict) or r.get("method", "restorelcc") not in TRAINING_METHODS or "response_eos" in r:
-        return spec
-    return {**spec, "restoration": {**r, "response_eos": False}}
+    return with_training_setting(spec, "response_eos", False, TRAINING_METHODS)
 
 
 def without_response_eos(spec: Any) -> Any:
